@@ -1,0 +1,172 @@
+"""The ``local`` backend: credgate's own encrypted store.
+
+Each version is a JSON map sealed with a fresh data key (see
+:mod:`gateway.envelope`) under the context ``("secret", backend, path,
+version)``; only key names and timestamps are kept in clear.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from backends.base import BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
+from gateway.envelope import context
+from gateway.errors import Conflict, NotFound
+from gateway.store.models import SecretRow, SecretVersionRow, utcnow
+
+
+class LocalConfig(BaseModel):
+    """The local backend has nothing to configure: its secrets live in the gateway's store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def secret_context(backend: str, path: str, version: int) -> bytes:
+    return context("secret", backend, path, version)
+
+
+class LocalBackend:
+    type: ClassVar[str] = "local"
+    config_model: ClassVar[type[BaseModel]] = LocalConfig
+
+    def __init__(self, name: str, config: LocalConfig, ctx: BackendContext) -> None:
+        self.name = name
+        self._store = ctx.store
+        self._envelope = ctx.envelope
+
+    def _ref(self, path: str) -> str:
+        return f"{self.name}/{path}"
+
+    async def _row(self, session, path: str, *, with_versions: bool = False, lock: bool = False) -> SecretRow | None:
+        q = select(SecretRow).where(SecretRow.backend == self.name, SecretRow.path == path)
+        if with_versions:
+            q = q.options(selectinload(SecretRow.versions))
+        if lock:
+            q = q.with_for_update()
+        return (await session.execute(q)).scalar_one_or_none()
+
+    def _live(self, row: SecretRow | None, path: str) -> SecretRow:
+        if row is None:
+            raise NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
+        if row.deleted_at is not None:
+            raise NotFound(
+                f"Secret {self._ref(path)} is deleted; restore it with `credgate secret restore {self._ref(path)}`.",
+                code="secret_deleted",
+            )
+        return row
+
+    def _metadata(self, row: SecretRow) -> SecretMetadata:
+        current = next((v for v in row.versions if v.version == row.current_version), None)
+        return SecretMetadata(
+            backend=self.name,
+            path=row.path,
+            current_version=row.current_version,
+            keys=list(current.keys) if current else [],
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            deleted_at=row.deleted_at,
+            versions=[VersionInfo(v.version, list(v.keys), v.created_at, v.created_by) for v in row.versions],
+        )
+
+    async def get(self, path: str, version: int | None = None) -> SecretValue:
+        async with self._store.read() as s:
+            row = self._live(await self._row(s, path), path)
+            want = version if version is not None else row.current_version
+            ver = (
+                await s.execute(
+                    select(SecretVersionRow).where(
+                        SecretVersionRow.secret_id == row.id, SecretVersionRow.version == want
+                    )
+                )
+            ).scalar_one_or_none()
+        if ver is None or ver.sealed is None:
+            raise NotFound(f"Secret {self._ref(path)} has no version {want}.", code="version_not_found")
+        plaintext = self._envelope.open(ver.sealed, secret_context(self.name, path, want))
+        return SecretValue(path, want, json.loads(plaintext))
+
+    async def metadata(self, path: str) -> SecretMetadata:
+        async with self._store.read() as s:
+            return self._metadata(self._live(await self._row(s, path, with_versions=True), path))
+
+    async def put(
+        self, path: str, data: Mapping[str, str], *, author: str, cas: int | None = None
+    ) -> SecretMetadata:
+        plaintext = json.dumps(dict(data), separators=(",", ":"), sort_keys=True).encode()
+        async with self._store.write() as s:
+            row = await self._row(s, path, with_versions=True, lock=True)
+            now = utcnow()
+            if row is None:
+                row = SecretRow(backend=self.name, path=path, current_version=0, created_at=now, versions=[])
+                s.add(row)
+            if cas is not None and cas != row.current_version:
+                raise Conflict(
+                    f"Secret {self._ref(path)} is at version {row.current_version}, not {cas}.",
+                    code="cas_mismatch",
+                )
+            version = row.current_version + 1
+            ver = SecretVersionRow(version=version, keys=sorted(data), created_at=now, created_by=author)
+            ver.sealed = self._envelope.seal(plaintext, secret_context(self.name, path, version))
+            row.versions.append(ver)
+            row.current_version = version
+            row.updated_at = now
+            row.deleted_at = None
+            row.deleted_by = None
+            await s.flush()
+            return self._metadata(row)
+
+    async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
+        async with self._store.write() as s:
+            row = await self._row(s, path, lock=True)
+            if row is None:
+                raise NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
+            if destroy:
+                await s.delete(row)
+            elif row.deleted_at is None:
+                row.deleted_at = utcnow()
+                row.deleted_by = author
+
+    async def restore(self, path: str) -> SecretMetadata:
+        async with self._store.write() as s:
+            row = await self._row(s, path, with_versions=True, lock=True)
+            if row is None:
+                raise NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
+            row.deleted_at = None
+            row.deleted_by = None
+            await s.flush()
+            return self._metadata(row)
+
+    async def list(
+        self, prefix: str = "", *, after: str | None = None, limit: int = 100, include_deleted: bool = False
+    ) -> Page:
+        q = select(SecretRow.path).where(SecretRow.backend == self.name)
+        if prefix:
+            q = q.where(SecretRow.path.startswith(prefix, autoescape=True))
+        if after is not None:
+            q = q.where(SecretRow.path > after)
+        if not include_deleted:
+            q = q.where(SecretRow.deleted_at.is_(None))
+        q = q.order_by(SecretRow.path).limit(limit + 1)
+        async with self._store.read() as s:
+            paths = list((await s.execute(q)).scalars())
+        more = len(paths) > limit
+        paths = paths[:limit]
+        return Page(paths, paths[-1] if more else None)
+
+    async def count(self) -> int:
+        async with self._store.read() as s:
+            return (
+                await s.execute(select(func.count()).select_from(SecretRow).where(SecretRow.backend == self.name))
+            ).scalar_one()
+
+    async def check(self) -> Health:
+        await self._store.ping()
+        return Health(True, "the gateway's own store is reachable", {"secrets": str(await self.count())})
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,40 @@
+"""The app factory: ``create_app(settings)`` builds the FastAPI service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import __version__
+from gateway.errors import ErrorOut, install_error_handlers
+from gateway.middleware import RequestGuard
+from gateway.routes import admin_keys, backends, health, keys, secrets
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422)}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.runtime = await Runtime.start(settings)
+        try:
+            yield
+        finally:
+            await app.state.runtime.aclose()
+
+    app = FastAPI(
+        title="credgate",
+        version=__version__,
+        summary="Secrets and service-connector gateway",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    install_error_handlers(app)
+    for module in (health, backends, secrets, keys, admin_keys):
+        app.include_router(module.router)
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
+    return app

@@ -1,0 +1,74 @@
+"""A small HTTP client for the gateway's API, used by the CLI (and by scripts).
+
+Configured from ``CREDGATE_ADDR`` (default ``http://127.0.0.1:8765``) and
+``CREDGATE_TOKEN``. A refused request raises :class:`RequestFailed` carrying
+the gateway's stable error code and message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+DEFAULT_ADDR = "http://127.0.0.1:8765"
+
+
+class RequestFailed(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class GatewayUnreachable(Exception):
+    pass
+
+
+def seg(value: str) -> str:
+    """Quote a value for a URL path, keeping '/' between segments."""
+    return quote(value, safe="/")
+
+
+class Client:
+    def __init__(self, addr: str | None = None, token: str | None = None, *, timeout: float = 30.0, verify: Any = True):
+        self.addr = (addr or os.environ.get("CREDGATE_ADDR") or DEFAULT_ADDR).rstrip("/")
+        self.token = token if token is not None else os.environ.get("CREDGATE_TOKEN")
+        headers = {"User-Agent": "credgate-client"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout, verify=verify)
+
+    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in (params or {}).items() if v is not None}
+        try:
+            resp = self._http.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            raise GatewayUnreachable(
+                f"can't reach the gateway at {self.addr} ({type(exc).__name__}); is `credgate serve` running? "
+                "Set CREDGATE_ADDR to its address."
+            ) from None
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+                raise RequestFailed(resp.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise RequestFailed(resp.status_code, "http_error", f"HTTP {resp.status_code}") from None
+        if resp.status_code == 204 or not resp.content:
+            return None
+        return resp.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

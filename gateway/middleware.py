@@ -1,0 +1,100 @@
+"""Pure-ASGI middleware in front of every route: request ids, body size and media type.
+
+Written against the raw ASGI interface (not BaseHTTPMiddleware) so it costs
+little on the hot path and can stop an oversized body while it streams in.
+"""
+
+from __future__ import annotations
+
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import CredgateError, PayloadTooLarge, UnsupportedMediaType, error_response
+from gateway.requestid import new_request_id, reset_request_id, set_request_id
+
+_BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class RequestGuard:
+    """Assign a request id; refuse bodies over ``max_body`` (413) and non-JSON bodies (415)."""
+
+    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        rid = new_request_id(incoming.decode("latin-1") if incoming else None)
+        token = set_request_id(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            error = self._check(scope)
+            if error is not None:
+                await self._reject(error, scope, receive, send_with_id)
+                return
+            await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            reset_request_id(token)
+
+    def _check(self, scope: Scope) -> CredgateError | None:
+        method = scope["method"].encode()
+        length = _header(scope, b"content-length")
+        chunked = (_header(scope, b"transfer-encoding") or b"").lower() == b"chunked"
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_body:
+                return PayloadTooLarge(f"The request body is larger than {self.max_body} bytes.")
+        else:
+            n = 0
+        if method in _BODY_METHODS and (n > 0 or chunked) and not _is_json(_header(scope, b"content-type")):
+            return UnsupportedMediaType("Request bodies must be JSON (Content-Type: application/json).")
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.max_body
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+            return message
+
+        return limited
+
+    async def _reject(self, error: CredgateError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(error)
+        # Close the connection rather than read an unwanted (maybe huge) body.
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+

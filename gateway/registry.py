@@ -1,0 +1,49 @@
+"""The one explicit registry of plugin types: every module that can touch
+long-lived secret material or issue a credential is named here.
+
+Modules are imported lazily, so a missing optional SDK is a clear
+configuration error for the type that needs it, not an import failure at
+start-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gateway.errors import BadRequest
+
+# type name -> ("module:Class", pip extra that brings its SDK or None)
+BACKEND_TYPES: dict[str, tuple[str, str | None]] = {
+    "local": ("backends.local:LocalBackend", None),
+}
+
+CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {}
+
+
+def _load(kind: str, table: dict[str, tuple[str, str | None]], type_name: str) -> Any:
+    try:
+        target, extra = table[type_name]
+    except KeyError:
+        known = ", ".join(sorted(table)) or "none"
+        raise BadRequest(
+            f"Unknown {kind} type {type_name!r}; known types: {known}.", code=f"unknown_{kind}_type"
+        ) from None
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f" Install it with: pip install 'credgate[{extra}]'." if extra else ""
+        raise BadRequest(
+            f"The {kind} type {type_name!r} needs a package that is not installed ({exc.name}).{hint}",
+            code="missing_dependency",
+        ) from None
+    return getattr(module, attr)
+
+
+def backend_class(type_name: str) -> Any:
+    return _load("backend", BACKEND_TYPES, type_name)
+
+
+def connector_class(type_name: str) -> Any:
+    return _load("connector", CONNECTOR_TYPES, type_name)

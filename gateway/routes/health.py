@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from gateway.deps import RuntimeDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The store is reachable and the KEK is loaded")
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    checks: dict[str, str] = {}
+    reasons = []
+    try:
+        await runtime.store.ping()
+        checks["store"] = "ok"
+    except Exception as exc:
+        checks["store"] = "unreachable"
+        reasons.append(f"store unreachable ({type(exc).__name__})")
+    try:
+        runtime.keyring.current_version
+        checks["kek"] = "ok"
+    except Exception:
+        checks["kek"] = "not loaded"
+        reasons.append("KEK not loaded")
+    if reasons:
+        body = {
+            "status": "not_ready",
+            "checks": checks,
+            "error": {"code": "not_ready", "message": "Not ready: " + "; ".join(reasons) + "."},
+        }
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ready", "checks": checks})

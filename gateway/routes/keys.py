@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter
+
+from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.rotation import KeyStatus
+from gateway.schemas import KeyStatusOut
+
+router = APIRouter(prefix="/v1/keys", tags=["keys"])
+
+
+def _out(status: KeyStatus) -> KeyStatusOut:
+    return KeyStatusOut.model_validate(asdict(status))
+
+
+@router.get("/status", summary="KEK versions, what references each, and re-wrap progress")
+async def key_status(runtime: RuntimeDep, principal: PrincipalDep) -> KeyStatusOut:
+    principal.require("keys:read")
+    return _out(await runtime.keys.status())
+
+
+@router.post("/rotate", status_code=202, summary="Add a KEK version and re-wrap every data key in the background")
+async def rotate(runtime: RuntimeDep, principal: PrincipalDep) -> KeyStatusOut:
+    principal.require("keys:manage")
+    return _out(await runtime.keys.rotate())

@@ -1,0 +1,81 @@
+"""The running gateway's parts, built once at start-up and shared by every request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+
+from gateway.auth import AdminKeys
+from gateway.envelope import Envelope
+from gateway.keyring import KeyRing, load_keyring
+from gateway.mounts import Mounts
+from gateway.rotation import KeyManager
+from gateway.settings import Settings
+from gateway.store import Store
+
+log = logging.getLogger("credgate")
+
+
+def keyring_for(settings: Settings) -> KeyRing:
+    """Load (in dev mode: create) the KEK the settings point to, or raise ConfigurationError."""
+    if settings.dev:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return load_keyring(
+        kek_file=settings.kek_file,
+        kek=settings.kek.get_secret_value() if settings.kek else None,
+        dev=settings.dev,
+        dev_file=settings.dev_kek_file,
+    )
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: Store
+    keyring: KeyRing
+    envelope: Envelope
+    mounts: Mounts
+    keys: KeyManager
+    admin_keys: AdminKeys
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        keyring = keyring_for(settings)
+        store = Store(settings.store_url)
+        try:
+            await asyncio.to_thread(store.upgrade)
+            envelope = Envelope(keyring)
+            rt = cls(
+                settings=settings,
+                store=store,
+                keyring=keyring,
+                envelope=envelope,
+                mounts=Mounts(store, envelope),
+                keys=KeyManager(store, keyring, envelope),
+                admin_keys=AdminKeys(store),
+            )
+            await rt.keys.sync()
+            await rt.mounts.ensure_builtin()
+            token = await rt.admin_keys.bootstrap(
+                settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
+            )
+            if token is not None and settings.bootstrap_token is None:
+                # Printed once, on a line of its own, straight to stdout (not to the log).
+                sys.stdout.write(f"CREDGATE_TOKEN={token}\n")
+                sys.stdout.flush()
+            elif token is not None:
+                log.info("bootstrap admin key created from CREDGATE_BOOTSTRAP_TOKEN")
+            if await rt.keys.needs_rewrap():
+                log.info("data keys under an older KEK version found; resuming re-wrap")
+                rt.keys.start_rewrap()
+        except BaseException:
+            await store.aclose()
+            raise
+        return rt
+
+    async def aclose(self) -> None:
+        await self.keys.aclose()
+        await self.mounts.aclose()
+        await self.store.aclose()

@@ -1,0 +1,112 @@
+"""Gateway settings: one pydantic-settings class.
+
+Precedence, highest first: command-line flags, ``CREDGATE_*`` environment
+variables, the YAML file given with ``--config``, the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from gateway.errors import ConfigurationError
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "credgate"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CREDGATE_", extra="forbid")
+
+    dev: bool = Field(False, description="Development mode: create the data dir, a KEK file and a bootstrap token.")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Where the embedded store and the dev KEK file live.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the store; default: SQLite file credgate.db in the data directory."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+
+    # Key-encryption key: a file (never group/world readable) or the value itself.
+    kek_file: Path | None = Field(None, description="File holding the versioned KEK (lines 'N:<base64 32 bytes>').")
+    kek: SecretStr | None = Field(None, description="The versioned KEK itself, same format as the file.")
+
+    bootstrap_token: SecretStr | None = Field(
+        None, description="Becomes the first admin token of an empty store (at least 32 characters)."
+    )
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest accepted request body.")
+    page_size_max: int = Field(1000, ge=1)
+
+    @field_validator("bootstrap_token")
+    @classmethod
+    def _token_length(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("CREDGATE_BOOTSTRAP_TOKEN must be at least 32 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _expand(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.kek_file is not None:
+            self.kek_file = self.kek_file.expanduser()
+        return self
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'credgate.db'}"
+
+    @property
+    def dev_kek_file(self) -> Path:
+        return self.data_dir / "kek"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; ``overrides`` are command-line flags (None means 'not given')."""
+    cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigurationError(f"config file {config_file} does not exist")
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(yaml_file=config_file)
+
+        cls = FileSettings
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigurationError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for e in errors():
+            loc = ".".join(str(p) for p in e.get("loc", ())) or "settings"
+            parts.append(f"{loc}: {e.get('msg')}")
+        return "invalid settings: " + "; ".join(parts)
+    return f"invalid settings: {exc}"

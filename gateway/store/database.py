@@ -1,0 +1,116 @@
+"""The async engine and its sessions, on SQLite (embedded) or PostgreSQL.
+
+``Store.read()`` gives a session for queries; ``Store.write()`` gives one
+inside a transaction that is committed (durably: SQLite runs with
+``synchronous=FULL``) before the block returns, so a caller acknowledges a
+change only after it is on disk. On SQLite a write transaction starts with
+``BEGIN IMMEDIATE`` so two writers queue on the busy timeout instead of
+failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from gateway.errors import ConfigurationError
+
+_IMMEDIATE = "credgate_sqlite_immediate"
+
+
+def async_url(url: str) -> str:
+    """Pick the async driver for a plain URL (``sqlite://``, ``postgresql://``)."""
+    u = make_url(url)
+    if u.drivername in ("sqlite", "sqlite+pysqlite"):
+        u = u.set(drivername="sqlite+aiosqlite")
+    elif u.drivername in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+asyncpg"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.drivername not in ("sqlite+aiosqlite", "postgresql+psycopg"):
+        raise ConfigurationError(
+            f"unsupported database URL scheme {u.drivername!r}: use sqlite:///FILE or postgresql://..."
+        )
+    return u.render_as_string(hide_password=False)
+
+
+def sync_url(url: str) -> str:
+    u = make_url(async_url(url))
+    if u.drivername == "sqlite+aiosqlite":
+        u = u.set(drivername="sqlite")
+    return u.render_as_string(hide_password=False)
+
+
+def _sqlite_setup(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so BEGIN is ours.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=FULL",
+            "foreign_keys=ON",
+            "busy_timeout=10000",
+            "secure_delete=ON",
+        ):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
+
+
+class Store:
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = async_url(url)
+        self.dialect = make_url(self.url).get_backend_name()
+        if self.dialect == "sqlite":
+            db = make_url(self.url).database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.dialect == "postgresql":
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine = create_async_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            _sqlite_setup(self.engine)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction, committed when the block exits cleanly."""
+        async with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn = await conn.execution_options(**{_IMMEDIATE: True})
+            async with conn.begin():
+                session = AsyncSession(bind=conn, expire_on_commit=False)
+                try:
+                    yield session
+                    await session.flush()
+                finally:
+                    await session.close()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    def upgrade(self) -> None:
+        """Apply Alembic migrations up to head (blocking; call from a thread in async code)."""
+        from gateway.store.migrate import upgrade
+
+        upgrade(sync_url(self.url))
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,137 @@
+"""Tables of the store. Credential-bearing data lives only in sealed columns
+(:class:`SealedMixin`); everything else here is metadata."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from gateway.envelope import Sealed
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite keeps naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None:
+            if value.tzinfo is None:
+                raise ValueError("naive datetime")
+            value = value.astimezone(timezone.utc)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SealedMixin:
+    """Three columns that hold one envelope-encrypted record."""
+
+    kek_version: Mapped[int | None] = mapped_column(Integer, index=True)
+    wrapped_dek: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    @property
+    def sealed(self) -> Sealed | None:
+        if self.kek_version is None or self.wrapped_dek is None or self.ciphertext is None:
+            return None
+        return Sealed(self.kek_version, self.wrapped_dek, self.ciphertext)
+
+    @sealed.setter
+    def sealed(self, value: Sealed | None) -> None:
+        self.kek_version = value.kek_version if value else None
+        self.wrapped_dek = value.wrapped_dek if value else None
+        self.ciphertext = value.ciphertext if value else None
+
+
+class KekVersion(Base):
+    """Which KEK versions the store has seen: ``active`` (current), ``retiring`` or ``retired``."""
+
+    __tablename__ = "kek_versions"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    fingerprint: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class BackendRow(SealedMixin, Base):
+    """A registered backend; its config is sealed, a redacted copy is kept for display."""
+
+    __tablename__ = "backends"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32))
+    config_public: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SecretRow(Base):
+    """A secret of the ``local`` backend type: metadata only, values live in versions."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("backend", "path", name="uq_secrets_backend_path"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    backend: Mapped[str] = mapped_column(ForeignKey("backends.name"), index=True)
+    path: Mapped[str] = mapped_column(String(512))
+    current_version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deleted_by: Mapped[str | None] = mapped_column(String(200))
+    versions: Mapped[list[SecretVersionRow]] = relationship(
+        back_populates="secret", cascade="all, delete-orphan", order_by="SecretVersionRow.version"
+    )
+
+
+class SecretVersionRow(SealedMixin, Base):
+    __tablename__ = "secret_versions"
+    __table_args__ = (UniqueConstraint("secret_id", "version", name="uq_secret_versions"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    secret_id: Mapped[int] = mapped_column(ForeignKey("secrets.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    keys: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    secret: Mapped[SecretRow] = relationship(back_populates="versions")
+
+
+class AdminKeyRow(Base):
+    """An admin API key. Only the SHA-256 of the token is stored."""
+
+    __tablename__ = "admin_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(32))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
