@@ -188,6 +188,9 @@ def install_error_handlers(app: FastAPI) -> None:
         cls = _STATUS_CODES.get(exc.status_code, CredgateError)
         if exc.status_code == 404:
             err: CredgateError = NotFound("No such route.", code="route_not_found")
+        elif exc.status_code == 400:
+            # FastAPI raises a bare 400 only when it can't parse the body (e.g. bad UTF-8).
+            err = BadRequest("The request body could not be parsed as JSON.", code="invalid_json")
         elif exc.status_code == 405:
             err = MethodNotAllowed(f"Method {request.method} is not allowed here.")
         else:

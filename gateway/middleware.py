@@ -6,13 +6,16 @@ little on the hot path and can stop an oversized body while it streams in.
 
 from __future__ import annotations
 
+import re
+
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import CredgateError, PayloadTooLarge, UnsupportedMediaType, error_response
+from gateway.errors import BadRequest, CredgateError, PayloadTooLarge, UnsupportedMediaType, error_response
 from gateway.requestid import new_request_id, reset_request_id, set_request_id
 
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -55,11 +58,47 @@ class RequestGuard:
             if error is not None:
                 await self._reject(error, scope, receive, send_with_id)
                 return
-            await self.app(scope, self._limited(receive), send_with_id)
+            await self._guarded(scope, receive, send_with_id)
         finally:
             reset_request_id(token)
 
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count body bytes as they stream in; past the limit, answer 413 ourselves,
+        tell the app the client went away, and drop whatever it tries to send."""
+        seen = 0
+        rejected = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    rejected = True
+                    if not started:
+                        await self._reject(
+                            PayloadTooLarge(f"The request body is larger than {self.max_body} bytes."),
+                            scope, receive, send,
+                        )
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if rejected:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
     def _check(self, scope: Scope) -> CredgateError | None:
+        if _CONTROL.search(scope["path"]):
+            return BadRequest("The URL path contains control characters.", code="invalid_path")
         method = scope["method"].encode()
         length = _header(scope, b"content-length")
         chunked = (_header(scope, b"transfer-encoding") or b"").lower() == b"chunked"
@@ -75,21 +114,6 @@ class RequestGuard:
         if method in _BODY_METHODS and (n > 0 or chunked) and not _is_json(_header(scope, b"content-type")):
             return UnsupportedMediaType("Request bodies must be JSON (Content-Type: application/json).")
         return None
-
-    def _limited(self, receive: Receive) -> Receive:
-        seen = 0
-        limit = self.max_body
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-            return message
-
-        return limited
 
     async def _reject(self, error: CredgateError, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(error)

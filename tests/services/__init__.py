@@ -1,0 +1,1 @@
+"""Throwaway local services for tests: a password-authenticating PostgreSQL cluster and moto."""
