@@ -18,6 +18,7 @@ from sqlalchemy.orm import selectinload
 from backends.base import BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
 from gateway.envelope import context
 from gateway.errors import Conflict, NotFound
+from gateway.store.database import insert_if_absent
 from gateway.store.models import SecretRow, SecretVersionRow, utcnow
 
 
@@ -98,12 +99,19 @@ class LocalBackend:
         self, path: str, data: Mapping[str, str], *, author: str, cas: int | None = None
     ) -> SecretMetadata:
         plaintext = json.dumps(dict(data), separators=(",", ":"), sort_keys=True).encode()
+        now = utcnow()
         async with self._store.write() as s:
+            # Create-if-absent first, then lock: two first writers of a path queue here.
+            await s.execute(
+                insert_if_absent(
+                    self._store.dialect,
+                    SecretRow,
+                    dict(backend=self.name, path=path, current_version=0, created_at=now, updated_at=now),
+                    ["backend", "path"],
+                )
+            )
             row = await self._row(s, path, with_versions=True, lock=True)
-            now = utcnow()
-            if row is None:
-                row = SecretRow(backend=self.name, path=path, current_version=0, created_at=now, versions=[])
-                s.add(row)
+            assert row is not None
             if cas is not None and cas != row.current_version:
                 raise Conflict(
                     f"Secret {self._ref(path)} is at version {row.current_version}, not {cas}.",

@@ -68,6 +68,16 @@ def _sqlite_setup(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_IMMEDIATE) else "BEGIN")
 
 
+def insert_if_absent(dialect: str, model: Any, values: dict[str, Any], keys: list[str]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for either dialect: creation that
+    can't race with a concurrent creation of the same row."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(model).values(**values).on_conflict_do_nothing(index_elements=keys)
+
+
 class Store:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = async_url(url)

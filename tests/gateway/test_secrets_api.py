@@ -115,18 +115,20 @@ async def test_reveal_needs_permission(gateway: Gateway) -> None:
         assert (await ops.put("/v1/secrets/local/p/y", json={"data": {"a": "b"}})).status_code == 200
 
 
-async def test_concurrent_writers_get_distinct_versions(gateway: Gateway) -> None:
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "new-path"])
+async def test_concurrent_writers_get_distinct_versions(gateway: Gateway, exists: bool) -> None:
     import asyncio
 
-    await put(gateway, "c/x", {"n": "0"})
+    if exists:
+        await put(gateway, "c/x", {"n": "0"})
     results = await asyncio.gather(
         *(gateway.client.put("/v1/secrets/local/c/x", json={"data": {"n": str(i)}}) for i in range(1, 11))
     )
     assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
-    versions = sorted(r.json()["version"] for r in results)
-    assert versions == list(range(2, 12))
+    first = 2 if exists else 1
+    assert sorted(r.json()["version"] for r in results) == list(range(first, first + 10))
     meta = (await gateway.client.get("/v1/secrets/local/c/x")).json()
-    assert [v["version"] for v in meta["versions"]] == list(range(1, 12))
+    assert [v["version"] for v in meta["versions"]] == list(range(1, first + 10))
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
