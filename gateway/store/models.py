@@ -47,6 +47,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+PATH_TYPE = String(512).with_variant(String(512, collation="C"), "postgresql")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -101,7 +104,8 @@ class SecretRow(Base):
     __table_args__ = (UniqueConstraint("backend", "path", name="uq_secrets_backend_path"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     backend: Mapped[str] = mapped_column(ForeignKey("backends.name"), index=True)
-    path: Mapped[str] = mapped_column(String(512))
+    # Byte order on every database, so listing pages the same way everywhere.
+    path: Mapped[str] = mapped_column(PATH_TYPE)
     current_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -54,7 +54,7 @@ def upgrade() -> None:
     op.create_table('secrets',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('backend', sa.String(length=64), nullable=False),
-    sa.Column('path', sa.String(length=512), nullable=False),
+    sa.Column('path', sa.String(length=512).with_variant(sa.String(length=512, collation='C'), 'postgresql'), nullable=False),
     sa.Column('current_version', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
