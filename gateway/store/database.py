@@ -10,6 +10,7 @@ failing on a lock upgrade.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -86,6 +87,8 @@ class Store:
             db = make_url(self.url).database
             if db and db != ":memory:":
                 Path(db).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # Create the file owner-only; SQLite gives its -wal/-shm files the same mode.
+                os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "postgresql":
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)

@@ -93,7 +93,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_dev_mode_created_data_dir_and_a_private_kek(server: Server) -> None:
     kek = server.data_dir / "kek"
     assert stat.S_IMODE(kek.stat().st_mode) == 0o600
-    assert (server.data_dir / "credgate.db").exists()
+    for f in server.data_dir.glob("credgate.db*"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert server.token not in (server.data_dir / "credgate.db").read_bytes().decode("latin-1")
 
 
