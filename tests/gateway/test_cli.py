@@ -33,6 +33,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"credgate serve exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise RuntimeError(f"credgate serve did not answer {url}")
+
+
 class Server:
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
@@ -45,18 +59,10 @@ class Server:
             stderr=subprocess.STDOUT,
             env=clean_env(),
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.addr}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"credgate serve exited: {self.out.read_text()}")
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("credgate serve did not become ready")
+        try:
+            wait_until_serving(f"{self.addr}/readyz", self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.out.read_text()}") from None
         tokens = re.findall(r"^CREDGATE_TOKEN=(\S+)$", self.out.read_text(), re.M)
         assert len(tokens) == 1, self.out.read_text()
         self.token = tokens[0]
@@ -213,15 +219,7 @@ def test_yaml_config_file_sets_the_port(tmp_path: Path) -> None:
     proc = subprocess.Popen([CREDGATE, "serve", "--dev", "--config", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("gateway did not listen on the configured port")
+        wait_until_serving(f"http://127.0.0.1:{port}/healthz", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)

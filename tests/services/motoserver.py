@@ -14,18 +14,17 @@ This module does not depend on pytest.
 
 from __future__ import annotations
 
-import atexit
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import httpx
 
+from .managed import ManagedService
 from .pgcluster import free_port
 
 __all__ = ["MotoServer", "TEST_ACCESS_KEY", "TEST_SECRET_KEY", "TEST_REGION"]
@@ -62,7 +61,7 @@ def _server_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
 
 
-class MotoServer:
+class MotoServer(ManagedService):
     """``moto_server`` as a subprocess on a free port of 127.0.0.1.
 
     Attributes:
@@ -79,7 +78,6 @@ class MotoServer:
         self.endpoint_url: str = ""
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
-        self._atexit_registered = False
 
     @property
     def running(self) -> bool:
@@ -116,9 +114,7 @@ class MotoServer:
         self.port = free_port(self.host)
         self.endpoint_url = f"http://{self.host}:{self.port}"
         self._log = tempfile.TemporaryFile(prefix="credgate-moto-")
-        if not self._atexit_registered:
-            atexit.register(self.stop)
-            self._atexit_registered = True
+        self._guard_exit()
         try:
             self._proc = subprocess.Popen(
                 _server_command(self.host, self.port),
@@ -219,20 +215,7 @@ class MotoServer:
                 self._log = None
             self.port = 0
             self.endpoint_url = ""
-            if self._atexit_registered:
-                atexit.unregister(self.stop)
-                self._atexit_registered = False
-
-    def __enter__(self) -> MotoServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            self._release_exit_guard()
 
     def __repr__(self) -> str:
         state = self.endpoint_url or "stopped"

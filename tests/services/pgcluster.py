@@ -16,7 +16,6 @@ This module does not depend on pytest.
 
 from __future__ import annotations
 
-import atexit
 import os
 import pwd
 import re
@@ -28,8 +27,9 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
+
+from .managed import ManagedService
 
 __all__ = ["PgCluster", "find_pg_bin", "free_port"]
 
@@ -82,7 +82,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class PgCluster:
+class PgCluster(ManagedService):
     """A private PostgreSQL cluster on 127.0.0.1 with scram-sha-256 on TCP.
 
     Attributes:
@@ -103,7 +103,6 @@ class PgCluster:
         self.base_dir: Path | None = None
         self._bin: Path | None = None
         self._owner: pwd.struct_passwd | None = None
-        self._atexit_registered = False
 
     # -- paths -------------------------------------------------------------
 
@@ -215,9 +214,7 @@ class PgCluster:
         self._bin = find_pg_bin()
         self._owner = self._owner_account()
         self.base_dir = Path(tempfile.mkdtemp(prefix="credgate-pg-"))
-        if not self._atexit_registered:
-            atexit.register(self.stop)
-            self._atexit_registered = True
+        self._guard_exit()
         try:
             self._init()
             self._start_server()
@@ -310,20 +307,7 @@ class PgCluster:
             shutil.rmtree(base, ignore_errors=True)
             self.base_dir = None
             self.port = 0
-            if self._atexit_registered:
-                atexit.unregister(self.stop)
-                self._atexit_registered = False
-
-    def __enter__(self) -> PgCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            self._release_exit_guard()
 
     def __repr__(self) -> str:
         state = f"port={self.port}" if self.port else "stopped"
