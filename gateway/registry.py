@@ -18,7 +18,13 @@ BACKEND_TYPES: dict[str, tuple[str, str | None]] = {
     "local": ("backends.local:LocalBackend", None),
 }
 
-CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {}
+CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
+    "postgres": ("connectors.postgres:PostgresConnector", "postgres"),
+    "mysql": ("connectors.mysql:MySQLConnector", "mysql"),
+    "redis": ("connectors.redis:RedisConnector", "redis"),
+    "aws": ("connectors.aws:AWSConnector", "aws"),
+    "static": ("connectors.static:StaticConnector", None),
+}
 
 
 def _load(kind: str, table: dict[str, tuple[str, str | None]], type_name: str) -> Any:
