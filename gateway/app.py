@@ -10,11 +10,11 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.errors import ErrorOut, install_error_handlers
 from gateway.middleware import RequestGuard
-from gateway.routes import admin_keys, backends, health, keys, secrets
+from gateway.routes import admin_keys, backends, connectors, credentials, health, keys, leases, secrets
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422)}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422)}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -34,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
-    for module in (health, backends, secrets, keys, admin_keys):
+    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     return app

@@ -30,8 +30,11 @@ TOKEN_PREFIX = "cgt_"
 
 ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"*"}),
-    "operator": frozenset({"secrets:read", "secrets:write", "backends:read"}),
-    "auditor": frozenset({"secrets:read", "backends:read", "keys:read"}),
+    "operator": frozenset(
+        {"secrets:read", "secrets:write", "backends:read", "connectors:read", "credentials:issue",
+         "credentials:wrap", "leases:read"}
+    ),
+    "auditor": frozenset({"secrets:read", "backends:read", "keys:read", "connectors:read", "leases:read"}),
 }
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -70,6 +71,8 @@ class Mounts:
         self._envelope = envelope
         self._live: dict[str, tuple[datetime, SecretBackend]] = {}
         self._lock = asyncio.Lock()
+        # Set by the runtime: how many connectors draw on a backend.
+        self.in_use_by: Callable[[str], Awaitable[int]] | None = None
 
     def _info(self, row: BackendRow) -> MountInfo:
         return MountInfo(row.name, row.type, dict(row.config_public), row.builtin, row.created_at, row.updated_at)
@@ -152,7 +155,11 @@ class Mounts:
             raise Conflict(
                 f"Backend {name!r} holds {in_use} secret(s); destroy them first.", code="backend_in_use"
             )
-        # Later: refuse while a connector references the backend.
+        connectors = await self.in_use_by(name) if self.in_use_by else 0
+        if connectors:
+            raise Conflict(
+                f"Backend {name!r} is used by {connectors} connector(s); remove them first.", code="backend_in_use"
+            )
         async with self._store.write() as s:
             row = await s.get(BackendRow, name, with_for_update=True)
             if row is not None:

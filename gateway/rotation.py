@@ -33,7 +33,9 @@ from gateway.errors import ConfigurationError
 from gateway.keyring import KeyRing
 from gateway.mounts import backend_config_context
 from gateway.store import Store
-from gateway.store.models import BackendRow, KekVersion, SecretRow, SecretVersionRow, utcnow
+from gateway.leases import lease_context
+from gateway.store.models import BackendRow, KekVersion, LeaseRow, SecretRow, SecretVersionRow, WrapRow, utcnow
+from gateway.wrapping import wrap_context
 
 log = logging.getLogger("credgate.rotation")
 
@@ -52,6 +54,16 @@ SEALED: list[SealedTable] = [
         SecretVersionRow,
         lambda: select(SecretVersionRow, SecretRow.backend, SecretRow.path).join(SecretRow),
         lambda r: secret_context(r[1], r[2], r[0].version),
+    ),
+    SealedTable(
+        LeaseRow,
+        lambda: select(LeaseRow).where(LeaseRow.kek_version.is_not(None)),
+        lambda r: lease_context(r[0].id),
+    ),
+    SealedTable(
+        WrapRow,
+        lambda: select(WrapRow).where(WrapRow.kek_version.is_not(None)),
+        lambda r: wrap_context(r[0].token_hash),
     ),
     SealedTable(
         BackendRow,

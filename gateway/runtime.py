@@ -8,12 +8,17 @@ import sys
 from dataclasses import dataclass
 
 from gateway.auth import AdminKeys
+from gateway.catalog import Catalog
+from gateway.credentials import Credentials, RevokePolicy
 from gateway.envelope import Envelope
 from gateway.keyring import KeyRing, load_keyring
+from gateway.leases import Leases
 from gateway.mounts import Mounts
+from gateway.reaper import Reaper
 from gateway.rotation import KeyManager
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.wrapping import WrapTokens
 
 log = logging.getLogger("credgate")
 
@@ -39,6 +44,10 @@ class Runtime:
     mounts: Mounts
     keys: KeyManager
     admin_keys: AdminKeys
+    catalog: Catalog
+    leases: Leases
+    credentials: Credentials
+    reaper: Reaper
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -47,14 +56,35 @@ class Runtime:
         try:
             await asyncio.to_thread(store.upgrade)
             envelope = Envelope(keyring)
+            mounts = Mounts(store, envelope)
+            catalog = Catalog(store, mounts)
+            mounts.in_use_by = catalog.count_using_backend
+            leases = Leases(store)
+            wraps = WrapTokens(store, envelope)
+            credentials = Credentials(
+                store, envelope, catalog, leases, wraps,
+                RevokePolicy(
+                    timeout=settings.target_timeout_seconds,
+                    backoff_base=settings.revoke_backoff_base_seconds,
+                    backoff_cap=settings.revoke_backoff_cap_seconds,
+                ),
+            )
             rt = cls(
                 settings=settings,
                 store=store,
                 keyring=keyring,
                 envelope=envelope,
-                mounts=Mounts(store, envelope),
+                mounts=mounts,
                 keys=KeyManager(store, keyring, envelope),
                 admin_keys=AdminKeys(store),
+                catalog=catalog,
+                leases=leases,
+                credentials=credentials,
+                reaper=Reaper(
+                    store, leases, credentials, wraps,
+                    interval=settings.reaper_interval_seconds,
+                    pending_timeout=settings.pending_timeout_seconds,
+                ),
             )
             await rt.keys.sync()
             await rt.mounts.ensure_builtin()
@@ -70,12 +100,15 @@ class Runtime:
             if await rt.keys.needs_rewrap():
                 log.info("data keys under an older KEK version found; resuming re-wrap")
                 rt.keys.start_rewrap()
+            if settings.reaper_enabled:
+                rt.reaper.start()
         except BaseException:
             await store.aclose()
             raise
         return rt
 
     async def aclose(self) -> None:
+        await self.reaper.stop()
         await self.keys.aclose()
         await self.mounts.aclose()
         await self.store.aclose()

@@ -124,3 +124,136 @@ class AdminKeyCreated(AdminKeyOut):
 
 class AdminKeyList(BaseModel):
     items: list[AdminKeyOut]
+
+
+# --- connectors ------------------------------------------------------------
+
+ResourcePattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class ConnectorPut(Input):
+    type: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    auth_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
+    secret: Annotated[str, StringConstraints(min_length=3, max_length=600)] = Field(
+        description="The backend secret holding the material, as BACKEND/PATH."
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Non-secret settings of the connector type.")
+    resources: list[ResourcePattern] = Field(..., min_length=1, max_length=100, description="Allowed resource patterns (globs).")
+    default_ttl_seconds: int | None = Field(None, ge=1)
+    max_ttl_seconds: int | None = Field(None, ge=1)
+
+
+class ConnectorOut(BaseModel):
+    name: str
+    type: str
+    auth_method: str
+    secret: str
+    config: dict[str, Any]
+    resources: list[str]
+    default_ttl_seconds: int
+    max_ttl_seconds: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConnectorList(BaseModel):
+    items: list[ConnectorOut]
+
+
+class ConnectorTypeList(BaseModel):
+    items: list[dict[str, Any]]
+
+
+class VerificationOut(BaseModel):
+    connector: str
+    ok: bool
+    message: str
+    identity: str | None
+    reachable: dict[str, list[str]]
+
+
+class ResourceList(BaseModel):
+    connector: str
+    resource_type: str
+    items: list[str]
+
+
+# --- credentials and leases ------------------------------------------------
+
+
+class CredentialRequest(Input):
+    connector: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    resource: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    ttl_seconds: int | None = Field(None, ge=1, le=10 * 365 * 86400)
+    wrap: bool = False
+    wrap_ttl_seconds: int | None = Field(None, ge=1, le=86400)
+
+
+class CredentialOut(BaseModel):
+    lease_id: str
+    connector: str
+    resource: str
+    issued_at: datetime
+    expires_at: datetime
+    ttl_seconds: int
+    ttl_capped: bool
+    requested_ttl_seconds: int | None = None
+    renewable: bool
+    revocability: str
+    replayed: bool = False
+    credential: dict[str, str] | None = Field(None, description="Absent when wrapped.")
+    wrap_token: str | None = Field(None, description="Single-use; POST it to /v1/unwrap.")
+    wrap_expires_at: datetime | None = None
+
+
+class UnwrapIn(Input):
+    wrap_token: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class LeaseOut(BaseModel):
+    lease_id: str
+    connector: str
+    connector_type: str
+    resource: str
+    principal: str
+    run_id: str | None
+    state: str
+    revocability: str
+    renewable: bool
+    wrapped: bool
+    issued_at: datetime
+    expires_at: datetime
+    max_expires_at: datetime
+    revoked_at: datetime | None
+    attempts: int
+    last_error: str | None
+
+
+class LeaseList(BaseModel):
+    items: list[LeaseOut]
+    next_page_token: str | None
+
+
+class LeaseSummary(BaseModel):
+    pending: int
+    active: int
+    revoking: int
+    revoked: int
+    expired: int
+    stuck_revoking: int = Field(description="Revocations that failed at least stuck_after_attempts times.")
+    reaper_leader: bool
+
+
+class RenewIn(Input):
+    ttl_seconds: int | None = Field(None, ge=1, le=10 * 365 * 86400)
+
+
+class BulkRevokeIn(Input):
+    connector: str | None = Field(None, max_length=64)
+    principal: str | None = Field(None, max_length=200)
+
+
+class BulkRevokeOut(BaseModel):
+    matched: int
+    revoked: int
+    still_revoking: list[str]

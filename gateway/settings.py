@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest accepted request body.")
     page_size_max: int = Field(1000, ge=1)
 
+    reaper_enabled: bool = Field(True, description="Run the reaper in this process (one leader among replicas).")
+    reaper_interval_seconds: float = Field(5.0, gt=0, description="How often the reaper looks for work.")
+    pending_timeout_seconds: float = Field(
+        120.0, gt=0, description="A pending lease older than this is a crashed issuance: revoke by its plan."
+    )
+    target_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of every call to a backend or target.")
+    revoke_backoff_base_seconds: float = Field(1.0, gt=0)
+    revoke_backoff_cap_seconds: float = Field(300.0, gt=0)
+    stuck_after_attempts: int = Field(5, ge=1, description="A revocation failing this often counts as stuck.")
+
     @field_validator("bootstrap_token")
     @classmethod
     def _token_length(cls, v: SecretStr | None) -> SecretStr | None:

@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -139,3 +140,75 @@ class AdminKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(200))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConnectorRow(Base):
+    """A configured connector: its type, the secret it draws on, what it may reach.
+
+    Holds no secret: the material stays in the backend and is read when needed.
+    """
+
+    __tablename__ = "connectors"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32))
+    auth_method: Mapped[str] = mapped_column(String(32))
+    secret_backend: Mapped[str] = mapped_column(ForeignKey("backends.name"), index=True)
+    secret_path: Mapped[str] = mapped_column(String(512))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    resources: Mapped[list[str]] = mapped_column(JSON, default=list)
+    default_ttl_seconds: Mapped[int] = mapped_column(Integer)
+    max_ttl_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LeaseRow(SealedMixin, Base):
+    """One issued credential: ``pending -> active -> revoking -> revoked``, or ``expired``.
+
+    ``revoke_state`` (what revoke needs: role names, never passwords) is
+    committed while the lease is still ``pending``, before the target is
+    touched. The sealed columns hold the response of an issuance made with an
+    Idempotency-Key (so a retry gets the same credential), and are cleared when
+    the lease ends.
+    """
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        UniqueConstraint("principal", "idempotency_key", name="uq_leases_idempotency"),
+        Index("ix_leases_state_expires", "state", "expires_at"),
+        Index("ix_leases_state_next_attempt", "state", "next_attempt_at"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    connector: Mapped[str] = mapped_column(String(64), index=True)
+    connector_type: Mapped[str] = mapped_column(String(32))
+    resource: Mapped[str] = mapped_column(String(256))
+    principal: Mapped[str] = mapped_column(String(200), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    revocability: Mapped[str] = mapped_column(String(16))
+    renewable: Mapped[bool] = mapped_column(Boolean)
+    wrapped: Mapped[bool] = mapped_column(Boolean, default=False)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    max_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoke_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WrapRow(SealedMixin, Base):
+    """A single-use wrap token (stored as its SHA-256) and its sealed payload,
+    destroyed on unwrap, on expiry and when its lease is revoked."""
+
+    __tablename__ = "wrap_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lease_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended: Mapped[str | None] = mapped_column(String(16))  # used | expired | revoked

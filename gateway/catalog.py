@@ -1,0 +1,195 @@
+"""The connector catalog: configured connectors, and live instances built on demand.
+
+A connector row names the secret it draws on; the material is read from the
+backend only when an instance is needed (to issue, renew, revoke, verify),
+validated against the auth method's model, and never returned by any
+endpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy import func, select
+
+from connectors.base import RESOURCE, ServiceConnector
+from gateway import paths
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.mounts import Mounts
+from gateway.registry import CONNECTOR_TYPES, connector_class
+from gateway.store import Store
+from gateway.store.models import ConnectorRow, utcnow
+
+CONNECTOR_NAME = paths.BACKEND_NAME  # same grammar as backend names
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    type: str
+    auth_method: str
+    secret: str  # "backend/path"
+    config: dict[str, Any]
+    resources: list[str]
+    default_ttl_seconds: int | None
+    max_ttl_seconds: int | None
+
+
+def _errors(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
+    return [{"field": prefix + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+
+
+def validate_model(model: type[BaseModel], data: Any, what: str, prefix: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = _errors(exc, prefix)
+        raise ValidationFailed(f"Invalid {what} at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
+
+
+def type_info(type_name: str) -> dict[str, Any]:
+    """What `GET /v1/connector-types` says about one type."""
+    try:
+        cls = connector_class(type_name)
+    except BadRequest as exc:
+        return {"type": type_name, "available": False, "reason": exc.message}
+    return {
+        "type": type_name,
+        "available": True,
+        "auth_methods": {name: model.model_json_schema() for name, model in cls.auth_methods.items()},
+        "config_schema": cls.config_model.model_json_schema(),
+        "resource_types": list(cls.resource_types),
+        "revocability": str(cls.revocability),
+        "renewable": cls.renewable,
+        "wrap_only": cls.wrap_only,
+        "default_ttl_seconds": int(cls.ttl.default.total_seconds()),
+        "min_ttl_seconds": int(cls.ttl.min.total_seconds()),
+        "max_ttl_seconds": int(cls.ttl.max.total_seconds()),
+    }
+
+
+def all_type_info() -> list[dict[str, Any]]:
+    return [type_info(t) for t in sorted(CONNECTOR_TYPES)]
+
+
+def resource_allowed(row: ConnectorRow, resource: str) -> bool:
+    return any(fnmatch.fnmatchcase(resource, pattern) for pattern in row.resources)
+
+
+class Catalog:
+    def __init__(self, store: Store, mounts: Mounts) -> None:
+        self._store = store
+        self._mounts = mounts
+
+    async def get(self, name: str) -> ConnectorRow:
+        async with self._store.read() as s:
+            row = await s.get(ConnectorRow, name)
+        if row is None:
+            raise NotFound(f"Connector {name!r} does not exist.", code="connector_not_found")
+        return row
+
+    async def list(self) -> list[ConnectorRow]:
+        async with self._store.read() as s:
+            return list((await s.execute(select(ConnectorRow).order_by(ConnectorRow.name))).scalars())
+
+    async def count_using_backend(self, backend: str) -> int:
+        async with self._store.read() as s:
+            q = select(func.count()).where(ConnectorRow.secret_backend == backend)
+            return (await s.execute(q)).scalar_one()
+
+    async def put(self, name: str, spec: ConnectorSpec) -> tuple[ConnectorRow, bool]:
+        if not CONNECTOR_NAME.match(name):
+            raise BadRequest(
+                "A connector name is 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter.",
+                code="invalid_connector_name",
+            )
+        cls = connector_class(spec.type)
+        if spec.auth_method not in cls.auth_methods:
+            raise ValidationFailed(
+                f"Connector type {spec.type} has no auth method {spec.auth_method!r}; "
+                f"it has: {', '.join(sorted(cls.auth_methods))}.",
+                code="unknown_auth_method",
+            )
+        config = validate_model(cls.config_model, spec.config, f"{spec.type} config", "config.")
+        backend, _, path = spec.secret.partition("/")
+        paths.backend_name(backend)
+        paths.secret_path(path)
+        await self._mounts.info(backend)  # 404 backend_not_found
+        for pattern in spec.resources:
+            if not RESOURCE.match(pattern):
+                raise ValidationFailed(
+                    "A resource pattern is 1-256 characters of A-Z a-z 0-9 . _ : / @ * + = -.",
+                    code="invalid_resource_pattern",
+                )
+        lo, hi, default = cls.ttl.min, cls.ttl.max, cls.ttl.default
+        max_ttl = timedelta(seconds=spec.max_ttl_seconds) if spec.max_ttl_seconds is not None else hi
+        default_ttl = timedelta(seconds=spec.default_ttl_seconds) if spec.default_ttl_seconds is not None else min(default, max_ttl)
+        if not (lo <= default_ttl <= max_ttl <= hi):
+            raise ValidationFailed(
+                f"TTLs must satisfy {int(lo.total_seconds())} <= default_ttl_seconds <= max_ttl_seconds "
+                f"<= {int(hi.total_seconds())} for connector type {spec.type}.",
+                code="invalid_ttl",
+            )
+        created = False
+        async with self._store.write() as s:
+            row = await s.get(ConnectorRow, name, with_for_update=True)
+            if row is None:
+                row = ConnectorRow(name=name, created_at=utcnow())
+                s.add(row)
+                created = True
+            elif row.type != spec.type:
+                raise Conflict(
+                    f"Connector {name!r} is of type {row.type}; remove it to change its type.",
+                    code="connector_type_change",
+                )
+            row.type = spec.type
+            row.auth_method = spec.auth_method
+            row.secret_backend, row.secret_path = backend, path
+            row.config = config.model_dump(mode="json")
+            row.resources = list(spec.resources)
+            row.default_ttl_seconds = int(default_ttl.total_seconds())
+            row.max_ttl_seconds = int(max_ttl.total_seconds())
+            row.updated_at = utcnow()
+        return row, created
+
+    async def delete(self, name: str) -> None:
+        async with self._store.write() as s:
+            row = await s.get(ConnectorRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"Connector {name!r} does not exist.", code="connector_not_found")
+            await s.delete(row)
+
+    @staticmethod
+    def check_resource(row: ConnectorRow, resource: str) -> None:
+        """The resource is well-formed and inside the connector's allowed patterns."""
+        if not RESOURCE.match(resource) or "*" in resource:
+            raise BadRequest("A resource is 1-256 characters of A-Z a-z 0-9 . _ : / @ + = -.", code="invalid_resource")
+        if not resource_allowed(row, resource):
+            raise Forbidden(
+                f"Connector {row.name!r} may not reach resource {resource!r}.", code="resource_not_allowed"
+            )
+
+    async def instance(self, row: ConnectorRow) -> ServiceConnector:
+        """A live connector with its material freshly read from the backend."""
+        cls = connector_class(row.type)
+        config = validate_model(cls.config_model, row.config, f"{row.type} config", "config.")
+        backend = await self._mounts.get(row.secret_backend)
+        try:
+            value = await backend.get(row.secret_path)
+        except NotFound as exc:
+            raise Conflict(
+                f"Connector {row.name!r} draws on {row.secret_backend}/{row.secret_path}, which is unavailable "
+                f"({exc.code}).",
+                code="connector_material_missing",
+            ) from None
+        material = validate_model(
+            cls.auth_methods[row.auth_method], value.data, f"secret for auth method {row.auth_method}", "secret."
+        )
+        try:
+            return cls(config, row.auth_method, material)
+        except ValueError as exc:
+            # Our own connectors raise ValueError with a sentence of their own (never material).
+            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {exc}", code="connector_invalid") from None

@@ -1,0 +1,206 @@
+"""Leases: the durable record of every credential issued, and its state machine.
+
+    pending ──> active ──> revoking ──> revoked
+       │           │  ╲
+       │           │   ╲──> expired        (expiry-only types, at expires_at)
+       └───────────┴──────> revoking       (revocable types, at expires_at; or a pending row
+                                            older than the pending timeout: a crash mid-issue)
+
+Every transition is a conditional UPDATE (``WHERE state = <from>``), so two
+replicas, or the reaper and an admin, can race without a lease being
+revoked twice to harmful effect or resurrected.
+
+TTLs are decided in one place, :func:`calculate_ttl`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+
+from gateway.envelope import context
+from gateway.errors import NotFound, ValidationFailed
+from gateway.store import Store
+from gateway.store.models import LeaseRow, utcnow
+
+PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED = "pending", "active", "revoking", "revoked", "expired"
+STATES = (PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED)
+LIVE = (PENDING, ACTIVE, REVOKING)
+
+
+def new_lease_id() -> str:
+    """Time-ordered (48-bit milliseconds) then 64 random bits: sortable and unguessable."""
+    return f"lease_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def lease_context(lease_id: str) -> bytes:
+    return context("lease-response", lease_id)
+
+
+@dataclass(frozen=True)
+class TTLDecision:
+    ttl: timedelta
+    requested: timedelta | None
+    capped: bool  # the request asked for more than the cap
+
+
+def calculate_ttl(
+    requested_seconds: int | None,
+    *,
+    default: timedelta,
+    maximum: timedelta,
+    type_min: timedelta,
+    type_max: timedelta,
+    policy_max: timedelta | None = None,
+) -> TTLDecision:
+    """The one place a lease's TTL is decided: the smallest of the request (or
+    the connector default), the connector's max, the type's max and the
+    policy's max; a request under the type's minimum is refused."""
+    requested = timedelta(seconds=requested_seconds) if requested_seconds is not None else None
+    cap = min(c for c in (maximum, type_max, policy_max) if c is not None)
+    want = requested if requested is not None else default
+    if want < type_min:
+        raise ValidationFailed(
+            f"ttl_seconds must be at least {int(type_min.total_seconds())} for this connector type.",
+            code="ttl_too_short",
+        )
+    ttl = min(want, cap)
+    return TTLDecision(ttl, requested, capped=requested is not None and requested > cap)
+
+
+class Leases:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def get(self, lease_id: str) -> LeaseRow:
+        async with self._store.read() as s:
+            row = await s.get(LeaseRow, lease_id)
+        if row is None:
+            raise NotFound(f"Lease {lease_id} does not exist.", code="lease_not_found")
+        return row
+
+    async def find_idempotent(self, principal: str, key: str) -> LeaseRow | None:
+        async with self._store.read() as s:
+            q = select(LeaseRow).where(LeaseRow.principal == principal, LeaseRow.idempotency_key == key)
+            return (await s.execute(q)).scalar_one_or_none()
+
+    async def list(
+        self,
+        *,
+        connector: str | None = None,
+        principal: str | None = None,
+        state: str | None = None,
+        run_id: str | None = None,
+        expiring_before: datetime | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[LeaseRow], str | None]:
+        q = select(LeaseRow)
+        if connector:
+            q = q.where(LeaseRow.connector == connector)
+        if principal:
+            q = q.where(LeaseRow.principal == principal)
+        if state:
+            q = q.where(LeaseRow.state == state)
+        if run_id:
+            q = q.where(LeaseRow.run_id == run_id)
+        if expiring_before:
+            q = q.where(LeaseRow.expires_at < expiring_before)
+        if after:
+            q = q.where(LeaseRow.id > after)
+        q = q.order_by(LeaseRow.id).limit(limit + 1)
+        async with self._store.read() as s:
+            rows = list((await s.execute(q)).scalars())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more else None)
+
+    async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
+        """Move a lease from one of ``frm`` to ``to``; False if it was not in ``frm``."""
+        values = {**values, "state": to, "updated_at": utcnow()}
+        if to in (REVOKED, EXPIRED):
+            # The lease is over: nothing may be replayed from it any more.
+            values.update(kek_version=None, wrapped_dek=None, ciphertext=None)
+        async with self._store.write() as s:
+            res = await s.execute(
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm)).values(**values)
+            )
+            return res.rowcount == 1
+
+    async def mark_revoking(
+        self, *, lease_ids: list[str] | None = None, connector: str | None = None,
+        principal: str | None = None, run_id: str | None = None,
+    ) -> list[str]:
+        """Move matching live leases to ``revoking`` (due now); return their ids."""
+        conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
+        if lease_ids is not None:
+            conds.append(LeaseRow.id.in_(lease_ids))
+        if connector:
+            conds.append(LeaseRow.connector == connector)
+        if principal:
+            conds.append(LeaseRow.principal == principal)
+        if run_id:
+            conds.append(LeaseRow.run_id == run_id)
+        now = utcnow()
+        async with self._store.write() as s:
+            ids = list((await s.execute(select(LeaseRow.id).where(and_(*conds)).with_for_update())).scalars())
+            if ids:
+                await s.execute(
+                    update(LeaseRow)
+                    .where(LeaseRow.id.in_(ids), LeaseRow.state.in_((PENDING, ACTIVE)))
+                    .values(state=REVOKING, next_attempt_at=now, updated_at=now)
+                )
+        return ids
+
+    async def due_for_expiry(self, now: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = (
+                select(LeaseRow)
+                .where(LeaseRow.state == ACTIVE, LeaseRow.expires_at <= now)
+                .order_by(LeaseRow.expires_at)
+                .limit(limit)
+            )
+            return list((await s.execute(q)).scalars())
+
+    async def stale_pending(self, older_than: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = select(LeaseRow).where(LeaseRow.state == PENDING, LeaseRow.updated_at <= older_than).limit(limit)
+            return list((await s.execute(q)).scalars())
+
+    async def due_for_revocation(self, now: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = (
+                select(LeaseRow)
+                .where(
+                    LeaseRow.state == REVOKING,
+                    or_(LeaseRow.next_attempt_at.is_(None), LeaseRow.next_attempt_at <= now),
+                )
+                .order_by(LeaseRow.next_attempt_at)
+                .limit(limit)
+            )
+            return list((await s.execute(q)).scalars())
+
+    async def counts(self, *, stuck_after_attempts: int) -> dict[str, int]:
+        async with self._store.read() as s:
+            rows = (await s.execute(select(LeaseRow.state, func.count()).group_by(LeaseRow.state))).all()
+            stuck = (
+                await s.execute(
+                    select(func.count()).where(
+                        LeaseRow.state == REVOKING, LeaseRow.attempts >= stuck_after_attempts
+                    )
+                )
+            ).scalar_one()
+        out = {state: 0 for state in STATES}
+        out.update({state: n for state, n in rows})
+        out["stuck_revoking"] = stuck
+        return out
+
+    async def live_count(self, connector: str) -> int:
+        async with self._store.read() as s:
+            q = select(func.count()).where(LeaseRow.connector == connector, LeaseRow.state.in_(LIVE))
+            return (await s.execute(q)).scalar_one()
