@@ -40,11 +40,17 @@ backend_app = typer.Typer(help="Register and check secret backends.", no_args_is
 keys_app = typer.Typer(help="The key-encryption key (KEK): generate, rotate, status.", no_args_is_help=True)
 admin_key_app = typer.Typer(help="Admin API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="The gateway's store.", no_args_is_help=True)
+connector_app = typer.Typer(help="Connectors: routes from backend secrets to target services.", no_args_is_help=True)
+cred_app = typer.Typer(help="Issue short-lived credentials.", no_args_is_help=True)
+lease_app = typer.Typer(help="Leases: every credential issued, renewed, revoked.", no_args_is_help=True)
 app.add_typer(secret_app, name="secret")
 app.add_typer(backend_app, name="backend")
 app.add_typer(keys_app, name="keys")
 app.add_typer(admin_key_app, name="admin-key")
 app.add_typer(db_app, name="db")
+app.add_typer(connector_app, name="connector")
+app.add_typer(cred_app, name="cred")
+app.add_typer(lease_app, name="lease")
 
 
 class UsageProblem(Exception):
@@ -429,6 +435,278 @@ def admin_key_revoke(key_id: str, addr: Addr = None, token: Token = None) -> Non
     with _client(addr, token) as c:
         c.request("POST", f"/v1/admin-keys/{seg(key_id)}/revoke")
     typer.echo(f"revoked {key_id}")
+
+
+# --- connectors -------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | None) -> int | None:
+    """'90', '90s', '15m', '1h', '2d' -> seconds."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:], None)
+    number = t[:-1] if unit else t
+    if not number.isdigit() or int(number) <= 0:
+        raise UsageProblem(f"{text!r} is not a duration like 90s, 15m, 1h or 2d")
+    return int(number) * (unit or 1)
+
+
+def _connector_line(c: dict[str, Any]) -> str:
+    return f"{c['name']:<20} {c['type']:<9} {c['auth_method']:<11} {c['secret']:<30} {', '.join(c['resources'])}"
+
+
+@connector_app.command("types")
+def connector_types(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Connector types, their auth methods, resources and revocability."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/connector-types")
+    if as_json:
+        _print_json(out)
+        return
+    for t in out["items"]:
+        if not t["available"]:
+            typer.echo(f"{t['type']:<9} unavailable: {t['reason']}")
+            continue
+        typer.echo(
+            f"{t['type']:<9} auth: {', '.join(t['auth_methods'])}; resources: {', '.join(t['resource_types'])}; "
+            f"{t['revocability']}{', renewable' if t['renewable'] else ''}{', wrap-only' if t['wrap_only'] else ''}; "
+            f"ttl {t['min_ttl_seconds']}s..{t['max_ttl_seconds']}s (default {t['default_ttl_seconds']}s)"
+        )
+
+
+@connector_app.command("add")
+def connector_add(
+    name: str,
+    type_: Annotated[str, typer.Option("--type", help="Connector type (see `credgate connector types`).")],
+    auth_method: Annotated[str, typer.Option("--auth-method", help="One of the type's auth methods.")],
+    secret: Annotated[str, typer.Option("--secret", help="BACKEND/PATH of the secret holding the material.")],
+    resource: Annotated[list[str], typer.Option("--resource", help="Allowed resource pattern (repeatable).")],
+    settings: Annotated[list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", show_default=False)] = None,
+    config_file: Annotated[Path | None, typer.Option("--config-file", help="JSON object of settings.")] = None,
+    default_ttl: Annotated[str | None, typer.Option("--default-ttl", help="e.g. 15m")] = None,
+    max_ttl: Annotated[str | None, typer.Option("--max-ttl", help="e.g. 1h")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Register (or replace) a connector."""
+    _split_ref(secret)
+    config = _read_json_file(config_file) if config_file else _parse_pairs(settings or [])
+    body = {
+        "type": type_, "auth_method": auth_method, "secret": secret, "config": config, "resources": resource,
+        "default_ttl_seconds": parse_duration(default_ttl), "max_ttl_seconds": parse_duration(max_ttl),
+    }
+    with _client(addr, token) as c:
+        out = c.request("PUT", f"/v1/connectors/{seg(name)}", json=body)
+    _print_json(out) if as_json else typer.echo(f"connector {out['name']} ({out['type']}) saved")
+
+
+@connector_app.command("list")
+def connector_list(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """List connectors."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/connectors")
+    if as_json:
+        _print_json(out)
+    else:
+        for item in out["items"]:
+            typer.echo(_connector_line(item))
+
+
+@connector_app.command("show")
+def connector_show(name: str, addr: Addr = None, token: Token = None) -> None:
+    """Show a connector (never its material)."""
+    with _client(addr, token) as c:
+        _print_json(c.get(f"/v1/connectors/{seg(name)}"))
+
+
+@connector_app.command("verify")
+def connector_verify(name: str, addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Check the connector's material against its target."""
+    with _client(addr, token) as c:
+        out = c.request("POST", f"/v1/connectors/{seg(name)}/verify")
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(f"{name}: {'ok' if out['ok'] else 'FAILED'}: {out['message']}")
+        if out.get("identity"):
+            typer.echo(f"identity: {out['identity']}")
+        for rtype, items in out["reachable"].items():
+            typer.echo(f"{rtype}: {', '.join(items) or '-'}")
+    if not out["ok"]:
+        raise typer.Exit(1)
+
+
+@connector_app.command("resources")
+def connector_resources(
+    name: str,
+    type_: Annotated[str, typer.Option("--type", help="Resource type, e.g. database, schema, s3-bucket.")],
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """List resources of one type that the connector can see."""
+    with _client(addr, token) as c:
+        out = c.get(f"/v1/connectors/{seg(name)}/resources", type=type_)
+    _print_json(out) if as_json else [typer.echo(r) for r in out["items"]]
+
+
+@connector_app.command("rm")
+def connector_rm(
+    name: str,
+    revoke_leases: Annotated[bool, typer.Option("--revoke-leases", help="Revoke its live leases first.")] = False,
+    addr: Addr = None,
+    token: Token = None,
+) -> None:
+    """Remove a connector (refused while it has live leases)."""
+    with _client(addr, token) as c:
+        c.request("DELETE", f"/v1/connectors/{seg(name)}", params={"revoke_leases": revoke_leases or None})
+    typer.echo(f"removed connector {name}")
+
+
+# --- credentials --------------------------------------------------------------
+
+
+def _print_credential(out: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        _print_json(out)
+        return
+    cred = out.get("credential") or {}
+    if fmt == "env":
+        import shlex
+
+        lines = {"CREDGATE_LEASE_ID": out["lease_id"], "CREDGATE_EXPIRES_AT": str(out["expires_at"])}
+        if out.get("wrap_token"):
+            lines["CREDGATE_WRAP_TOKEN"] = out["wrap_token"]
+        for k, v in cred.items():
+            lines[k.upper().replace("-", "_")] = v
+        for k, v in lines.items():
+            typer.echo(f"export {k}={shlex.quote(v)}")
+        return
+    typer.echo(f"lease:    {out['lease_id']}")
+    typer.echo(f"expires:  {out['expires_at']}" + ("  (ttl capped at the connector's max)" if out.get("ttl_capped") else ""))
+    typer.echo(f"renewable: {'yes' if out['renewable'] else 'no'}; {out['revocability']}")
+    if out.get("wrap_token"):
+        typer.echo(f"wrap token (single use, until {out['wrap_expires_at']}):")
+        typer.echo(out["wrap_token"])
+    for k, v in cred.items():
+        typer.echo(f"{k}={v}")
+
+
+Format = Annotated[str, typer.Option("--format", help="text, json or env (export lines for eval).")]
+
+
+@cred_app.command("issue")
+def cred_issue(
+    connector: str,
+    resource: str,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="e.g. 15m; capped at the connector's max.")] = None,
+    wrap: Annotated[bool, typer.Option("--wrap", help="Return a single-use wrap token instead.")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Retry-safe key.")] = None,
+    fmt: Format = "text",
+    addr: Addr = None,
+    token: Token = None,
+) -> None:
+    """Issue a short-lived credential for one resource."""
+    if fmt not in ("text", "json", "env"):
+        raise UsageProblem("--format is one of text, json, env")
+    body = {"connector": connector, "resource": resource, "ttl_seconds": parse_duration(ttl), "wrap": wrap}
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    with _client(addr, token) as c:
+        out = c.request("POST", "/v1/credentials", json=body, headers=headers)
+    _print_credential(out, fmt)
+
+
+@app.command("unwrap")
+def unwrap_cmd(
+    wrap_token: Annotated[str, typer.Argument(metavar="TOKEN")],
+    fmt: Format = "text",
+    addr: Addr = None,
+) -> None:
+    """Exchange a wrap token for its credential (works once)."""
+    if fmt not in ("text", "json", "env"):
+        raise UsageProblem("--format is one of text, json, env")
+    with Client(addr, token="") as c:
+        out = c.request("POST", "/v1/unwrap", json={"wrap_token": wrap_token})
+    _print_credential(out, fmt)
+
+
+# --- leases -------------------------------------------------------------------
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    return (
+        f"{lease['lease_id']}  {lease['state']:<8} {lease['connector']:<16} {lease['resource']:<24} "
+        f"expires {lease['expires_at']}  {lease['principal']}"
+    )
+
+
+@lease_app.command("list")
+def lease_list(
+    connector: Annotated[str | None, typer.Option("--connector")] = None,
+    principal: Annotated[str | None, typer.Option("--principal")] = None,
+    state: Annotated[str | None, typer.Option("--state", help="pending, active, revoking, revoked, expired")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """List leases (newest last)."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/leases", connector=connector, principal=principal, state=state, limit=limit)
+    if as_json:
+        _print_json(out)
+    else:
+        for lease in out["items"]:
+            typer.echo(_lease_line(lease))
+
+
+@lease_app.command("show")
+def lease_show(lease_id: str, addr: Addr = None, token: Token = None) -> None:
+    """Show a lease."""
+    with _client(addr, token) as c:
+        _print_json(c.get(f"/v1/leases/{seg(lease_id)}"))
+
+
+@lease_app.command("renew")
+def lease_renew(
+    lease_id: str,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="e.g. 30m; never past the lease's max.")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Extend a renewable lease."""
+    with _client(addr, token) as c:
+        out = c.request("POST", f"/v1/leases/{seg(lease_id)}/renew", json={"ttl_seconds": parse_duration(ttl)})
+    _print_json(out) if as_json else typer.echo(f"{lease_id} now expires {out['expires_at']}")
+
+
+@lease_app.command("revoke")
+def lease_revoke(
+    lease_id: Annotated[str | None, typer.Argument(help="One lease; or use --connector/--principal.")] = None,
+    connector: Annotated[str | None, typer.Option("--connector", help="Every live lease of this connector.")] = None,
+    principal: Annotated[str | None, typer.Option("--principal", help="Every live lease of this principal.")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Revoke one lease, or every live lease of a connector and/or principal."""
+    if bool(lease_id) == bool(connector or principal):
+        raise UsageProblem("give a LEASE_ID, or --connector and/or --principal")
+    with _client(addr, token) as c:
+        if lease_id:
+            out = c.request("POST", f"/v1/leases/{seg(lease_id)}/revoke")
+            msg = f"{lease_id}: {out['state']}" + (f" ({out['last_error']}; the reaper retries)" if out["state"] == "revoking" else "")
+        else:
+            out = c.request("POST", "/v1/leases/revoke", json={"connector": connector, "principal": principal})
+            msg = f"revoked {out['revoked']} of {out['matched']} lease(s)" + (
+                f"; {len(out['still_revoking'])} still being retried" if out["still_revoking"] else ""
+            )
+    _print_json(out) if as_json else typer.echo(msg)
 
 
 # --- entry point ------------------------------------------------------------

@@ -42,10 +42,18 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         self._http = httpx.Client(base_url=self.addr, headers=headers, timeout=timeout, verify=verify)
 
-    def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in (params or {}).items() if v is not None}
         try:
-            resp = self._http.request(method, path, json=json, params=params)
+            resp = self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise GatewayUnreachable(
                 f"can't reach the gateway at {self.addr} ({type(exc).__name__}); is `credgate serve` running? "
