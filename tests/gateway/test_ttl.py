@@ -29,7 +29,7 @@ def test_request_over_connector_max_is_capped_and_says_so() -> None:
 
 
 def test_type_max_and_policy_max_cap_too() -> None:
-    assert calculate_ttl(5000, **{**LIMITS, "maximum": 99_999 * S}).ttl == 7200 * S
+    assert calculate_ttl(9000, **{**LIMITS, "maximum": 99_999 * S}).ttl == 7200 * S
     d = calculate_ttl(5000, **LIMITS, policy_max=120 * S)
     assert d.ttl == 120 * S and d.capped
 
