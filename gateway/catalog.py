@@ -191,5 +191,7 @@ class Catalog:
         try:
             return cls(config, row.auth_method, material)
         except ValueError as exc:
-            # Our own connectors raise ValueError with a sentence of their own (never material).
-            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {exc}", code="connector_invalid") from None
+            # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
+            # error quotes its input, which may be material) is reduced to its type.
+            why = str(exc) if type(exc) is ValueError else type(exc).__name__
+            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {why}", code="connector_invalid") from None

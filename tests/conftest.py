@@ -92,6 +92,8 @@ def settings_factory(tmp_path: Path, store_url: str, kek_file: Path):
             database_url=store_url,
             kek_file=kek_file,
             bootstrap_token=ADMIN_TOKEN,
+            # Tests drive the reaper by hand (runtime.reaper.tick()) unless they turn it on.
+            reaper_enabled=False,
         )
         values.update(overrides)
         return load_settings(**values)
@@ -128,3 +130,62 @@ async def gateway(settings_factory) -> AsyncIterator[Gateway]:
         ) as client:
             yield Gateway(app, client)
 
+
+
+# --- target services for connectors -------------------------------------------
+
+MARIADB = dict(host="127.0.0.1", port=3306, user="root", password="")
+REDIS_URL = os.environ.get("CREDGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster with scram-sha-256 passwords (the shared
+    server trusts every local login, so it can't show a password refused)."""
+    from tests.services.pgcluster import PgCluster
+
+    try:
+        cluster = PgCluster().start()
+    except Exception as exc:  # noqa: BLE001
+        service_missing("PostgreSQL binaries (initdb/pg_ctl)", f"{type(exc).__name__}: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> dict:
+    try:
+        import pymysql
+
+        pymysql.connect(**MARIADB, connect_timeout=3).close()
+    except Exception as exc:  # noqa: BLE001
+        service_missing("MariaDB", f"127.0.0.1:3306: {type(exc).__name__}")
+    return MARIADB
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
+    except Exception as exc:  # noqa: BLE001
+        service_missing("Redis", f"{REDIS_URL}: {type(exc).__name__}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto in server mode on a free 127.0.0.1 port (a real HTTP server boto3 talks to)."""
+    from tests.services.motoserver import MotoServer
+
+    try:
+        server = MotoServer().start()
+    except Exception as exc:  # noqa: BLE001
+        service_missing("moto server", f"{type(exc).__name__}: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,406 @@
+"""Redis: one ACL user per lease, limited to one key prefix.
+
+A lease for resource ``features`` is the Redis user ``cg_<lease>`` created with::
+
+    ACL SETUSER cg_<lease> reset on >PASSWORD ~features:* resetchannels -@all <grants> -@dangerous
+
+so it can run the granted commands (``+@read`` by default) on keys matching
+``features:*`` only, and no pub/sub channel. Revoking kills the user's open
+connections and deletes it; both steps count "already gone" as success.
+
+Limits worth knowing:
+
+- Redis has no expiring users: the gateway's lease reaper enforces the expiry
+  by revoking, so ``renew`` only checks that the user still exists.
+- Key patterns don't restrict commands that take no key: ``FLUSHDB`` and
+  ``FLUSHALL`` (in ``@write``) wipe *every* key, and ``KEYS`` lists every key
+  name. Unless ``allow_dangerous`` is set, ``-@dangerous`` is appended after
+  the grants, which removes those (``SCAN``, in ``@read``, still lists key
+  names of the whole database; values stay protected).
+- ACL users are per node: they are not replicated to replicas or cluster
+  peers, and they survive a restart only if the server saves its ACL file.
+  Point the connector at a single primary.
+- ACL rules don't depend on the database number. When the material's URL
+  names a database other than 0, ``+select`` is granted so clients can reach
+  it, and the credential's ``url`` names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import re
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from types import MappingProxyType
+from typing import Any, ClassVar
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from connectors.base import (
+    IssueRequest,
+    Issued,
+    ResourceNotSupported,
+    Revocability,
+    TargetError,
+    TargetUnreachable,
+    TTLLimits,
+    Verification,
+    role_name,
+    safe_vendor_error,
+)
+from gateway.errors import ValidationFailed
+
+__all__ = ["RedisConnector", "RedisConfig", "RedisPasswordMaterial", "KEYSPACE"]
+
+KEYSPACE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_CATEGORY = re.compile(r"^[+-]@[a-z]+$")
+_COMMAND = re.compile(r"^[+-][a-z|]+$")
+_RESOURCE_PATTERN = re.compile(r"^[A-Za-z0-9._*?-]{1,128}$")
+_SEPARATOR = re.compile(r"^[!-~]{1,8}$")
+_GLOB_CHARS = set("*?[]\\^")
+_USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_TIMEOUT = 10.0
+SCAN_LIMIT = 1000  # keys looked at by list_resources
+
+
+def _check_grants(grants: list[str]) -> list[str]:
+    for i, grant in enumerate(grants):
+        if not (_CATEGORY.match(grant) or _COMMAND.match(grant)):
+            raise ValueError(
+                f"grant #{i + 1} must be a category (+@read, -@write) or a command (+get, -config|set)"
+            )
+    return grants
+
+
+class RedisPasswordMaterial(BaseModel):
+    """An admin login able to run ``ACL SETUSER``, ``ACL DELUSER`` and ``CLIENT KILL``.
+
+    ``url`` is ``redis://host:port/db`` (``rediss://`` for TLS); a username or
+    password given separately wins over one inside the URL.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    password: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        _parse_url(value.get_secret_value())  # raises ValueError without quoting the URL
+        return value
+
+
+class RedisConfig(BaseModel):
+    """What a lease's user may do.
+
+    ``categories`` are ACL grants applied after ``-@all`` to every resource,
+    unless a ``resource_commands`` pattern (fnmatch over the resource name,
+    first match wins) names other grants for it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] = Field(default_factory=lambda: ["+@read"], min_length=1, max_length=64)
+    resource_commands: dict[str, list[str]] = Field(default_factory=dict)
+    key_separator: str = ":"
+    allow_dangerous: bool = False
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, value: list[str]) -> list[str]:
+        return _check_grants(value)
+
+    @field_validator("resource_commands")
+    @classmethod
+    def _resource_commands(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for pattern, grants in value.items():
+            if not _RESOURCE_PATTERN.match(pattern):
+                raise ValueError("a resource pattern is 1-128 characters of A-Z a-z 0-9 . _ - * ?")
+            if not grants:
+                raise ValueError("each resource pattern needs at least one grant")
+            _check_grants(grants)
+        return value
+
+    @field_validator("key_separator")
+    @classmethod
+    def _separator(cls, value: str) -> str:
+        if not _SEPARATOR.match(value) or _GLOB_CHARS & set(value):
+            raise ValueError("key_separator is 1-8 printable characters, no spaces and none of * ? [ ] \\ ^")
+        return value
+
+    def grants_for(self, resource: str) -> list[str]:
+        for pattern, grants in self.resource_commands.items():
+            if fnmatch.fnmatchcase(resource, pattern):
+                return list(grants)
+        return list(self.categories)
+
+
+class _Target:
+    """The parsed admin URL (no secrets kept here but the URL's own password)."""
+
+    def __init__(self, scheme: str, host: str, port: int, db: int, username: str | None, password: str | None):
+        self.tls = scheme == "rediss"
+        self.scheme, self.host, self.port, self.db = scheme, host, port, db
+        self.username, self.password = username, password
+
+    @property
+    def url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+
+def _parse_url(url: str) -> _Target:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("url is not a valid redis:// URL") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("url must start with redis:// or rediss://")
+    if not parts.hostname:
+        raise ValueError("url must name a host")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("url path must be a database number")
+    if parts.query or parts.fragment:
+        raise ValueError("url must not have a query or fragment")
+    return _Target(
+        parts.scheme,
+        parts.hostname,
+        port,
+        int(path or 0),
+        unquote(parts.username) if parts.username else None,
+        unquote(parts.password) if parts.password else None,
+    )
+
+
+def _coerce(model: type[BaseModel], value: Any, what: str) -> Any:
+    if isinstance(value, model):
+        return value
+    data = value.model_dump() if isinstance(value, BaseModel) else value
+    if not isinstance(data, Mapping):
+        raise ValidationFailed(f"The redis {what} must be an object.", code="invalid_connector_config")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
+        raise ValidationFailed(f"Invalid redis {what} at: {fields}.", code="invalid_connector_config") from None
+
+
+def _error(exc: BaseException, doing: str) -> TargetError:
+    """A Redis (or socket) failure as a credgate error; never the vendor's text."""
+    from redis import exceptions as rx
+
+    what = safe_vendor_error(exc)
+    if isinstance(exc, rx.AuthenticationError):
+        return TargetError(f"Redis refused the connector's login while {doing} ({what}).", code="target_auth_failed")
+    if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError)):
+        return TargetUnreachable(f"Redis could not be reached while {doing} ({what}).")
+    if isinstance(exc, rx.NoPermissionError):
+        return TargetError(
+            f"The connector's Redis login lacks a permission needed for {doing} ({what}).",
+            code="target_permission_denied",
+        )
+    return TargetError(f"Redis failed while {doing} ({what}).")
+
+
+def _planned_user(revoke_state: Mapping[str, Any]) -> str:
+    user = revoke_state.get("user")
+    if not isinstance(user, str) or not _USER.match(user) or user == "default":
+        raise TargetError("The lease's revoke state names no valid Redis user.", code="invalid_revoke_state")
+    return user
+
+
+class RedisConnector:
+    """Short-lived Redis ACL users scoped to one key prefix (``<resource><sep>*``)."""
+
+    type: ClassVar[str] = "redis"
+    auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = MappingProxyType({"password": RedisPasswordMaterial})
+    config_model: ClassVar[type[BaseModel]] = RedisConfig
+    resource_types: ClassVar[tuple[str, ...]] = ("keyspace",)
+    revocability: ClassVar[Revocability] = Revocability.REVOCABLE
+    renewable: ClassVar[bool] = True  # the reaper enforces expiry; renew only checks the user exists
+    ttl: ClassVar[TTLLimits] = TTLLimits(
+        default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
+    )
+    wrap_only: ClassVar[bool] = False
+
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
+        if auth_method not in self.auth_methods:
+            raise ValidationFailed(
+                f"Connector type redis has no auth method {auth_method!r}; it has: password.",
+                code="unknown_auth_method",
+            )
+        self.config: RedisConfig = _coerce(RedisConfig, config, "config")
+        self._material: RedisPasswordMaterial = _coerce(RedisPasswordMaterial, material, "material")
+        self._target = _parse_url(self._material.url.get_secret_value())
+
+    def __repr__(self) -> str:
+        return f"<RedisConnector {self._target.url_host}:{self._target.port}/{self._target.db}>"
+
+    # -- pure -------------------------------------------------------------
+
+    def validate_resource(self, resource: str) -> str:
+        if not isinstance(resource, str) or not KEYSPACE.match(resource):
+            raise ResourceNotSupported(
+                "A redis resource is a key prefix of 1-128 characters of A-Z a-z 0-9 . _ - "
+                "(resource 'features' grants the keys 'features:*')."
+            )
+        return "keyspace"
+
+    def plan(self, lease_id: str, resource: str) -> dict[str, Any]:
+        self.validate_resource(resource)
+        return {"user": role_name(lease_id)}
+
+    def acl_rules(self, resource: str, password: str) -> list[str]:
+        """The arguments after ``ACL SETUSER <user>`` for a lease on ``resource``."""
+        self.validate_resource(resource)
+        rules = ["reset", "on", ">" + password, f"~{resource}{self.config.key_separator}*", "resetchannels", "-@all"]
+        rules += self.config.grants_for(resource)
+        if self._target.db != 0:
+            rules.append("+select")
+        if not self.config.allow_dangerous:
+            rules.append("-@dangerous")
+        return rules
+
+    # -- I/O ----------------------------------------------------------------
+
+    def _client(self, timeout: float) -> Any:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        t = self._target
+        password = self._material.password.get_secret_value() if self._material.password else t.password
+        return aioredis.Redis(
+            host=t.host,
+            port=t.port,
+            db=t.db,
+            username=self._material.username or t.username,
+            password=password,
+            ssl=t.tls,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            single_connection_client=True,
+            decode_responses=True,
+            client_name="credgate",
+        )
+
+    async def _run(self, doing: str, timeout: float, work: Any) -> Any:
+        """Run ``await work(client)`` on a fresh admin connection under one deadline."""
+        from redis.exceptions import RedisError
+
+        client = self._client(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                return await work(client)
+        except TargetError:
+            raise
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise _error(exc, doing) from None
+        finally:
+            try:
+                await client.aclose()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+                pass
+
+    async def issue(self, req: IssueRequest) -> Issued:
+        user = _planned_user(req.revoke_state)
+        password = secrets.token_urlsafe(32)
+        rules = self.acl_rules(req.resource, password)
+
+        async def work(client: Any) -> None:
+            await client.execute_command("ACL", "SETUSER", user, *rules)
+
+        await self._run("creating the lease's ACL user", req.timeout_seconds, work)
+        t = self._target
+        scheme = "rediss" if t.tls else "redis"
+        url = f"{scheme}://{user}:{quote(password, safe='')}@{t.url_host}:{t.port}"
+        if t.db:
+            url += f"/{t.db}"
+        return Issued(
+            credential={"username": user, "password": password, "host": t.host, "port": str(t.port), "url": url},
+            expires_at=req.expires_at,
+        )
+
+    async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
+        """Redis users don't expire by themselves: the gateway's reaper revokes
+        the lease at its expiry. Renewing only checks the user still exists."""
+        user = _planned_user(revoke_state)
+
+        async def work(client: Any) -> Any:
+            return await client.execute_command("ACL", "GETUSER", user)
+
+        if not await self._run("looking up the lease's ACL user", DEFAULT_TIMEOUT, work):
+            raise TargetError("The lease's Redis user no longer exists; it can't be renewed.", code="credential_missing")
+        return expires_at
+
+    async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
+        """Kill the user's connections, then delete it. Idempotent."""
+        user = _planned_user(revoke_state)
+
+        async def work(client: Any) -> None:
+            from redis.exceptions import ResponseError
+
+            try:
+                await client.execute_command("CLIENT", "KILL", "USER", user)
+            except ResponseError as exc:
+                if "no such user" not in str(exc).lower():  # read for classification only
+                    raise
+            # Deleting a user also closes connections authenticated as it, so a
+            # login between the two commands can't survive. 0 deleted: already gone.
+            await client.execute_command("ACL", "DELUSER", user)
+
+        await self._run("removing the lease's ACL user", DEFAULT_TIMEOUT, work)
+
+    async def _scan_prefixes(self, client: Any, limit: int) -> list[str]:
+        sep = self.config.key_separator
+        prefixes: set[str] = set()
+        cursor, seen = 0, 0
+        while True:
+            cursor, keys = await client.execute_command("SCAN", cursor, "COUNT", 100)
+            cursor = int(cursor)
+            for key in keys:
+                head = key.split(sep, 1)[0] if sep in key else None
+                if head and KEYSPACE.match(head):
+                    prefixes.add(head)
+            seen += len(keys)
+            if cursor == 0 or seen >= limit:
+                return sorted(prefixes)
+
+    async def verify(self) -> Verification:
+        """Log in, ``ACL WHOAMI``, ``PING`` and sample the key prefixes (one SCAN)."""
+        from redis.exceptions import NoPermissionError
+
+        async def work(client: Any) -> tuple[str, list[str] | None]:
+            whoami = await client.execute_command("ACL", "WHOAMI")
+            await client.execute_command("PING")
+            try:
+                sample = await self._scan_prefixes(client, limit=1)
+            except NoPermissionError:
+                sample = None
+            return str(whoami), sample
+
+        try:
+            whoami, sample = await self._run("verifying the connector", DEFAULT_TIMEOUT, work)
+        except TargetError as exc:
+            return Verification(ok=False, message=exc.message)
+        message = f"Logged in to Redis as {whoami}."
+        if sample is None:
+            return Verification(ok=True, message=message + " SCAN is not permitted.", identity=whoami)
+        return Verification(ok=True, message=message, identity=whoami, reachable={"keyspace": sample})
+
+    async def list_resources(self, resource_type: str) -> list[str]:
+        """Key prefixes (first segments) among up to about 1000 scanned keys."""
+        if resource_type != "keyspace":
+            raise ResourceNotSupported(f"Connector type redis has no resource type {resource_type!r}; it has: keyspace.")
+
+        async def work(client: Any) -> list[str]:
+            return await self._scan_prefixes(client, limit=SCAN_LIMIT)
+
+        return await self._run("listing key prefixes", DEFAULT_TIMEOUT, work)

@@ -1,0 +1,151 @@
+"""SIGKILL the gateway in the middle of a stream of issuances, restart it:
+no PostgreSQL role, MariaDB user or Redis ACL user it created may outlive its
+lease, and no lease a client received may be lost.
+
+Real processes, real targets: `credgate serve` in a subprocess, the scram
+PostgreSQL cluster, MariaDB and Redis on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from gateway.keyring import new_key_file
+from tests.gateway.test_cli import clean_env, free_port, wait_until_serving
+
+CREDGATE = str(Path(sys.executable).parent / "credgate")
+TOKEN = "cgt_crash-test-admin-token-" + "z" * 20
+
+
+def start(data: Path, kek: Path, port: int) -> subprocess.Popen:
+    env = clean_env(
+        CREDGATE_KEK_FILE=str(kek),
+        CREDGATE_BOOTSTRAP_TOKEN=TOKEN,
+        CREDGATE_REAPER_INTERVAL_SECONDS="0.2",
+        CREDGATE_PENDING_TIMEOUT_SECONDS="2",
+        CREDGATE_REVOKE_BACKOFF_BASE_SECONDS="0.1",
+    )
+    proc = subprocess.Popen(
+        [CREDGATE, "serve", "--data-dir", str(data), "--port", str(port)],
+        stdout=(data.parent / "serve.log").open("a"), stderr=subprocess.STDOUT, env=env,
+    )
+    wait_until_serving(f"http://127.0.0.1:{port}/readyz", proc)
+    return proc
+
+
+def pg_roles(cluster) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'cg\\_%'")}
+
+
+def maria_users(server: dict) -> set[str]:
+    import pymysql
+
+    with pymysql.connect(**server) as conn, conn.cursor() as c:
+        c.execute("SELECT user FROM mysql.user WHERE user LIKE 'cg\\_%'")
+        return {r[0] for r in c.fetchall()}
+
+
+def redis_users(url: str) -> set[str]:
+    import redis
+
+    return {u for u in (x.decode() for x in redis.Redis.from_url(url).acl_users()) if u.startswith("cg_")}
+
+
+def planned_names(db: Path) -> dict[str, str]:
+    """lease id -> state, for every lease in the store (read straight from SQLite)."""
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT id, state FROM leases"))
+
+
+def gateway_made(cluster, mariadb, redis_url) -> set[str]:
+    return pg_roles(cluster) | maria_users(mariadb) | redis_users(redis_url)
+
+
+def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_server, redis_server) -> None:
+    import psycopg
+
+    assert gateway_made(pg_cluster, mariadb_server, redis_server) == set(), "leftovers from another test"
+    db = "crash_" + secrets.token_hex(3)
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    data, kek, port = tmp_path / "data", tmp_path / "kek", free_port()
+    new_key_file(kek)
+    addr = f"http://127.0.0.1:{port}"
+    proc = start(data, kek, port)
+    received: list[str] = []
+    try:
+        with httpx.Client(base_url=addr, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+            def put(url: str, body: dict) -> None:
+                r = c.put(url, json=body)
+                assert r.status_code in (200, 201), r.text
+
+            put("/v1/secrets/local/t/pg", {"data": {"dsn": pg_cluster.dsn()}})
+            put("/v1/secrets/local/t/maria", {"data": {"host": "127.0.0.1", "port": "3306", "username": "root", "password": ""}})
+            put("/v1/secrets/local/t/redis", {"data": {"url": redis_server}})
+            put("/v1/connectors/pg", {"type": "postgres", "auth_method": "password", "secret": "local/t/pg", "resources": [f"{db}/*", db]})
+            put("/v1/connectors/maria", {"type": "mysql", "auth_method": "password", "secret": "local/t/maria",
+                                         "resources": ["crashdb"], "config": {"user_host": "localhost"}})
+            put("/v1/connectors/redis", {"type": "redis", "auth_method": "password", "secret": "local/t/redis", "resources": ["jobs"]})
+
+        targets = [("pg", db), ("maria", "crashdb"), ("redis", "jobs")]
+
+        async def stream() -> None:
+            async with httpx.AsyncClient(base_url=addr, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as ac:
+                async def worker(i: int) -> None:
+                    n = 0
+                    while True:
+                        connector, resource = targets[(i + n) % 3]
+                        n += 1
+                        try:
+                            r = await ac.post("/v1/credentials", json={"connector": connector, "resource": resource, "ttl_seconds": 3})
+                        except httpx.TransportError:
+                            return  # the gateway died under us
+                        if r.status_code == 200:
+                            received.append(r.json()["lease_id"])
+
+                workers = [asyncio.create_task(worker(i)) for i in range(12)]
+                await asyncio.sleep(1.5)
+                proc.send_signal(signal.SIGKILL)  # mid-stream, no warning
+                await asyncio.wait_for(asyncio.gather(*workers), timeout=30)
+
+        asyncio.run(stream())
+        proc.wait(timeout=10)
+        assert len(received) > 10, "the stream should have been issuing before the kill"
+
+        # Right after the crash: every lease a client got is in the store (durable before acknowledged),
+        # and every user/role the gateway created has a lease (it was planned before it was created).
+        leases = planned_names(data / "credgate.db")
+        assert set(received) <= set(leases)
+        from connectors.base import role_name
+
+        planned = {role_name(lease_id) for lease_id in leases}
+        assert gateway_made(pg_cluster, mariadb_server, redis_server) <= planned
+
+        proc = start(data, kek, port)  # restart: the reaper finishes what the dead process left
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            states = set(planned_names(data / "credgate.db").values())
+            if states <= {"revoked", "expired"}:
+                break
+            time.sleep(0.3)
+        final = planned_names(data / "credgate.db")
+        assert set(final.values()) <= {"revoked", "expired"}, final
+        assert set(received) <= set(final)
+        assert gateway_made(pg_cluster, mariadb_server, redis_server) == set()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
