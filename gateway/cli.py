@@ -150,8 +150,10 @@ def keys_generate(
 # --- secrets ----------------------------------------------------------------
 
 
-def _parse_pairs(pairs: list[str]) -> dict[str, str]:
-    data: dict[str, str] = {}
+def _parse_pairs(pairs: list[str], *, json_values: bool = False) -> dict[str, Any]:
+    """KEY=VALUE pairs; KEY=@FILE reads a file. With ``json_values`` (settings, not
+    secrets), a value starting with '[' or '{' is parsed as JSON."""
+    data: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
@@ -161,6 +163,12 @@ def _parse_pairs(pairs: list[str]) -> dict[str, str]:
                 value = Path(value[1:]).read_text()
             except OSError as exc:
                 raise UsageProblem(f"can't read {value[1:]}: {exc.strerror}") from None
+        if json_values and value[:1] in ("[", "{"):
+            try:
+                data[key] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                raise UsageProblem(f"the value of {key} starts like JSON but is not valid JSON") from None
         data[key] = value
     return data
 
@@ -326,7 +334,7 @@ def backend_add(
     as_json: Json = False,
 ) -> None:
     """Register (or replace) a backend."""
-    config = _read_json_file(config_file) if config_file else _parse_pairs(settings or [])
+    config = _read_json_file(config_file) if config_file else _parse_pairs(settings or [], json_values=True)
     with _client(addr, token) as c:
         out = c.request("PUT", f"/v1/backends/{seg(name)}", json={"type": type_, "config": config})
     if as_json:
@@ -494,7 +502,7 @@ def connector_add(
 ) -> None:
     """Register (or replace) a connector."""
     _split_ref(secret)
-    config = _read_json_file(config_file) if config_file else _parse_pairs(settings or [])
+    config = _read_json_file(config_file) if config_file else _parse_pairs(settings or [], json_values=True)
     body = {
         "type": type_, "auth_method": auth_method, "secret": secret, "config": config, "resources": resource,
         "default_ttl_seconds": parse_duration(default_ttl), "max_ttl_seconds": parse_duration(max_ttl),

@@ -228,6 +228,47 @@ def test_yaml_config_file_sets_the_port(tmp_path: Path) -> None:
     assert logs and all({"time", "level", "message", "request_id"} <= set(entry) for entry in logs)
 
 
+def test_connectors_credentials_and_leases(server: Server, redis_server: str, tmp_path: Path) -> None:
+    import redis
+
+    server.cli("secret", "put", "local/targets/cache", f"url={redis_server}")
+    server.cli("connector", "add", "cache", "--type", "redis", "--auth-method", "password",
+               "--secret", "local/targets/cache", "--resource", "features", "--max-ttl", "10m",
+               'categories=["+@read"]')
+    assert "cache" in server.cli("connector", "list").stdout
+    assert "cache: ok" in server.cli("connector", "verify", "cache").stdout
+    assert "redis" in server.cli("connector", "types").stdout
+
+    env_out = server.cli("cred", "issue", "cache", "features", "--ttl", "2h", "--format", "env").stdout
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in env_out.splitlines())
+    assert exports["CREDGATE_LEASE_ID"].startswith("lease_") and "URL" in exports
+    url = exports["URL"].strip("'")
+    assert redis.Redis.from_url(url).ping()
+    listed = json.loads(server.cli("lease", "list", "--connector", "cache", "--json").stdout)["items"]
+    assert [x["lease_id"] for x in listed] == [exports["CREDGATE_LEASE_ID"]]
+    assert listed[0]["expires_at"] < listed[0]["max_expires_at"] or listed[0]["expires_at"] == listed[0]["max_expires_at"]
+    out = server.cli("lease", "revoke", exports["CREDGATE_LEASE_ID"]).stdout
+    assert "revoked" in out
+    with pytest.raises(redis.exceptions.RedisError):
+        redis.Redis.from_url(url).ping()
+
+    server.cli("cred", "issue", "cache", "features")
+    assert "revoked 1 of 1" in server.cli("lease", "revoke", "--connector", "cache").stdout
+    bad = server.cli("cred", "issue", "cache", "other", check=False)
+    assert bad.returncode == 1 and "resource_not_allowed" in bad.stderr
+
+    server.cli("secret", "put", "local/thirdparty/key", "api_key=CANARY-cli-static")
+    server.cli("connector", "add", "vendor", "--type", "static", "--auth-method", "static",
+               "--secret", "local/thirdparty/key", "--resource", "default")
+    wrapped = json.loads(server.cli("cred", "issue", "vendor", "default", "--wrap", "--format", "json").stdout)
+    assert "CANARY" not in json.dumps(wrapped)
+    unwrapped = server.cli("unwrap", wrapped["wrap_token"], token="").stdout
+    assert "api_key=CANARY-cli-static" in unwrapped
+    again = server.cli("unwrap", wrapped["wrap_token"], token="", check=False)
+    assert again.returncode == 1 and "wrap_token_used" in again.stderr
+    assert server.cli("connector", "rm", "cache").returncode == 0
+
+
 def test_sigterm_stops_cleanly(server: Server) -> None:
     # Runs last in this module: the shared server shuts down gracefully.
     assert stopped_gracefully(server.stop(), server.out.read_text())

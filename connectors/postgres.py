@@ -1,0 +1,457 @@
+"""PostgreSQL: one login role per lease, with its own password and ``VALID UNTIL``.
+
+Resources::
+
+    analytics          type "database": CONNECT on it, USAGE on schema public and the
+                       configured privileges on ALL TABLES IN SCHEMA public
+    analytics/sales    type "schema": CONNECT on the database, USAGE on that schema and
+                       the privileges on ALL TABLES IN SCHEMA sales
+
+The admin DSN (material ``dsn``) names a role with CREATEROLE that may grant the
+privileges above (the database and table owner, or a holder of GRANT OPTION).
+Every role is created ``NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE
+NOREPLICATION NOBYPASSRLS`` with ``VALID UNTIL`` at the lease's expiry, so the
+server itself refuses a new login once the lease has expired, even if the
+gateway is down. An open session outlives ``VALID UNTIL``: only :meth:`revoke`
+ends sessions.
+
+The role's password never reaches the server in clear text: the statement
+carries a SCRAM (or md5, per the server's ``password_encryption``) verifier
+computed by libpq, so a failed ``CREATE ROLE`` logged by the server does not
+log the password.
+
+What this connector does not change: privileges the database grants to
+``PUBLIC`` (by default CONNECT on every database, TEMP, and before PostgreSQL 15
+CREATE on schema public) apply to every role, these included. Tables created
+after issuance are not covered by the grant (it is ``ALL TABLES`` at that
+moment). With INSERT granted, USAGE on ALL SEQUENCES of the schema is granted
+too, so that ``serial`` and identity columns work.
+
+Revocation, in order: ``NOLOGIN`` (committed, so no new session can start),
+terminate the role's sessions, then in the resource database ``REASSIGN OWNED``
+/ ``DROP OWNED`` (which removes its grants), terminate again and ``DROP ROLE``.
+A non-superuser admin first grants itself membership in the role, which
+``pg_terminate_backend`` and ``REASSIGN/DROP OWNED`` require (on PostgreSQL 16+
+this works for roles the admin created, which hold ADMIN OPTION for it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from connectors.base import (
+    IssueRequest,
+    Issued,
+    ResourceNotSupported,
+    Revocability,
+    TargetError,
+    TargetUnreachable,
+    TTLLimits,
+    Verification,
+    role_name,
+    safe_vendor_error,
+)
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+
+__all__ = ["PostgresConfig", "PostgresConnector", "PostgresPasswordMaterial"]
+
+Privilege = Literal["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"]
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+ROLE = re.compile(r"^cg_[a-z0-9]{1,60}$")  # only roles this connector plans may be altered or dropped
+
+DEFAULT_TIMEOUT = 30.0  # seconds, for calls without an IssueRequest (renew, revoke, verify, list)
+
+
+class PostgresPasswordMaterial(BaseModel):
+    """Auth method ``password``: an admin libpq URL or key/value DSN."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dsn: SecretStr = Field(description="libpq URL or DSN of a role with CREATEROLE and grant rights")
+
+
+class PostgresConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    privileges: list[Privilege] = Field(default_factory=lambda: ["SELECT"], min_length=1)
+    resource_privileges: dict[str, list[Privilege]] = Field(
+        default_factory=dict,
+        description="fnmatch pattern -> privileges; the first matching pattern replaces `privileges`",
+    )
+    host_override: str | None = Field(
+        default=None, min_length=1, max_length=255, description="host put in the credential instead of the DSN's"
+    )
+    connect_timeout: int = Field(default=10, ge=1, le=300)
+
+
+def _as_utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+def _hostport(host: str, port: str) -> str:
+    """``host:port`` for a URL: IPv6 in brackets, socket directories percent-encoded."""
+    if host.startswith("/"):
+        return quote(host, safe="") + (f":{port}" if port else "")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+class PostgresConnector:
+    """Issues a PostgreSQL login role per lease (see the module docstring)."""
+
+    type: ClassVar[str] = "postgres"
+    auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = {"password": PostgresPasswordMaterial}
+    config_model: ClassVar[type[BaseModel]] = PostgresConfig
+    resource_types: ClassVar[tuple[str, ...]] = ("database", "schema")
+    revocability: ClassVar[Revocability] = Revocability.REVOCABLE
+    renewable: ClassVar[bool] = True
+    ttl: ClassVar[TTLLimits] = TTLLimits(
+        default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
+    )
+    wrap_only: ClassVar[bool] = False
+
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
+        if auth_method not in self.auth_methods:
+            raise ValueError(f"the postgres connector has no auth method {auth_method!r}")
+        if not isinstance(config, PostgresConfig):
+            config = PostgresConfig.model_validate(config.model_dump())
+        if not isinstance(material, PostgresPasswordMaterial):
+            material = PostgresPasswordMaterial.model_validate(material.model_dump())
+        self.config = config
+        self._dsn = material.dsn
+        params = self._parse_dsn()
+        self._host = config.host_override or params.get("host") or params.get("hostaddr") or "localhost"
+        self._port = params.get("port") or "5432"
+        self._sslmode = params.get("sslmode")
+        self._options = params.get("options") or ""
+
+    # -- pure --------------------------------------------------------------
+
+    def validate_resource(self, resource: str) -> str:
+        parts = resource.split("/")
+        if len(parts) > 2 or not all(IDENTIFIER.match(p) for p in parts):
+            raise ResourceNotSupported(
+                "A postgres resource is DATABASE or DATABASE/SCHEMA, each a plain identifier "
+                "(a letter or '_', then up to 62 letters, digits or '_').",
+            )
+        return "database" if len(parts) == 1 else "schema"
+
+    def plan(self, lease_id: str, resource: str) -> dict[str, Any]:
+        self.validate_resource(resource)
+        database, _, schema = resource.partition("/")
+        return {"role": role_name(lease_id), "database": database, "schema": schema or None}
+
+    def privileges_for(self, resource: str) -> list[str]:
+        """The privileges granted for ``resource``: the first matching ``resource_privileges`` pattern, else ``privileges``."""
+        chosen = self.config.privileges
+        for pattern, privileges in self.config.resource_privileges.items():
+            if fnmatch.fnmatchcase(resource, pattern):
+                chosen = privileges
+                break
+        return list(dict.fromkeys(chosen))
+
+    # -- target calls ------------------------------------------------------
+
+    async def issue(self, req: IssueRequest) -> Issued:
+        from psycopg import errors, sql
+
+        self.validate_resource(req.resource)
+        role = self._role(req.revoke_state)
+        database = str(req.revoke_state["database"])
+        schema = req.revoke_state.get("schema") or "public"
+        if not IDENTIFIER.match(database) or not IDENTIFIER.match(schema):
+            raise TargetError("The lease's revoke state names an invalid database or schema.", code="invalid_revoke_state")
+        privileges = self.privileges_for(req.resource)
+        expires_at = _as_utc(req.expires_at)
+        password = secrets.token_urlsafe(24)
+        failure: TargetError | None = None
+        try:
+            async with await self._connect(database, req.timeout_seconds) as conn:
+                (algorithm,) = await (await conn.execute("SHOW password_encryption")).fetchone()  # type: ignore[misc]
+                verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), algorithm.encode())
+                r, s = sql.Identifier(role), sql.Identifier(schema)
+                async with conn.transaction():
+                    await conn.execute(
+                        sql.SQL(
+                            "CREATE ROLE {} WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                            "NOREPLICATION NOBYPASSRLS PASSWORD {} VALID UNTIL {}"
+                        ).format(r, sql.Literal(verifier.decode()), sql.Literal(expires_at.isoformat()))
+                    )
+                    await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), r))
+                    await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r))
+                    await conn.execute(
+                        sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}").format(
+                            sql.SQL(", ").join(sql.SQL(p) for p in privileges), s, r
+                        )
+                    )
+                    if "INSERT" in privileges:
+                        await conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r))
+        except TargetError as exc:
+            failure = exc
+        except errors.DuplicateObject as exc:
+            failure = TargetError(
+                f"Role {role} already exists at the target; a lease id is never reused ({safe_vendor_error(exc)}).",
+                code="credential_exists",
+            )
+        except errors.InvalidSchemaName as exc:
+            failure = TargetError(
+                f"Schema {schema} does not exist in database {database} ({safe_vendor_error(exc)}).",
+                code="resource_not_found",
+            )
+        except Exception as exc:  # noqa: BLE001 - every vendor error becomes our own sentence
+            failure = _translate(exc, "create the role")
+        if failure is not None:
+            raise failure  # raised outside the except block: no vendor exception in __context__
+
+        host = ",".join(_hostport(h, p) for h, p in self._hosts())
+        query = f"?sslmode={quote(self._sslmode)}" if self._sslmode else ""
+        credential = {
+            "username": role,
+            "password": password,
+            "host": self._host,
+            "port": self._port,
+            "dbname": database,
+            "dsn": f"postgresql://{quote(role, safe='')}:{quote(password, safe='')}@{host}/{quote(database, safe='')}{query}",
+        }
+        return Issued(credential=credential, expires_at=expires_at)
+
+    async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
+        from psycopg import sql
+
+        role = self._role(revoke_state)
+        expires_at = _as_utc(expires_at)
+        failure: TargetError | None = None
+        try:
+            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+                async with conn.transaction():
+                    cur = await conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (role,))
+                    row = await cur.fetchone()
+                    if row is None or not row[0]:
+                        failure = TargetError(
+                            f"Role {role} no longer exists (or is being revoked) at the target.", code="credential_gone"
+                        )
+                    else:
+                        await conn.execute(
+                            sql.SQL("ALTER ROLE {} VALID UNTIL {}").format(
+                                sql.Identifier(role), sql.Literal(expires_at.isoformat())
+                            )
+                        )
+        except TargetError as exc:
+            failure = exc
+        except Exception as exc:  # noqa: BLE001
+            failure = _translate(exc, "renew the role", gone_code="credential_gone")
+        if failure is not None:
+            raise failure
+        return expires_at
+
+    async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
+        role = self._role(revoke_state)
+        database = revoke_state.get("database")
+        failure: TargetError | None = None
+        try:
+            await self._revoke(role, database if isinstance(database, str) and IDENTIFIER.match(database) else None)
+        except TargetError as exc:
+            failure = exc
+        except Exception as exc:  # noqa: BLE001
+            failure = _translate(exc, "revoke the role")
+        if failure is not None:
+            raise failure
+
+    async def verify(self) -> Verification:
+        failure: str | None = None
+        try:
+            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+                identity, version, can_create = await (  # type: ignore[misc]
+                    await conn.execute(
+                        "SELECT current_user, current_setting('server_version'), "
+                        "(SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user)"
+                    )
+                ).fetchone()
+                databases = await self._databases(conn)
+                schemas = await self._schemas(conn)
+        except TargetError as exc:
+            failure = f"Could not verify the PostgreSQL connector: {exc.message}"
+        except Exception as exc:  # noqa: BLE001
+            failure = f"Could not verify the PostgreSQL connector ({safe_vendor_error(exc)})."
+        if failure is not None:
+            return Verification(ok=False, message=failure)
+        reachable = {"database": databases, "schema": schemas}
+        if not can_create:
+            return Verification(
+                ok=False,
+                message=f"Connected to PostgreSQL {version} as {identity}, but that role lacks CREATEROLE.",
+                identity=identity,
+                reachable=reachable,
+            )
+        return Verification(
+            ok=True, message=f"Connected to PostgreSQL {version} as {identity}.", identity=identity, reachable=reachable
+        )
+
+    async def list_resources(self, resource_type: str) -> list[str]:
+        if resource_type not in self.resource_types:
+            raise ResourceNotSupported(
+                f"The postgres connector lists resource types {', '.join(self.resource_types)}, not {resource_type!r}."
+            )
+        failure: TargetError | None = None
+        try:
+            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+                if resource_type == "database":
+                    return await self._databases(conn)
+                return await self._schemas(conn)
+        except TargetError as exc:
+            failure = exc
+        except Exception as exc:  # noqa: BLE001
+            failure = _translate(exc, "list resources")
+        raise failure
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _parse_dsn(self) -> dict[str, str]:
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+        except ImportError:
+            raise ValueError("the postgres connector needs psycopg: pip install 'credgate[postgres]'") from None
+        try:
+            params = conninfo_to_dict(self._dsn.get_secret_value())
+        except Exception:  # noqa: BLE001 - libpq's parse error quotes the DSN, which holds the password
+            params = None
+        if params is None:
+            raise ValueError("its admin dsn is not a valid libpq URL or key=value connection string")
+        return {k: str(v) for k, v in params.items() if v is not None}
+
+    def _hosts(self) -> list[tuple[str, str]]:
+        hosts = self._host.split(",")
+        ports = self._port.split(",")
+        if len(ports) != len(hosts):
+            ports = [ports[0]] * len(hosts)
+        return list(zip(hosts, ports))
+
+    def _role(self, revoke_state: Mapping[str, Any]) -> str:
+        role = revoke_state.get("role")
+        if not isinstance(role, str) or not ROLE.match(role):
+            raise TargetError(
+                "The lease's revoke state does not name a role this connector creates.", code="invalid_revoke_state"
+            )
+        return role
+
+    async def _connect(self, dbname: str | None, timeout: float) -> AsyncConnection[Any]:
+        """An admin connection (to ``dbname``, or the DSN's own database) with connect and statement timeouts."""
+        import psycopg
+
+        statement_ms = max(1000, int(timeout * 1000))
+        options = f"{self._options} -c statement_timeout={statement_ms} -c lock_timeout={statement_ms}".strip()
+        failure: TargetError | None = None
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self._dsn.get_secret_value(),
+                dbname=dbname,
+                connect_timeout=self.config.connect_timeout,
+                options=options,
+                application_name="credgate",
+                autocommit=True,
+            )
+        except Exception as exc:  # noqa: BLE001
+            failure = _connect_error(exc, dbname)
+        raise failure
+
+    async def _databases(self, conn: AsyncConnection[Any]) -> list[str]:
+        cur = await conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate "
+            "AND has_database_privilege(datname, 'CONNECT') ORDER BY datname"
+        )
+        return [name for (name,) in await cur.fetchall() if IDENTIFIER.match(name)]
+
+    async def _schemas(self, conn: AsyncConnection[Any]) -> list[str]:
+        cur = await conn.execute(
+            "SELECT current_database(), nspname FROM pg_namespace "
+            "WHERE nspname !~ '^pg_' AND nspname <> 'information_schema' "
+            "AND has_schema_privilege(oid, 'USAGE') ORDER BY nspname"
+        )
+        return [f"{db}/{name}" for db, name in await cur.fetchall() if IDENTIFIER.match(db) and IDENTIFIER.match(name)]
+
+    async def _revoke(self, role: str, database: str | None) -> None:
+        from psycopg import sql
+
+        r = sql.Identifier(role)
+        conn = None
+        if database is not None:
+            try:
+                conn = await self._connect(database, DEFAULT_TIMEOUT)
+            except TargetError as exc:
+                if exc.code != "resource_not_found":
+                    raise
+                conn = None  # the database is gone, and its grants with it
+        if conn is None:
+            database = None
+            conn = await self._connect(None, DEFAULT_TIMEOUT)
+        async with conn:
+            cur = await conn.execute(
+                "SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = %s", (role,)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return  # already gone
+            if not row[0]:
+                # A non-superuser admin needs the role's privileges to end its sessions and drop what it owns.
+                await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(r))
+            await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
+            await self._terminate(conn, role)
+            async with conn.transaction():
+                if database is not None:
+                    await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
+                    await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
+                await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
+                await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(r))
+
+    @staticmethod
+    async def _terminate(conn: AsyncConnection[Any], role: str) -> None:
+        """End every session of ``role``, waiting (PostgreSQL 14+) until each has exited."""
+        wait = ", 5000" if conn.info.server_version >= 140000 else ""
+        await conn.execute(
+            f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "  # noqa: S608 - constant text only
+            "WHERE usename = %s AND pid <> pg_backend_pid()",
+            (role,),
+        )
+
+
+def _connect_error(exc: BaseException, dbname: str | None) -> TargetError:
+    """Classify a failed connection. The vendor message is read, never repeated."""
+    safe = safe_vendor_error(exc)
+    text = str(exc)
+    if "password authentication failed" in text or "no password supplied" in text:
+        return TargetError(f"PostgreSQL rejected the admin credentials ({safe}).", code="target_auth_failed")
+    if dbname is not None and "does not exist" in text and "database" in text:
+        return TargetError(f"Database {dbname} does not exist at the target ({safe}).", code="resource_not_found")
+    if "timeout expired" in text:
+        return TargetUnreachable(f"PostgreSQL did not answer in time ({safe}).", code="target_timeout")
+    return TargetUnreachable(f"Could not connect to PostgreSQL ({safe}).")
+
+
+def _translate(exc: BaseException, doing: str, gone_code: str | None = None) -> TargetError:
+    """A vendor error after connecting, as our own sentence with its class and SQLSTATE."""
+    from psycopg import errors
+
+    safe = safe_vendor_error(exc)
+    if isinstance(exc, errors.InsufficientPrivilege):
+        return TargetError(
+            f"PostgreSQL refused to {doing}: the admin role lacks a privilege ({safe}).", code="target_permission_denied"
+        )
+    if isinstance(exc, errors.UndefinedObject) and gone_code:
+        return TargetError(f"PostgreSQL could not {doing}: the role is gone ({safe}).", code=gone_code)
+    if isinstance(exc, errors.QueryCanceled | errors.LockNotAvailable):
+        return TargetError(f"PostgreSQL did not {doing} in time ({safe}).", code="target_timeout")
+    if isinstance(exc, errors.OperationalError):
+        return TargetUnreachable(f"The PostgreSQL connection failed while trying to {doing} ({safe}).")
+    return TargetError(f"PostgreSQL failed to {doing} ({safe}).")
