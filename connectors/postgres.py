@@ -28,8 +28,10 @@ moment). With INSERT granted, USAGE on ALL SEQUENCES of the schema is granted
 too, so that ``serial`` and identity columns work.
 
 Revocation, in order: ``NOLOGIN`` (committed, so no new session can start),
-terminate the role's sessions, then in the resource database ``REASSIGN OWNED``
-/ ``DROP OWNED`` (which removes its grants), terminate again and ``DROP ROLE``.
+terminate the role's sessions and wait for them to exit, then in one transaction
+in the resource database ``REASSIGN OWNED`` / ``DROP OWNED`` (which removes its
+grants), terminate again (a session that was authenticating while ``NOLOGIN``
+committed) and ``DROP ROLE``. A role or database already gone is success.
 A non-superuser admin first grants itself membership in the role, which
 ``pg_terminate_backend`` and ``REASSIGN/DROP OWNED`` require (on PostgreSQL 16+
 this works for roles the admin created, which hold ADMIN OPTION for it).
@@ -37,6 +39,7 @@ this works for roles the admin created, which hold ADMIN OPTION for it).
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import re
 import secrets
@@ -407,23 +410,41 @@ class PostgresConnector:
                 # A non-superuser admin needs the role's privileges to end its sessions and drop what it owns.
                 await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(r))
             await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
-            await self._terminate(conn, role)
+            await self._wait_gone(conn, await self._terminate(conn, role))
             async with conn.transaction():
                 if database is not None:
                     await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
                     await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
-                await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
+                late = await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
                 await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(r))
+            await self._wait_gone(conn, late)
 
     @staticmethod
-    async def _terminate(conn: AsyncConnection[Any], role: str) -> None:
-        """End every session of ``role``, waiting (PostgreSQL 14+) until each has exited."""
-        wait = ", 5000" if conn.info.server_version >= 140000 else ""
-        await conn.execute(
-            f"SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "  # noqa: S608 - constant text only
-            "WHERE usename = %s AND pid <> pg_backend_pid()",
+    async def _terminate(conn: AsyncConnection[Any], role: str) -> list[int]:
+        """Signal every session of ``role`` to end; return their pids."""
+        cur = await conn.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
             (role,),
         )
+        return [pid for pid, _ in await cur.fetchall()]
+
+    @staticmethod
+    async def _wait_gone(conn: AsyncConnection[Any], pids: list[int], timeout: float = 5.0) -> None:
+        """Wait until the signalled sessions have exited (outside a transaction: the
+        activity view is a per-transaction snapshot). ``pg_terminate_backend(pid, timeout)``
+        would do it one pid at a time, polling each every 100 ms."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while pids:
+            cur = await conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,))
+            pids = [pid for (pid,) in await cur.fetchall()]
+            if not pids:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise TargetError(
+                    f"{len(pids)} session(s) of the role did not end within {timeout:g} s of being terminated.",
+                    code="sessions_still_open",
+                )
+            await asyncio.sleep(0.02)
 
 
 def _connect_error(exc: BaseException, dbname: str | None) -> TargetError:

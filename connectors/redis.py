@@ -63,7 +63,7 @@ _SEPARATOR = re.compile(r"^[!-~]{1,8}$")
 _GLOB_CHARS = set("*?[]\\^")
 _USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 10.0
-SCAN_LIMIT = 1000  # keys looked at by list_resources
+SCAN_CALLS = 10  # SCAN COUNT 100 calls made by list_resources (about 1000 keys)
 
 
 def _check_grants(grants: list[str]) -> list[str]:
@@ -288,20 +288,17 @@ class RedisConnector:
             retry=Retry(NoBackoff(), 0),
             single_connection_client=True,
             decode_responses=True,
-            client_name="credgate",
         )
 
     async def _run(self, doing: str, timeout: float, work: Any) -> Any:
         """Run ``await work(client)`` on a fresh admin connection under one deadline."""
-        from redis.exceptions import RedisError
-
         client = self._client(timeout)
         try:
             async with asyncio.timeout(timeout):
                 return await work(client)
         except TargetError:
             raise
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except Exception as exc:  # noqa: BLE001 - every driver failure is mapped, never quoted
             raise _error(exc, doing) from None
         finally:
             try:
@@ -358,20 +355,20 @@ class RedisConnector:
 
         await self._run("removing the lease's ACL user", DEFAULT_TIMEOUT, work)
 
-    async def _scan_prefixes(self, client: Any, limit: int) -> list[str]:
+    async def _scan_prefixes(self, client: Any, calls: int) -> list[str]:
+        """First key segments seen in at most ``calls`` ``SCAN ... COUNT 100`` calls."""
         sep = self.config.key_separator
         prefixes: set[str] = set()
-        cursor, seen = 0, 0
-        while True:
+        cursor = 0
+        for _ in range(calls):
             cursor, keys = await client.execute_command("SCAN", cursor, "COUNT", 100)
-            cursor = int(cursor)
             for key in keys:
                 head = key.split(sep, 1)[0] if sep in key else None
                 if head and KEYSPACE.match(head):
                     prefixes.add(head)
-            seen += len(keys)
-            if cursor == 0 or seen >= limit:
-                return sorted(prefixes)
+            if int(cursor) == 0:
+                break
+        return sorted(prefixes)
 
     async def verify(self) -> Verification:
         """Log in, ``ACL WHOAMI``, ``PING`` and sample the key prefixes (one SCAN)."""
@@ -381,7 +378,7 @@ class RedisConnector:
             whoami = await client.execute_command("ACL", "WHOAMI")
             await client.execute_command("PING")
             try:
-                sample = await self._scan_prefixes(client, limit=1)
+                sample = await self._scan_prefixes(client, calls=1)
             except NoPermissionError:
                 sample = None
             return str(whoami), sample
@@ -396,11 +393,11 @@ class RedisConnector:
         return Verification(ok=True, message=message, identity=whoami, reachable={"keyspace": sample})
 
     async def list_resources(self, resource_type: str) -> list[str]:
-        """Key prefixes (first segments) among up to about 1000 scanned keys."""
+        """Key prefixes (first segments) among about the first 1000 keys SCAN returns."""
         if resource_type != "keyspace":
             raise ResourceNotSupported(f"Connector type redis has no resource type {resource_type!r}; it has: keyspace.")
 
         async def work(client: Any) -> list[str]:
-            return await self._scan_prefixes(client, limit=SCAN_LIMIT)
+            return await self._scan_prefixes(client, calls=SCAN_CALLS)
 
         return await self._run("listing key prefixes", DEFAULT_TIMEOUT, work)

@@ -128,7 +128,13 @@ async def gateway(settings_factory) -> AsyncIterator[Gateway]:
             base_url="http://gateway",
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         ) as client:
-            yield Gateway(app, client)
+            gw = Gateway(app, client)
+            try:
+                yield gw
+            finally:
+                # Whatever a test left live at a real target is revoked, pass or fail.
+                rt = gw.runtime
+                await rt.credentials.revoke(await rt.leases.mark_revoking())
 
 
 

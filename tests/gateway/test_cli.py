@@ -243,14 +243,14 @@ def test_connectors_credentials_and_leases(server: Server, redis_server: str, tm
     exports = dict(line.removeprefix("export ").split("=", 1) for line in env_out.splitlines())
     assert exports["CREDGATE_LEASE_ID"].startswith("lease_") and "URL" in exports
     url = exports["URL"].strip("'")
-    assert redis.Redis.from_url(url).ping()
+    assert redis.Redis.from_url(url).get("features:none") is None  # authenticated, allowed
     listed = json.loads(server.cli("lease", "list", "--connector", "cache", "--json").stdout)["items"]
     assert [x["lease_id"] for x in listed] == [exports["CREDGATE_LEASE_ID"]]
     assert listed[0]["expires_at"] < listed[0]["max_expires_at"] or listed[0]["expires_at"] == listed[0]["max_expires_at"]
     out = server.cli("lease", "revoke", exports["CREDGATE_LEASE_ID"]).stdout
     assert "revoked" in out
-    with pytest.raises(redis.exceptions.RedisError):
-        redis.Redis.from_url(url).ping()
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(url).get("features:none")
 
     server.cli("cred", "issue", "cache", "features")
     assert "revoked 1 of 1" in server.cli("lease", "revoke", "--connector", "cache").stdout

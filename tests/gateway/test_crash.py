@@ -59,7 +59,8 @@ def maria_users(server: dict) -> set[str]:
 def redis_users(url: str) -> set[str]:
     import redis
 
-    return {u for u in (x.decode() for x in redis.Redis.from_url(url).acl_users()) if u.startswith("cg_")}
+    users = redis.Redis.from_url(url, decode_responses=True).acl_users()
+    return {u for u in users if u.startswith("cg_")}
 
 
 def planned_names(db: Path) -> dict[str, str]:
@@ -75,7 +76,7 @@ def gateway_made(cluster, mariadb, redis_url) -> set[str]:
 def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_server, redis_server) -> None:
     import psycopg
 
-    assert gateway_made(pg_cluster, mariadb_server, redis_server) == set(), "leftovers from another test"
+    before = gateway_made(pg_cluster, mariadb_server, redis_server)  # other tests' users are not ours
     db = "crash_" + secrets.token_hex(3)
     with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
@@ -95,7 +96,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_se
             put("/v1/secrets/local/t/redis", {"data": {"url": redis_server}})
             put("/v1/connectors/pg", {"type": "postgres", "auth_method": "password", "secret": "local/t/pg", "resources": [f"{db}/*", db]})
             put("/v1/connectors/maria", {"type": "mysql", "auth_method": "password", "secret": "local/t/maria",
-                                         "resources": ["crashdb"], "config": {"user_host": "localhost"}})
+                                         "resources": ["crashdb"], "config": {"user_host": "127.0.0.1"}})
             put("/v1/connectors/redis", {"type": "redis", "auth_method": "password", "secret": "local/t/redis", "resources": ["jobs"]})
 
         targets = [("pg", db), ("maria", "crashdb"), ("redis", "jobs")]
@@ -130,7 +131,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_se
         from connectors.base import role_name
 
         planned = {role_name(lease_id) for lease_id in leases}
-        assert gateway_made(pg_cluster, mariadb_server, redis_server) <= planned
+        assert gateway_made(pg_cluster, mariadb_server, redis_server) - before <= planned
 
         proc = start(data, kek, port)  # restart: the reaper finishes what the dead process left
         deadline = time.monotonic() + 40
@@ -142,7 +143,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_se
         final = planned_names(data / "credgate.db")
         assert set(final.values()) <= {"revoked", "expired"}, final
         assert set(received) <= set(final)
-        assert gateway_made(pg_cluster, mariadb_server, redis_server) == set()
+        assert gateway_made(pg_cluster, mariadb_server, redis_server) - before == set()
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -177,7 +177,7 @@ async def test_mysql_issue_use_revoke(gateway: Gateway, mariadb_server: dict) ->
             c.execute(f"INSERT INTO `{db}`.items VALUES (1), (2)")
         await put_secret(gateway, "targets/mysql", {"host": "127.0.0.1", "port": "3306", "username": "root", "password": ""})
         await put_connector(gateway, "maria", type="mysql", auth_method="password", secret="local/targets/mysql",
-                            resources=[db], config={"user_host": "localhost"})
+                            resources=[db], config={"user_host": "127.0.0.1"})
         out = await issue(gateway, "maria", db, ttl_seconds=300)
         cred = out["credential"]
         user_conn = pymysql.connect(host="127.0.0.1", port=3306, user=cred["username"], password=cred["password"], database=db)
@@ -260,7 +260,10 @@ async def test_revocation_is_retried_until_the_target_is_back(gateway: Gateway, 
     out = await issue(gateway, "cache", "features")
     # The target becomes unreachable (its address in the backend secret now points nowhere).
     await put_secret(gateway, "targets/cache", {"url": "redis://127.0.0.1:1/0"})
-    gateway.runtime.credentials.policy.backoff_base = 0.01
+    from dataclasses import replace
+
+    creds = gateway.runtime.credentials
+    creds.policy = replace(creds.policy, backoff_base=0.01)
     r = await gateway.client.post(f"/v1/leases/{out['lease_id']}/revoke")
     assert r.status_code == 202 and r.json()["state"] == "revoking" and r.json()["last_error"]
     for _ in range(6):

@@ -1,0 +1,437 @@
+"""AWS: temporary STS credentials, optionally scoped to one S3 bucket.
+
+Three kinds of credential, chosen by ``credential_type``:
+
+- ``assume-role`` (auth method ``iam-role``, the default there): ``AssumeRole``
+  on ``role_arn`` with a session policy. The role's trust policy must let the
+  material's principal assume it, and its ``MaxSessionDuration`` (1 h unless
+  raised) caps the TTL; AWS refuses longer requests.
+- ``federation-token`` (auth method ``secret-key``, the default there):
+  ``GetFederationToken`` for an IAM *user's* long-term keys. The result's
+  permissions are the intersection of the user's and the session policy, so
+  ``aws-generic`` passes an allow-everything policy (without one, a federation
+  token has no permissions at all).
+- ``session-token`` (auth method ``secret-key``): ``GetSessionToken``. Such a
+  token carries the user's full permissions and **can't be scoped**: only the
+  ``aws-generic`` resource is accepted.
+
+Resources: ``s3-bucket:NAME`` (the bucket and its objects, ``s3:*``) and
+``aws-generic`` (the role's or user's own permissions).
+
+STS credentials can't be revoked or extended (``EXPIRY_ONLY``): ``revoke`` is
+a no-op and ``renew`` is refused. To cut off a live assume-role session early,
+attach an ``aws:TokenIssueTime`` deny to the role (not done here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import re
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from connectors.base import (
+    IssueRequest,
+    Issued,
+    ResourceNotSupported,
+    Revocability,
+    TargetError,
+    TargetUnreachable,
+    TTLLimits,
+    Verification,
+    safe_vendor_error,
+)
+from gateway.errors import Conflict, ValidationFailed
+
+__all__ = [
+    "AWSConnector",
+    "AWSConfig",
+    "AWSKeysMaterial",
+    "CredentialType",
+    "session_policy",
+    "parse_resource",
+    "federation_name",
+]
+
+CredentialType = Literal["assume-role", "federation-token", "session-token"]
+CREDENTIAL_TYPES: dict[str, tuple[str, ...]] = {
+    "iam-role": ("assume-role",),
+    "secret-key": ("federation-token", "session-token"),
+}
+DEFAULT_CREDENTIAL_TYPE = {"iam-role": "assume-role", "secret-key": "federation-token"}
+
+GENERIC = "aws-generic"
+S3_PREFIX = "s3-bucket:"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_+=,.@-]")
+CONNECT_TIMEOUT = READ_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = 30.0
+_T = TypeVar("_T")
+
+
+class AWSKeysMaterial(BaseModel):
+    """An access key pair (and a session token if the keys are temporary)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aws_access_key_id: str = Field(min_length=4, max_length=128, pattern=r"^[A-Za-z0-9]+$")
+    aws_secret_access_key: SecretStr
+    aws_session_token: SecretStr | None = None
+
+
+class AWSConfig(BaseModel):
+    """Where to call STS and which credential to make.
+
+    ``credential_type`` defaults by auth method: ``assume-role`` for
+    ``iam-role`` (which needs ``role_arn``), ``federation-token`` for
+    ``secret-key``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    region: str = Field("us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+    endpoint_url: str | None = Field(None, max_length=512)
+    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[A-Za-z0-9_+=,.@/-]{1,512}$")
+    external_id: str | None = Field(None, min_length=2, max_length=1224, pattern=r"^[A-Za-z0-9_+=,.@:/-]+$")
+    credential_type: CredentialType | None = None
+    session_name_prefix: str = Field("credgate", pattern=r"^[A-Za-z0-9_+=,.@-]{1,32}$")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("endpoint_url is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("endpoint_url must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError("endpoint_url must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AWSConfig:
+        if self.credential_type == "assume-role" and not self.role_arn:
+            raise ValueError("credential_type assume-role needs role_arn")
+        if self.credential_type in ("federation-token", "session-token") and self.role_arn:
+            raise ValueError(f"role_arn is only used by assume-role, not {self.credential_type}")
+        if self.external_id and not self.role_arn:
+            raise ValueError("external_id is only used with role_arn")
+        return self
+
+    @property
+    def partition(self) -> str:
+        if self.region.startswith("cn-"):
+            return "aws-cn"
+        if self.region.startswith("us-gov-"):
+            return "aws-us-gov"
+        return "aws"
+
+
+def parse_resource(resource: str) -> tuple[str, str | None]:
+    """``(resource type, bucket or None)``; raises ResourceNotSupported."""
+    if resource == GENERIC:
+        return GENERIC, None
+    if isinstance(resource, str) and resource.startswith(S3_PREFIX):
+        bucket = resource[len(S3_PREFIX) :]
+        if _BUCKET.match(bucket) and ".." not in bucket and not _is_ip(bucket):
+            return "s3-bucket", bucket
+        raise ResourceNotSupported(
+            "An S3 bucket name is 3-63 characters of a-z 0-9 . -, starts and ends with a letter "
+            "or digit, has no '..' and is not an IP address."
+        )
+    raise ResourceNotSupported("An aws resource is 's3-bucket:<bucket name>' or 'aws-generic'.")
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def session_policy(
+    resource: str, credential_type: CredentialType = "assume-role", partition: str = "aws"
+) -> dict[str, Any] | None:
+    """The session policy a lease on ``resource`` is issued with, or None for none.
+
+    ``s3-bucket:NAME`` allows ``s3:*`` on the bucket and its objects, nothing
+    else. ``aws-generic`` passes no policy to ``AssumeRole`` (the role's own
+    permissions) and an allow-everything policy to ``GetFederationToken``
+    (intersected with the user's permissions). ``GetSessionToken`` takes no
+    policy, so it only serves ``aws-generic``.
+    """
+    kind, bucket = parse_resource(resource)
+    if credential_type == "session-token":
+        if kind != GENERIC:
+            raise ResourceNotSupported(
+                "Session tokens can't be scoped to a resource; this connector only serves 'aws-generic'."
+            )
+        return None
+    if kind == "s3-bucket":
+        return {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "s3:*",
+                    "Resource": [f"arn:{partition}:s3:::{bucket}", f"arn:{partition}:s3:::{bucket}/*"],
+                }
+            ],
+        }
+    if credential_type == "federation-token":
+        return {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    return None
+
+
+def federation_name(prefix: str, lease_id: str) -> str:
+    """A ``GetFederationToken`` name (2-32 characters) that ends with the lease id's tail."""
+    tail = re.sub(r"[^A-Za-z0-9]", "", lease_id)[-max(16, 31 - len(prefix)) :] or "lease"
+    head = prefix[: 31 - len(tail)]
+    name = f"{head}-{tail}" if head else tail
+    return name if len(name) >= 2 else name + "00"
+
+
+def _coerce(model: type[BaseModel], value: Any, what: str) -> Any:
+    if isinstance(value, model):
+        return value
+    data = value.model_dump() if isinstance(value, BaseModel) else value
+    if not isinstance(data, Mapping):
+        raise ValidationFailed(f"The aws {what} must be an object.", code="invalid_connector_config")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
+        raise ValidationFailed(f"Invalid aws {what} at: {fields}.", code="invalid_connector_config") from None
+
+
+def _error(exc: BaseException, doing: str, hint: str = "") -> TargetError:
+    """A botocore failure as a credgate error: class and AWS error code only
+    (``hint`` is added to a ValidationError, AWS's answer to a bad parameter)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    what = safe_vendor_error(exc)
+    unreachable = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
+    if isinstance(exc, unreachable + (asyncio.TimeoutError, OSError)):
+        return TargetUnreachable(f"AWS could not be reached while {doing} ({what}).")
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code")
+        return TargetError(f"AWS refused {doing} ({what}).{hint if code == 'ValidationError' else ''}")
+    return TargetError(f"AWS failed while {doing} ({what}).")
+
+
+class AWSConnector:
+    """Temporary AWS credentials from STS; see the module docstring.
+
+    ``session-token`` connectors are unscoped: they accept only the
+    ``aws-generic`` resource (``s3-bucket:*`` raises ResourceNotSupported),
+    because ``GetSessionToken`` takes no session policy.
+    """
+
+    type: ClassVar[str] = "aws"
+    auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = MappingProxyType(
+        {"secret-key": AWSKeysMaterial, "iam-role": AWSKeysMaterial}
+    )
+    config_model: ClassVar[type[BaseModel]] = AWSConfig
+    resource_types: ClassVar[tuple[str, ...]] = ("s3-bucket", GENERIC)
+    revocability: ClassVar[Revocability] = Revocability.EXPIRY_ONLY
+    renewable: ClassVar[bool] = False
+    # STS allows 36 h for federation and session tokens; 12 h (AssumeRole's cap) for all.
+    ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(hours=1), min=timedelta(seconds=900), max=timedelta(hours=12))
+    wrap_only: ClassVar[bool] = False
+
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
+        if auth_method not in self.auth_methods:
+            raise ValidationFailed(
+                f"Connector type aws has no auth method {auth_method!r}; it has: iam-role, secret-key.",
+                code="unknown_auth_method",
+            )
+        self.config: AWSConfig = _coerce(AWSConfig, config, "config")
+        self._material: AWSKeysMaterial = _coerce(AWSKeysMaterial, material, "material")
+        self.auth_method = auth_method
+        self.credential_type: CredentialType = self.config.credential_type or DEFAULT_CREDENTIAL_TYPE[auth_method]  # type: ignore[assignment]
+        if self.credential_type not in CREDENTIAL_TYPES[auth_method]:
+            raise ValidationFailed(
+                f"Auth method {auth_method} can't make {self.credential_type} credentials; "
+                f"it makes: {', '.join(CREDENTIAL_TYPES[auth_method])}.",
+                code="invalid_connector_config",
+            )
+        if auth_method == "iam-role" and not self.config.role_arn:
+            raise ValidationFailed("Auth method iam-role needs config.role_arn.", code="invalid_connector_config")
+        self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<AWSConnector {self.credential_type} {self.config.region}>"
+
+    # -- pure -------------------------------------------------------------
+
+    def validate_resource(self, resource: str) -> str:
+        kind, _ = parse_resource(resource)
+        session_policy(resource, self.credential_type)  # session tokens refuse s3-bucket
+        return kind
+
+    def plan(self, lease_id: str, resource: str) -> dict[str, Any]:
+        """Names only, for the audit trail (CloudTrail shows them): nothing is revoked."""
+        self.validate_resource(resource)
+        state: dict[str, Any] = {
+            "session_name": _NAME_CHARS.sub("", f"{self.config.session_name_prefix}-{lease_id}")[:64],
+            "credential_type": self.credential_type,
+        }
+        if self.credential_type == "federation-token":
+            state["federated_user"] = federation_name(self.config.session_name_prefix, lease_id)
+        return state
+
+    # -- I/O ----------------------------------------------------------------
+
+    def _client(self, service: str) -> Any:
+        with self._lock:
+            client = self._clients.get(service)
+            if client is None:
+                import boto3
+                from botocore.config import Config
+
+                m = self._material
+                client = boto3.session.Session().client(
+                    service,
+                    region_name=self.config.region,
+                    endpoint_url=self.config.endpoint_url,
+                    aws_access_key_id=m.aws_access_key_id,
+                    aws_secret_access_key=m.aws_secret_access_key.get_secret_value(),
+                    aws_session_token=m.aws_session_token.get_secret_value() if m.aws_session_token else None,
+                    config=Config(
+                        connect_timeout=CONNECT_TIMEOUT,
+                        read_timeout=READ_TIMEOUT,
+                        retries={"total_max_attempts": 3, "mode": "standard"},  # 2 retries
+                        ignore_configured_endpoint_urls=True,  # no AWS_ENDPOINT_URL redirect of the keys
+                    ),
+                )
+                self._clients[service] = client
+            return client
+
+    async def _call(self, doing: str, timeout: float, fn: Callable[[], _T], hint: str = "") -> _T:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn), timeout)
+        except TargetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every botocore failure is mapped, never quoted
+            raise _error(exc, doing, hint) from None
+
+    async def issue(self, req: IssueRequest) -> Issued:
+        ct = req.revoke_state.get("credential_type", self.credential_type)
+        if ct != self.credential_type:
+            raise TargetError("The lease was planned for another credential type.", code="invalid_revoke_state")
+        policy = session_policy(req.resource, ct, self.config.partition)
+        policy_json = json.dumps(policy, separators=(",", ":")) if policy else None
+        seconds = int(req.ttl.total_seconds())
+
+        def call() -> dict[str, Any]:
+            sts = self._client("sts")
+            if ct == "assume-role":
+                kwargs: dict[str, Any] = {
+                    "RoleArn": self.config.role_arn,
+                    "RoleSessionName": req.revoke_state["session_name"],
+                    "DurationSeconds": seconds,
+                }
+                if policy_json:
+                    kwargs["Policy"] = policy_json
+                if self.config.external_id:
+                    kwargs["ExternalId"] = self.config.external_id
+                return sts.assume_role(**kwargs)["Credentials"]
+            if ct == "federation-token":
+                name = req.revoke_state.get("federated_user") or federation_name(
+                    self.config.session_name_prefix, req.lease_id
+                )
+                kwargs = {"Name": name, "DurationSeconds": seconds}
+                if policy_json:
+                    kwargs["Policy"] = policy_json
+                return sts.get_federation_token(**kwargs)["Credentials"]
+            return sts.get_session_token(DurationSeconds=seconds)["Credentials"]
+
+        hint = (
+            " A TTL above the role's MaxSessionDuration (1 h unless raised) is refused by AWS."
+            if ct == "assume-role"
+            else ""
+        )
+        creds = await self._call(f"the {ct} request", req.timeout_seconds, call, hint)
+        expiration = creds.get("Expiration")
+        if isinstance(expiration, datetime):
+            expiration = expiration if expiration.tzinfo else expiration.replace(tzinfo=UTC)
+            expires_at = min(expiration, req.expires_at)
+        else:
+            expires_at = req.expires_at
+        credential = {
+            "aws_access_key_id": creds["AccessKeyId"],
+            "aws_secret_access_key": creds["SecretAccessKey"],
+            "aws_session_token": creds["SessionToken"],
+            "region": self.config.region,
+            "expiration": expires_at.isoformat(),
+        }
+        if self.config.endpoint_url:
+            credential["endpoint_url"] = self.config.endpoint_url
+        return Issued(credential=credential, expires_at=expires_at)
+
+    async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
+        raise Conflict("AWS STS credentials can't be extended; request a new lease.", code="not_renewable")
+
+    async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
+        """Nothing to do: STS credentials end at their expiry."""
+        return None
+
+    async def _buckets(self) -> list[str]:
+        """The buckets the material may list, as resources (``s3-bucket:NAME``)."""
+
+        def call() -> list[str]:
+            names = (b["Name"] for b in self._client("s3").list_buckets().get("Buckets", []))
+            return sorted(S3_PREFIX + name for name in names)
+
+        return await self._call("listing S3 buckets", DEFAULT_TIMEOUT, call)
+
+    async def verify(self) -> Verification:
+        """``GetCallerIdentity`` (the material's ARN), then the buckets it may list
+        (``reachable={"s3-bucket": ["s3-bucket:NAME", ...]}``)."""
+
+        def whoami() -> str:
+            return self._client("sts").get_caller_identity()["Arn"]
+
+        try:
+            arn = await self._call("the GetCallerIdentity request", DEFAULT_TIMEOUT, whoami)
+        except TargetError as exc:
+            return Verification(ok=False, message=exc.message)
+        message = f"Authenticated to AWS as {arn}; issues {self.credential_type} credentials."
+        if self.credential_type == "session-token":
+            return Verification(ok=True, message=message, identity=arn)
+        try:
+            buckets = await self._buckets()
+        except TargetError:
+            return Verification(ok=True, message=message + " Listing S3 buckets is not permitted.", identity=arn)
+        return Verification(ok=True, message=message, identity=arn, reachable={"s3-bucket": buckets})
+
+    async def list_resources(self, resource_type: str) -> list[str]:
+        if resource_type == GENERIC:
+            return [GENERIC]
+        if resource_type != "s3-bucket":
+            raise ResourceNotSupported(
+                f"Connector type aws has no resource type {resource_type!r}; it has: s3-bucket, aws-generic."
+            )
+        if self.credential_type == "session-token":
+            raise ResourceNotSupported("Session tokens can't be scoped to a resource; only 'aws-generic' is served.")
+        return await self._buckets()
