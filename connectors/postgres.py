@@ -185,6 +185,11 @@ class PostgresConnector:
                 (algorithm,) = await (await conn.execute("SHOW password_encryption")).fetchone()  # type: ignore[misc]
                 verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), algorithm.encode())
                 r, s = sql.Identifier(role), sql.Identifier(schema)
+                # A GRANT the admin may not give is only a WARNING (01007): collect them and roll back.
+                not_granted: list[str] = []
+                conn.add_notice_handler(
+                    lambda diag: not_granted.append(diag.sqlstate or "") if diag.sqlstate == "01007" else None
+                )
                 async with conn.transaction():
                     await conn.execute(
                         sql.SQL(
@@ -201,6 +206,14 @@ class PostgresConnector:
                     )
                     if "INSERT" in privileges:
                         await conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r))
+                    if not_granted:
+                        raise _NotGranted
+        except _NotGranted:
+            failure = TargetError(
+                f"The admin role may not grant every privilege {req.resource} needs (PostgreSQL warned "
+                "01007 privilege_not_granted); nothing was created.",
+                code="target_permission_denied",
+            )
         except TargetError as exc:
             failure = exc
         except errors.DuplicateObject as exc:
@@ -447,12 +460,21 @@ class PostgresConnector:
             await asyncio.sleep(0.02)
 
 
+class _NotGranted(Exception):
+    """A GRANT came back with WARNING 01007: roll the issuing transaction back."""
+
+
 def _connect_error(exc: BaseException, dbname: str | None) -> TargetError:
     """Classify a failed connection. The vendor message is read, never repeated."""
     safe = safe_vendor_error(exc)
     text = str(exc)
     if "password authentication failed" in text or "no password supplied" in text:
         return TargetError(f"PostgreSQL rejected the admin credentials ({safe}).", code="target_auth_failed")
+    if "permission denied" in text:
+        return TargetError(
+            f"PostgreSQL refused the admin role's connection: it lacks a privilege ({safe}).",
+            code="target_permission_denied",
+        )
     if dbname is not None and "does not exist" in text and "database" in text:
         return TargetError(f"Database {dbname} does not exist at the target ({safe}).", code="resource_not_found")
     if "timeout expired" in text:

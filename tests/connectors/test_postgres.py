@@ -5,6 +5,7 @@ Layout built once per module, owned by a non-superuser admin with CREATEROLE::
     analytics.public.events    (serial id, one row)
     analytics.sales.orders     (serial id, one row)   <- the schema most tests are granted
     analytics.hr.salaries      (one row)               <- never granted: must stay unreadable
+    analytics.audit.log        owned by the superuser  <- the admin may read it but not grant it
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def target() -> Iterator[Target]:
             admin.execute("CREATE SCHEMA hr")
             admin.execute("CREATE TABLE hr.salaries (name text, salary int)")
             admin.execute("INSERT INTO hr.salaries VALUES ('ada', 100)")
+        with tgt.superuser() as su:  # a schema the admin may not grant on
+            su.execute("CREATE SCHEMA audit")
+            su.execute("CREATE TABLE audit.log (line text)")
+            su.execute(f"GRANT USAGE ON SCHEMA audit TO {ADMIN}")  # usable, but without GRANT OPTION
+            su.execute(f"GRANT SELECT ON audit.log TO {ADMIN}")
         yield tgt
     finally:
         cluster.stop()  # the whole cluster (roles, databases) goes with its directory
@@ -206,12 +212,29 @@ async def test_host_override_goes_into_the_credential(target: Target) -> None:
 
 async def test_missing_schema_and_database_are_target_errors(target: Target) -> None:
     conn = connector(target)
+    lid = lease_id()
+    state = conn.plan(lid, "analytics/nosuch")
+    expires = datetime.now(timezone.utc) + timedelta(minutes=5)
     with pytest.raises(TargetError) as info:
-        await issue(conn, "analytics/nosuch")
+        await conn.issue(IssueRequest(lid, "analytics/nosuch", timedelta(minutes=5), expires, state))
     assert info.value.code == "resource_not_found"
+    assert target.role(state["role"]) is None  # one transaction: the role went with the failed GRANT
     with pytest.raises(TargetError) as info:
         await issue(conn, "nosuchdb")
     assert info.value.code == "resource_not_found"
+
+
+async def test_grants_the_admin_may_not_give_fail_the_issue(target: Target) -> None:
+    # PostgreSQL only WARNs (01007) on such a GRANT; a silent, privilege-less role is no success.
+    conn = connector(target)
+    lid = lease_id()
+    state = conn.plan(lid, "analytics/audit")
+    expires = datetime.now(timezone.utc) + timedelta(minutes=5)
+    with pytest.raises(TargetError) as info:
+        await conn.issue(IssueRequest(lid, "analytics/audit", timedelta(minutes=5), expires, state))
+    assert info.value.code == "target_permission_denied"
+    assert "01007" in info.value.message
+    assert target.role(state["role"]) is None
 
 
 # -- revoking ------------------------------------------------------------------
@@ -323,7 +346,7 @@ async def test_verify_and_list(target: Target) -> None:
     assert result.identity == ADMIN
     assert {"analytics", "postgres"} <= set(result.reachable["database"])
     assert "template1" not in result.reachable["database"]
-    assert result.reachable["schema"] == ["analytics/hr", "analytics/public", "analytics/sales"]
+    assert result.reachable["schema"] == ["analytics/audit", "analytics/hr", "analytics/public", "analytics/sales"]
     assert target.admin_password not in result.message
     assert await conn.list_resources("schema") == result.reachable["schema"]
     assert "analytics" in await conn.list_resources("database")
