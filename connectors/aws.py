@@ -36,9 +36,10 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
+    coerce,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -204,19 +205,6 @@ def federation_name(prefix: str, lease_id: str) -> str:
     return name if len(name) >= 2 else name + "00"
 
 
-def _coerce(model: type[BaseModel], value: Any, what: str) -> Any:
-    if isinstance(value, model):
-        return value
-    data = value.model_dump() if isinstance(value, BaseModel) else value
-    if not isinstance(data, Mapping):
-        raise ValidationFailed(f"The aws {what} must be an object.", code="invalid_connector_config")
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
-        raise ValidationFailed(f"Invalid aws {what} at: {fields}.", code="invalid_connector_config") from None
-
-
 def _error(exc: BaseException, doing: str, hint: str = "") -> TargetError:
     """A botocore failure as a credgate error: class and AWS error code only
     (``hint`` is added to a ValidationError, AWS's answer to a bad parameter)."""
@@ -264,8 +252,8 @@ class AWSConnector:
                 f"Connector type aws has no auth method {auth_method!r}; it has: iam-role, secret-key.",
                 code="unknown_auth_method",
             )
-        self.config: AWSConfig = _coerce(AWSConfig, config, "config")
-        self._material: AWSKeysMaterial = _coerce(AWSKeysMaterial, material, "material")
+        self.config: AWSConfig = coerce(AWSConfig, config, "aws config")
+        self._material: AWSKeysMaterial = coerce(AWSKeysMaterial, material, "aws material")
         self.auth_method = auth_method
         self.credential_type: CredentialType = self.config.credential_type or DEFAULT_CREDENTIAL_TYPE[auth_method]  # type: ignore[assignment]
         if self.credential_type not in CREDENTIAL_TYPES[auth_method]:

@@ -41,9 +41,9 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BadRequest, CredgateError
+from gateway.errors import BadRequest, CredgateError, ValidationFailed
 
 
 class Revocability(StrEnum):
@@ -156,6 +156,21 @@ class ServiceConnector(Protocol):
     async def verify(self) -> Verification: ...
 
     async def list_resources(self, resource_type: str) -> list[str]: ...
+
+
+def coerce(model: type[BaseModel], value: Any, what: str) -> Any:
+    """``value`` (a model or a mapping) as an instance of ``model``; a validation
+    error names the fields at fault, never their values (they may be material)."""
+    if isinstance(value, model):
+        return value
+    data = value.model_dump() if isinstance(value, BaseModel) else value
+    if not isinstance(data, Mapping):
+        raise ValidationFailed(f"The {what} must be an object.", code="invalid_connector_config")
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
+        raise ValidationFailed(f"Invalid {what} at: {fields}.", code="invalid_connector_config") from None
 
 
 RESOURCE = re.compile(r"^[A-Za-z0-9._:/@*+=-]{1,256}$")

@@ -43,6 +43,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
+    coerce,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -135,10 +136,8 @@ class MySQLConnector:
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
         if auth_method not in self.auth_methods:
             raise ValueError(f"the mysql connector has no auth method {auth_method!r}")
-        if not isinstance(config, MySQLConfig):
-            config = MySQLConfig.model_validate(config.model_dump())
-        if not isinstance(material, MySQLPasswordMaterial):
-            material = MySQLPasswordMaterial.model_validate(material.model_dump())
+        config = coerce(MySQLConfig, config, "mysql config")
+        material = coerce(MySQLPasswordMaterial, material, "mysql material")
         self.config = config
         self._material = material
 

@@ -51,6 +51,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
+    coerce,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -128,10 +129,8 @@ class PostgresConnector:
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
         if auth_method not in self.auth_methods:
             raise ValueError(f"the postgres connector has no auth method {auth_method!r}")
-        if not isinstance(config, PostgresConfig):
-            config = PostgresConfig.model_validate(config.model_dump())
-        if not isinstance(material, PostgresPasswordMaterial):
-            material = PostgresPasswordMaterial.model_validate(material.model_dump())
+        config = coerce(PostgresConfig, config, "postgres config")
+        material = coerce(PostgresPasswordMaterial, material, "postgres material")
         self.config = config
         self._dsn = material.dsn
         params = self._parse_dsn()

@@ -37,9 +37,10 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    coerce,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -178,19 +179,6 @@ def _parse_url(url: str) -> _Target:
     )
 
 
-def _coerce(model: type[BaseModel], value: Any, what: str) -> Any:
-    if isinstance(value, model):
-        return value
-    data = value.model_dump() if isinstance(value, BaseModel) else value
-    if not isinstance(data, Mapping):
-        raise ValidationFailed(f"The redis {what} must be an object.", code="invalid_connector_config")
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
-        raise ValidationFailed(f"Invalid redis {what} at: {fields}.", code="invalid_connector_config") from None
-
-
 def _error(exc: BaseException, doing: str) -> TargetError:
     """A Redis (or socket) failure as a credgate error; never the vendor's text."""
     from redis import exceptions as rx
@@ -235,8 +223,8 @@ class RedisConnector:
                 f"Connector type redis has no auth method {auth_method!r}; it has: password.",
                 code="unknown_auth_method",
             )
-        self.config: RedisConfig = _coerce(RedisConfig, config, "config")
-        self._material: RedisPasswordMaterial = _coerce(RedisPasswordMaterial, material, "material")
+        self.config: RedisConfig = coerce(RedisConfig, config, "redis config")
+        self._material: RedisPasswordMaterial = coerce(RedisPasswordMaterial, material, "redis material")
         self._target = _parse_url(self._material.url.get_secret_value())
 
     def __repr__(self) -> str:

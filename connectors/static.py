@@ -19,9 +19,10 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    coerce,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -67,19 +68,6 @@ class StaticConfig(BaseModel):
         return value
 
 
-def _coerce(model: type[BaseModel], value: Any, what: str) -> Any:
-    if isinstance(value, model):
-        return value
-    data = value.model_dump() if isinstance(value, BaseModel) else value
-    if not isinstance(data, Mapping):
-        raise ValidationFailed(f"The static {what} must be an object.", code="invalid_connector_config")
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
-        raise ValidationFailed(f"Invalid static {what} at: {fields}.", code="invalid_connector_config") from None
-
-
 class StaticConnector:
     """Hands out stored material unchanged, only through wrap tokens."""
 
@@ -98,8 +86,8 @@ class StaticConnector:
                 f"Connector type static has no auth method {auth_method!r}; it has: static.",
                 code="unknown_auth_method",
             )
-        self.config: StaticConfig = _coerce(StaticConfig, config, "config")
-        self._material: StaticMaterial = _coerce(StaticMaterial, material, "material")
+        self.config: StaticConfig = coerce(StaticConfig, config, "static config")
+        self._material: StaticMaterial = coerce(StaticMaterial, material, "static material")
 
     def __repr__(self) -> str:
         return f"<StaticConnector keys={self._selected()}>"

@@ -397,3 +397,66 @@ async def test_connector_types_are_listed(gateway: Gateway) -> None:
     assert items["aws"]["revocability"] == "expiry-only" and set(items["aws"]["auth_methods"]) == {"secret-key", "iam-role"}
     assert items["static"]["wrap_only"] is True
     assert "dsn" in json.dumps(items["postgres"]["auth_methods"]["password"])
+
+
+async def test_lease_listing_filters_and_pages(gateway: Gateway) -> None:
+    await static_connector(gateway)
+    ids = [(await issue(gateway, "wandb", "default", wrap=True, ttl_seconds=100 + 30 * i))["lease_id"] for i in range(5)]
+    token = (await gateway.client.post("/v1/admin-keys", json={"name": "ops", "role": "operator"})).json()["token"]
+    async with gateway.as_token(token) as ops:
+        mine = (await ops.post("/v1/credentials", json={"connector": "wandb", "resource": "default", "wrap": True})).json()
+    seen, page_token = [], None
+    while True:
+        params = {"connector": "wandb", "limit": 2, **({"page_token": page_token} if page_token else {})}
+        page = (await gateway.client.get("/v1/leases", params=params)).json()
+        seen += [item["lease_id"] for item in page["items"]]
+        page_token = page["next_page_token"]
+        if not page_token:
+            break
+    assert seen == ids + [mine["lease_id"]]  # time-ordered ids
+    by_ops = (await gateway.client.get("/v1/leases", params={"principal": "admin_key:ops"})).json()["items"]
+    assert [x["lease_id"] for x in by_ops] == [mine["lease_id"]]
+    from datetime import datetime, timedelta, timezone
+
+    soon = (datetime.now(timezone.utc) + timedelta(seconds=145)).isoformat()
+    expiring = (await gateway.client.get("/v1/leases", params={"expiring_before": soon})).json()["items"]
+    assert {x["lease_id"] for x in expiring} == {ids[0], ids[1], mine["lease_id"]}  # ttl 100, 130 and the default 60
+    r = await gateway.client.post("/v1/leases/revoke", json={"principal": "admin_key:ops"})
+    assert r.json()["matched"] == 1
+    assert (await lease(gateway, mine["lease_id"]))["state"] == "revoked"
+    assert (await gateway.client.get("/v1/leases", params={"state": "active"})).json()["items"].__len__() == 5
+    bad = await gateway.client.post("/v1/leases/revoke", json={})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "filter_required"
+
+
+async def test_a_backend_used_by_a_connector_can_not_be_removed(gateway: Gateway) -> None:
+    await gateway.client.put("/v1/backends/vendors", json={"type": "local"})
+    await gateway.client.put("/v1/secrets/vendors/k", json={"data": {"api_key": "x"}})
+    await put_connector(gateway, "v", type="static", auth_method="static", secret="vendors/k", resources=["default"])
+    await gateway.client.delete("/v1/secrets/vendors/k", params={"destroy": "true"})
+    r = await gateway.client.delete("/v1/backends/vendors")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "backend_in_use" and "connector" in r.json()["error"]["message"]
+    # The connector's material is gone: issuing says so, without a 500.
+    r = await gateway.client.post("/v1/credentials", json={"connector": "v", "resource": "default", "wrap": True})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "connector_material_missing"
+
+
+async def test_bad_connector_definitions_are_refused(gateway: Gateway) -> None:
+    base = dict(type="postgres", auth_method="password", secret="local/x", resources=["db"])
+    cases = [
+        ({**base, "type": "nosuch"}, 400, "unknown_connector_type"),
+        ({**base, "auth_method": "kerberos"}, 422, "unknown_auth_method"),
+        ({**base, "secret": "nosuch/x"}, 404, "backend_not_found"),
+        ({**base, "secret": "local/../x"}, 400, "invalid_path"),
+        ({**base, "config": {"privileges": ["DROP TABLE"]}}, 422, "validation_failed"),
+        ({**base, "resources": ["db; DROP"]}, 422, "invalid_resource_pattern"),
+        ({**base, "default_ttl_seconds": 7200, "max_ttl_seconds": 60}, 422, "invalid_ttl"),
+        ({**base, "max_ttl_seconds": 10**9}, 422, "invalid_ttl"),
+        ({**base, "resources": []}, 422, "validation_failed"),
+    ]
+    for body, status, code in cases:
+        r = await gateway.client.put("/v1/connectors/c1", json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (body, r.text)
+    assert (await gateway.client.get("/v1/connectors")).json()["items"] == []
+    r = await gateway.client.post("/v1/credentials", json={"connector": "nosuch", "resource": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "connector_not_found"
