@@ -78,6 +78,8 @@ async def test_postgres_issue_use_renew_revoke(gateway: Gateway, pg_target) -> N
     assert cluster.password not in json.dumps(verify)
     shown = (await gateway.client.get("/v1/connectors/pg")).text
     assert cluster.password not in shown
+    schemas = (await gateway.client.get("/v1/connectors/pg/resources", params={"type": "database"})).json()
+    assert db in schemas["items"] and cluster.password not in json.dumps(schemas)
 
     out = await issue(gateway, "pg", f"{db}/sales", ttl_seconds=7200)
     assert out["ttl_capped"] is True and out["ttl_seconds"] == 3600 and out["requested_ttl_seconds"] == 7200
