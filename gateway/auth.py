@@ -1,13 +1,19 @@
-"""Who is calling: admin API keys (bearer tokens) and the principal they become.
+"""Who is calling, and what they may do.
 
-Tokens are 256-bit random strings shown once; the store keeps only their
-SHA-256 (a fast hash is right for high-entropy tokens: there is nothing to
-brute-force). Look-up is by hash, and the stored hash is compared again with
-:func:`hmac.compare_digest`.
+Bearer tokens come in four shapes, told apart before any is trusted:
 
-Roles are the coarse permission sets of admin keys until policies arrive:
-``admin`` may do everything, ``operator`` may read and write secrets but not
-reveal them or manage the gateway, ``auditor`` may read metadata only.
+- ``cgt_...``: an admin API key (256 random bits shown once; only its SHA-256
+  is stored, looked up by hash and compared with :func:`hmac.compare_digest`);
+- a JWT whose ``iss`` is this gateway: an access token it issued (to an OAuth2
+  client, or in exchange for a workload's token) or a run token;
+- a JWT from a trusted issuer (see :mod:`gateway.identity`);
+- anything else: 401.
+
+Each becomes a :class:`Principal`; :meth:`Principal.require` asks the
+compiled policy set (deny by default, :mod:`gateway.policy`) and raises 403
+naming the reason. Run tokens are decided by their delegated scope *and* by
+the delegator's policy as it stands now, so a run never holds more than the
+server that delegated it.
 """
 
 from __future__ import annotations
@@ -15,47 +21,84 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from sqlalchemy import select
 
 from gateway.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+from gateway.policy import Decision, PolicySet, Subject, glob_regex
 from gateway.store import Store
 from gateway.store.models import AdminKeyRow, utcnow
 
 Role = Literal["admin", "operator", "auditor"]
 TOKEN_PREFIX = "cgt_"
+ROLES = ("admin", "operator", "auditor")
+GATEWAY = "credgate"  # the issuer name of principals the gateway itself vouches for
 
-ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
-    "admin": frozenset({"*"}),
-    "operator": frozenset(
-        {"secrets:read", "secrets:write", "backends:read", "connectors:read", "credentials:issue",
-         "credentials:wrap", "leases:read"}
-    ),
-    "auditor": frozenset({"secrets:read", "backends:read", "keys:read", "connectors:read", "leases:read"}),
-}
+
+@dataclass(frozen=True)
+class RunScope:
+    run_id: str
+    connectors: tuple[str, ...]
+    resources: tuple[str, ...]
+    max_ttl: timedelta | None
+    delegator: Subject
 
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "admin_key"
+    kind: str  # admin_key | client | workload | run
     id: str
     name: str
-    role: str
+    issuer: str = GATEWAY
+    roles: frozenset[str] = frozenset()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    scope: RunScope | None = None
+    policy: PolicySet = field(default_factory=PolicySet, compare=False, repr=False)
 
     @property
     def subject(self) -> str:
-        return f"{self.kind}:{self.name}"
+        return f"{self.kind}:{self.name}" if self.issuer == GATEWAY else self.name
 
-    def can(self, action: str) -> bool:
-        perms = ROLE_PERMISSIONS.get(self.role, frozenset())
-        return "*" in perms or action in perms
+    @property
+    def run_id(self) -> str | None:
+        return self.scope.run_id if self.scope else None
 
-    def require(self, action: str) -> None:
-        if not self.can(action):
-            raise Forbidden(f"{self.subject} (role {self.role}) may not {action}.", code="permission_denied")
+    @property
+    def as_subject(self) -> Subject:
+        return Subject(self.issuer, self.subject, self.roles, self.claims)
+
+    def decide(self, action: str, connector: str | None = None, resource: str | None = None) -> Decision:
+        if self.scope is None:
+            return self.policy.decide(self.as_subject, action, connector, resource)
+        scope = self.scope
+        if action not in ("credentials:issue", "credentials:wrap", "leases:read"):
+            return Decision(False, None, f"a run token may not {action}")
+        if connector is not None and not any(glob_regex(c).match(connector) for c in scope.connectors):
+            return Decision(False, None, f"connector {connector!r} is outside run {scope.run_id}'s scope")
+        if resource is not None and not any(glob_regex(r).match(resource) for r in scope.resources):
+            return Decision(False, None, f"resource {resource!r} is outside run {scope.run_id}'s scope")
+        if action == "leases:read":
+            return Decision(True, f"run/{scope.run_id}", "a run reads its own leases")
+        # Never more than the delegator holds now.
+        upstream = self.policy.decide(scope.delegator, action, connector, resource)
+        if not upstream.allowed:
+            return Decision(False, None, f"the delegator of run {scope.run_id} may no longer: {upstream.reason}")
+        ttls = [t for t in (scope.max_ttl, upstream.max_ttl) if t is not None]
+        return Decision(True, f"run/{scope.run_id}", f"delegated by {scope.delegator.subject} ({upstream.rule})",
+                        min(ttls) if ttls else None)
+
+    def can(self, action: str, connector: str | None = None, resource: str | None = None) -> bool:
+        return self.decide(action, connector, resource).allowed
+
+    def require(self, action: str, connector: str | None = None, resource: str | None = None) -> Decision:
+        decision = self.decide(action, connector, resource)
+        if not decision.allowed:
+            raise Forbidden(f"{self.subject} may not {action}: {decision.reason}.", code="permission_denied")
+        return decision
 
 
 @dataclass(frozen=True)
@@ -87,7 +130,7 @@ class AdminKeys:
     async def create(
         self, name: str, role: str, *, created_by: str | None, token: str | None = None
     ) -> tuple[AdminKeyInfo, str]:
-        if role not in ROLE_PERMISSIONS:
+        if role not in ROLES:
             raise ValidationFailed(f"Unknown role {role!r}.", code="unknown_role")
         token = token or new_token()
         row = AdminKeyRow(
@@ -131,7 +174,7 @@ class AdminKeys:
             row = (await s.execute(select(AdminKeyRow).where(AdminKeyRow.token_hash == digest))).scalar_one_or_none()
         if row is None or not hmac.compare_digest(row.token_hash, digest) or row.revoked_at is not None:
             raise Unauthenticated("The bearer token is not valid.", code="invalid_token")
-        return Principal("admin_key", row.id, row.name, row.role)
+        return Principal("admin_key", row.id, row.name, roles=frozenset({row.role}))
 
 
 def bearer_token(authorization: str | None) -> str:

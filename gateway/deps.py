@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.auth import Principal, bearer_token
+from gateway.errors import Forbidden
 from gateway.runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="An admin API key: `Authorization: Bearer cgt_...`")
@@ -25,7 +26,24 @@ async def get_principal(
     runtime: RuntimeDep,
     _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    return await runtime.admin_keys.authenticate(bearer_token(request.headers.get("authorization")))
+    return await runtime.authenticator.authenticate(bearer_token(request.headers.get("authorization")))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def requires(action: str) -> Any:
+    """A dependency that authenticates and checks ``action`` (no connector or resource
+    yet) before the body is validated, so a caller without the right gets 403, not 422.
+    The action is kept on the function: the authorization-matrix test reads it."""
+
+    async def check(principal: PrincipalDep) -> Principal:
+        # Coarse gate: does any rule grant this action to the caller at all? The route
+        # decides again with the connector and resource it is about.
+        decision = principal.decide(action)
+        if not decision.allowed:
+            raise Forbidden(f"{principal.subject} may not {action}: {decision.reason}.", code="permission_denied")
+        return principal
+
+    check.action = action  # type: ignore[attr-defined]
+    return Depends(check)

@@ -34,7 +34,8 @@ from gateway.keyring import KeyRing
 from gateway.mounts import backend_config_context
 from gateway.store import Store
 from gateway.leases import lease_context
-from gateway.store.models import BackendRow, KekVersion, LeaseRow, SecretRow, SecretVersionRow, WrapRow, utcnow
+from gateway.signing import signing_context
+from gateway.store.models import BackendRow, KekVersion, LeaseRow, SecretRow, SecretVersionRow, SigningKeyRow, WrapRow, utcnow
 from gateway.wrapping import wrap_context
 
 log = logging.getLogger("credgate.rotation")
@@ -64,6 +65,11 @@ SEALED: list[SealedTable] = [
         WrapRow,
         lambda: select(WrapRow).where(WrapRow.kek_version.is_not(None)),
         lambda r: wrap_context(r[0].token_hash),
+    ),
+    SealedTable(
+        SigningKeyRow,
+        lambda: select(SigningKeyRow).where(SigningKeyRow.kek_version.is_not(None)),
+        lambda r: signing_context(r[0].kid),
     ),
     SealedTable(
         BackendRow,

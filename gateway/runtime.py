@@ -8,6 +8,13 @@ import sys
 from dataclasses import dataclass
 
 from gateway.auth import AdminKeys
+from gateway.authenticator import Authenticator
+from gateway.clients import Clients
+from gateway.identity import TrustedIssuers
+from gateway.policies import Policies
+from gateway.runs import Runs
+from gateway.signing import SigningKeys
+from gateway.tokens import Tokens
 from gateway.catalog import Catalog
 from gateway.credentials import Credentials, RevokePolicy
 from gateway.envelope import Envelope
@@ -48,6 +55,13 @@ class Runtime:
     leases: Leases
     credentials: Credentials
     reaper: Reaper
+    signing: SigningKeys
+    tokens: Tokens
+    issuers: TrustedIssuers
+    clients: Clients
+    policies: Policies
+    runs: Runs
+    authenticator: Authenticator
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -69,14 +83,27 @@ class Runtime:
                     backoff_cap=settings.revoke_backoff_cap_seconds,
                 ),
             )
+            admin_keys = AdminKeys(store)
+            signing = SigningKeys(store, envelope)
+            tokens = Tokens(signing, settings.issuer_url)
+            issuers = TrustedIssuers(store)
+            policies = Policies(store)
+            runs = Runs(store, tokens)
             rt = cls(
+                signing=signing,
+                tokens=tokens,
+                issuers=issuers,
+                clients=Clients(store),
+                policies=policies,
+                runs=runs,
+                authenticator=Authenticator(admin_keys, tokens, issuers, runs, policies),
                 settings=settings,
                 store=store,
                 keyring=keyring,
                 envelope=envelope,
                 mounts=mounts,
                 keys=KeyManager(store, keyring, envelope),
-                admin_keys=AdminKeys(store),
+                admin_keys=admin_keys,
                 catalog=catalog,
                 leases=leases,
                 credentials=credentials,
@@ -88,6 +115,7 @@ class Runtime:
             )
             await rt.keys.sync()
             await rt.mounts.ensure_builtin()
+            await rt.signing.ensure()
             token = await rt.admin_keys.bootstrap(
                 settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
             )

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         None, description="Becomes the first admin token of an empty store (at least 32 characters)."
     )
 
+    public_url: str | None = Field(
+        None, description="The gateway's URL as callers see it: the issuer of its tokens (default http://HOST:PORT)."
+    )
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest accepted request body.")
@@ -74,6 +78,10 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'credgate.db'}"
+
+    @property
+    def issuer_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def dev_kek_file(self) -> Path:

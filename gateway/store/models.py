@@ -212,3 +212,74 @@ class WrapRow(SealedMixin, Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ended: Mapped[str | None] = mapped_column(String(16))  # used | expired | revoked
+
+
+class PolicyRow(Base):
+    """A named policy document (validated rules); compiled into the decision set on change."""
+
+    __tablename__ = "policies"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IssuerRow(Base):
+    """A trusted token issuer: whose JWTs become principals, and how their claims map."""
+
+    __tablename__ = "issuers"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issuer_url: Mapped[str] = mapped_column(String(512), unique=True)
+    jwks_url: Mapped[str | None] = mapped_column(String(1024))
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    audiences: Mapped[list[str]] = mapped_column(JSON)
+    algorithms: Mapped[list[str]] = mapped_column(JSON)
+    leeway_seconds: Mapped[int] = mapped_column(Integer)
+    claim_mapping: Mapped[dict[str, Any]] = mapped_column(JSON)
+    role_mapping: Mapped[dict[str, list[str]]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ClientRow(Base):
+    """An OAuth2 client (a service such as the metadata server). Secrets are stored as SHA-256."""
+
+    __tablename__ = "clients"
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # public keys for private_key_jwt
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    token_ttl_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SigningKeyRow(SealedMixin, Base):
+    """A gateway signing key; the private JWK is sealed. ``state``: active, previous (still
+    published for the overlap window, no longer used to sign) or retired."""
+
+    __tablename__ = "signing_keys"
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_jwk: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    publish_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RunRow(Base):
+    """A pipeline run that was delegated credentials; revoking it ends its token and leases."""
+
+    __tablename__ = "runs"
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsedJtiRow(Base):
+    """Client assertions seen (private_key_jwt): a replayed ``jti`` is refused until it expires."""
+
+    __tablename__ = "used_jtis"
+    jti: Mapped[str] = mapped_column(String(200), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -53,5 +53,5 @@ async def test_generated_bootstrap_token_is_printed_once(settings_factory, capsy
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         principal = await app.state.runtime.admin_keys.authenticate(token)
-        assert principal.role == "admin"
+        assert principal.roles == {"admin"}
     assert "CREDGATE_TOKEN" not in capsys.readouterr().out  # not again on the next start

@@ -1,0 +1,99 @@
+"""Stored policies and the compiled set every request is decided against.
+
+The set is compiled once per change and swapped whole. Other replicas notice
+a change by a cheap fingerprint query (count and newest ``updated_at``), made
+at most once per ``REFRESH_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from gateway.errors import BadRequest, NotFound, ValidationFailed
+from gateway.policy import PolicyDocument, PolicySet
+from gateway.store import Store
+from gateway.store.models import PolicyRow, utcnow
+
+REFRESH_SECONDS = 0.5
+NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+def parse_document(data: Any) -> PolicyDocument:
+    try:
+        return PolicyDocument.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise ValidationFailed(f"Invalid policy at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
+
+
+class Policies:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._set = PolicySet()
+        self._checked = 0.0
+        self._lock = asyncio.Lock()
+
+    async def _fingerprint(self) -> tuple[int, Any]:
+        async with self._store.read() as s:
+            return tuple((await s.execute(select(func.count(), func.max(PolicyRow.updated_at)))).one())  # type: ignore[return-value]
+
+    async def current(self) -> PolicySet:
+        if time.monotonic() - self._checked < REFRESH_SECONDS:
+            return self._set
+        async with self._lock:
+            if time.monotonic() - self._checked < REFRESH_SECONDS:
+                return self._set
+            fp = await self._fingerprint()
+            if fp != self._set.version:
+                await self._compile(fp)
+            self._checked = time.monotonic()
+        return self._set
+
+    async def _compile(self, fp: Any) -> None:
+        async with self._store.read() as s:
+            rows = list((await s.execute(select(PolicyRow))).scalars())
+        self._set = PolicySet(((r.name, PolicyDocument.model_validate(r.document)) for r in rows), version=fp)
+
+    async def refresh(self) -> PolicySet:
+        self._checked = 0.0
+        return await self.current()
+
+    async def put(self, name: str, doc: PolicyDocument) -> tuple[PolicyRow, bool]:
+        if not re.match(NAME, name):
+            raise BadRequest("A policy name is 1-63 characters of a-z, 0-9, '_' and '-'.", code="invalid_policy_name")
+        created = False
+        async with self._store.write() as s:
+            row = await s.get(PolicyRow, name, with_for_update=True)
+            if row is None:
+                row = PolicyRow(name=name, created_at=utcnow())
+                s.add(row)
+                created = True
+            row.document = doc.model_dump(mode="json", exclude_none=True)
+            row.updated_at = utcnow()
+        await self.refresh()
+        return row, created
+
+    async def get(self, name: str) -> PolicyRow:
+        async with self._store.read() as s:
+            row = await s.get(PolicyRow, name)
+        if row is None:
+            raise NotFound(f"Policy {name!r} does not exist.", code="policy_not_found")
+        return row
+
+    async def list(self) -> list[PolicyRow]:
+        async with self._store.read() as s:
+            return list((await s.execute(select(PolicyRow).order_by(PolicyRow.name))).scalars())
+
+    async def delete(self, name: str) -> None:
+        async with self._store.write() as s:
+            row = await s.get(PolicyRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"Policy {name!r} does not exist.", code="policy_not_found")
+            await s.delete(row)
+        await self.refresh()
