@@ -10,7 +10,18 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.errors import ErrorOut, install_error_handlers
 from gateway.middleware import RequestGuard
-from gateway.routes import admin_keys, backends, connectors, credentials, health, keys, leases, secrets
+from gateway.routes import (
+    admin_keys,
+    backends,
+    connectors,
+    credentials,
+    health,
+    identity,
+    keys,
+    leases,
+    policies,
+    secrets,
+)
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
@@ -34,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
-    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases):
+    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     return app

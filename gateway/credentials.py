@@ -121,7 +121,14 @@ class Credentials:
     # --- issue -------------------------------------------------------------
 
     async def issue(
-        self, principal: Principal, params: IssueParams, *, idempotency_key: str | None = None, run_id: str | None = None
+        self,
+        principal: Principal,
+        params: IssueParams,
+        *,
+        idempotency_key: str | None = None,
+        run_id: str | None = None,
+        policy_max: timedelta | None = None,
+        decided_by: str | None = None,
     ) -> dict[str, Any]:
         row = await self._catalog.get(params.connector)
         self._catalog.check_resource(row, params.resource)
@@ -137,6 +144,7 @@ class Credentials:
             maximum=timedelta(seconds=row.max_ttl_seconds),
             type_min=cls.ttl.min,
             type_max=cls.ttl.max,
+            policy_max=policy_max,
         )
         request_hash = params.digest()
         if idempotency_key:

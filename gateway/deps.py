@@ -40,7 +40,8 @@ def requires(action: str) -> Any:
     async def check(principal: PrincipalDep) -> Principal:
         # Coarse gate: does any rule grant this action to the caller at all? The route
         # decides again with the connector and resource it is about.
-        decision = principal.decide(action)
+        decisions = [principal.decide(a) for a in action.split("|")]  # "a|b": either will do
+        decision = next((d for d in decisions if d.allowed), decisions[0])
         if not decision.allowed:
             raise Forbidden(f"{principal.subject} may not {action}: {decision.reason}.", code="permission_denied")
         return principal

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import re
 
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import BadRequest, CredgateError, PayloadTooLarge, UnsupportedMediaType, error_response
+from gateway.errors import (
+    BadRequest,
+    CredgateError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_response,
+)
 from gateway.requestid import new_request_id, reset_request_id, set_request_id
 
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
@@ -30,6 +35,21 @@ def _is_json(content_type: bytes | None) -> bool:
         return False
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+# The two exceptions to JSON bodies: the OAuth2 token endpoint takes forms (RFC 6749),
+# policies may be written in YAML.
+_OTHER_MEDIA = {
+    "/v1/auth/token": (b"application/x-www-form-urlencoded",),
+    "/v1/policies/": (b"application/yaml", b"application/x-yaml", b"text/yaml"),
+}
+
+
+def _acceptable(path: str, content_type: bytes | None) -> bool:
+    if _is_json(content_type):
+        return True
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return any(path.startswith(prefix) and media in types for prefix, types in _OTHER_MEDIA.items())
 
 
 class RequestGuard:
@@ -111,7 +131,7 @@ class RequestGuard:
                 return PayloadTooLarge(f"The request body is larger than {self.max_body} bytes.")
         else:
             n = 0
-        if method in _BODY_METHODS and (n > 0 or chunked) and not _is_json(_header(scope, b"content-type")):
+        if method in _BODY_METHODS and (n > 0 or chunked) and not _acceptable(scope["path"], _header(scope, b"content-type")):
             return UnsupportedMediaType("Request bodies must be JSON (Content-Type: application/json).")
         return None
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError

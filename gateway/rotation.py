@@ -31,11 +31,20 @@ from backends.local import secret_context
 from gateway.envelope import Envelope
 from gateway.errors import ConfigurationError
 from gateway.keyring import KeyRing
-from gateway.mounts import backend_config_context
-from gateway.store import Store
 from gateway.leases import lease_context
+from gateway.mounts import backend_config_context
 from gateway.signing import signing_context
-from gateway.store.models import BackendRow, KekVersion, LeaseRow, SecretRow, SecretVersionRow, SigningKeyRow, WrapRow, utcnow
+from gateway.store import Store
+from gateway.store.models import (
+    BackendRow,
+    KekVersion,
+    LeaseRow,
+    SecretRow,
+    SecretVersionRow,
+    SigningKeyRow,
+    WrapRow,
+    utcnow,
+)
 from gateway.wrapping import wrap_context
 
 log = logging.getLogger("credgate.rotation")

@@ -9,22 +9,22 @@ from dataclasses import dataclass
 
 from gateway.auth import AdminKeys
 from gateway.authenticator import Authenticator
-from gateway.clients import Clients
-from gateway.identity import TrustedIssuers
-from gateway.policies import Policies
-from gateway.runs import Runs
-from gateway.signing import SigningKeys
-from gateway.tokens import Tokens
 from gateway.catalog import Catalog
+from gateway.clients import Clients
 from gateway.credentials import Credentials, RevokePolicy
 from gateway.envelope import Envelope
+from gateway.identity import TrustedIssuers
 from gateway.keyring import KeyRing, load_keyring
 from gateway.leases import Leases
 from gateway.mounts import Mounts
+from gateway.policies import Policies
 from gateway.reaper import Reaper
 from gateway.rotation import KeyManager
+from gateway.runs import Runs
 from gateway.settings import Settings
+from gateway.signing import SigningKeys
 from gateway.store import Store
+from gateway.tokens import Tokens
 from gateway.wrapping import WrapTokens
 
 log = logging.getLogger("credgate")

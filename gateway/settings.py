@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         None, description="The gateway's URL as callers see it: the issuer of its tokens (default http://HOST:PORT)."
     )
 
+    login_issuer: str | None = Field(
+        None, description="Name of the trusted issuer admins sign in with (`credgate login`, the console)."
+    )
+    login_client_id: str | None = Field(None, description="The OAuth2 client id credgate uses at that issuer.")
+    login_scopes: str = Field("openid email profile groups", description="Scopes asked for at sign-in.")
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest accepted request body.")

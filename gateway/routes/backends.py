@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response
 
-from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.auth import Principal
+from gateway.deps import RuntimeDep, requires
 from gateway.mounts import MountInfo
 from gateway.schemas import BackendList, BackendOut, BackendPut, HealthOut
 
@@ -14,36 +17,31 @@ def _out(info: MountInfo) -> BackendOut:
 
 
 @router.get("", summary="List backends")
-async def list_backends(runtime: RuntimeDep, principal: PrincipalDep) -> BackendList:
-    principal.require("backends:read")
+async def list_backends(runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> BackendList:
     return BackendList(items=[_out(i) for i in await runtime.mounts.list()])
 
 
 @router.get("/{name}", summary="Show a backend")
-async def get_backend(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> BackendOut:
-    principal.require("backends:read")
+async def get_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> BackendOut:
     return _out(await runtime.mounts.info(name))
 
 
 @router.put("/{name}", summary="Create or replace a backend")
 async def put_backend(
-    name: str, body: BackendPut, runtime: RuntimeDep, principal: PrincipalDep, response: Response
+    name: str, body: BackendPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")], response: Response
 ) -> BackendOut:
-    principal.require("backends:manage")
     info, created = await runtime.mounts.put(name, body.type, body.config)
     response.status_code = 201 if created else 200
     return _out(info)
 
 
 @router.delete("/{name}", status_code=204, summary="Remove a backend (refused while it holds secrets)")
-async def delete_backend(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> Response:
-    principal.require("backends:manage")
+async def delete_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")]) -> Response:
     await runtime.mounts.delete(name)
     return Response(status_code=204)
 
 
 @router.post("/{name}/check", summary="Check that a backend is reachable")
-async def check_backend(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> HealthOut:
-    principal.require("backends:read")
+async def check_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> HealthOut:
     h = await runtime.mounts.check(name)
     return HealthOut(backend=name, ok=h.ok, message=h.message, details=h.details)

@@ -4,8 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
+from gateway.auth import Principal
 from gateway.catalog import ConnectorSpec, all_type_info
-from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.deps import RuntimeDep, requires
 from gateway.errors import Conflict
 from gateway.schemas import (
     ConnectorList,
@@ -36,38 +37,33 @@ def _out(row: ConnectorRow) -> ConnectorOut:
 
 
 @router.get("/v1/connector-types", summary="Connector types: auth methods, resources, revocability, TTLs")
-async def connector_types(principal: PrincipalDep) -> ConnectorTypeList:
-    principal.require("connectors:read")
+async def connector_types(principal: Annotated[Principal, requires("connectors:read")]) -> ConnectorTypeList:
     return ConnectorTypeList(items=all_type_info())
 
 
 @router.get("/v1/connectors", summary="List connectors")
-async def list_connectors(runtime: RuntimeDep, principal: PrincipalDep) -> ConnectorList:
-    principal.require("connectors:read")
+async def list_connectors(runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:read")]) -> ConnectorList:
     return ConnectorList(items=[_out(r) for r in await runtime.catalog.list()])
 
 
 @router.put("/v1/connectors/{name}", summary="Create or replace a connector")
 async def put_connector(
-    name: str, body: ConnectorPut, runtime: RuntimeDep, principal: PrincipalDep, response: Response
+    name: str, body: ConnectorPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")], response: Response
 ) -> ConnectorOut:
-    principal.require("connectors:manage")
     row, created = await runtime.catalog.put(name, ConnectorSpec(**body.model_dump()))
     response.status_code = 201 if created else 200
     return _out(row)
 
 
 @router.get("/v1/connectors/{name}", summary="Show a connector (never its material)")
-async def get_connector(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> ConnectorOut:
-    principal.require("connectors:read")
+async def get_connector(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:read")]) -> ConnectorOut:
     return _out(await runtime.catalog.get(name))
 
 
 @router.delete("/v1/connectors/{name}", status_code=204, summary="Remove a connector")
 async def delete_connector(
-    name: str, runtime: RuntimeDep, principal: PrincipalDep, revoke_leases: bool = False
+    name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")], revoke_leases: bool = False
 ) -> Response:
-    principal.require("connectors:manage")
     await runtime.catalog.get(name)
     if revoke_leases:
         ids = await runtime.leases.mark_revoking(connector=name)
@@ -85,8 +81,7 @@ async def delete_connector(
 
 
 @router.post("/v1/connectors/{name}/verify", summary="Check the stored material against the target")
-async def verify_connector(name: str, runtime: RuntimeDep, principal: PrincipalDep) -> VerificationOut:
-    principal.require("connectors:manage")
+async def verify_connector(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")]) -> VerificationOut:
     connector = await runtime.catalog.instance(await runtime.catalog.get(name))
     v = await connector.verify()
     return VerificationOut(connector=name, ok=v.ok, message=v.message, identity=v.identity, reachable=v.reachable)
@@ -96,9 +91,8 @@ async def verify_connector(name: str, runtime: RuntimeDep, principal: PrincipalD
 async def list_resources(
     name: str,
     runtime: RuntimeDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, requires("connectors:read")],
     type: Annotated[str, Query(min_length=1, max_length=64)],
 ) -> ResourceList:
-    principal.require("connectors:read")
     connector = await runtime.catalog.instance(await runtime.catalog.get(name))
     return ResourceList(connector=name, resource_type=type, items=await connector.list_resources(type))

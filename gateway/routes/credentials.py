@@ -4,26 +4,60 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header
 
+from gateway.auth import Principal
 from gateway.credentials import IssueParams
-from gateway.deps import PrincipalDep, RuntimeDep
-from gateway.errors import BadRequest
+from gateway.deps import RuntimeDep, requires
+from gateway.errors import BadRequest, Gone, NotFound, Unauthenticated
+from gateway.runtime import Runtime
 from gateway.schemas import CredentialOut, CredentialRequest, UnwrapIn
 
 router = APIRouter(tags=["credentials"])
+
+
+async def issue_for(
+    runtime: Runtime, principal: Principal, body: CredentialRequest, idempotency_key: str | None, run_id: str | None
+) -> CredentialOut:
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise BadRequest("The Idempotency-Key header is empty.", code="invalid_idempotency_key")
+    action = "credentials:wrap" if body.wrap else "credentials:issue"
+    decision = principal.require(action, body.connector, body.resource)
+    out = await runtime.credentials.issue(
+        principal, IssueParams(**body.model_dump()), idempotency_key=idempotency_key, run_id=run_id,
+        policy_max=decision.max_ttl, decided_by=decision.rule,
+    )
+    return CredentialOut(**out)
 
 
 @router.post("/v1/credentials", summary="Issue a short-lived credential (or a wrap token for it)")
 async def issue(
     body: CredentialRequest,
     runtime: RuntimeDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, requires("credentials:issue|credentials:wrap")],
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> CredentialOut:
-    principal.require("credentials:wrap" if body.wrap else "credentials:issue")
-    if idempotency_key is not None and not idempotency_key.strip():
-        raise BadRequest("The Idempotency-Key header is empty.", code="invalid_idempotency_key")
-    out = await runtime.credentials.issue(principal, IssueParams(**body.model_dump()), idempotency_key=idempotency_key)
-    return CredentialOut(**out)
+    return await issue_for(runtime, principal, body, idempotency_key, principal.run_id)
+
+
+@router.post("/v1/runs/{run_id}/credentials", summary="Issue a credential for one run (run token, or its delegator)")
+async def issue_for_run(
+    run_id: str,
+    body: CredentialRequest,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("credentials:issue|credentials:wrap")],
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> CredentialOut:
+    if principal.scope is not None:
+        if principal.run_id != run_id:
+            raise Unauthenticated(f"This run token is bound to another run, not {run_id}.", code="token_run_mismatch")
+    else:
+        # The delegating service asks on the run's behalf (e.g. wrapped, for the pipeline to unwrap).
+        principal.require("runs:delegate")
+        run = await runtime.runs.get(run_id)
+        if run is None or run.created_by != principal.subject:
+            raise NotFound(f"Run {run_id} is not one of yours.", code="run_not_found")
+        if run.revoked_at is not None:
+            raise Gone(f"Run {run_id} has been revoked.", code="run_revoked")
+    return await issue_for(runtime, principal, body, idempotency_key, run_id)
 
 
 @router.post("/v1/unwrap", summary="Exchange a wrap token for its credential, exactly once")

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Annotated
 
 from fastapi import APIRouter
 
-from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.auth import Principal
+from gateway.deps import RuntimeDep, requires
 from gateway.rotation import KeyStatus
 from gateway.schemas import KeyStatusOut
 
@@ -16,12 +18,10 @@ def _out(status: KeyStatus) -> KeyStatusOut:
 
 
 @router.get("/status", summary="KEK versions, what references each, and re-wrap progress")
-async def key_status(runtime: RuntimeDep, principal: PrincipalDep) -> KeyStatusOut:
-    principal.require("keys:read")
+async def key_status(runtime: RuntimeDep, principal: Annotated[Principal, requires("keys:read")]) -> KeyStatusOut:
     return _out(await runtime.keys.status())
 
 
 @router.post("/rotate", status_code=202, summary="Add a KEK version and re-wrap every data key in the background")
-async def rotate(runtime: RuntimeDep, principal: PrincipalDep) -> KeyStatusOut:
-    principal.require("keys:manage")
+async def rotate(runtime: RuntimeDep, principal: Annotated[Principal, requires("keys:manage")]) -> KeyStatusOut:
     return _out(await runtime.keys.rotate())

@@ -5,11 +5,19 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
+from gateway.auth import Principal
 from gateway.credentials import lease_view
-from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.deps import PrincipalDep, RuntimeDep, requires
 from gateway.errors import BadRequest, Forbidden
 from gateway.leases import REVOKED, REVOKING
-from gateway.schemas import BulkRevokeIn, BulkRevokeOut, LeaseList, LeaseOut, LeaseSummary, RenewIn
+from gateway.schemas import (
+    BulkRevokeIn,
+    BulkRevokeOut,
+    LeaseList,
+    LeaseOut,
+    LeaseSummary,
+    RenewIn,
+)
 
 router = APIRouter(prefix="/v1/leases", tags=["leases"])
 
@@ -23,7 +31,7 @@ def _out(row) -> LeaseOut:
 @router.get("", summary="List leases")
 async def list_leases(
     runtime: RuntimeDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, requires("leases:read")],
     connector: Annotated[str | None, Query(max_length=64)] = None,
     principal_filter: Annotated[str | None, Query(alias="principal", max_length=200)] = None,
     state: State | None = None,
@@ -31,7 +39,6 @@ async def list_leases(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     page_token: Annotated[str | None, Query(max_length=64)] = None,
 ) -> LeaseList:
-    principal.require("leases:read")
     if page_token is not None and not page_token.startswith("lease_"):
         raise BadRequest("The page_token is not one this gateway issued.", code="invalid_page_token")
     rows, after = await runtime.leases.list(
@@ -42,15 +49,13 @@ async def list_leases(
 
 
 @router.get("/summary", summary="Lease counts by state, stuck revocations, reaper leadership")
-async def summary(runtime: RuntimeDep, principal: PrincipalDep) -> LeaseSummary:
-    principal.require("leases:read")
+async def summary(runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")]) -> LeaseSummary:
     counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)
     return LeaseSummary(**counts, reaper_leader=runtime.reaper.is_leader)
 
 
 @router.post("/revoke", summary="Revoke every live lease of a connector and/or principal")
-async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: PrincipalDep) -> BulkRevokeOut:
-    principal.require("leases:revoke")
+async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:revoke")]) -> BulkRevokeOut:
     if not body.connector and not body.principal:
         raise BadRequest("Name a connector, a principal, or both.", code="filter_required")
     ids = await runtime.leases.mark_revoking(connector=body.connector, principal=body.principal)
@@ -60,8 +65,7 @@ async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Princi
 
 
 @router.get("/{lease_id}", summary="Show a lease")
-async def get_lease(lease_id: str, runtime: RuntimeDep, principal: PrincipalDep) -> LeaseOut:
-    principal.require("leases:read")
+async def get_lease(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")]) -> LeaseOut:
     return _out(await runtime.leases.get(lease_id))
 
 
@@ -76,8 +80,7 @@ async def renew(
 
 
 @router.post("/{lease_id}/revoke", summary="Revoke a lease (idempotent)")
-async def revoke(lease_id: str, runtime: RuntimeDep, principal: PrincipalDep, response: Response) -> LeaseOut:
-    principal.require("leases:revoke")
+async def revoke(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:revoke")], response: Response) -> LeaseOut:
     await runtime.leases.get(lease_id)
     await runtime.leases.mark_revoking(lease_ids=[lease_id])
     await runtime.credentials.revoke([lease_id])

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query, Response
 
 from backends.base import SecretMetadata
 from gateway import paths
-from gateway.deps import PrincipalDep, RuntimeDep
+from gateway.auth import Principal
+from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, NotFound
 from gateway.schemas import SecretList, SecretOut, SecretPut, VersionOut
 
@@ -50,14 +51,14 @@ def _decode_token(token: str) -> str:
 async def list_secrets(
     backend: str,
     runtime: RuntimeDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, requires("secrets:read")],
     prefix: Annotated[str, Query(max_length=512)] = "",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     page_token: Annotated[str | None, Query(max_length=2048)] = None,
     include_deleted: bool = False,
 ) -> SecretList:
-    principal.require("secrets:read")
     paths.secret_prefix(prefix)
+    principal.require("secrets:read", resource=f"{backend}/{prefix}*")
     after = _decode_token(page_token) if page_token else None
     store = await runtime.mounts.get(backend)
     page = await store.list(prefix, after=after, limit=limit, include_deleted=include_deleted)
@@ -67,10 +68,10 @@ async def list_secrets(
 
 @router.put("/{backend}/{path:path}", summary="Write a new version of a secret")
 async def put_secret(
-    backend: str, path: str, body: SecretPut, runtime: RuntimeDep, principal: PrincipalDep
+    backend: str, path: str, body: SecretPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("secrets:write")]
 ) -> SecretOut:
-    principal.require("secrets:write")
     paths.secret_path(path)
+    principal.require("secrets:write", resource=f"{backend}/{path}")
     store = await runtime.mounts.get(backend)
     meta = await store.put(path, body.data, author=principal.subject, cas=body.cas)
     return _out(meta)
@@ -81,14 +82,14 @@ async def get_secret(
     backend: str,
     path: str,
     runtime: RuntimeDep,
-    principal: PrincipalDep,
+    principal: Annotated[Principal, requires("secrets:read")],
     reveal: bool = False,
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> SecretOut:
-    principal.require("secrets:read")
-    if reveal:
-        principal.require("secrets:reveal")
     paths.secret_path(path)
+    principal.require("secrets:read", resource=f"{backend}/{path}")
+    if reveal:
+        principal.require("secrets:reveal", resource=f"{backend}/{path}")
     store = await runtime.mounts.get(backend)
     meta = await store.metadata(path)
     out = _out(meta, version)
@@ -99,18 +100,18 @@ async def get_secret(
 
 @router.delete("/{backend}/{path:path}", status_code=204, summary="Soft-delete a secret, or destroy it")
 async def delete_secret(
-    backend: str, path: str, runtime: RuntimeDep, principal: PrincipalDep, destroy: bool = False
+    backend: str, path: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("secrets:write")], destroy: bool = False
 ) -> Response:
-    principal.require("secrets:write")
     paths.secret_path(path)
+    principal.require("secrets:write", resource=f"{backend}/{path}")
     store = await runtime.mounts.get(backend)
     await store.delete(path, author=principal.subject, destroy=destroy)
     return Response(status_code=204)
 
 
 @router.post("/{backend}/{path:path}:restore", summary="Undo a soft delete")
-async def restore_secret(backend: str, path: str, runtime: RuntimeDep, principal: PrincipalDep) -> SecretOut:
-    principal.require("secrets:write")
+async def restore_secret(backend: str, path: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("secrets:write")]) -> SecretOut:
     paths.secret_path(path)
+    principal.require("secrets:write", resource=f"{backend}/{path}")
     store = await runtime.mounts.get(backend)
     return _out(await store.restore(path))

@@ -76,7 +76,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer, ResourceProtector
 from authlib.oauth2 import OAuth2Error
@@ -109,7 +109,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from .managed import ManagedService
 from .pgcluster import free_port
 
-__all__ = ["OIDCProvider", "DEFAULT_USERS", "SCOPES_SUPPORTED"]
+__all__ = ["DEFAULT_USERS", "SCOPES_SUPPORTED", "OIDCProvider"]
 
 DEFAULT_USERS: dict[str, dict[str, Any]] = {
     "alice": {"email": "alice@example.com", "groups": ["credgate-admins"]},
@@ -696,7 +696,7 @@ class _S256CodeChallenge(CodeChallenge):
     refused up front.
     """
 
-    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]
+    SUPPORTED_CODE_CHALLENGE_METHOD: ClassVar[list[str]] = ["S256"]
 
     def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
         super().validate_code_challenge(grant, redirect_uri)
@@ -710,7 +710,7 @@ class _S256CodeChallenge(CodeChallenge):
 
 
 class _AuthorizationCodeGrant(grants.AuthorizationCodeGrant):
-    TOKEN_ENDPOINT_AUTH_METHODS = list(TOKEN_AUTH_METHODS)
+    TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = list(TOKEN_AUTH_METHODS)
     CODE_LIFETIME = 120
     store: _Store
 
@@ -828,7 +828,7 @@ class _DeviceCodeGrant(DeviceCodeGrant):
 
 
 class _ClientCredentialsGrant(grants.ClientCredentialsGrant):
-    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+    TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = ["client_secret_basic", "client_secret_post"]
 
 
 class _BearerTokenValidator(BearerTokenValidator):

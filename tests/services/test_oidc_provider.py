@@ -317,9 +317,7 @@ def test_confidential_client_code_flow_without_pkce(http: httpx.Client) -> None:
 
 def test_client_credentials_for_a_confidential_client(http: httpx.Client) -> None:
     basic = http.post("/token", data={"grant_type": "client_credentials", "scope": "openid"}, auth=(SVC, SVC_SECRET))
-    post = http.post(
-        "/token", data={"grant_type": "client_credentials", "client_id": SVC, "client_secret": SVC_SECRET}
-    )
+    post = http.post("/token", data={"grant_type": "client_credentials", "client_id": SVC, "client_secret": SVC_SECRET})
 
     for response in (basic, post):
         assert response.status_code == 200, response.text

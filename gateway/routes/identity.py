@@ -1,0 +1,370 @@
+"""Trusted issuers, OAuth2 clients, the token endpoint, JWKS and discovery, runs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy import select
+
+from gateway.auth import GATEWAY, Principal
+from gateway.clients import Clients, InvalidClient
+from gateway.deps import PrincipalDep, RuntimeDep, requires
+from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
+from gateway.identity import ASYMMETRIC
+from gateway.store.models import ClientRow, IssuerRow, utcnow
+
+router = APIRouter(tags=["identity"])
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")]
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]{1,1000}$")]
+
+
+# --- trusted issuers ---------------------------------------------------------
+
+
+class IssuerPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    issuer_url: Url
+    jwks_url: Url | None = None
+    jwks: dict[str, Any] | None = Field(None, description="Inline JWK set, instead of jwks_url.")
+    audiences: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = Field(..., min_length=1)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    leeway_seconds: int = Field(30, ge=0, le=60)
+    claim_mapping: dict[Literal["subject", "groups", "project", "run"], str] = Field(default_factory=dict)
+    role_mapping: dict[str, list[Literal["admin", "operator", "auditor"]]] = Field(
+        default_factory=dict, description="Group claim value -> built-in roles."
+    )
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ASYMMETRIC]
+        if bad:
+            raise ValueError(f"only asymmetric algorithms are accepted ({', '.join(ASYMMETRIC)})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> IssuerPut:
+        if (self.jwks_url is None) == (self.jwks is None):
+            raise ValueError("give exactly one of jwks_url and jwks")
+        if self.jwks is not None:
+            try:
+                keys = KeySet.import_key_set(self.jwks)
+            except (JoseError, ValueError, TypeError, KeyError):
+                raise ValueError("jwks is not a valid JWK set") from None
+            if any(k.is_private for k in keys.keys) or any(k.key_type == "oct" for k in keys.keys):
+                raise ValueError("jwks must hold public asymmetric keys only")
+        return self
+
+
+class IssuerOut(IssuerPut):
+    name: str
+
+
+def _issuer_out(row: IssuerRow) -> IssuerOut:
+    return IssuerOut.model_construct(
+        name=row.name, issuer_url=row.issuer_url, jwks_url=row.jwks_url, jwks=row.jwks, audiences=row.audiences,
+        algorithms=row.algorithms, leeway_seconds=row.leeway_seconds, claim_mapping=row.claim_mapping,
+        role_mapping=row.role_mapping,
+    )
+
+
+@router.put("/v1/issuers/{name}", summary="Trust an issuer's JWTs")
+async def put_issuer(
+    name: Name, body: IssuerPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")],
+    response: Response,
+) -> IssuerOut:
+    if name == GATEWAY:
+        raise BadRequest("'credgate' names the gateway itself.", code="invalid_issuer_name")
+    async with runtime.store.write() as s:
+        row = await s.get(IssuerRow, name, with_for_update=True)
+        response.status_code = 201 if row is None else 200
+        if row is None:
+            row = IssuerRow(name=name, created_at=utcnow())
+            s.add(row)
+        for field, value in body.model_dump().items():
+            setattr(row, field, value)
+        row.updated_at = utcnow()
+    runtime.issuers.forget(name)
+    return _issuer_out(row)
+
+
+@router.get("/v1/issuers", summary="List trusted issuers")
+async def list_issuers(runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> list[IssuerOut]:
+    async with runtime.store.read() as s:
+        return [_issuer_out(r) for r in (await s.execute(select(IssuerRow).order_by(IssuerRow.name))).scalars()]
+
+
+@router.get("/v1/issuers/{name}", summary="Show a trusted issuer")
+async def get_issuer(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> IssuerOut:
+    return _issuer_out(await runtime.issuers.get(name))
+
+
+@router.delete("/v1/issuers/{name}", status_code=204, summary="Stop trusting an issuer")
+async def delete_issuer(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> Response:
+    async with runtime.store.write() as s:
+        row = await s.get(IssuerRow, name, with_for_update=True)
+        if row is None:
+            raise NotFound(f"Issuer {name!r} does not exist.", code="issuer_not_found")
+        await s.delete(row)
+    runtime.issuers.forget(name)
+    return Response(status_code=204)
+
+
+# --- clients -----------------------------------------------------------------
+
+
+class ClientCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    client_id: Name
+    roles: list[Literal["admin", "operator", "auditor"]] = Field(default_factory=list)
+    token_ttl_seconds: int = Field(900, ge=60, le=86400)
+    jwks: dict[str, Any] | None = Field(None, description="Public keys for private_key_jwt; without it a secret is made.")
+
+
+class ClientOut(BaseModel):
+    client_id: str
+    roles: list[str]
+    token_ttl_seconds: int
+    auth_method: str
+    created_at: Any
+    revoked_at: Any
+
+
+class ClientCreated(ClientOut):
+    client_secret: str | None = Field(None, description="Shown once; only its hash is kept.")
+
+
+def _client_out(row: ClientRow) -> dict[str, Any]:
+    return dict(
+        client_id=row.client_id, roles=row.roles, token_ttl_seconds=row.token_ttl_seconds,
+        auth_method="private_key_jwt" if row.jwks else "client_secret",
+        created_at=row.created_at, revoked_at=row.revoked_at,
+    )
+
+
+@router.post("/v1/clients", status_code=201, summary="Register an OAuth2 client (a service)")
+async def create_client(
+    body: ClientCreate, runtime: RuntimeDep, principal: Annotated[Principal, requires("clients:manage")]
+) -> ClientCreated:
+    row, secret = await runtime.clients.create(
+        body.client_id, roles=body.roles, token_ttl=timedelta(seconds=body.token_ttl_seconds), jwks=body.jwks
+    )
+    return ClientCreated(**_client_out(row), client_secret=secret)
+
+
+@router.get("/v1/clients", summary="List OAuth2 clients")
+async def list_clients(runtime: RuntimeDep, principal: Annotated[Principal, requires("clients:manage")]) -> list[ClientOut]:
+    return [ClientOut(**_client_out(r)) for r in await runtime.clients.list()]
+
+
+@router.post("/v1/clients/{client_id}/revoke", summary="Revoke a client")
+async def revoke_client(
+    client_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("clients:manage")]
+) -> ClientOut:
+    return ClientOut(**_client_out(await runtime.clients.revoke(client_id)))
+
+
+# --- the token endpoint (RFC 6749, 7523, 8693) -------------------------------
+
+GRANT_CC = "client_credentials"
+GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+GRANT_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+MAX_EXCHANGED_TTL = timedelta(hours=1)
+
+
+def oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    """Token endpoint errors use RFC 6749 section 5.2's shape, which OAuth2 clients parse."""
+    headers = {"Cache-Control": "no-store"}
+    if error == "invalid_client":
+        headers["WWW-Authenticate"] = 'Basic realm="credgate"'
+    return JSONResponse({"error": error, "error_description": description}, status_code=status, headers=headers)
+
+
+def _basic(header: str | None) -> tuple[str, str] | None:
+    if not header or not header.lower().startswith("basic "):
+        return None
+    try:
+        raw = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    cid, sep, secret = raw.partition(":")
+    return (unquote(cid), unquote(secret)) if sep else None
+
+
+@router.post("/v1/auth/token", summary="OAuth2 token endpoint: client_credentials, jwt-bearer, token-exchange")
+async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        return oauth_error(400, "invalid_request", "The body must be application/x-www-form-urlencoded.")
+    form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+    grant = form.get("grant_type")
+    endpoint = f"{runtime.settings.issuer_url}/v1/auth/token"
+    try:
+        if grant == GRANT_CC:
+            client = await _client(runtime.clients, form, request.headers.get("authorization"), endpoint)
+            ttl = timedelta(seconds=client.token_ttl_seconds)
+            access = runtime.tokens.mint_access(
+                kind="client", name=f"client:{client.client_id}", issuer=GATEWAY, roles=frozenset(client.roles),
+                claims={}, ttl=ttl,
+            )
+        elif grant in (GRANT_JWT_BEARER, GRANT_EXCHANGE):
+            subject_token = form.get("assertion") if grant == GRANT_JWT_BEARER else form.get("subject_token")
+            if not subject_token:
+                return oauth_error(400, "invalid_request", "The subject token (or assertion) is missing.")
+            principal = await runtime.authenticator.authenticate(subject_token)
+            if principal.kind != "workload":
+                return oauth_error(400, "invalid_grant", "Only tokens from a trusted issuer can be exchanged.")
+            remaining = int(principal.claims.get("exp", 0)) - int(time.time())
+            ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=max(remaining, 0)))
+            access = runtime.tokens.mint_access(
+                kind="workload", name=principal.name, issuer=principal.issuer, roles=principal.roles,
+                claims={k: v for k, v in principal.claims.items() if k in ("subject", "groups", "project", "run", "email")},
+                ttl=ttl,
+            )
+        else:
+            return oauth_error(400, "unsupported_grant_type", "Supported: client_credentials, jwt-bearer, token-exchange.")
+    except CredgateError as exc:
+        status, error = (401, "invalid_client") if exc.code == "invalid_client" else (400, "invalid_grant")
+        return oauth_error(status, error, exc.message)
+    body = {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds())}
+    if grant == GRANT_EXCHANGE:
+        body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+    return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+async def _client(clients: Clients, form: dict[str, str], authorization: str | None, endpoint: str) -> ClientRow:
+    basic = _basic(authorization)
+    if form.get("client_assertion_type") == ASSERTION_TYPE and form.get("client_assertion"):
+        return await clients.with_assertion(form["client_assertion"], endpoint)
+    if basic is not None:
+        return await clients.with_secret(*basic)
+    if form.get("client_id") and form.get("client_secret"):
+        return await clients.with_secret(form["client_id"], form["client_secret"])
+    raise InvalidClient("No client authentication was given.")
+
+
+@router.get("/v1/jwks", summary="The gateway's public signing keys")
+async def jwks(runtime: RuntimeDep) -> dict[str, Any]:
+    return runtime.signing.jwks()
+
+
+@router.get("/.well-known/openid-configuration", summary="Discovery document of the gateway as a token issuer")
+async def discovery(runtime: RuntimeDep) -> dict[str, Any]:
+    base = runtime.settings.issuer_url
+    return {
+        "issuer": base,
+        "jwks_uri": f"{base}/v1/jwks",
+        "token_endpoint": f"{base}/v1/auth/token",
+        "grant_types_supported": [GRANT_CC, GRANT_JWT_BEARER, GRANT_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ASYMMETRIC,
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+    }
+
+
+class LoginConfig(BaseModel):
+    issuer_url: str
+    client_id: str
+    scopes: str
+
+
+@router.get("/v1/auth/login-config", summary="Where admins sign in (anonymous): the IdP and credgate's client id there")
+async def login_config(runtime: RuntimeDep) -> LoginConfig:
+    settings = runtime.settings
+    if not settings.login_issuer or not settings.login_client_id:
+        raise NotFound("Sign-in is not configured (CREDGATE_LOGIN_ISSUER, CREDGATE_LOGIN_CLIENT_ID).",
+                       code="login_not_configured")
+    row = await runtime.issuers.get(settings.login_issuer)
+    return LoginConfig(issuer_url=row.issuer_url, client_id=settings.login_client_id, scopes=settings.login_scopes)
+
+
+class WhoAmI(BaseModel):
+    kind: str
+    subject: str
+    issuer: str
+    roles: list[str]
+    run_id: str | None
+
+
+@router.get("/v1/auth/whoami", summary="Who the presented token says you are")
+async def whoami(principal: PrincipalDep) -> WhoAmI:
+    return WhoAmI(kind=principal.kind, subject=principal.subject, issuer=principal.issuer,
+                  roles=sorted(principal.roles), run_id=principal.run_id)
+
+
+# --- runs --------------------------------------------------------------------
+
+RunId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+
+class RunTokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    connectors: list[Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^?\[\]]+$")]] = Field(..., min_length=1, max_length=50)
+    resources: list[Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^?\[\]]+$")]] = Field(..., min_length=1, max_length=100)
+    ttl_seconds: int = Field(3600, ge=60, le=86400)
+
+
+class RunTokenOut(BaseModel):
+    run_id: str
+    token: str
+    expires_in: int
+    connectors: list[str]
+    resources: list[str]
+    max_credential_ttl_seconds: int | None
+
+
+class RunRevokeOut(BaseModel):
+    run_id: str
+    revoked: bool
+    leases_revoked: int
+    leases_still_revoking: list[str]
+
+
+@router.post("/v1/runs/{run_id}/token", summary="A token for one pipeline run, scoped to a subset of the caller's rights")
+async def run_token(
+    run_id: RunId, body: RunTokenIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("runs:delegate")]
+) -> RunTokenOut:
+    token, scope, ttl = await runtime.runs.mint(
+        principal, run_id, body.connectors, body.resources, timedelta(seconds=body.ttl_seconds)
+    )
+    return RunTokenOut(
+        run_id=run_id, token=token, expires_in=int(ttl.total_seconds()), connectors=list(scope.connectors),
+        resources=list(scope.resources),
+        max_credential_ttl_seconds=int(scope.max_ttl.total_seconds()) if scope.max_ttl else None,
+    )
+
+
+@router.post("/v1/runs/{run_id}/revoke", summary="End a run: its token stops working and its leases are revoked")
+async def revoke_run(run_id: RunId, runtime: RuntimeDep, principal: PrincipalDep) -> RunRevokeOut:
+    run = await runtime.runs.get(run_id)
+    if run is None:
+        raise NotFound(f"Run {run_id} does not exist.", code="run_not_found")
+    own = run.created_by == principal.subject and principal.can("runs:delegate")
+    if not (own or principal.can("leases:revoke")):
+        raise Forbidden(f"{principal.subject} may not revoke run {run_id}.", code="permission_denied")
+    await runtime.runs.mark_revoked(run_id)
+    ids = await runtime.leases.mark_revoking(run_id=run_id)
+    await runtime.credentials.revoke(ids)
+    still = [i for i in ids if (await runtime.leases.get(i)).state == "revoking"]
+    return RunRevokeOut(run_id=run_id, revoked=True, leases_revoked=len(ids) - len(still), leases_still_revoking=still)
+
