@@ -115,8 +115,11 @@ class Clients:
             raise InvalidClient("Client authentication failed.") from None
         if claims.get("iss") != client_id or claims.get("sub") != client_id:
             raise InvalidClient("Client authentication failed.")
-        check_audience(claims, [token_endpoint])
-        check_times(claims, 30)
+        try:
+            check_audience(claims, [token_endpoint])
+            check_times(claims, 30)
+        except Unauthenticated as exc:
+            raise InvalidClient(f"The client assertion is not acceptable ({exc.code}).") from None
         exp, jti = claims.get("exp"), claims.get("jti")
         if not isinstance(jti, str) or not jti or exp - claims.get("iat", exp) > MAX_ASSERTION_LIFETIME:
             raise InvalidClient("The client assertion needs a jti and a lifetime of at most 5 minutes.")
