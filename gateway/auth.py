@@ -75,14 +75,12 @@ class Principal:
         if self.scope is None:
             return self.policy.decide(self.as_subject, action, connector, resource)
         scope = self.scope
-        if action not in ("credentials:issue", "credentials:wrap", "leases:read"):
+        if action not in ("credentials:issue", "credentials:wrap"):
             return Decision(False, None, f"a run token may not {action}")
         if connector is not None and not any(glob_regex(c).match(connector) for c in scope.connectors):
             return Decision(False, None, f"connector {connector!r} is outside run {scope.run_id}'s scope")
         if resource is not None and not any(glob_regex(r).match(resource) for r in scope.resources):
             return Decision(False, None, f"resource {resource!r} is outside run {scope.run_id}'s scope")
-        if action == "leases:read":
-            return Decision(True, f"run/{scope.run_id}", "a run reads its own leases")
         # Never more than the delegator holds now.
         upstream = self.policy.decide(scope.delegator, action, connector, resource)
         if not upstream.allowed:

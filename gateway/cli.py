@@ -4,6 +4,13 @@ Server-side commands (``serve``, ``db upgrade``, ``keys generate``) read the
 settings; client commands talk to a running gateway over HTTP with
 ``CREDGATE_ADDR`` and ``CREDGATE_TOKEN`` (or ``--addr``/``--token``).
 
+``credgate login`` signs an admin in through the identity provider the gateway
+names (OAuth2 device flow, RFC 8628), exchanges the IdP's id_token for a
+gateway token and keeps it in a profile file (``$CREDGATE_PROFILE``, default
+``~/.config/credgate/profile.json``, mode 0600). Without ``--token`` and
+``CREDGATE_TOKEN``, client commands use that token, but only towards the
+gateway it was issued by.
+
 Exit codes: 0 success, 1 a request the gateway refused or could not serve,
 2 bad usage or configuration (always one line on stderr).
 """
@@ -11,15 +18,18 @@ Exit codes: 0 success, 1 a request the gateway refused or could not serve,
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
 from gateway import paths
-from gateway.client import Client, GatewayUnreachable, RequestFailed, seg
+from gateway.client import DEFAULT_ADDR, Client, GatewayUnreachable, RequestFailed, seg
 from gateway.errors import BadRequest, ConfigurationError
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -43,6 +53,10 @@ db_app = typer.Typer(help="The gateway's store.", no_args_is_help=True)
 connector_app = typer.Typer(help="Connectors: routes from backend secrets to target services.", no_args_is_help=True)
 cred_app = typer.Typer(help="Issue short-lived credentials.", no_args_is_help=True)
 lease_app = typer.Typer(help="Leases: every credential issued, renewed, revoked.", no_args_is_help=True)
+issuer_app = typer.Typer(help="Trusted issuers: identity providers whose JWTs the gateway accepts.", no_args_is_help=True)
+client_app = typer.Typer(help="OAuth2 clients: services that get gateway tokens.", no_args_is_help=True)
+policy_app = typer.Typer(help="Policies: who may do what, and why a request is allowed or denied.", no_args_is_help=True)
+run_app = typer.Typer(help="Run tokens: a subset of your rights for one pipeline run.", no_args_is_help=True)
 app.add_typer(secret_app, name="secret")
 app.add_typer(backend_app, name="backend")
 app.add_typer(keys_app, name="keys")
@@ -51,6 +65,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(connector_app, name="connector")
 app.add_typer(cred_app, name="cred")
 app.add_typer(lease_app, name="lease")
+app.add_typer(issuer_app, name="issuer")
+app.add_typer(client_app, name="client")
+app.add_typer(policy_app, name="policy")
+app.add_typer(run_app, name="run")
 
 
 class UsageProblem(Exception):
@@ -69,6 +87,10 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory
 
 
 def _client(addr: str | None, token: str | None) -> Client:
+    """A client for ``addr`` with ``token`` (flag, then CREDGATE_TOKEN); failing both,
+    the token ``credgate login`` stored, if it was issued by that same gateway."""
+    if token is None:
+        addr, token = _profile_token(addr)
     return Client(addr, token)
 
 

@@ -48,3 +48,12 @@ def requires(action: str) -> Any:
 
     check.action = action  # type: ignore[attr-defined]
     return Depends(check)
+
+
+async def _authenticated(principal: PrincipalDep) -> Principal:
+    return principal
+
+
+_authenticated.action = "authenticated"  # type: ignore[attr-defined]
+Authenticated = Annotated[Principal, Depends(_authenticated)]
+"""Any authenticated caller (the route decides finer)."""

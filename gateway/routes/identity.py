@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from gateway.auth import GATEWAY, Principal
 from gateway.clients import Clients, InvalidClient
-from gateway.deps import PrincipalDep, RuntimeDep, requires
+from gateway.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
 from gateway.identity import ASYMMETRIC
 from gateway.store.models import ClientRow, IssuerRow, utcnow
@@ -307,7 +307,7 @@ class WhoAmI(BaseModel):
 
 
 @router.get("/v1/auth/whoami", summary="Who the presented token says you are")
-async def whoami(principal: PrincipalDep) -> WhoAmI:
+async def whoami(principal: Authenticated) -> WhoAmI:
     return WhoAmI(kind=principal.kind, subject=principal.subject, issuer=principal.issuer,
                   roles=sorted(principal.roles), run_id=principal.run_id)
 
@@ -355,7 +355,9 @@ async def run_token(
 
 
 @router.post("/v1/runs/{run_id}/revoke", summary="End a run: its token stops working and its leases are revoked")
-async def revoke_run(run_id: RunId, runtime: RuntimeDep, principal: PrincipalDep) -> RunRevokeOut:
+async def revoke_run(
+    run_id: RunId, runtime: RuntimeDep, principal: Annotated[Principal, requires("runs:delegate|leases:revoke")]
+) -> RunRevokeOut:
     run = await runtime.runs.get(run_id)
     if run is None:
         raise NotFound(f"Run {run_id} does not exist.", code="run_not_found")

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Response
 
 from gateway.auth import Principal
 from gateway.credentials import lease_view
-from gateway.deps import PrincipalDep, RuntimeDep, requires
+from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, Forbidden
 from gateway.leases import REVOKED, REVOKING
 from gateway.schemas import (
@@ -71,7 +71,10 @@ async def get_lease(lease_id: str, runtime: RuntimeDep, principal: Annotated[Pri
 
 @router.post("/{lease_id}/renew", summary="Extend a renewable lease, never past its max")
 async def renew(
-    lease_id: str, runtime: RuntimeDep, principal: PrincipalDep, body: RenewIn | None = None
+    lease_id: str,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("credentials:issue|leases:revoke")],
+    body: RenewIn | None = None,
 ) -> LeaseOut:
     lease = await runtime.leases.get(lease_id)
     if not (principal.can("leases:revoke") or (principal.can("credentials:issue") and lease.principal == principal.subject)):

@@ -1,0 +1,146 @@
+"""The authorization matrix, generated from the app's route table.
+
+Every route is called by every kind of caller; the expected allow or deny
+comes from the action the route declares (its ``requires(...)`` dependency)
+and the table below of what each caller holds. A route that declares no
+action and is not listed as public fails this test, so a new endpoint can't
+slip in unguarded.
+
+"Allowed" means the caller got past authentication and authorization (any
+status but 401/403: often a 404 or 422 for the dummy path and empty body);
+"denied" means 403 (401 for the anonymous caller).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+from fastapi.routing import APIRoute
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from gateway.policy import ACTIONS
+from tests.conftest import ADMIN_TOKEN, Gateway
+
+pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+
+PUBLIC = {
+    "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+    "/v1/unwrap", "/v1/auth/token", "/v1/jwks", "/.well-known/openid-configuration", "/v1/auth/login-config",
+    "/v1/auth/console/login", "/v1/auth/console/callback",
+}
+
+HOLDS = {
+    "admin": set(ACTIONS),
+    "operator": {"secrets:read", "secrets:write", "backends:read", "connectors:read", "credentials:issue",
+                 "credentials:wrap", "leases:read"},
+    "auditor": {"secrets:read", "backends:read", "connectors:read", "leases:read", "keys:read", "policies:read", "audit:read"},
+    "service": {"runs:delegate", "credentials:issue", "credentials:wrap"},
+    "run": {"credentials:issue", "credentials:wrap"},
+    "workload": {"credentials:issue"},
+}
+
+POLICY = {"rules": [
+    {"principals": {"issuer": "credgate", "subject": "client:meta"},
+     "actions": ["runs:delegate", "credentials:issue", "credentials:wrap"], "connectors": ["wandb"]},
+    {"principals": {"issuer": "ci", "subject": "repo:org/ml:*"}, "actions": ["credentials:issue"], "connectors": ["aws"]},
+]}
+
+
+def route_table(app) -> list:
+    """Every endpoint with its full path, whether FastAPI keeps them flat (older
+    releases: APIRoute) or behind included-router wrappers (newer releases)."""
+    out = []
+
+    def walk(items) -> None:
+        for item in items:
+            if hasattr(item, "effective_candidates"):
+                walk(item.effective_candidates())
+            elif isinstance(item, APIRoute) or (hasattr(item, "dependant") and hasattr(item, "methods")):
+                out.append(item)
+
+    walk(app.routes)
+    return out
+
+
+def declared_action(route) -> str | None:
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dep = stack.pop()
+        action = getattr(dep.call, "action", None)
+        if action:
+            return action
+        stack.extend(dep.dependencies)
+    return None
+
+
+async def callers(gw: Gateway) -> dict[str, str | None]:
+    c = gw.client
+    tokens: dict[str, str | None] = {"anonymous": None, "admin": ADMIN_TOKEN}
+    for role in ("operator", "auditor"):
+        tokens[role] = (await c.post("/v1/admin-keys", json={"name": role, "role": role})).json()["token"]
+    assert (await c.put("/v1/policies/matrix", json=POLICY)).status_code == 201
+    secret = (await c.post("/v1/clients", json={"client_id": "meta"})).json()["client_secret"]
+    r = await c.post("/v1/auth/token", content=f"grant_type=client_credentials&client_id=meta&client_secret={secret}",
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+    tokens["service"] = r.json()["access_token"]
+    async with gw.as_token(tokens["service"]) as svc:
+        r = await svc.post("/v1/runs/r1/token", json={"connectors": ["wandb"], "resources": ["*"]})
+        assert r.status_code == 200, r.text
+        tokens["run"] = r.json()["token"]
+    key = RSAKey.generate_key(2048, parameters={"kid": "ci-1"})
+    r = await c.put("/v1/issuers/ci", json={"issuer_url": "https://ci.example", "jwks": {"keys": [key.as_dict(private=False)]},
+                                            "audiences": ["credgate"]})
+    assert r.status_code == 201, r.text
+    now = int(time.time())
+    tokens["workload"] = jwt.encode({"alg": "RS256", "kid": "ci-1"}, {
+        "iss": "https://ci.example", "sub": "repo:org/ml:ref:refs/heads/main", "aud": "credgate", "iat": now, "exp": now + 600}, key)
+    return tokens
+
+
+def fill(path: str) -> str:
+    path = path.replace("/v1/runs/{run_id}/credentials", "/v1/runs/r1/credentials")
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+async def test_every_route_against_every_caller(gateway: Gateway) -> None:
+    tokens = await callers(gateway)
+    routes = route_table(gateway.app)
+    assert len(routes) > 40
+    undeclared, failures, checked = [], [], 0
+    for route in routes:
+        action = declared_action(route)
+        if route.path in PUBLIC:
+            assert action is None, f"{route.path} is listed public but declares {action}"
+        elif action is None:
+            undeclared.append(f"{sorted(route.methods)} {route.path}")
+            continue
+        for method in sorted(route.methods - {"HEAD"}):
+            for caller, token in tokens.items():
+                if route.path in PUBLIC:
+                    allowed = True
+                elif caller == "anonymous":
+                    allowed = False
+                elif action == "authenticated":
+                    allowed = True
+                else:
+                    allowed = any(a in HOLDS[caller] for a in action.split("|"))
+                async with gateway.as_token(token) as client:
+                    body = {} if method in ("POST", "PUT", "PATCH") else None
+                    if route.path == "/v1/auth/token":
+                        r = await client.request(method, fill(route.path), content="",
+                                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+                    else:
+                        r = await client.request(method, fill(route.path), json=body)
+                checked += 1
+                if r.status_code >= 500:
+                    failures.append(f"{caller:<9} {method} {route.path}: {r.status_code} (a 5xx is never acceptable)")
+                elif allowed and r.status_code in (401, 403):
+                    failures.append(f"{caller:<9} {method} {route.path}: expected allowed, got {r.status_code} {r.text[:120]}")
+                elif not allowed and r.status_code != (401 if caller == "anonymous" else 403):
+                    failures.append(f"{caller:<9} {method} {route.path}: expected denied, got {r.status_code}")
+    assert undeclared == [], "routes with no declared action and not public: " + "; ".join(undeclared)
+    assert failures == [], "\n".join(failures)
+    assert checked > 300
