@@ -32,6 +32,64 @@ PUBLIC = {
     "/v1/auth/console/login", "/v1/auth/console/callback",
 }
 
+# Every route of the API and the action it requires; "public" needs no token,
+# "authenticated" any valid one. A route missing here fails the test.
+EXPECTED: dict[tuple[str, str], str] = {
+    ("DELETE", "/v1/backends/{name}"): "backends:manage",
+    ("DELETE", "/v1/connectors/{name}"): "connectors:manage",
+    ("DELETE", "/v1/issuers/{name}"): "issuers:manage",
+    ("DELETE", "/v1/policies/{name}"): "policies:manage",
+    ("DELETE", "/v1/secrets/{backend}/{path:path}"): "secrets:write",
+    ("GET", "/.well-known/openid-configuration"): "public",
+    ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
+    ("GET", "/v1/admin-keys"): "admin_keys:manage",
+    ("GET", "/v1/auth/login-config"): "public",
+    ("GET", "/v1/auth/whoami"): "authenticated",
+    ("GET", "/v1/backends"): "backends:read",
+    ("GET", "/v1/backends/{name}"): "backends:read",
+    ("GET", "/v1/clients"): "clients:manage",
+    ("GET", "/v1/connector-types"): "connectors:read",
+    ("GET", "/v1/connectors"): "connectors:read",
+    ("GET", "/v1/connectors/{name}"): "connectors:read",
+    ("GET", "/v1/connectors/{name}/resources"): "connectors:read",
+    ("GET", "/v1/issuers"): "issuers:manage",
+    ("GET", "/v1/issuers/{name}"): "issuers:manage",
+    ("GET", "/v1/jwks"): "public",
+    ("GET", "/v1/keys/status"): "keys:read",
+    ("GET", "/v1/leases"): "leases:read",
+    ("GET", "/v1/leases/summary"): "leases:read",
+    ("GET", "/v1/leases/{lease_id}"): "leases:read",
+    ("GET", "/v1/policies"): "policies:read",
+    ("GET", "/v1/policies/{name}"): "policies:read",
+    ("GET", "/v1/secrets/{backend}"): "secrets:read",
+    ("GET", "/v1/secrets/{backend}/{path:path}"): "secrets:read",
+    ("POST", "/v1/admin-keys"): "admin_keys:manage",
+    ("POST", "/v1/admin-keys/{key_id}/revoke"): "admin_keys:manage",
+    ("POST", "/v1/auth/token"): "public",
+    ("POST", "/v1/backends/{name}/check"): "backends:read",
+    ("POST", "/v1/clients"): "clients:manage",
+    ("POST", "/v1/clients/{client_id}/revoke"): "clients:manage",
+    ("POST", "/v1/connectors/{name}/verify"): "connectors:manage",
+    ("POST", "/v1/credentials"): "credentials:issue|credentials:wrap",
+    ("POST", "/v1/keys/rotate"): "keys:manage",
+    ("POST", "/v1/leases/revoke"): "leases:revoke",
+    ("POST", "/v1/leases/{lease_id}/renew"): "credentials:issue|leases:revoke",
+    ("POST", "/v1/leases/{lease_id}/revoke"): "leases:revoke",
+    ("POST", "/v1/policies/explain"): "policies:read",
+    ("POST", "/v1/runs/{run_id}/credentials"): "credentials:issue|credentials:wrap",
+    ("POST", "/v1/runs/{run_id}/revoke"): "runs:delegate|leases:revoke",
+    ("POST", "/v1/runs/{run_id}/token"): "runs:delegate",
+    ("POST", "/v1/secrets/{backend}/{path:path}:restore"): "secrets:write",
+    ("POST", "/v1/unwrap"): "public",
+    ("PUT", "/v1/backends/{name}"): "backends:manage",
+    ("PUT", "/v1/connectors/{name}"): "connectors:manage",
+    ("PUT", "/v1/issuers/{name}"): "issuers:manage",
+    ("PUT", "/v1/policies/{name}"): "policies:manage",
+    ("PUT", "/v1/secrets/{backend}/{path:path}"): "secrets:write",
+
+}
+
 HOLDS = {
     "admin": set(ACTIONS),
     "operator": {"secrets:read", "secrets:write", "backends:read", "connectors:read", "credentials:issue",
@@ -109,17 +167,19 @@ async def test_every_route_against_every_caller(gateway: Gateway) -> None:
     tokens = await callers(gateway)
     routes = route_table(gateway.app)
     assert len(routes) > 40
-    undeclared, failures, checked = [], [], 0
+    undeclared, failures, checked, seen = [], [], 0, set()
     for route in routes:
-        action = declared_action(route)
-        if route.path in PUBLIC:
-            assert action is None, f"{route.path} is listed public but declares {action}"
-        elif action is None:
-            undeclared.append(f"{sorted(route.methods)} {route.path}")
-            continue
+        declared = "public" if route.path in PUBLIC and declared_action(route) is None else declared_action(route)
         for method in sorted(route.methods - {"HEAD"}):
+            seen.add((method, route.path))
+            action = EXPECTED.get((method, route.path))
+            if action is None:
+                undeclared.append(f"{method} {route.path} (declares {declared})")
+                continue
+            if declared != action:
+                failures.append(f"{method} {route.path}: declares {declared}, the matrix expects {action}")
             for caller, token in tokens.items():
-                if route.path in PUBLIC:
+                if action == "public":
                     allowed = True
                 elif caller == "anonymous":
                     allowed = False
@@ -141,6 +201,7 @@ async def test_every_route_against_every_caller(gateway: Gateway) -> None:
                     failures.append(f"{caller:<9} {method} {route.path}: expected allowed, got {r.status_code} {r.text[:120]}")
                 elif not allowed and r.status_code != (401 if caller == "anonymous" else 403):
                     failures.append(f"{caller:<9} {method} {route.path}: expected denied, got {r.status_code}")
-    assert undeclared == [], "routes with no declared action and not public: " + "; ".join(undeclared)
+    assert undeclared == [], "routes without an entry in EXPECTED: " + "; ".join(undeclared)
+    assert set(EXPECTED) - seen == set(), "entries for routes that no longer exist"
     assert failures == [], "\n".join(failures)
     assert checked > 300
