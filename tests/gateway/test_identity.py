@@ -333,7 +333,10 @@ async def test_signing_key_rotation_keeps_old_tokens_valid(gateway: Gateway) -> 
 
     old = await token()
     old_kid = json.loads(base64.urlsafe_b64decode(old.split(".")[0] + "=="))["kid"]
-    new_kid = await gateway.runtime.signing.rotate()
+    rotated = await gateway.client.post("/v1/keys/signing/rotate")
+    assert rotated.status_code == 200
+    new_kid = rotated.json()["active_kid"]
+    assert old_kid in rotated.json()["published_kids"]
     new = await token()
     assert json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))["kid"] == new_kid != old_kid
     kids = {k["kid"] for k in (await gateway.client.get("/v1/jwks")).json()["keys"]}
