@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
-    coerce,
+    ConnectorBase,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -226,7 +226,7 @@ def _error(exc: BaseException, doing: str, hint: str = "") -> TargetError:
     return TargetError(f"AWS failed while {doing} ({what}).")
 
 
-class AWSConnector:
+class AWSConnector(ConnectorBase):
     """Temporary AWS credentials from STS; see the module docstring.
 
     ``session-token`` connectors are unscoped: they accept only the
@@ -247,14 +247,9 @@ class AWSConnector:
     wrap_only: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        if auth_method not in self.auth_methods:
-            raise ValidationFailed(
-                f"Connector type aws has no auth method {auth_method!r}; it has: iam-role, secret-key.",
-                code="unknown_auth_method",
-            )
-        self.config: AWSConfig = coerce(AWSConfig, config, "aws config")
-        self._material: AWSKeysMaterial = coerce(AWSKeysMaterial, material, "aws material")
-        self.auth_method = auth_method
+        super().__init__(config, auth_method, material)
+        self.config: AWSConfig
+        self._material: AWSKeysMaterial
         self.credential_type: CredentialType = self.config.credential_type or DEFAULT_CREDENTIAL_TYPE[auth_method]  # type: ignore[assignment]
         if self.credential_type not in CREDENTIAL_TYPES[auth_method]:
             raise ValidationFailed(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -171,6 +171,32 @@ def coerce(model: type[BaseModel], value: Any, what: str) -> Any:
     except ValidationError as exc:
         fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
         raise ValidationFailed(f"Invalid {what} at: {fields}.", code="invalid_connector_config") from None
+
+
+def as_utc(when: datetime) -> datetime:
+    """A datetime in UTC (a naive one is taken to be UTC already)."""
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+
+
+class ConnectorBase:
+    """The constructor every connector shares: the auth method must be one of
+    the type's, and config and material are validated against their models
+    (errors name fields, never values). Subclasses call it, then add their own."""
+
+    type: ClassVar[str]
+    auth_methods: ClassVar[Mapping[str, type[BaseModel]]]
+    config_model: ClassVar[type[BaseModel]]
+
+    def __init__(self, config: Any, auth_method: str, material: Any) -> None:
+        if auth_method not in self.auth_methods:
+            raise ValidationFailed(
+                f"Connector type {self.type} has no auth method {auth_method!r}; "
+                f"it has: {', '.join(sorted(self.auth_methods))}.",
+                code="unknown_auth_method",
+            )
+        self.auth_method = auth_method
+        self.config = coerce(self.config_model, config, f"{self.type} config")
+        self._material = coerce(self.auth_methods[auth_method], material, f"{self.type} material")
 
 
 RESOURCE = re.compile(r"^[A-Za-z0-9._:/@*+=-]{1,256}$")

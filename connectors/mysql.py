@@ -36,14 +36,15 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
-    coerce,
+    ConnectorBase,
+    as_utc,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -115,11 +116,7 @@ def _db_pattern(name: str) -> str:
     return _ident(name.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%"))
 
 
-def _as_utc(when: datetime) -> datetime:
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
-
-
-class MySQLConnector:
+class MySQLConnector(ConnectorBase):
     """Issues a MySQL/MariaDB account per lease (see the module docstring)."""
 
     type: ClassVar[str] = "mysql"
@@ -134,12 +131,9 @@ class MySQLConnector:
     wrap_only: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        if auth_method not in self.auth_methods:
-            raise ValueError(f"the mysql connector has no auth method {auth_method!r}")
-        config = coerce(MySQLConfig, config, "mysql config")
-        material = coerce(MySQLPasswordMaterial, material, "mysql material")
-        self.config = config
-        self._material = material
+        super().__init__(config, auth_method, material)
+        self.config: MySQLConfig
+        self._material: MySQLPasswordMaterial
 
     # -- pure --------------------------------------------------------------
 
@@ -215,7 +209,7 @@ class MySQLConnector:
             "database": database,
             "dsn": f"mysql://{quote(user, safe='')}:{quote(password, safe='')}@{self._url_host()}:{m.port}/{quote(database, safe='')}",
         }
-        return Issued(credential=credential, expires_at=_as_utc(req.expires_at))
+        return Issued(credential=credential, expires_at=as_utc(req.expires_at))
 
     async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
         """The target has no expiry of its own: check the account exists and return ``expires_at``."""
@@ -228,7 +222,7 @@ class MySQLConnector:
 
         if not await self._call(work, "check the user", DEFAULT_TIMEOUT):
             raise TargetError(f"User {user} no longer exists at the target.", code="credential_gone")
-        return _as_utc(expires_at)
+        return as_utc(expires_at)
 
     async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
         user, host = self._account(revoke_state)

@@ -44,14 +44,15 @@ import fnmatch
 import re
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
-    coerce,
+    ConnectorBase,
+    as_utc,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -99,10 +100,6 @@ class PostgresConfig(BaseModel):
     connect_timeout: int = Field(default=10, ge=1, le=300)
 
 
-def _as_utc(when: datetime) -> datetime:
-    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
-
-
 def _hostport(host: str, port: str) -> str:
     """``host:port`` for a URL: IPv6 in brackets, socket directories percent-encoded."""
     if host.startswith("/"):
@@ -112,7 +109,7 @@ def _hostport(host: str, port: str) -> str:
     return f"{host}:{port}" if port else host
 
 
-class PostgresConnector:
+class PostgresConnector(ConnectorBase):
     """Issues a PostgreSQL login role per lease (see the module docstring)."""
 
     type: ClassVar[str] = "postgres"
@@ -127,12 +124,10 @@ class PostgresConnector:
     wrap_only: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        if auth_method not in self.auth_methods:
-            raise ValueError(f"the postgres connector has no auth method {auth_method!r}")
-        config = coerce(PostgresConfig, config, "postgres config")
-        material = coerce(PostgresPasswordMaterial, material, "postgres material")
-        self.config = config
-        self._dsn = material.dsn
+        super().__init__(config, auth_method, material)
+        self.config: PostgresConfig
+        config = self.config
+        self._dsn = self._material.dsn
         params = self._parse_dsn()
         self._host = config.host_override or params.get("host") or params.get("hostaddr") or "localhost"
         self._port = params.get("port") or "5432"
@@ -176,7 +171,7 @@ class PostgresConnector:
         if not IDENTIFIER.match(database) or not IDENTIFIER.match(schema):
             raise TargetError("The lease's revoke state names an invalid database or schema.", code="invalid_revoke_state")
         privileges = self.privileges_for(req.resource)
-        expires_at = _as_utc(req.expires_at)
+        expires_at = as_utc(req.expires_at)
         password = secrets.token_urlsafe(24)
         failure: TargetError | None = None
         try:
@@ -246,7 +241,7 @@ class PostgresConnector:
         from psycopg import sql
 
         role = self._role(revoke_state)
-        expires_at = _as_utc(expires_at)
+        expires_at = as_utc(expires_at)
         failure: TargetError | None = None
         try:
             async with await self._connect(None, DEFAULT_TIMEOUT) as conn:

@@ -40,7 +40,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
-    coerce,
+    ConnectorBase,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -52,7 +52,6 @@ from connectors.base import (
     role_name,
     safe_vendor_error,
 )
-from gateway.errors import ValidationFailed
 
 __all__ = ["RedisConnector", "RedisConfig", "RedisPasswordMaterial", "KEYSPACE"]
 
@@ -203,7 +202,7 @@ def _planned_user(revoke_state: Mapping[str, Any]) -> str:
     return user
 
 
-class RedisConnector:
+class RedisConnector(ConnectorBase):
     """Short-lived Redis ACL users scoped to one key prefix (``<resource><sep>*``)."""
 
     type: ClassVar[str] = "redis"
@@ -218,13 +217,9 @@ class RedisConnector:
     wrap_only: ClassVar[bool] = False
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        if auth_method not in self.auth_methods:
-            raise ValidationFailed(
-                f"Connector type redis has no auth method {auth_method!r}; it has: password.",
-                code="unknown_auth_method",
-            )
-        self.config: RedisConfig = coerce(RedisConfig, config, "redis config")
-        self._material: RedisPasswordMaterial = coerce(RedisPasswordMaterial, material, "redis material")
+        super().__init__(config, auth_method, material)
+        self.config: RedisConfig
+        self._material: RedisPasswordMaterial
         self._target = _parse_url(self._material.url.get_secret_value())
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
-    coerce,
+    ConnectorBase,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -31,7 +31,7 @@ from connectors.base import (
     TTLLimits,
     Verification,
 )
-from gateway.errors import Conflict, ValidationFailed
+from gateway.errors import Conflict
 
 __all__ = ["StaticConnector", "StaticConfig", "StaticMaterial", "LABEL"]
 
@@ -68,7 +68,7 @@ class StaticConfig(BaseModel):
         return value
 
 
-class StaticConnector:
+class StaticConnector(ConnectorBase):
     """Hands out stored material unchanged, only through wrap tokens."""
 
     type: ClassVar[str] = "static"
@@ -81,13 +81,9 @@ class StaticConnector:
     wrap_only: ClassVar[bool] = True
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        if auth_method not in self.auth_methods:
-            raise ValidationFailed(
-                f"Connector type static has no auth method {auth_method!r}; it has: static.",
-                code="unknown_auth_method",
-            )
-        self.config: StaticConfig = coerce(StaticConfig, config, "static config")
-        self._material: StaticMaterial = coerce(StaticMaterial, material, "static material")
+        super().__init__(config, auth_method, material)
+        self.config: StaticConfig
+        self._material: StaticMaterial
 
     def __repr__(self) -> str:
         return f"<StaticConnector keys={self._selected()}>"
