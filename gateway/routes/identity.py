@@ -27,7 +27,7 @@ from gateway.auth import GATEWAY, Principal
 from gateway.clients import Clients, InvalidClient
 from gateway.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
-from gateway.identity import ASYMMETRIC
+from gateway.identity import ASYMMETRIC, peek
 from gateway.store.models import ClientRow, IssuerRow, utcnow
 
 router = APIRouter(tags=["identity"])
@@ -229,6 +229,8 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
             subject_token = form.get("assertion") if grant == GRANT_JWT_BEARER else form.get("subject_token")
             if not subject_token:
                 return oauth_error(400, "invalid_request", "The subject token (or assertion) is missing.")
+            if peek(subject_token)[1].get("iss") == runtime.tokens.issuer_url:
+                return oauth_error(400, "invalid_grant", "A gateway token can't be exchanged for another.")
             principal = await runtime.authenticator.authenticate(subject_token)
             if principal.kind != "workload":
                 return oauth_error(400, "invalid_grant", "Only tokens from a trusted issuer can be exchanged.")

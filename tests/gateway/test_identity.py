@@ -275,6 +275,10 @@ async def test_token_exchange_turns_a_workload_token_into_a_gateway_token(gatewa
         bad = await anon.post("/v1/auth/token", content="grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=x.y.z",
                               headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_grant"
+        again = await anon.post("/v1/auth/token", content="&".join([
+            "grant_type=urn:ietf:params:oauth:grant-type:token-exchange", f"subject_token={exchanged}"]),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert again.status_code == 400 and again.json()["error"] == "invalid_grant"  # no laundering lifetimes
     code, who = await status(gateway, exchanged)
     assert code == 200 and who["issuer"] == "k8s" and who["subject"] == "system:serviceaccount:ml:trainer"
     jwks = (await gateway.client.get("/v1/jwks")).json()
