@@ -14,6 +14,7 @@ from gateway.routes import (
     admin_keys,
     backends,
     connectors,
+    console,
     credentials,
     health,
     identity,
@@ -45,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
-    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity):
+    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
         app.include_router(module.router)
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
     return app

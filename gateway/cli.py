@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 import time
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 
 from gateway import paths
@@ -737,6 +739,563 @@ def lease_revoke(
                 f"; {len(out['still_revoking'])} still being retried" if out["still_revoking"] else ""
             )
     _print_json(out) if as_json else typer.echo(msg)
+
+
+# --- trusted issuers ------------------------------------------------------------
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageProblem(f"can't read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageProblem(f"{path} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise UsageProblem(f"{path} must hold a JSON object ({what})")
+    return raw
+
+
+def _key_values(pairs: list[str], option: str, example: str) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageProblem(f"{option} takes KEY=VALUE, e.g. {option} {example}")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _issuer_lines(out: dict[str, Any]) -> None:
+    typer.echo(f"issuer:      {out['name']}")
+    typer.echo(f"issuer url:  {out['issuer_url']}")
+    inline = len((out.get("jwks") or {}).get("keys", []))
+    typer.echo(f"keys:        {out['jwks_url'] or f'inline JWK set ({inline} key(s))'}")
+    typer.echo(f"audiences:   {', '.join(out['audiences'])}")
+    typer.echo(f"algorithms:  {', '.join(out['algorithms'])}")
+    typer.echo(f"leeway:      {out['leeway_seconds']}s")
+    mapping = out.get("claim_mapping") or {}
+    typer.echo("claims:      " + (", ".join(f"{k}={v}" for k, v in sorted(mapping.items())) or "subject=sub (default)"))
+    roles = out.get("role_mapping") or {}
+    typer.echo("role map:    " + (", ".join(f"{g}={'+'.join(r)}" for g, r in sorted(roles.items())) or "-"))
+
+
+@issuer_app.command("add")
+def issuer_add(
+    name: str,
+    issuer_url: Annotated[str, typer.Option("--issuer-url", help="The exact `iss` of its tokens.")],
+    audience: Annotated[list[str], typer.Option("--audience", help="Accepted `aud` (repeatable).")],
+    jwks_url: Annotated[str | None, typer.Option("--jwks-url", help="Where its public keys are published.")] = None,
+    jwks_file: Annotated[Path | None, typer.Option("--jwks-file", help="A JWK set file (public keys), instead.")] = None,
+    algorithm: Annotated[list[str] | None, typer.Option("--algorithm", help="Allowed alg (repeatable) [default: RS256, ES256].")] = None,
+    leeway: Annotated[int | None, typer.Option("--leeway", min=0, max=60, help="Clock leeway in seconds [default: 30].")] = None,
+    claim_map: Annotated[list[str] | None, typer.Option("--map", help="NAME=CLAIM: subject, groups, project or run (repeatable).")] = None,
+    role_map: Annotated[list[str] | None, typer.Option("--role-map", help="GROUP=ROLE: a group's built-in role (repeatable).")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Trust an issuer's JWTs (or replace its settings)."""
+    if (jwks_url is None) == (jwks_file is None):
+        raise UsageProblem("give exactly one of --jwks-url URL and --jwks-file FILE")
+    body: dict[str, Any] = {
+        "issuer_url": issuer_url,
+        "audiences": audience,
+        "claim_mapping": dict(_key_values(claim_map or [], "--map", "groups=groups")),
+        "role_mapping": {},
+    }
+    if jwks_url is not None:
+        body["jwks_url"] = jwks_url
+    else:
+        assert jwks_file is not None
+        body["jwks"] = _read_json_object(jwks_file, 'a JWK set: {"keys": [...]}')
+    for group, roles in _key_values(role_map or [], "--role-map", "credgate-admins=admin"):
+        wanted = body["role_mapping"].setdefault(group, [])
+        wanted.extend(r.strip() for r in roles.split(",") if r.strip() and r.strip() not in wanted)
+    if algorithm:
+        body["algorithms"] = algorithm
+    if leeway is not None:
+        body["leeway_seconds"] = leeway
+    with _client(addr, token) as c:
+        out = c.request("PUT", f"/v1/issuers/{seg(name)}", json=body)
+    _print_json(out) if as_json else typer.echo(f"issuer {out['name']} ({out['issuer_url']}) saved")
+
+
+@issuer_app.command("list")
+def issuer_list(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """List trusted issuers."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/issuers")
+    if as_json:
+        _print_json(out)
+        return
+    for i in out:
+        typer.echo(f"{i['name']:<20} {i['issuer_url']:<40} aud={','.join(i['audiences'])}")
+
+
+@issuer_app.command("show")
+def issuer_show(name: str, addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Show a trusted issuer."""
+    with _client(addr, token) as c:
+        out = c.get(f"/v1/issuers/{seg(name)}")
+    _print_json(out) if as_json else _issuer_lines(out)
+
+
+@issuer_app.command("rm")
+def issuer_rm(name: str, addr: Addr = None, token: Token = None) -> None:
+    """Stop trusting an issuer."""
+    with _client(addr, token) as c:
+        c.request("DELETE", f"/v1/issuers/{seg(name)}")
+    typer.echo(f"removed issuer {name}")
+
+
+# --- OAuth2 clients ---------------------------------------------------------------
+
+
+def _client_line(cl: dict[str, Any]) -> str:
+    state = f"revoked {cl['revoked_at']}" if cl["revoked_at"] else "active"
+    return (f"{cl['client_id']:<24} {','.join(cl['roles']) or '-':<22} ttl={cl['token_ttl_seconds']}s "
+            f"{cl['auth_method']:<15} {state}")
+
+
+@client_app.command("create")
+def client_create(
+    client_id: Annotated[str, typer.Argument(metavar="ID")],
+    role: Annotated[list[str] | None, typer.Option("--role", help="admin, operator or auditor (repeatable).")] = None,
+    token_ttl: Annotated[str | None, typer.Option("--token-ttl", help="Lifetime of its tokens, e.g. 15m [default: 15m].")] = None,
+    jwks_file: Annotated[Path | None, typer.Option("--jwks-file", help="Public keys for private_key_jwt; no secret is made.")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Register an OAuth2 client; its secret (if any) is printed once."""
+    body: dict[str, Any] = {"client_id": client_id, "roles": role or []}
+    if token_ttl is not None:
+        body["token_ttl_seconds"] = parse_duration(token_ttl)
+    if jwks_file is not None:
+        body["jwks"] = _read_json_object(jwks_file, 'a JWK set: {"keys": [...]}')
+    with _client(addr, token) as c:
+        out = c.request("POST", "/v1/clients", json=body)
+    if as_json:
+        _print_json(out)
+    elif out.get("client_secret"):
+        typer.echo(f"created client {out['client_id']} ({', '.join(out['roles']) or 'no roles'}); its secret, shown once:")
+        typer.echo(f"CREDGATE_CLIENT_SECRET={out['client_secret']}")
+    else:
+        typer.echo(f"created client {out['client_id']} ({', '.join(out['roles']) or 'no roles'}; {out['auth_method']})")
+
+
+@client_app.command("list")
+def client_list(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """List OAuth2 clients (never their secrets: only hashes are kept)."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/clients")
+    if as_json:
+        _print_json(out)
+    else:
+        for cl in out:
+            typer.echo(_client_line(cl))
+
+
+@client_app.command("revoke")
+def client_revoke(client_id: Annotated[str, typer.Argument(metavar="ID")], addr: Addr = None, token: Token = None) -> None:
+    """Revoke a client: it gets no new tokens."""
+    with _client(addr, token) as c:
+        c.request("POST", f"/v1/clients/{seg(client_id)}/revoke")
+    typer.echo(f"revoked client {client_id}")
+
+
+# --- policies ---------------------------------------------------------------------
+
+
+def _send_raw(c: Client, method: str, path: str, content: bytes, media: str) -> Any:
+    """Like ``Client.request`` for a body that is not JSON (a YAML policy)."""
+    try:
+        resp = c._http.request(method, path, content=content, headers={"Content-Type": media})
+    except httpx.TransportError as exc:
+        raise GatewayUnreachable(
+            f"can't reach the gateway at {c.addr} ({type(exc).__name__}); is `credgate serve` running? "
+            "Set CREDGATE_ADDR to its address."
+        ) from None
+    if resp.status_code >= 400:
+        try:
+            err = resp.json()["error"]
+            code, message = err["code"], err["message"]
+        except (ValueError, KeyError, TypeError):
+            raise RequestFailed(resp.status_code, "http_error", f"HTTP {resp.status_code}") from None
+        raise RequestFailed(resp.status_code, code, message)
+    return resp.json() if resp.content else None
+
+
+@policy_app.command("put")
+def policy_put(
+    name: str,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The policy document: YAML, or JSON if it ends in .json.")],
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Create or replace a policy from a YAML or JSON file."""
+    try:
+        content = file.read_bytes()
+    except OSError as exc:
+        raise UsageProblem(f"can't read {file}: {exc.strerror}") from None
+    media = "application/json" if file.suffix.lower() == ".json" else "application/yaml"
+    with _client(addr, token) as c:
+        out = _send_raw(c, "PUT", f"/v1/policies/{seg(name)}", content, media)
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(f"policy {out['name']} saved ({len(out['document'].get('rules', []))} rule(s))")
+
+
+@policy_app.command("list")
+def policy_list(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """List policies."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/policies")
+    if as_json:
+        _print_json(out)
+        return
+    for p in out["items"]:
+        doc = p["document"]
+        typer.echo(f"{p['name']:<24} {len(doc.get('rules', [])):>3} rule(s)  updated {p['updated_at']}"
+                   + (f"  {doc['description']}" if doc.get("description") else ""))
+
+
+@policy_app.command("show")
+def policy_show(name: str, addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Show a policy document (as YAML; --json for the raw response)."""
+    import yaml
+
+    with _client(addr, token) as c:
+        out = c.get(f"/v1/policies/{seg(name)}")
+    if as_json:
+        _print_json(out)
+        return
+    typer.echo(f"# policy {out['name']}, updated {out['updated_at']}")
+    typer.echo(yaml.safe_dump(out["document"], sort_keys=False).rstrip("\n"))
+
+
+@policy_app.command("rm")
+def policy_rm(name: str, addr: Addr = None, token: Token = None) -> None:
+    """Remove a policy."""
+    with _client(addr, token) as c:
+        c.request("DELETE", f"/v1/policies/{seg(name)}")
+    typer.echo(f"removed policy {name}")
+
+
+@policy_app.command("explain")
+def policy_explain(
+    subject: Annotated[str, typer.Option("--subject", help="e.g. alice, system:serviceaccount:ml:trainer, client:zenml.")],
+    action: Annotated[str, typer.Option("--action", help="e.g. credentials:issue, secrets:reveal.")],
+    issuer: Annotated[str, typer.Option("--issuer", help="Trusted issuer name; 'credgate' for keys, clients, runs.")] = "credgate",
+    role: Annotated[list[str] | None, typer.Option("--role", help="A role the principal holds (repeatable).")] = None,
+    claim: Annotated[list[str] | None, typer.Option("--claim", help="NAME=VALUE; repeat a name for a list (groups).")] = None,
+    connector: Annotated[str | None, typer.Option("--connector")] = None,
+    resource: Annotated[str | None, typer.Option("--resource")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Would this principal be allowed this action? Prints allow or deny, the rule and the reason."""
+    claims: dict[str, Any] = {}
+    for key, value in _key_values(claim or [], "--claim", "groups=ml-team"):
+        if key in claims:
+            claims[key] = (claims[key] if isinstance(claims[key], list) else [claims[key]]) + [value]
+        else:
+            claims[key] = value
+    body = {
+        "principal": {"issuer": issuer, "subject": subject, "roles": role or [], "claims": claims},
+        "action": action, "connector": connector, "resource": resource,
+    }
+    with _client(addr, token) as c:
+        out = c.request("POST", "/v1/policies/explain", json=body)
+    if as_json:
+        _print_json(out)
+        return
+    typer.echo(out["decision"])
+    typer.echo(f"rule:    {out['rule'] or '-'}")
+    typer.echo(f"reason:  {out['reason']}")
+    if out.get("max_ttl_seconds") is not None:
+        typer.echo(f"max ttl: {out['max_ttl_seconds']}s")
+
+
+# --- runs -------------------------------------------------------------------------
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise UsageProblem("a RUN_ID is 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return run_id
+
+
+@run_app.command("token")
+def run_token(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")],
+    connector: Annotated[list[str], typer.Option("--connector", help="Connector (glob) the run may use (repeatable).")],
+    resource: Annotated[list[str], typer.Option("--resource", help="Resource (glob) the run may use (repeatable).")],
+    ttl: Annotated[str | None, typer.Option("--ttl", help="Token lifetime, e.g. 1h [default: 1h].")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text (the token), json, or env (an export line for eval).")] = "text",
+    addr: Addr = None,
+    token: Token = None,
+) -> None:
+    """Mint a token for one pipeline run, scoped to a subset of your own rights."""
+    _run_id(run_id)
+    if fmt not in ("text", "json", "env"):
+        raise UsageProblem("--format is one of text, json, env")
+    body: dict[str, Any] = {"connectors": connector, "resources": resource}
+    if ttl is not None:
+        body["ttl_seconds"] = parse_duration(ttl)
+    with _client(addr, token) as c:
+        out = c.request("POST", f"/v1/runs/{seg(run_id)}/token", json=body)
+    if fmt == "json":
+        _print_json(out)
+    elif fmt == "env":
+        import shlex
+
+        typer.echo(f"export CREDGATE_TOKEN={shlex.quote(out['token'])}")
+    else:
+        typer.echo(out["token"])
+
+
+@run_app.command("revoke")
+def run_revoke(
+    run_id: Annotated[str, typer.Argument(metavar="RUN_ID")], addr: Addr = None, token: Token = None, as_json: Json = False
+) -> None:
+    """End a run: its token stops working and its leases are revoked."""
+    _run_id(run_id)
+    with _client(addr, token) as c:
+        out = c.request("POST", f"/v1/runs/{seg(run_id)}/revoke")
+    if as_json:
+        _print_json(out)
+        return
+    still = out["leases_still_revoking"]
+    typer.echo(f"revoked run {run_id}; {out['leases_revoked']} lease(s) revoked"
+               + (f", {len(still)} still being retried by the reaper" if still else ""))
+
+
+# --- sign-in: login, whoami, logout --------------------------------------------------
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ID_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:id_token"
+IDP_TIMEOUT = 10.0
+MAX_DEVICE_WAIT = 1800  # never poll longer than this, whatever the IdP says
+
+
+class LoginFailed(RequestFailed):
+    """The sign-in was refused or could not finish: exit 1, one line."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(0, code, message)
+
+
+def profile_path() -> Path:
+    """``$CREDGATE_PROFILE``, else ``$XDG_CONFIG_HOME/credgate/profile.json`` (``~/.config`` by default)."""
+    if os.environ.get("CREDGATE_PROFILE"):
+        return Path(os.environ["CREDGATE_PROFILE"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "credgate" / "profile.json"
+
+
+def _load_profile() -> dict[str, Any] | None:
+    path = profile_path()
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UsageProblem(f"can't read the profile {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageProblem(f"the profile {path} is not valid JSON; `credgate logout` removes it") from None
+    if not (isinstance(raw, dict) and isinstance(raw.get("addr"), str) and isinstance(raw.get("access_token"), str)):
+        raise UsageProblem(f"the profile {path} is not a credgate profile; `credgate logout` removes it")
+    return raw
+
+
+def _write_profile(data: dict[str, Any]) -> Path:
+    """Atomically, created 0600 (its directory 0700 when we create it)."""
+    path = profile_path()
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _profile_token(addr: str | None) -> tuple[str | None, str | None]:
+    """The stored sign-in for ``addr`` (or for the profile's gateway when none is given)."""
+    profile = _load_profile()
+    if profile is None:
+        return addr, None
+    target = (addr or profile["addr"]).rstrip("/")
+    if target != profile["addr"].rstrip("/"):
+        return addr, None  # never send a gateway's token to another server
+    expires = profile.get("expires_at")
+    if isinstance(expires, (int, float)) and expires <= time.time():
+        when = datetime.fromtimestamp(expires, timezone.utc).isoformat(timespec="seconds")
+        raise LoginFailed("login_expired", f"the sign-in to {target} expired at {when}; run `credgate login` again")
+    return target, profile["access_token"]
+
+
+def _oauth_error(resp: httpx.Response) -> str:
+    """The RFC 6749 5.2 ``error`` code of a refusal (never its free text: it's the IdP's)."""
+    try:
+        err = resp.json().get("error")
+    except (ValueError, AttributeError):
+        err = None
+    if isinstance(err, str) and err.replace("_", "").isalnum() and len(err) <= 64:
+        return err
+    return f"http_{resp.status_code}"
+
+
+def _idp_json(http: httpx.Client, url: str, what: str, **kwargs: Any) -> dict[str, Any]:
+    try:
+        resp = http.request("POST" if "data" in kwargs else "GET", url, **kwargs)
+    except httpx.TransportError as exc:
+        raise LoginFailed("idp_unreachable", f"can't reach the identity provider for {what} ({type(exc).__name__})") from None
+    if resp.status_code != 200:
+        raise LoginFailed(_oauth_error(resp), f"the identity provider refused {what} (HTTP {resp.status_code})")
+    try:
+        doc = resp.json()
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise LoginFailed("idp_bad_response", f"the identity provider's answer to {what} is not a JSON object")
+    return doc
+
+
+def _seconds(value: Any, default: int) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else default
+
+
+def _device_flow(http: httpx.Client, config: dict[str, Any]) -> str:
+    """RFC 8628: show the code, poll until approved; returns the IdP's id_token."""
+    issuer = config["issuer_url"].rstrip("/")
+    disco = _idp_json(http, f"{issuer}/.well-known/openid-configuration", "its discovery document")
+    if disco.get("issuer", "").rstrip("/") != issuer:
+        raise LoginFailed("idp_bad_response", f"the discovery document of {issuer} names another issuer")
+    device_ep, token_ep = disco.get("device_authorization_endpoint"), disco.get("token_endpoint")
+    if not (isinstance(device_ep, str) and isinstance(token_ep, str)):
+        raise LoginFailed("idp_no_device_flow", f"the identity provider at {issuer} does not offer device sign-in")
+    device = _idp_json(
+        http, device_ep, "the device authorization", data={"client_id": config["client_id"], "scope": config["scopes"]}
+    )
+    if not all(isinstance(device.get(k), str) for k in ("device_code", "user_code", "verification_uri")):
+        raise LoginFailed("idp_bad_response", "the device authorization lacks device_code, user_code or verification_uri")
+    typer.echo(f"To sign in, open {device['verification_uri']} and enter the code: {device['user_code']}", err=True)
+    if isinstance(device.get("verification_uri_complete"), str):
+        typer.echo(f"(or open {device['verification_uri_complete']})", err=True)
+    typer.echo("Waiting for the sign-in to be approved...", err=True)
+
+    interval = max(_seconds(device.get("interval"), 5), 1)
+    deadline = time.monotonic() + min(_seconds(device.get("expires_in"), 600), MAX_DEVICE_WAIT)
+    form = {"grant_type": DEVICE_GRANT, "device_code": device["device_code"], "client_id": config["client_id"]}
+    while True:
+        time.sleep(interval)
+        if time.monotonic() > deadline:
+            raise LoginFailed("expired_token", "the code expired before the sign-in was approved; run `credgate login` again")
+        try:
+            resp = http.post(token_ep, data=form, headers={"Accept": "application/json"})
+        except httpx.TransportError as exc:
+            raise LoginFailed("idp_unreachable", f"can't reach the identity provider's token endpoint ({type(exc).__name__})") from None
+        if resp.status_code == 200:
+            break
+        error = _oauth_error(resp)
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            interval += 5  # RFC 8628 3.5
+            continue
+        if error == "access_denied":
+            raise LoginFailed("access_denied", "the sign-in was denied at the identity provider")
+        if error == "expired_token":
+            raise LoginFailed("expired_token", "the code expired before the sign-in was approved; run `credgate login` again")
+        raise LoginFailed(error, "the identity provider refused the sign-in")
+    try:
+        id_token = resp.json().get("id_token")
+    except (ValueError, AttributeError):
+        id_token = None
+    if not isinstance(id_token, str) or not id_token:
+        raise LoginFailed("idp_no_id_token", "the identity provider sent no id_token (is 'openid' among the login scopes?)")
+    return id_token
+
+
+def _exchange(addr: str, id_token: str) -> dict[str, Any]:
+    """RFC 8693 at the gateway: the IdP's id_token for a gateway access token."""
+    form = {"grant_type": TOKEN_EXCHANGE, "subject_token": id_token, "subject_token_type": ID_TOKEN_TYPE}
+    try:
+        resp = httpx.post(f"{addr}/v1/auth/token", data=form, timeout=30.0, headers={"User-Agent": "credgate-client"})
+    except httpx.TransportError as exc:
+        raise GatewayUnreachable(f"can't reach the gateway at {addr} ({type(exc).__name__})") from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if resp.status_code != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+        # The gateway's error_description is written by credgate: safe to show.
+        detail = body.get("error_description") if isinstance(body, dict) else None
+        raise LoginFailed(_oauth_error(resp), f"the gateway refused the sign-in: {detail or f'HTTP {resp.status_code}'}")
+    return body
+
+
+@app.command()
+def login(addr: Addr = None) -> None:
+    """Sign in through the gateway's identity provider (device flow); keeps the token in your profile."""
+    target = (addr or DEFAULT_ADDR).rstrip("/")
+    with Client(target, token="") as c:
+        config = c.get("/v1/auth/login-config")
+    with httpx.Client(timeout=IDP_TIMEOUT, follow_redirects=False, headers={"Accept": "application/json"}) as http:
+        id_token = _device_flow(http, config)
+    out = _exchange(target, id_token)
+    expires_at = int(time.time()) + _seconds(out.get("expires_in"), 0)
+    with Client(target, token=out["access_token"]) as c:
+        me = c.get("/v1/auth/whoami")
+    path = _write_profile({"addr": target, "access_token": out["access_token"], "expires_at": expires_at})
+    until = datetime.fromtimestamp(expires_at, timezone.utc).isoformat(timespec="seconds")
+    typer.echo(f"signed in to {target} as {me['subject']} ({', '.join(me['roles']) or 'no roles'}) until {until}")
+    typer.echo(f"token kept in {path}", err=True)
+
+
+@app.command()
+def logout() -> None:
+    """Forget the sign-in (delete the profile)."""
+    path = profile_path()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        typer.echo("not signed in")
+        return
+    typer.echo(f"signed out: removed {path}")
+
+
+@app.command()
+def whoami(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Who the gateway takes you for: kind, subject, issuer, roles."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/auth/whoami")
+    if as_json:
+        _print_json(out)
+        return
+    typer.echo(f"kind:     {out['kind']}")
+    typer.echo(f"subject:  {out['subject']}")
+    typer.echo(f"issuer:   {out['issuer']}")
+    typer.echo(f"roles:    {', '.join(out['roles']) or '-'}")
+    if out.get("run_id"):
+        typer.echo(f"run:      {out['run_id']}")
 
 
 # --- entry point ------------------------------------------------------------
