@@ -829,7 +829,7 @@ def issuer_list(addr: Addr = None, token: Token = None, as_json: Json = False) -
     if as_json:
         _print_json(out)
         return
-    for i in out:
+    for i in out["items"]:
         typer.echo(f"{i['name']:<20} {i['issuer_url']:<40} aud={','.join(i['audiences'])}")
 
 
@@ -893,7 +893,7 @@ def client_list(addr: Addr = None, token: Token = None, as_json: Json = False) -
     if as_json:
         _print_json(out)
     else:
-        for cl in out:
+        for cl in out["items"]:
             typer.echo(_client_line(cl))
 
 
@@ -906,25 +906,6 @@ def client_revoke(client_id: Annotated[str, typer.Argument(metavar="ID")], addr:
 
 
 # --- policies ---------------------------------------------------------------------
-
-
-def _send_raw(c: Client, method: str, path: str, content: bytes, media: str) -> Any:
-    """Like ``Client.request`` for a body that is not JSON (a YAML policy)."""
-    try:
-        resp = c._http.request(method, path, content=content, headers={"Content-Type": media})
-    except httpx.TransportError as exc:
-        raise GatewayUnreachable(
-            f"can't reach the gateway at {c.addr} ({type(exc).__name__}); is `credgate serve` running? "
-            "Set CREDGATE_ADDR to its address."
-        ) from None
-    if resp.status_code >= 400:
-        try:
-            err = resp.json()["error"]
-            code, message = err["code"], err["message"]
-        except (ValueError, KeyError, TypeError):
-            raise RequestFailed(resp.status_code, "http_error", f"HTTP {resp.status_code}") from None
-        raise RequestFailed(resp.status_code, code, message)
-    return resp.json() if resp.content else None
 
 
 @policy_app.command("put")
@@ -942,7 +923,7 @@ def policy_put(
         raise UsageProblem(f"can't read {file}: {exc.strerror}") from None
     media = "application/json" if file.suffix.lower() == ".json" else "application/yaml"
     with _client(addr, token) as c:
-        out = _send_raw(c, "PUT", f"/v1/policies/{seg(name)}", content, media)
+        out = c.request("PUT", f"/v1/policies/{seg(name)}", content=content, headers={"Content-Type": media})
     if as_json:
         _print_json(out)
     else:

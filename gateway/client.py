@@ -48,12 +48,13 @@ class Client:
         path: str,
         *,
         json: Any = None,
+        content: bytes | None = None,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
         params = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in (params or {}).items() if v is not None}
         try:
-            resp = self._http.request(method, path, json=json, params=params, headers=headers)
+            resp = self._http.request(method, path, json=json, content=content, params=params, headers=headers)
         except httpx.TransportError as exc:
             raise GatewayUnreachable(
                 f"can't reach the gateway at {self.addr} ({type(exc).__name__}); is `credgate serve` running? "

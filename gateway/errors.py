@@ -147,12 +147,8 @@ def _validation_error(exc: RequestValidationError) -> CredgateError:
 
 def _safe_msg(e: dict[str, Any]) -> str:
     # pydantic messages are templates over the *constraint* ("String should have
-    # at most 128 characters"), except a few that quote the input; those are
-    # replaced by a generic sentence.
-    msg = str(e.get("msg", "invalid value"))
-    if e.get("type") in {"literal_error", "enum", "string_pattern_mismatch"}:
-        return msg.split(",")[0] if e.get("type") == "string_pattern_mismatch" else msg
-    return msg
+    # at most 128 characters", "should match pattern '...'"), never the input.
+    return str(e.get("msg", "invalid value"))
 
 
 _STATUS_CODES = {

@@ -16,6 +16,17 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _NoQueryString(logging.Filter):
+    """uvicorn's access line carries the full path; a query string can hold an
+    authorization code or a state, so only the path is logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -43,3 +54,5 @@ def configure(fmt: str = "text", level: str = "info") -> None:
         lg.handlers = [handler]
         lg.propagate = False
         lg.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    access.filters = [f for f in access.filters if not isinstance(f, _NoQueryString)] + [_NoQueryString()]

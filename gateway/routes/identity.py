@@ -22,11 +22,12 @@ from pydantic import (
     model_validator,
 )
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from gateway.auth import GATEWAY, Principal
 from gateway.clients import Clients, InvalidClient
 from gateway.deps import Authenticated, RuntimeDep, requires
-from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
+from gateway.errors import BadRequest, Conflict, CredgateError, Forbidden, NotFound
 from gateway.identity import ASYMMETRIC, peek
 from gateway.store.models import ClientRow, IssuerRow, utcnow
 
@@ -93,23 +94,31 @@ async def put_issuer(
 ) -> IssuerOut:
     if name == GATEWAY:
         raise BadRequest("'credgate' names the gateway itself.", code="invalid_issuer_name")
-    async with runtime.store.write() as s:
-        row = await s.get(IssuerRow, name, with_for_update=True)
-        response.status_code = 201 if row is None else 200
-        if row is None:
-            row = IssuerRow(name=name, created_at=utcnow())
-            s.add(row)
-        for field, value in body.model_dump().items():
-            setattr(row, field, value)
-        row.updated_at = utcnow()
+    try:
+        async with runtime.store.write() as s:
+            row = await s.get(IssuerRow, name, with_for_update=True)
+            response.status_code = 201 if row is None else 200
+            if row is None:
+                row = IssuerRow(name=name, created_at=utcnow())
+                s.add(row)
+            for field, value in body.model_dump().items():
+                setattr(row, field, value)
+            row.updated_at = utcnow()
+    except IntegrityError:
+        raise Conflict(f"Another issuer already uses {body.issuer_url}.", code="issuer_url_in_use") from None
     runtime.issuers.forget(name)
     return _issuer_out(row)
 
 
+class IssuerList(BaseModel):
+    items: list[IssuerOut]
+
+
 @router.get("/v1/issuers", summary="List trusted issuers")
-async def list_issuers(runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> list[IssuerOut]:
+async def list_issuers(runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> IssuerList:
     async with runtime.store.read() as s:
-        return [_issuer_out(r) for r in (await s.execute(select(IssuerRow).order_by(IssuerRow.name))).scalars()]
+        rows = (await s.execute(select(IssuerRow).order_by(IssuerRow.name))).scalars()
+        return IssuerList(items=[_issuer_out(r) for r in rows])
 
 
 @router.get("/v1/issuers/{name}", summary="Show a trusted issuer")
@@ -170,9 +179,13 @@ async def create_client(
     return ClientCreated(**_client_out(row), client_secret=secret)
 
 
+class ClientList(BaseModel):
+    items: list[ClientOut]
+
+
 @router.get("/v1/clients", summary="List OAuth2 clients")
-async def list_clients(runtime: RuntimeDep, principal: Annotated[Principal, requires("clients:manage")]) -> list[ClientOut]:
-    return [ClientOut(**_client_out(r)) for r in await runtime.clients.list()]
+async def list_clients(runtime: RuntimeDep, principal: Annotated[Principal, requires("clients:manage")]) -> ClientList:
+    return ClientList(items=[ClientOut(**_client_out(r)) for r in await runtime.clients.list()])
 
 
 @router.post("/v1/clients/{client_id}/revoke", summary="Revoke a client")
@@ -189,6 +202,11 @@ GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_EXCHANGED_TTL = timedelta(hours=1)
+SUBJECT_TOKEN_TYPES = {
+    "urn:ietf:params:oauth:token-type:jwt",
+    "urn:ietf:params:oauth:token-type:id_token",
+    "urn:ietf:params:oauth:token-type:access_token",
+}
 
 
 def oauth_error(status: int, error: str, description: str) -> JSONResponse:
@@ -229,13 +247,17 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
             subject_token = form.get("assertion") if grant == GRANT_JWT_BEARER else form.get("subject_token")
             if not subject_token:
                 return oauth_error(400, "invalid_request", "The subject token (or assertion) is missing.")
+            if grant == GRANT_EXCHANGE and form.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
+                return oauth_error(400, "invalid_request", "subject_token_type must name a JWT, an id_token or an access token.")
             if peek(subject_token)[1].get("iss") == runtime.tokens.issuer_url:
                 return oauth_error(400, "invalid_grant", "A gateway token can't be exchanged for another.")
             principal = await runtime.authenticator.authenticate(subject_token)
             if principal.kind != "workload":
                 return oauth_error(400, "invalid_grant", "Only tokens from a trusted issuer can be exchanged.")
             remaining = int(principal.claims.get("exp", 0)) - int(time.time())
-            ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=max(remaining, 0)))
+            if remaining <= 0:
+                return oauth_error(400, "invalid_grant", "The subject token has expired.")
+            ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=remaining))
             access = runtime.tokens.mint_access(
                 kind="workload", name=principal.name, issuer=principal.issuer, roles=principal.roles,
                 claims={k: v for k, v in principal.claims.items() if k in ("subject", "groups", "project", "run", "email")},
@@ -296,7 +318,13 @@ async def login_config(runtime: RuntimeDep) -> LoginConfig:
     if not settings.login_issuer or not settings.login_client_id:
         raise NotFound("Sign-in is not configured (CREDGATE_LOGIN_ISSUER, CREDGATE_LOGIN_CLIENT_ID).",
                        code="login_not_configured")
-    row = await runtime.issuers.get(settings.login_issuer)
+    try:
+        row = await runtime.issuers.get(settings.login_issuer)
+    except NotFound:
+        raise NotFound(
+            f"Sign-in names issuer {settings.login_issuer!r}, which is not registered (credgate issuer add).",
+            code="login_not_configured",
+        ) from None
     return LoginConfig(issuer_url=row.issuer_url, client_id=settings.login_client_id, scopes=settings.login_scopes)
 
 

@@ -11,7 +11,7 @@ from gateway.auth import Principal
 from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest
 from gateway.policies import parse_document
-from gateway.policy import PolicyDocument, Subject
+from gateway.policy import Action, PolicyDocument, Subject
 from gateway.store.models import PolicyRow
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
@@ -39,7 +39,7 @@ class ExplainPrincipal(BaseModel):
 class ExplainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     principal: ExplainPrincipal
-    action: str = Field(..., max_length=64)
+    action: Action  # type: ignore[valid-type]
     connector: str | None = Field(None, max_length=64)
     resource: str | None = Field(None, max_length=256)
 

@@ -33,3 +33,16 @@ async def test_readyz_is_503_with_the_reason_when_the_store_is_gone(gateway: Gat
     body = r.json()
     assert body["error"]["code"] == "not_ready" and "store unreachable" in body["error"]["message"]
     assert body["checks"] == {"store": "unreachable", "kek": "ok"}
+
+
+def test_access_log_lines_drop_query_strings() -> None:
+    import logging
+
+    from gateway.logs import configure
+
+    configure("text", "info")
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/auth/console/callback?code=SECRETCODE&state=x", "1.1", 400), None)
+    for f in logging.getLogger("uvicorn.access").filters:
+        f.filter(record)
+    assert "SECRETCODE" not in record.getMessage() and "/v1/auth/console/callback" in record.getMessage()

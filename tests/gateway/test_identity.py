@@ -156,6 +156,13 @@ async def test_unknown_kid_refetches_the_jwks_but_rate_limited(gateway: Gateway,
     assert issuers.fetches - first <= 1  # at most one refetch inside the window
 
 
+async def test_one_issuer_url_per_issuer(gateway: Gateway, k8s) -> None:
+    r = await gateway.client.put("/v1/issuers/k8s-again", json={
+        "issuer_url": k8s.issuer, "jwks_url": f"{k8s.issuer}/jwks", "audiences": [AUD]})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "issuer_url_in_use"
+    assert [i["name"] for i in (await gateway.client.get("/v1/issuers")).json()["items"]] == ["k8s"]
+
+
 async def test_symmetric_algorithms_can_not_be_configured(gateway: Gateway, idp) -> None:
     r = await gateway.client.put("/v1/issuers/bad", json={
         "issuer_url": "https://x.example", "jwks_url": "https://x.example/jwks", "audiences": ["a"], "algorithms": ["HS256"]})
@@ -272,13 +279,19 @@ async def test_token_exchange_turns_a_workload_token_into_a_gateway_token(gatewa
             headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert r.status_code == 200, r.text
         exchanged = r.json()["access_token"]
-        bad = await anon.post("/v1/auth/token", content="grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=x.y.z",
+        bad = await anon.post("/v1/auth/token", content="grant_type=urn:ietf:params:oauth:grant-type:token-exchange&subject_token=x.y.z"
+                              "&subject_token_type=urn:ietf:params:oauth:token-type:jwt",
                               headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert bad.status_code == 400 and bad.json()["error"] == "invalid_grant"
         again = await anon.post("/v1/auth/token", content="&".join([
-            "grant_type=urn:ietf:params:oauth:grant-type:token-exchange", f"subject_token={exchanged}"]),
+            "grant_type=urn:ietf:params:oauth:grant-type:token-exchange", f"subject_token={exchanged}",
+            "subject_token_type=urn:ietf:params:oauth:token-type:access_token"]),
             headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert again.status_code == 400 and again.json()["error"] == "invalid_grant"  # no laundering lifetimes
+        untyped = await anon.post("/v1/auth/token", content="&".join([
+            "grant_type=urn:ietf:params:oauth:grant-type:token-exchange", f"subject_token={k8s.sign(claims(k8s))}"]),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert untyped.status_code == 400 and untyped.json()["error"] == "invalid_request"
     code, who = await status(gateway, exchanged)
     assert code == 200 and who["issuer"] == "k8s" and who["subject"] == "system:serviceaccount:ml:trainer"
     jwks = (await gateway.client.get("/v1/jwks")).json()
