@@ -9,9 +9,10 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.errors import ErrorOut, install_error_handlers
-from gateway.middleware import RequestGuard
+from gateway.middleware import AuditTrail, RequestGuard
 from gateway.routes import (
     admin_keys,
+    audit,
     backends,
     connectors,
     console,
@@ -46,7 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
         responses=_ERRORS,
     )
     install_error_handlers(app)
-    for module in (health, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
+    for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
         app.include_router(module.router)
-    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)
+    app.add_middleware(AuditTrail)
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)  # outermost: ids first
     return app

@@ -121,6 +121,14 @@ def serve(
     data_dir: DataDir = None,
     host: Annotated[str | None, typer.Option("--host", help="Bind address [default: 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port [default: 8765].")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this PEM certificate.")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="The PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option("--tls-client-ca", help="Verify client certificates against these PEM CAs.")
+    ] = None,
+    tls_require_client_cert: Annotated[
+        bool, typer.Option("--tls-require-client-cert", help="Refuse connections without a client certificate.")
+    ] = False,
 ) -> None:
     """Run the gateway."""
     import uvicorn
@@ -129,12 +137,18 @@ def serve(
     from gateway.logs import configure
     from gateway.runtime import keyring_for
     from gateway.settings import load_settings
+    from gateway.tls import uvicorn_options
 
-    settings = load_settings(config, dev=dev or None, data_dir=data_dir, host=host, port=port)
+    settings = load_settings(
+        config, dev=dev or None, data_dir=data_dir, host=host, port=port, tls_cert_file=tls_cert,
+        tls_key_file=tls_key, tls_client_ca_file=tls_client_ca, tls_require_client_cert=tls_require_client_cert or None,
+    )
     configure(settings.log_format, settings.log_level)
     keyring_for(settings)  # fail fast, with one line, before the server starts
+    tls = uvicorn_options(settings)  # the same for certificate files
     if settings.dev:
-        typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on http://{settings.host}:{settings.port}")
+        scheme = "https" if tls else "http"
+        typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on {scheme}://{settings.host}:{settings.port}")
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -142,6 +156,7 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=10,
         server_header=False,
+        **tls,
     )
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway import audit
+from gateway import tls
 from gateway.auth import Principal, bearer_token
 from gateway.errors import Forbidden
 from gateway.runtime import Runtime
@@ -26,7 +28,12 @@ async def get_principal(
     runtime: RuntimeDep,
     _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    return await runtime.authenticator.authenticate(bearer_token(request.headers.get("authorization")))
+    authorization = request.headers.get("authorization")
+    if authorization is None:  # no token: a client certificate mapped to a client will do (gateway/tls.py)
+        principal = await tls.certificate_principal(runtime, request.scope)
+        if principal is not None:
+            return principal
+    return await runtime.authenticator.authenticate(bearer_token(authorization))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -42,6 +49,8 @@ def requires(action: str) -> Any:
         # decides again with the connector and resource it is about.
         decisions = [principal.decide(a) for a in action.split("|")]  # "a|b": either will do
         decision = next((d for d in decisions if d.allowed), decisions[0])
+        audit.note(issuer=principal.issuer, subject=principal.subject, action=action,
+                   decision="allow" if decision.allowed else "deny", rule=decision.rule)
         if not decision.allowed:
             raise Forbidden(f"{principal.subject} may not {action}: {decision.reason}.", code="permission_denied")
         return principal
@@ -51,6 +60,7 @@ def requires(action: str) -> Any:
 
 
 async def _authenticated(principal: PrincipalDep) -> Principal:
+    audit.note(issuer=principal.issuer, subject=principal.subject, action="authenticated", decision="allow")
     return principal
 
 

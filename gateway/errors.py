@@ -118,6 +118,9 @@ class ConfigurationError(CredgateError):
 
 
 def error_response(exc: CredgateError, headers: dict[str, str] | None = None) -> JSONResponse:
+    from gateway import audit
+
+    audit.note(error=exc.code)
     hdrs = dict(headers or {})
     if isinstance(exc, Unauthenticated):
         hdrs.setdefault("WWW-Authenticate", 'Bearer realm="credgate"')

@@ -142,3 +142,84 @@ class RequestGuard:
         await response(scope, receive, send)
 
 
+
+
+# Requests under /v1/ are audited, but for these read-only discovery endpoints.
+_NOT_AUDITED = {"/v1/jwks", "/v1/auth/login-config", "/v1/auth/whoami"}
+
+
+class AuditTrail:
+    """Records one audit event per audited request, *before* its response starts.
+
+    If the event can't be recorded and the request was fail-closed (it hands out
+    a credential or a secret), the response is replaced by 503
+    ``audit_unavailable`` and a credential issued for it is revoked: nothing
+    leaves the gateway unrecorded.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/") or path in _NOT_AUDITED:
+            await self.app(scope, receive, send)
+            return
+        from gateway import audit
+
+        ctx, token = audit.begin()
+        replaced = False
+
+        async def audited_send(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                runtime = getattr(scope["app"].state, "runtime", None)
+                if runtime is not None:
+                    try:
+                        await runtime.audit.record(_event(scope, ctx, status), fail_closed=bool(ctx.get("fail_closed")) and status < 400)
+                    except audit.AuditUnavailable:
+                        replaced = True
+                        lease_id = ctx.get("lease_id")
+                        if lease_id:
+                            await runtime.credentials.revoke(await runtime.leases.mark_revoking(lease_ids=[lease_id]))
+                        await self._unavailable(scope, receive, send)
+                        return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited_send)
+        finally:
+            audit.end(token)
+
+    async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway.errors import Unavailable
+
+        err = Unavailable("The audit trail can't be written; the request was refused and nothing was handed out.",
+                          code="audit_unavailable")
+        response = error_response(err)
+        response.headers["retry-after"] = "5"
+        await response(scope, receive, send)
+
+
+def _event(scope: Scope, ctx: dict, status: int) -> dict:
+    from gateway.requestid import current_request_id
+
+    client = scope.get("client") or ("", 0)
+    decision = ctx.get("decision") or ("deny" if status in (401, 403) else None)
+    outcome = str(status) + (f" {ctx['error']}" if ctx.get("error") else "")
+    return {
+        "request_id": current_request_id(),
+        "issuer": ctx.get("issuer"),
+        "subject": ctx.get("subject"),
+        "action": ctx.get("action"),
+        "target": f"{scope['method']} {scope['path']}"[:700],
+        "decision": decision,
+        "rule": ctx.get("rule"),
+        "outcome": outcome[:100],
+        "lease_id": ctx.get("lease_id"),
+        "client_addr": client[0] if client else None,
+        "details": ctx.get("details"),
+    }

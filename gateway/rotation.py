@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from backends.local import secret_context
-from gateway.envelope import Envelope
+from gateway.envelope import Envelope, context
 from gateway.errors import ConfigurationError
 from gateway.keyring import KeyRing
 from gateway.leases import lease_context
@@ -36,6 +36,7 @@ from gateway.mounts import backend_config_context
 from gateway.signing import signing_context
 from gateway.store import Store
 from gateway.store.models import (
+    AuditKeyRow,
     BackendRow,
     KekVersion,
     LeaseRow,
@@ -79,6 +80,11 @@ SEALED: list[SealedTable] = [
         SigningKeyRow,
         lambda: select(SigningKeyRow).where(SigningKeyRow.kek_version.is_not(None)),
         lambda r: signing_context(r[0].kid),
+    ),
+    SealedTable(
+        AuditKeyRow,
+        lambda: select(AuditKeyRow).where(AuditKeyRow.kek_version.is_not(None)),
+        lambda r: context("audit-hmac-key"),
     ),
     SealedTable(
         BackendRow,

@@ -7,6 +7,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from gateway.audit import AuditLog, build_sinks
 from gateway.auth import AdminKeys
 from gateway.authenticator import Authenticator
 from gateway.catalog import Catalog
@@ -62,6 +63,7 @@ class Runtime:
     policies: Policies
     runs: Runs
     authenticator: Authenticator
+    audit: AuditLog
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
@@ -90,6 +92,9 @@ class Runtime:
             policies = Policies(store)
             runs = Runs(store, tokens)
             rt = cls(
+                audit=AuditLog(store, envelope, signing, build_sinks(settings.audit_sinks),
+                               wait_seconds=settings.audit_wait_seconds,
+                               checkpoint_every=settings.audit_checkpoint_every),
                 signing=signing,
                 tokens=tokens,
                 issuers=issuers,
@@ -116,6 +121,7 @@ class Runtime:
             await rt.keys.sync()
             await rt.mounts.ensure_builtin()
             await rt.signing.ensure()
+            await rt.audit.start()
             token = await rt.admin_keys.bootstrap(
                 settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
             )

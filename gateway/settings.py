@@ -46,11 +46,29 @@ class Settings(BaseSettings):
         None, description="The gateway's URL as callers see it: the issuer of its tokens (default http://HOST:PORT)."
     )
 
+    # TLS (gateway/tls.py): HTTPS with a certificate and key; client certificates with a client CA.
+    tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) to serve HTTPS with.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of that certificate.")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA(s) client certificates are verified against.")
+    tls_require_client_cert: bool = Field(False, description="Refuse TLS connections without a client certificate.")
+    tls_client_subjects: dict[str, str] = Field(
+        default_factory=dict,
+        description="Client certificate subject (RFC 4514, e.g. 'CN=zenml-server,O=acme') -> OAuth2 client id.",
+    )
+
     login_issuer: str | None = Field(
         None, description="Name of the trusted issuer admins sign in with (`credgate login`, the console)."
     )
     login_client_id: str | None = Field(None, description="The OAuth2 client id credgate uses at that issuer.")
     login_scopes: str = Field("openid email profile groups", description="Scopes asked for at sign-in.")
+
+    audit_sinks: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra audit sinks besides the store, set in the config file: "
+        "[{type: file, path: ..., required: true}, {type: stdout}].",
+    )
+    audit_wait_seconds: float = Field(2.0, gt=0, description="How long a write waits for a failing required sink.")
+    audit_checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint every N events.")
 
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -74,6 +92,28 @@ class Settings(BaseSettings):
             raise ValueError("CREDGATE_BOOTSTRAP_TOKEN must be at least 32 characters")
         return v
 
+    @field_validator("tls_client_subjects")
+    @classmethod
+    def _subjects(cls, v: dict[str, str]) -> dict[str, str]:
+        from gateway.tls import client_subjects
+
+        return client_subjects(v)
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give tls_cert_file and tls_key_file together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (client certificates need TLS)")
+        if self.tls_require_client_cert and self.tls_client_ca_file is None:
+            raise ValueError("tls_require_client_cert needs tls_client_ca_file to verify client certificates against")
+        if self.tls_client_subjects and self.tls_client_ca_file is None:
+            raise ValueError("tls_client_subjects needs tls_client_ca_file to verify client certificates against")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).expanduser())
+        return self
+
     @model_validator(mode="after")
     def _expand(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()
@@ -87,7 +127,8 @@ class Settings(BaseSettings):
 
     @property
     def issuer_url(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        scheme = "https" if self.tls_cert_file else "http"
+        return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
 
     @property
     def dev_kek_file(self) -> Path:

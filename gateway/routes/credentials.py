@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header
 
+from gateway import audit
 from gateway.auth import Principal
 from gateway.credentials import IssueParams
 from gateway.deps import RuntimeDep, requires
@@ -20,11 +21,15 @@ async def issue_for(
     if idempotency_key is not None and not idempotency_key.strip():
         raise BadRequest("The Idempotency-Key header is empty.", code="invalid_idempotency_key")
     action = "credentials:wrap" if body.wrap else "credentials:issue"
+    audit.note(action=action, fail_closed=True,
+               details={"connector": body.connector, "resource": body.resource, "wrap": body.wrap, "run_id": run_id})
     decision = principal.require(action, body.connector, body.resource)
+    audit.note(rule=decision.rule)
     out = await runtime.credentials.issue(
         principal, IssueParams(**body.model_dump()), idempotency_key=idempotency_key, run_id=run_id,
         policy_max=decision.max_ttl, decided_by=decision.rule,
     )
+    audit.note(lease_id=out["lease_id"], details={"replayed": out.get("replayed", False)})
     return CredentialOut(**out)
 
 
@@ -63,4 +68,7 @@ async def issue_for_run(
 @router.post("/v1/unwrap", summary="Exchange a wrap token for its credential, exactly once")
 async def unwrap(body: UnwrapIn, runtime: RuntimeDep) -> CredentialOut:
     # The wrap token is the capability: no other authentication is asked for.
-    return CredentialOut(**await runtime.credentials.unwrap(body.wrap_token))
+    audit.note(action="credentials:unwrap", fail_closed=True, details={"wrap_token": runtime.audit.hmac(body.wrap_token)})
+    out = await runtime.credentials.unwrap(body.wrap_token)
+    audit.note(lease_id=out.get("lease_id"))
+    return CredentialOut(**out)

@@ -29,6 +29,12 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
     except Exception:
         checks["kek"] = "not loaded"
         reasons.append("KEK not loaded")
+    if runtime.audit.healthy:
+        checks["audit"] = "ok"
+    else:
+        failing = [n for n, h in runtime.audit.health.items() if not h.ok]
+        checks["audit"] = "unavailable"
+        reasons.append("audit sink unavailable: " + ", ".join(failing))
     if reasons:
         body = {
             "status": "not_ready",

@@ -24,6 +24,7 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from gateway import audit
 from gateway.auth import GATEWAY, Principal
 from gateway.clients import Clients, InvalidClient
 from gateway.deps import Authenticated, RuntimeDep, requires
@@ -234,6 +235,10 @@ async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
         return oauth_error(400, "invalid_request", "The body must be application/x-www-form-urlencoded.")
     form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
     grant = form.get("grant_type")
+    basic = _basic(request.headers.get("authorization"))
+    secret = form.get("client_secret") or (basic[1] if basic else None)
+    audit.note(action="auth:token", subject=form.get("client_id") or (basic[0] if basic else None),
+               details={"grant_type": (grant or "")[:80], **({"client_secret": runtime.audit.hmac(secret)} if secret else {})})
     endpoint = f"{runtime.settings.issuer_url}/v1/auth/token"
     try:
         if grant == GRANT_CC:

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
+from gateway import audit
 from gateway.auth import Principal
 from gateway.credentials import lease_view
 from gateway.deps import RuntimeDep, requires
@@ -84,6 +85,7 @@ async def renew(
 
 @router.post("/{lease_id}/revoke", summary="Revoke a lease (idempotent)")
 async def revoke(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:revoke")], response: Response) -> LeaseOut:
+    audit.note(lease_id=lease_id)
     await runtime.leases.get(lease_id)
     await runtime.leases.mark_revoking(lease_ids=[lease_id])
     await runtime.credentials.revoke([lease_id])

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from backends.base import SecretMetadata
-from gateway import paths
+from gateway import audit, paths
 from gateway.auth import Principal
 from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, NotFound
@@ -87,6 +87,7 @@ async def get_secret(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> SecretOut:
     paths.secret_path(path)
+    audit.note(fail_closed=True, details={"reveal": reveal, "version": version})
     principal.require("secrets:read", resource=f"{backend}/{path}")
     if reveal:
         principal.require("secrets:reveal", resource=f"{backend}/{path}")

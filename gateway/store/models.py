@@ -283,3 +283,42 @@ class UsedJtiRow(Base):
     __tablename__ = "used_jtis"
     jti: Mapped[str] = mapped_column(String(200), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AuditEventRow(Base):
+    """One audit event, hash-chained to the one before (see gateway/audit.py)."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(80))
+    issuer: Mapped[str | None] = mapped_column(String(256))
+    subject: Mapped[str | None] = mapped_column(String(256), index=True)
+    action: Mapped[str | None] = mapped_column(String(64), index=True)
+    target: Mapped[str | None] = mapped_column(String(700))
+    decision: Mapped[str | None] = mapped_column(String(16))
+    rule: Mapped[str | None] = mapped_column(String(200))
+    outcome: Mapped[str | None] = mapped_column(String(100))
+    lease_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    client_addr: Mapped[str | None] = mapped_column(String(100))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpointRow(Base):
+    """A signed statement of the chain's head at some sequence number."""
+
+    __tablename__ = "audit_checkpoints"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    signature: Mapped[str] = mapped_column(String(4000))
+
+
+class AuditKeyRow(SealedMixin, Base):
+    """The per-deployment HMAC key for sensitive identifiers in the audit log (sealed)."""
+
+    __tablename__ = "audit_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

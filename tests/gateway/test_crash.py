@@ -116,7 +116,10 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_se
                             received.append(r.json()["lease_id"])
 
                 workers = [asyncio.create_task(worker(i)) for i in range(12)]
-                await asyncio.sleep(1.5)
+                deadline = time.monotonic() + 20
+                while len(received) < 15 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # well inside the stream
                 proc.send_signal(signal.SIGKILL)  # mid-stream, no warning
                 await asyncio.wait_for(asyncio.gather(*workers), timeout=30)
 
@@ -134,7 +137,7 @@ def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_se
         assert gateway_made(pg_cluster, mariadb_server, redis_server) - before <= planned
 
         proc = start(data, kek, port)  # restart: the reaper finishes what the dead process left
-        deadline = time.monotonic() + 40
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             states = set(planned_names(data / "credgate.db").values())
             if states <= {"revoked", "expired"}:

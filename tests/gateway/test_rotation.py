@@ -101,7 +101,7 @@ async def test_interrupted_rewrap_resumes_at_start(settings_factory, kek_file: P
         await rt.keys.sync()
         rt.keys._batch = 10
         assert await rt.keys._rewrap_batch() == 10
-        assert (await rt.keys.status()).rewrap_pending == 21  # 20 secrets + the signing key
+        assert (await rt.keys.status()).rewrap_pending == 22  # 20 secrets, the signing key, the audit key
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         rt = app.state.runtime

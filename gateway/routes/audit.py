@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from gateway.auth import Principal
+from gateway.deps import RuntimeDep, requires
+from gateway.store.models import AuditEventRow
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+
+class AuditEvent(BaseModel):
+    seq: int
+    time: datetime
+    request_id: str | None
+    issuer: str | None
+    subject: str | None
+    action: str | None
+    target: str | None
+    decision: str | None
+    rule: str | None
+    outcome: str | None
+    lease_id: str | None
+    client_addr: str | None
+    details: dict[str, Any] | None
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEvent]
+    next_after: int | None
+
+
+class VerifyOut(BaseModel):
+    ok: bool
+    events: int
+    first_bad_seq: int | None
+    problem: str | None
+    checkpoints: int
+
+
+class HashIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: str = Field(..., min_length=1, max_length=4096)
+
+
+class HashOut(BaseModel):
+    hmac: str
+
+
+@router.get("", summary="Query audit events (oldest first)")
+async def query(
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("audit:read")],
+    since: datetime | None = None,
+    until: datetime | None = None,
+    subject: Annotated[str | None, Query(max_length=256)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    connector: Annotated[str | None, Query(max_length=64)] = None,
+    lease_id: Annotated[str | None, Query(max_length=40)] = None,
+    decision: Annotated[str | None, Query(pattern="^(allow|deny)$")] = None,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditPage:
+    q = select(AuditEventRow)
+    for column, value in ((AuditEventRow.subject, subject), (AuditEventRow.action, action),
+                          (AuditEventRow.lease_id, lease_id), (AuditEventRow.decision, decision)):
+        if value is not None:
+            q = q.where(column == value)
+    if since is not None:
+        q = q.where(AuditEventRow.time >= since)
+    if until is not None:
+        q = q.where(AuditEventRow.time < until)
+    if after is not None:
+        q = q.where(AuditEventRow.seq > after)
+    q = q.order_by(AuditEventRow.seq)
+    items: list[AuditEvent] = []
+    last = None
+    async with runtime.store.read() as s:
+        for row in (await s.execute(q)).scalars():
+            last = row.seq
+            if connector is not None and (row.details or {}).get("connector") != connector:
+                continue
+            items.append(AuditEvent.model_validate(row, from_attributes=True))
+            if len(items) > limit:
+                break
+    more = len(items) > limit
+    items = items[:limit]
+    return AuditPage(items=items, next_after=items[-1].seq if more and items else (None if not more else last))
+
+
+@router.get("/verify", summary="Walk the hash chain and the signed checkpoints; name the first bad event")
+async def verify(runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]) -> VerifyOut:
+    return VerifyOut(**await runtime.audit.verify())
+
+
+@router.post("/hash", summary="The keyed hash under which a sensitive value (a wrap token, a client secret) is logged")
+async def keyed(body: HashIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]) -> HashOut:
+    return HashOut(hmac=runtime.audit.hmac(body.value))
