@@ -62,27 +62,36 @@ class ChainReport:
     events: int
     first_bad_seq: int | None = None
     problem: str | None = None
+    problems: tuple[tuple[int, str], ...] = ()  # every break found, in order
 
 
 def verify_chain(events: Iterable[Mapping[str, Any]], *, start_seq: int = 1, start_hash: str = GENESIS) -> ChainReport:
-    """Walk events in storage order; report the first one that breaks the chain.
+    """Walk events in storage order and report every break, the first one first.
 
-    ``events`` are mappings with every field of :data:`FIELDS` plus ``prev_hash``
-    and ``hash``.
+    After a break the walk re-synchronises on the event that broke it, so a
+    modified event *and* a later deleted one are both named. ``events`` are
+    mappings with every field of :data:`FIELDS` plus ``prev_hash`` and ``hash``.
     """
     expected_seq, prev, n = start_seq, start_hash, 0
+    problems: list[tuple[int, str]] = []
     for event in events:
         n += 1
         seq = event["seq"]
         if seq != expected_seq:
-            what = "missing (deleted)" if seq > expected_seq else "out of order or duplicated"
-            return ChainReport(False, n, expected_seq if seq > expected_seq else seq, f"event {expected_seq} is {what}")
-        if event["prev_hash"] != prev:
-            return ChainReport(False, n, seq, f"event {seq} does not link to the event before it")
-        if not hmac.compare_digest(event["hash"], chain_hash(prev, event)):
-            return ChainReport(False, n, seq, f"event {seq} was modified")
-        prev, expected_seq = event["hash"], seq + 1
-    return ChainReport(True, n)
+            if seq > expected_seq:
+                gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
+                problems.append((expected_seq, f"event {gap} is missing (deleted)"))
+            else:
+                problems.append((seq, f"event {seq} is out of order or duplicated"))
+        elif event["prev_hash"] != prev:
+            problems.append((seq, f"event {seq} does not link to the event before it"))
+        if not hmac.compare_digest(event["hash"], chain_hash(event["prev_hash"], event)):
+            problems.append((seq, f"event {seq} was modified"))
+        prev, expected_seq = event["hash"], max(expected_seq, seq + 1)
+    if not problems:
+        return ChainReport(True, n)
+    first = problems[0]
+    return ChainReport(False, n, first[0], first[1], tuple(problems))
 
 
 # --- recording -----------------------------------------------------------------
@@ -294,7 +303,8 @@ class AuditLog:
                 select(AuditEventRow).where(AuditEventRow.seq.in_([c.seq for c in checkpoints])))).scalars()}
             last = (await s.execute(select(func.max(AuditEventRow.seq)))).scalar()
         out = {"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
-               "problem": report.problem, "checkpoints": len(checkpoints)}
+               "problem": report.problem, "checkpoints": len(checkpoints),
+               "problems": [{"seq": seq, "problem": why} for seq, why in report.problems]}
         for cp in checkpoints:
             try:
                 claims = (await self._signing.verify(cp.signature)).claims

@@ -1294,6 +1294,102 @@ def whoami(addr: Addr = None, token: Token = None, as_json: Json = False) -> Non
         typer.echo(f"run:      {out['run_id']}")
 
 
+# --- audit -------------------------------------------------------------------
+
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _audit_line(e: dict[str, Any]) -> str:
+    who = f"{e.get('issuer') or '-'}/{e.get('subject') or '-'}"
+    extra = f" lease={e['lease_id']}" if e.get("lease_id") else ""
+    return f"{e['seq']:>7} {e['time']} {e.get('decision') or '-':<5} {e.get('outcome') or '':<24} {who} {e.get('action') or '-'} {e.get('target')}{extra}"
+
+
+def _audit_pages(c: Client, params: dict[str, Any]):
+    after = params.pop("after", None)
+    while True:
+        page = c.get("/v1/audit", **params, after=after, limit=1000)
+        yield from page["items"]
+        if not page["next_after"]:
+            return
+        after = page["next_after"]
+
+
+AuditFilter = Annotated[str | None, typer.Option(help="Filter.")]
+
+
+@audit_app.command("search")
+def audit_search(
+    subject: AuditFilter = None,
+    action: AuditFilter = None,
+    connector: AuditFilter = None,
+    lease: Annotated[str | None, typer.Option("--lease", help="A lease id.")] = None,
+    decision: Annotated[str | None, typer.Option(help="allow or deny")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time, e.g. 2026-11-26T00:00:00Z")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time")] = None,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """Find audit events."""
+    params = dict(subject=subject, action=action, connector=connector, lease_id=lease, decision=decision,
+                  since=since, until=until)
+    with _client(addr, token) as c:
+        for event in _audit_pages(c, params):
+            typer.echo(json.dumps(event, sort_keys=True) if as_json else _audit_line(event))
+
+
+@audit_app.command("tail")
+def audit_tail(
+    n: Annotated[int, typer.Option("-n", min=1, max=1000, help="How many of the newest events.")] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """The newest audit events (and, with -f, those that follow)."""
+    with _client(addr, token) as c:
+        events = list(_audit_pages(c, {}))
+        for event in events[-n:]:
+            typer.echo(json.dumps(event, sort_keys=True) if as_json else _audit_line(event))
+        after = events[-1]["seq"] if events else 0
+        while follow:
+            time.sleep(1)
+            for event in _audit_pages(c, {"after": after}):
+                after = event["seq"]
+                typer.echo(json.dumps(event, sort_keys=True) if as_json else _audit_line(event))
+
+
+@audit_app.command("export")
+def audit_export(
+    since: Annotated[str | None, typer.Option(help="ISO time")] = None,
+    addr: Addr = None,
+    token: Token = None,
+) -> None:
+    """Every event as JSON lines (with its hash chain fields), for archiving or offline checks."""
+    with _client(addr, token) as c:
+        for event in _audit_pages(c, {"since": since}):
+            typer.echo(json.dumps(event, sort_keys=True))
+
+
+@audit_app.command("verify")
+def audit_verify(addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Check the hash chain and the signed checkpoints; exit 1 and name every bad event if broken."""
+    with _client(addr, token) as c:
+        out = c.get("/v1/audit/verify")
+    if as_json:
+        _print_json(out)
+    elif out["ok"]:
+        typer.echo(f"ok: {out['events']} events, {out['checkpoints']} signed checkpoint(s)")
+    else:
+        typer.echo(f"BROKEN: first bad event {out['first_bad_seq']}: {out['problem']}")
+        for p in out.get("problems", [])[1:]:
+            typer.echo(f"  also event {p['seq']}: {p['problem']}")
+    if not out["ok"]:
+        raise typer.Exit(1)
+
+
 # --- entry point ------------------------------------------------------------
 
 

@@ -37,12 +37,18 @@ class AuditPage(BaseModel):
     next_after: int | None
 
 
+class Problem(BaseModel):
+    seq: int
+    problem: str
+
+
 class VerifyOut(BaseModel):
     ok: bool
     events: int
     first_bad_seq: int | None
     problem: str | None
     checkpoints: int
+    problems: list[Problem] = Field(default_factory=list, description="Every break found, the first one first.")
 
 
 class HashIn(BaseModel):
