@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
+from gateway import audit
 from gateway.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from gateway.policy import Decision, PolicySet, Subject, glob_regex
 from gateway.store import Store
@@ -94,6 +95,8 @@ class Principal:
 
     def require(self, action: str, connector: str | None = None, resource: str | None = None) -> Decision:
         decision = self.decide(action, connector, resource)
+        # The most specific decision of a request is the one its audit event records.
+        audit.note(action=action, decision="allow" if decision.allowed else "deny", rule=decision.rule)
         if not decision.allowed:
             raise Forbidden(f"{self.subject} may not {action}: {decision.reason}.", code="permission_denied")
         return decision
