@@ -7,8 +7,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway import audit
-from gateway import tls
+from gateway import audit, tls
 from gateway.auth import Principal, bearer_token
 from gateway.errors import Forbidden
 from gateway.runtime import Runtime

@@ -26,8 +26,9 @@ extension (version 0.2)::
     }
 
 It leans on two things every uvicorn HTTP protocol has done since 0.1x (and
-still does in 0.54): one protocol object per connection, and requests run
-``self.app``. Should uvicorn fill the extension itself one day, its entry wins.
+still does in 0.54), on the asyncio and the uvloop event loop alike: one
+protocol object per connection, and requests run ``self.app``. Should uvicorn
+fill the extension itself one day, its entry wins.
 Python before 3.13 can only read the leaf certificate, so the chain holds just
 that, which the spec allows.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
@@ -212,18 +214,19 @@ def _cipher_suite(ssl_object: ssl.SSLObject) -> int | None:
     return _cipher_ids(ssl_object.context).get(current[0])
 
 
-_CIPHER_IDS: dict[int, dict[str, int]] = {}
+_CIPHER_IDS: weakref.WeakKeyDictionary[ssl.SSLContext, dict[str, int]] = weakref.WeakKeyDictionary()
 
 
 def _cipher_ids(ctx: ssl.SSLContext) -> dict[str, int]:
-    ids = _CIPHER_IDS.get(id(ctx))
+    ids = _CIPHER_IDS.get(ctx)
     if ids is None:  # one server context per process: computed once
-        ids = _CIPHER_IDS[id(ctx)] = {c["name"]: c["id"] & 0xFFFF for c in ctx.get_ciphers()}
+        ids = _CIPHER_IDS[ctx] = {c["name"]: c["id"] & 0xFFFF for c in ctx.get_ciphers()}
     return ids
 
 
 class _WithTLS:
-    """One connection's app: adds that connection's TLS entry to each request's scope."""
+    """One connection's app: adds that connection's TLS entry to each request's scope.
+    (A WebSocket upgrade gets uvicorn's app, not this one; the gateway serves none.)"""
 
     __slots__ = ("app", "tls")
 
@@ -232,7 +235,7 @@ class _WithTLS:
         self.tls = tls
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope.get("type") in ("http", "websocket"):
+        if scope.get("type") == "http":
             extensions = scope.get("extensions")
             if extensions is None:
                 extensions = scope["extensions"] = {}

@@ -34,7 +34,8 @@ def test_accepts_only_the_grammar(text: str) -> None:
         accepted = True
     except BadRequest as exc:
         accepted = False
-        assert exc.code == "invalid_path" and (not text.strip() or text not in exc.message)
+        # The message never quotes the input (short strings like "/" may occur in it by chance).
+        assert exc.code == "invalid_path" and (len(text.strip()) < 4 or text not in exc.message)
     assert accepted == expected
 
 
