@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.errors import ErrorOut, install_error_handlers
 from gateway.middleware import AuditTrail, RequestGuard
+from gateway.ratelimit import Limit, Limiter
 from gateway.routes import (
     admin_keys,
     audit,
@@ -27,7 +28,7 @@ from gateway.routes import (
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422)}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 431, 503)}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -50,5 +51,12 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
         app.include_router(module.router)
     app.add_middleware(AuditTrail)
-    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes)  # outermost: ids first
+    app.state.limiter = Limiter()
+    app.add_middleware(
+        RequestGuard,
+        max_body=settings.max_body_bytes,
+        max_headers=settings.max_header_bytes,
+        limiter=app.state.limiter,
+        address_limit=Limit(settings.rate_per_address, settings.burst_per_address),
+    )  # outermost: ids first
     return app

@@ -155,6 +155,10 @@ def serve(
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=10,
+        # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
+        limit_concurrency=settings.max_concurrency,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         server_header=False,
         **tls,
     )

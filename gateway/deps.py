@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gateway import audit, tls
 from gateway.auth import Principal, bearer_token
 from gateway.errors import Forbidden
+from gateway.ratelimit import Limit
 from gateway.runtime import Runtime
 
 _bearer = HTTPBearer(auto_error=False, description="An admin API key: `Authorization: Bearer cgt_...`")
@@ -28,11 +29,17 @@ async def get_principal(
     _creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     authorization = request.headers.get("authorization")
+    principal = None
     if authorization is None:  # no token: a client certificate mapped to a client will do (gateway/tls.py)
         principal = await tls.certificate_principal(runtime, request.scope)
-        if principal is not None:
-            return principal
-    return await runtime.authenticator.authenticate(bearer_token(authorization))
+    if principal is None:
+        principal = await runtime.authenticator.authenticate(bearer_token(authorization))
+    s = runtime.settings
+    request.app.state.limiter.check(
+        ("principal", principal.issuer, principal.subject), Limit(s.rate_per_principal, s.burst_per_principal),
+        f"for {principal.subject}",
+    )
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -43,9 +50,16 @@ def requires(action: str) -> Any:
     yet) before the body is validated, so a caller without the right gets 403, not 422.
     The action is kept on the function: the authorization-matrix test reads it."""
 
-    async def check(principal: PrincipalDep) -> Principal:
+    async def check(principal: PrincipalDep, request: Request, runtime: RuntimeDep) -> Principal:
         # Coarse gate: does any rule grant this action to the caller at all? The route
         # decides again with the connector and resource it is about.
+        per_action = runtime.settings.rate_per_action
+        for a in action.split("|"):
+            if a in per_action:
+                rate, burst = (per_action[a] + [per_action[a][0]])[:2]
+                request.app.state.limiter.check(
+                    ("action", principal.issuer, principal.subject, a), Limit(rate, burst), f"of {a} for {principal.subject}"
+                )
         decisions = [principal.decide(a) for a in action.split("|")]  # "a|b": either will do
         decision = next((d for d in decisions if d.allowed), decisions[0])
         audit.note(issuer=principal.issuer, subject=principal.subject, action=action,

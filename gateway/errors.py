@@ -122,6 +122,8 @@ def error_response(exc: CredgateError, headers: dict[str, str] | None = None) ->
 
     audit.note(error=exc.code)
     hdrs = dict(headers or {})
+    if getattr(exc, "retry_after", None):
+        hdrs.setdefault("Retry-After", str(exc.retry_after))
     if isinstance(exc, Unauthenticated):
         hdrs.setdefault("WWW-Authenticate", 'Bearer realm="credgate"')
     return JSONResponse(exc.body(), status_code=exc.status, headers=hdrs)

@@ -52,12 +52,20 @@ def _acceptable(path: str, content_type: bytes | None) -> bool:
     return any(path.startswith(prefix) and media in types for prefix, types in _OTHER_MEDIA.items())
 
 
+class HeadersTooLarge(CredgateError):
+    status, code = 431, "headers_too_large"
+
+
 class RequestGuard:
     """Assign a request id; refuse bodies over ``max_body`` (413) and non-JSON bodies (415)."""
 
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int = 16384, limiter=None,
+                 address_limit=None) -> None:
         self.app = app
         self.max_body = max_body
+        self.max_headers = max_headers
+        self.limiter = limiter
+        self.address_limit = address_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,6 +125,14 @@ class RequestGuard:
         await self.app(scope, limited_receive, guarded_send)
 
     def _check(self, scope: Scope) -> CredgateError | None:
+        if sum(len(k) + len(v) for k, v in scope.get("headers", ())) > self.max_headers:
+            return HeadersTooLarge(f"The request headers are larger than {self.max_headers} bytes.")
+        if self.limiter is not None and scope["path"] not in ("/healthz", "/readyz"):
+            client = scope.get("client") or ("unknown", 0)
+            try:
+                self.limiter.check(("addr", client[0]), self.address_limit, "from this address")
+            except CredgateError as exc:
+                return exc
         if _CONTROL.search(scope["path"]):
             return BadRequest("The URL path contains control characters.", code="invalid_path")
         method = scope["method"].encode()
@@ -137,6 +153,8 @@ class RequestGuard:
 
     async def _reject(self, error: CredgateError, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(error)
+        if getattr(error, "retry_after", None):
+            response.headers["retry-after"] = str(error.retry_after)
         # Close the connection rather than read an unwanted (maybe huge) body.
         response.headers["connection"] = "close"
         await response(scope, receive, send)

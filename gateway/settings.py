@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     audit_wait_seconds: float = Field(2.0, gt=0, description="How long a write waits for a failing required sink.")
     audit_checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint every N events.")
 
+    rate_per_address: float = Field(500.0, ge=0, description="Requests/s per client address (0: no limit).")
+    burst_per_address: float = Field(1000.0, ge=1)
+    rate_per_principal: float = Field(200.0, ge=0, description="Requests/s per authenticated principal (0: no limit).")
+    burst_per_principal: float = Field(400.0, ge=1)
+    rate_per_action: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="Per principal and action: {action: [rate, burst]}, e.g. {'credentials:issue': [5, 10]}.",
+    )
+    max_header_bytes: int = Field(16384, ge=1024, description="Largest accepted request header block (431 past it).")
+    max_concurrency: int = Field(1000, ge=1, description="Connections+tasks a worker serves at once (503 past it).")
+    keep_alive_seconds: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest accepted request body.")

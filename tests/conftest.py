@@ -92,8 +92,11 @@ def settings_factory(tmp_path: Path, store_url: str, kek_file: Path):
             database_url=store_url,
             kek_file=kek_file,
             bootstrap_token=ADMIN_TOKEN,
-            # Tests drive the reaper by hand (runtime.reaper.tick()) unless they turn it on.
+            # Tests drive the reaper by hand (runtime.reaper.tick()) unless they turn it on,
+            # and hammer the gateway from one address: rate limits are tested on their own.
             reaper_enabled=False,
+            rate_per_address=0,
+            rate_per_principal=0,
         )
         values.update(overrides)
         return load_settings(**values)
