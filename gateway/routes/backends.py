@@ -26,7 +26,9 @@ async def get_backend(name: str, runtime: RuntimeDep, principal: Annotated[Princ
     return _out(await runtime.mounts.info(name))
 
 
-@router.put("/{name}", summary="Create or replace a backend")
+@router.put(
+    "/{name}",
+    responses={201: {"model": BackendOut, "description": "Created"}}, summary="Create or replace a backend")
 async def put_backend(
     name: str, body: BackendPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")], response: Response
 ) -> BackendOut:

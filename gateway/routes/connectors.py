@@ -46,7 +46,9 @@ async def list_connectors(runtime: RuntimeDep, principal: Annotated[Principal, r
     return ConnectorList(items=[_out(r) for r in await runtime.catalog.list()])
 
 
-@router.put("/v1/connectors/{name}", summary="Create or replace a connector")
+@router.put(
+    "/v1/connectors/{name}",
+    responses={201: {"model": ConnectorOut, "description": "Created"}}, summary="Create or replace a connector")
 async def put_connector(
     name: str, body: ConnectorPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")], response: Response
 ) -> ConnectorOut:

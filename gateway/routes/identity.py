@@ -88,7 +88,9 @@ def _issuer_out(row: IssuerRow) -> IssuerOut:
     )
 
 
-@router.put("/v1/issuers/{name}", summary="Trust an issuer's JWTs")
+@router.put(
+    "/v1/issuers/{name}",
+    responses={201: {"model": IssuerOut, "description": "Created"}}, summary="Trust an issuer's JWTs")
 async def put_issuer(
     name: Name, body: IssuerPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")],
     response: Response,
@@ -229,7 +231,44 @@ def _basic(header: str | None) -> tuple[str, str] | None:
     return (unquote(cid), unquote(secret)) if sep else None
 
 
-@router.post("/v1/auth/token", summary="OAuth2 token endpoint: client_credentials, jwt-bearer, token-exchange")
+class OAuthError(BaseModel):
+    """RFC 6749 section 5.2."""
+
+    error: str
+    error_description: str | None = None
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    issued_token_type: str | None = None
+
+
+TOKEN_FORM: dict[str, Any] = {
+    "type": "object",
+    "required": ["grant_type"],
+    "properties": {
+        "grant_type": {"type": "string", "enum": [GRANT_CC, GRANT_JWT_BEARER, GRANT_EXCHANGE]},
+        "client_id": {"type": "string"},
+        "client_secret": {"type": "string"},
+        "client_assertion_type": {"type": "string", "enum": [ASSERTION_TYPE]},
+        "client_assertion": {"type": "string"},
+        "assertion": {"type": "string"},
+        "subject_token": {"type": "string"},
+        "subject_token_type": {"type": "string", "enum": sorted(SUBJECT_TOKEN_TYPES)},
+    },
+}
+
+
+@router.post(
+    "/v1/auth/token",
+    summary="OAuth2 token endpoint: client_credentials, jwt-bearer, token-exchange",
+    response_model=TokenOut,
+    responses={400: {"model": OAuthError}, 401: {"model": OAuthError}},
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"application/x-www-form-urlencoded": {"schema": TOKEN_FORM}}}},
+)
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
         return oauth_error(400, "invalid_request", "The body must be application/x-www-form-urlencoded.")

@@ -60,6 +60,7 @@ _YAML = ("application/yaml", "application/x-yaml", "text/yaml")
 
 @router.put(
     "/{name}",
+    responses={201: {"model": PolicyOut, "description": "Created"}},
     summary="Create or replace a policy (JSON or YAML body)",
     openapi_extra={"requestBody": {"content": {
         "application/json": {"schema": PolicyDocument.model_json_schema()},
