@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from gateway import __version__
 from gateway.errors import ErrorOut, install_error_handlers
 from gateway.middleware import AuditTrail, RequestGuard
+from gateway.metrics import Metrics, MetricsMiddleware
 from gateway.ratelimit import Limit, Limiter
 from gateway.routes import (
     admin_keys,
@@ -35,6 +36,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = await Runtime.start(settings)
+        app.state.runtime.metrics = app.state.metrics
         try:
             yield
         finally:
@@ -50,7 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
         app.include_router(module.router)
+    app.state.metrics = Metrics()
     app.add_middleware(AuditTrail)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.state.limiter = Limiter()
     app.add_middleware(
         RequestGuard,

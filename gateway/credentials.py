@@ -238,6 +238,7 @@ class Credentials:
         body = {
             "lease_id": lease.id,
             "connector": lease.connector,
+            "connector_type": lease.connector_type,
             "resource": lease.resource,
             "issued_at": lease.issued_at,
             "expires_at": lease.expires_at,

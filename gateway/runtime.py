@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.audit import AuditLog, build_sinks
 from gateway.auth import AdminKeys
@@ -64,6 +65,7 @@ class Runtime:
     runs: Runs
     authenticator: Authenticator
     audit: AuditLog
+    metrics: Any = None  # gateway.metrics.Metrics, set by the app
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

@@ -192,6 +192,7 @@ class CredentialRequest(Input):
 class CredentialOut(BaseModel):
     lease_id: str
     connector: str
+    connector_type: str | None = None
     resource: str
     issued_at: datetime
     expires_at: datetime

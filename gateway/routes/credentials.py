@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import time
+
 from fastapi import APIRouter, Header
 
 from gateway import audit
@@ -25,11 +27,14 @@ async def issue_for(
                details={"connector": body.connector, "resource": body.resource, "wrap": body.wrap, "run_id": run_id})
     decision = principal.require(action, body.connector, body.resource)
     audit.note(rule=decision.rule)
+    started = time.perf_counter()
     out = await runtime.credentials.issue(
         principal, IssueParams(**body.model_dump()), idempotency_key=idempotency_key, run_id=run_id,
         policy_max=decision.max_ttl, decided_by=decision.rule,
     )
     audit.note(lease_id=out["lease_id"], details={"replayed": out.get("replayed", False)})
+    if runtime.metrics is not None:
+        runtime.metrics.issue_seconds.labels(out["connector_type"]).observe(time.perf_counter() - started)
     return CredentialOut(**out)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway.deps import RuntimeDep
@@ -11,6 +12,14 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
+    m = request.app.state.metrics
+    await m.refresh(runtime)
+    body, content_type = m.render()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/readyz", summary="The store is reachable and the KEK is loaded")

@@ -27,7 +27,7 @@ from tests.conftest import ADMIN_TOKEN, Gateway
 pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 
 PUBLIC = {
-    "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+    "/healthz", "/metrics", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
     "/v1/unwrap", "/v1/auth/token", "/v1/jwks", "/.well-known/openid-configuration", "/v1/auth/login-config",
     "/v1/auth/console/login", "/v1/auth/console/callback",
 }
@@ -42,6 +42,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/secrets/{backend}/{path:path}"): "secrets:write",
     ("GET", "/.well-known/openid-configuration"): "public",
     ("GET", "/healthz"): "public",
+    ("GET", "/metrics"): "public",
     ("GET", "/readyz"): "public",
     ("GET", "/v1/admin-keys"): "admin_keys:manage",
     ("GET", "/v1/auth/console/callback"): "public",

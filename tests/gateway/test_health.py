@@ -46,3 +46,21 @@ def test_access_log_lines_drop_query_strings() -> None:
     for f in logging.getLogger("uvicorn.access").filters:
         f.filter(record)
     assert "SECRETCODE" not in record.getMessage() and "/v1/auth/console/callback" in record.getMessage()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_metrics(gateway: Gateway) -> None:
+    await gateway.client.put("/v1/secrets/local/m/x", json={"data": {"k": "CANARY-metrics-value"}})
+    await gateway.client.put("/v1/secrets/local/m/wandb", json={"data": {"api_key": "CANARY-metrics-key"}})
+    await gateway.client.put("/v1/connectors/w", json={"type": "static", "auth_method": "static",
+                                                        "secret": "local/m/wandb", "resources": ["default"]})
+    issued = await gateway.client.post("/v1/credentials", json={"connector": "w", "resource": "default", "wrap": True})
+    assert issued.status_code == 200
+    async with gateway.as_token(None) as anon:
+        text = (await anon.get("/metrics")).text
+    assert 'credgate_http_requests_total{method="PUT",route="/v1/secrets/{backend}/{path:path}",status="200"} 2.0' in text
+    assert 'credgate_issue_seconds_count{connector_type="static"} 1.0' in text
+    assert 'credgate_leases{state="active"} 1.0' in text
+    assert 'credgate_audit_sink_up{sink="store"} 1.0' in text
+    assert "credgate_revocations_stuck 0.0" in text
+    assert "CANARY" not in text and "m/x" not in text  # routes by template, never by path

@@ -1,0 +1,77 @@
+"""Prometheus metrics at ``/metrics`` (prometheus-client, one registry per app).
+
+Labels never carry request data: routes are labelled by their template
+(``/v1/secrets/{backend}/{path:path}``), never by the path a caller sent.
+Gauges that describe the store (leases by state, the revocation backlog) are
+read when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("credgate_http_requests", "HTTP requests by route and status.",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("credgate_http_request_seconds", "HTTP request latency by route.",
+                                 ["method", "route"], registry=r,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.issue_seconds = Histogram("credgate_issue_seconds", "Credential issuance latency by connector type.",
+                                       ["connector_type"], registry=r,
+                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.leases = Gauge("credgate_leases", "Leases by state.", ["state"], registry=r)
+        self.revocation_backlog = Gauge("credgate_revocation_backlog", "Leases waiting to be revoked.", registry=r)
+        self.revocations_stuck = Gauge("credgate_revocations_stuck",
+                                       "Revocations that failed at least stuck_after_attempts times.", registry=r)
+        self.reaper_leader = Gauge("credgate_reaper_leader", "1 if this replica runs the reaper.", registry=r)
+        self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
+        self.backend_up = Gauge("credgate_backend_up", "Result of the last check of a backend.", ["backend"], registry=r)
+        self.policy_compiles = Counter("credgate_policy_compiles", "Times the policy set was compiled.", registry=r)
+        self.policy_lookups = Counter("credgate_policy_lookups", "Requests decided against the compiled set.", registry=r)
+
+    async def refresh(self, runtime) -> None:
+        counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)
+        for state in ("pending", "active", "revoking", "revoked", "expired"):
+            self.leases.labels(state).set(counts[state])
+        self.revocation_backlog.set(counts["revoking"])
+        self.revocations_stuck.set(counts["stuck_revoking"])
+        self.reaper_leader.set(1 if runtime.reaper.is_leader else 0)
+        for name, health in runtime.audit.health.items():
+            self.audit_sink_up.labels(name).set(1 if health.ok else 0)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Counts requests and their latency by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
