@@ -191,7 +191,8 @@ class AuditLog:
         self.sinks = sinks
         self.wait_seconds = wait_seconds
         self.checkpoint_every = checkpoint_every
-        self._lock = asyncio.Lock()
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._key: bytes | None = None
         self.health: dict[str, SinkHealth] = {"store": SinkHealth(), **{s.name: SinkHealth() for s in sinks}}
 
@@ -237,45 +238,77 @@ class AuditLog:
                 delay = min(delay * 2, 0.5)
 
     async def _write_all(self, event: dict[str, Any]) -> None:
-        async with self._lock:
-            if "seq" not in event:
-                try:
-                    await self._append_to_store(event)
-                    self.health["store"] = SinkHealth()
-                except Exception as exc:  # noqa: BLE001
-                    self.health["store"] = SinkHealth(False, type(exc).__name__)
-                    raise AuditUnavailable("store") from None
-            line = (json.dumps({**{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in event.items()}},
-                               sort_keys=True) + "\n").encode()
-            failed = False
-            for sink in self.sinks:
-                if event.get("_written", {}).get(sink.name):
-                    continue
-                try:
-                    await sink.write(line)
-                    self.health[sink.name] = SinkHealth()
-                    event.setdefault("_written", {})[sink.name] = True
-                except Exception as exc:  # noqa: BLE001
-                    self.health[sink.name] = SinkHealth(False, type(exc).__name__)
-                    failed = failed or sink.required
-            if failed:
-                raise AuditUnavailable("sink")
+        if "seq" not in event:
+            await self._store_append(event)
+        line = (json.dumps({k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in event.items()
+                            if not k.startswith("_")}, sort_keys=True) + "\n").encode()
+        failed = False
+        for sink in self.sinks:
+            if event.get("_written", {}).get(sink.name):
+                continue
+            try:
+                await sink.write(line)
+                self.health[sink.name] = SinkHealth()
+                event.setdefault("_written", {})[sink.name] = True
+            except Exception as exc:  # noqa: BLE001
+                self.health[sink.name] = SinkHealth(False, type(exc).__name__)
+                failed = failed or sink.required
+        if failed:
+            raise AuditUnavailable("sink")
 
-    async def _append_to_store(self, event: dict[str, Any]) -> None:
+    async def _store_append(self, event: dict[str, Any]) -> None:
+        """Join the next group commit; return once the event is durable in the store.
+
+        Events arriving while one transaction commits are written together in the
+        next one: one fsync serves many requests, and each still waits for its own.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="credgate-audit-flush")
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._append_batch([event for event, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - any store failure: the batch is not recorded
+                self.health["store"] = SinkHealth(False, type(exc).__name__)
+                for event, future in batch:
+                    for key in ("seq", "prev_hash", "hash"):
+                        event.pop(key, None)
+                    if not future.done():
+                        future.set_exception(AuditUnavailable("store"))
+                        future.exception()  # retrieved here: a cancelled waiter must not warn
+                continue
+            self.health["store"] = SinkHealth()
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _append_batch(self, events: list[dict[str, Any]]) -> None:
         from gateway.store.models import AuditEventRow, utcnow
 
+        staged = []
         async with self._store.write() as s:
             if self._store.dialect == "postgresql":
                 await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
-            head = (await s.execute(select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
-            seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-            event.setdefault("time", utcnow())
-            full = {f: event.get(f) for f in FIELDS}
-            full.update(seq=seq, prev_hash=prev)
-            full["hash"] = chain_hash(prev, full)
-            s.add(AuditEventRow(**full))
-        event.update(seq=seq, prev_hash=prev, hash=full["hash"])
-        if seq % self.checkpoint_every == 0:
+            head = (await s.execute(
+                select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
+            seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+            for event in events:
+                seq += 1
+                event.setdefault("time", utcnow())
+                full = {f: event.get(f) for f in FIELDS}
+                full.update(seq=seq, prev_hash=prev)
+                full["hash"] = prev = chain_hash(prev, full)
+                s.add(AuditEventRow(**full))
+                staged.append((event, full))
+        for event, full in staged:
+            event.update(seq=full["seq"], prev_hash=full["prev_hash"], hash=full["hash"])
+        first, last = staged[0][1]["seq"], staged[-1][1]["seq"]
+        if last // self.checkpoint_every > (first - 1) // self.checkpoint_every:
             await self.checkpoint()
 
     async def checkpoint(self) -> dict[str, Any] | None:

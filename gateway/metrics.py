@@ -31,9 +31,6 @@ class Metrics:
                                        "Revocations that failed at least stuck_after_attempts times.", registry=r)
         self.reaper_leader = Gauge("credgate_reaper_leader", "1 if this replica runs the reaper.", registry=r)
         self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
-        self.backend_up = Gauge("credgate_backend_up", "Result of the last check of a backend.", ["backend"], registry=r)
-        self.policy_compiles = Counter("credgate_policy_compiles", "Times the policy set was compiled.", registry=r)
-        self.policy_lookups = Counter("credgate_policy_lookups", "Requests decided against the compiled set.", registry=r)
 
     async def refresh(self, runtime) -> None:
         counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)

@@ -120,3 +120,4 @@ async def static_for(c) -> None:
     await c.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
     await c.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
                                                "secret": "local/vendor/key", "resources": ["default"]})
+
