@@ -100,6 +100,15 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
+def _print_items(out: dict[str, Any], as_json: bool, line: Any) -> None:
+    """A list response: raw JSON, or one line per item."""
+    if as_json:
+        _print_json(out)
+    else:
+        for item in out["items"]:
+            typer.echo(line(item))
+
+
 def _split_ref(ref: str, *, allow_bare_backend: bool = False) -> tuple[str, str]:
     backend, _, path = ref.partition("/")
     try:
@@ -560,11 +569,7 @@ def connector_list(addr: Addr = None, token: Token = None, as_json: Json = False
     """List connectors."""
     with _client(addr, token) as c:
         out = c.get("/v1/connectors")
-    if as_json:
-        _print_json(out)
-    else:
-        for item in out["items"]:
-            typer.echo(_connector_line(item))
+    _print_items(out, as_json, _connector_line)
 
 
 @connector_app.command("show")
@@ -708,11 +713,7 @@ def lease_list(
     """List leases (newest last)."""
     with _client(addr, token) as c:
         out = c.get("/v1/leases", connector=connector, principal=principal, state=state, limit=limit)
-    if as_json:
-        _print_json(out)
-    else:
-        for lease in out["items"]:
-            typer.echo(_lease_line(lease))
+    _print_items(out, as_json, _lease_line)
 
 
 @lease_app.command("show")
@@ -909,11 +910,7 @@ def client_list(addr: Addr = None, token: Token = None, as_json: Json = False) -
     """List OAuth2 clients (never their secrets: only hashes are kept)."""
     with _client(addr, token) as c:
         out = c.get("/v1/clients")
-    if as_json:
-        _print_json(out)
-    else:
-        for cl in out["items"]:
-            typer.echo(_client_line(cl))
+    _print_items(out, as_json, _client_line)
 
 
 @client_app.command("revoke")
