@@ -185,6 +185,9 @@ class PostgresConnector(ConnectorBase):
                     lambda diag: not_granted.append(diag.sqlstate or "") if diag.sqlstate == "01007" else None
                 )
                 async with conn.transaction():
+                    # Concurrent GRANTs on one database update the same catalog rows and fail with
+                    # "tuple concurrently updated": issuances into one database take turns here.
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
                     await conn.execute(
                         sql.SQL(
                             "CREATE ROLE {} WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
@@ -419,6 +422,8 @@ class PostgresConnector(ConnectorBase):
             await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
             await self._wait_gone(conn, await self._terminate(conn, role))
             async with conn.transaction():
+                # Same catalog rows as the GRANTs of issue(): take turns with them (see issue()).
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
                 if database is not None:
                     await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
                     await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))

@@ -114,6 +114,33 @@ async def test_postgres_issue_use_renew_revoke(gateway: Gateway, pg_target) -> N
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "resource_not_allowed"
 
 
+async def test_postgres_concurrent_issuance_into_one_database(gateway: Gateway, pg_target) -> None:
+    """Concurrent GRANTs on one database race on its catalog row ("tuple concurrently
+    updated", found by the benchmark); every issuance must succeed."""
+    from datetime import timedelta
+
+    from connectors.base import IssueRequest
+    from gateway.leases import new_lease_id
+    from gateway.store.models import utcnow
+
+    cluster, db = pg_target
+    await put_secret(gateway, "targets/pg", {"dsn": cluster.dsn()})
+    await put_connector(gateway, "pg", type="postgres", auth_method="password", secret="local/targets/pg",
+                        resources=[f"{db}/*"])
+    connector = await gateway.runtime.catalog.instance(await gateway.runtime.catalog.get("pg"))
+    plans = [(lid, connector.plan(lid, f"{db}/sales")) for lid in (new_lease_id() for _ in range(24))]
+    now = utcnow()
+    results = await asyncio.gather(*(
+        connector.issue(IssueRequest(lid, f"{db}/sales", timedelta(minutes=5), now + timedelta(minutes=5), plan))
+        for lid, plan in plans
+    ), return_exceptions=True)
+    try:
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert failures == []
+    finally:
+        await asyncio.gather(*(connector.revoke(plan) for _, plan in plans))
+
+
 async def test_postgres_expiry_is_enforced_by_the_reaper(gateway: Gateway, pg_target) -> None:
     import psycopg
 
