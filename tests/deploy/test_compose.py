@@ -1,0 +1,183 @@
+"""deploy/compose.yaml: validated against the Compose Specification's JSON schema (the
+copy check-jsonschema ships, read offline), after compose-style variable interpolation,
+and checked for the structure the deployment relies on: PostgreSQL with a health check,
+a one-shot migration job that the two gateway replicas wait for, a read-only non-root
+gateway with tmpfs where it writes, the KEK as a compose secret, and a stop grace period
+longer than the gateway's drain. No Docker engine here: `docker compose config/up` is
+not run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from gateway.settings import Settings
+from tests.deploy.common import COMPOSE, UID, drain_seconds, duration_seconds
+from tests.deploy.test_dockerfile import env_of, final
+
+VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+ENV = {"CREDGATE_DB_PASSWORD": "pw-from-dot-env"}
+
+
+class Unset(Exception):
+    pass
+
+
+def interpolate(node: Any, env: dict[str, str]) -> Any:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error} and ${VAR?error}."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m["name"], m["op"], m["arg"]
+        value = env.get(name)
+        empty = value is None or (value == "" and op and op.startswith(":"))
+        if op in (":-", "-") and empty:
+            return arg
+        if op in (":?", "?") and empty:
+            raise Unset(f"{name}: {arg}")
+        return value or ""
+
+    return VAR.sub(one, node.replace("$$", "\0")).replace("\0", "$")
+
+
+def schema() -> dict[str, Any]:
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    return json.loads(text)
+
+
+def raw() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    return interpolate(raw(), ENV if env is None else env)
+
+
+def errors(doc: dict[str, Any]) -> list[str]:
+    s = schema()
+    cls = jsonschema.validators.validator_for(s)
+    validator = cls(s, format_checker=cls.FORMAT_CHECKER)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_valid_against_the_compose_spec_schema() -> None:
+    assert schema()["$id"] == "compose_spec.json"
+    assert errors(raw()) == []
+    assert errors(compose()) == []
+
+
+def test_the_schema_check_is_not_a_no_op() -> None:
+    doc = compose()
+    doc["services"]["credgate"]["read_onyl"] = True
+    assert any("read_onyl" in e for e in errors(doc))
+    doc = compose()
+    doc["services"]["credgate"]["depends_on"]["migrate"]["condition"] = "service_finished"
+    assert errors(doc)
+
+
+def test_database_password_must_be_given() -> None:
+    with pytest.raises(Unset, match="CREDGATE_DB_PASSWORD"):
+        compose({})
+    url = compose()["services"]["credgate"]["environment"]["CREDGATE_DATABASE_URL"]
+    assert url == "postgresql://credgate:pw-from-dot-env@postgres:5432/credgate"
+    assert "pw-from-dot-env" not in COMPOSE.read_text()
+
+
+def test_postgres_has_a_health_check_and_a_private_network() -> None:
+    doc = compose()
+    pg = doc["services"]["postgres"]
+    assert pg["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert pg["networks"] == ["db"]
+    assert doc["networks"]["db"]["internal"] is True
+    assert "ports" not in pg, "PostgreSQL is not published"
+    assert pg["environment"]["POSTGRES_PASSWORD"] == ENV["CREDGATE_DB_PASSWORD"]
+
+
+def test_migration_is_a_one_shot_job_after_postgres() -> None:
+    job = compose()["services"]["migrate"]
+    assert job["command"] == ["db", "upgrade"]
+    assert job["restart"] == "no"
+    assert job["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert job["environment"]["CREDGATE_DATABASE_URL"].startswith("postgresql://")
+    assert "secrets" not in job, "migrations need no KEK"
+    hardened(job)
+
+
+def hardened(service: dict[str, Any]) -> None:
+    assert service["read_only"] is True
+    assert service["user"] == f"{UID}:{UID}"
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    mounts = {t.split(":")[0] for t in service["tmpfs"]}
+    assert env_of(final())["HOME"] in mounts, "HOME (the image's /tmp) must be writable"
+
+
+def test_two_gateway_replicas_after_the_migration() -> None:
+    doc = compose()
+    gw = doc["services"]["credgate"]
+    assert gw["deploy"]["replicas"] == 2
+    assert gw["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert gw["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert gw["image"] == doc["services"]["migrate"]["image"]
+    assert gw["build"]["dockerfile"] == "deploy/Dockerfile" and gw["build"]["context"] == ".."
+    # Two replicas can't share one host port: a range, one port each, on the loopback.
+    assert gw["ports"] == ["127.0.0.1:8765-8766:8765"]
+    assert set(gw["networks"]) == {"db", "default"}
+    hardened(gw)
+    data_dir = env_of(final())["CREDGATE_DATA_DIR"]
+    assert any(t.split(":")[0] == data_dir for t in gw["tmpfs"])
+
+
+def test_gateway_settings_and_kek_secret() -> None:
+    doc = compose()
+    gw = doc["services"]["credgate"]
+    env = gw["environment"]
+    assert env["CREDGATE_KEK_FILE"] == "/run/secrets/kek"
+    assert gw["secrets"] == [{"source": "kek", "target": "kek"}]
+    assert doc["secrets"]["kek"] == {"file": "./kek"}
+    assert "CREDGATE_KEK" not in env and "CREDGATE_BOOTSTRAP_TOKEN" not in env
+    assert env["CREDGATE_HOST"] == "0.0.0.0"
+    assert env["CREDGATE_PUBLIC_URL"] == "http://credgate:8765"
+    # Only real settings (an unknown CREDGATE_* would be ignored silently), and the
+    # gateway's own settings class accepts them.
+    names = {f"CREDGATE_{n.upper()}" for n in Settings.model_fields}
+    assert set(env) <= names
+    settings = Settings(**{k.removeprefix("CREDGATE_").lower(): v for k, v in env.items()})
+    assert settings.store_url.startswith("postgresql://") and settings.port == 8765
+
+
+def test_health_check_and_graceful_stop() -> None:
+    gw = compose()["services"]["credgate"]
+    assert gw["healthcheck"]["test"] == ["CMD", "python", "/usr/local/lib/credgate/healthcheck.py", "/readyz"]
+    assert gw["stop_signal"] == "SIGTERM"
+    assert duration_seconds(gw["stop_grace_period"]) > drain_seconds(), (
+        "Docker would SIGKILL the gateway while it still drains in-flight requests"
+    )
+
+
+def test_every_service_uses_exec_form_commands() -> None:
+    for name, service in compose()["services"].items():
+        for key in ("command", "entrypoint"):
+            if key in service:
+                assert isinstance(service[key], list), f"{name}.{key}: exec form"
+        if "healthcheck" in service and "test" in service["healthcheck"]:
+            assert service["healthcheck"]["test"][0] == "CMD", f"{name}: no shell in the health check"
+
+
+def test_interpolation_helper() -> None:
+    doc = {"a": "${X:-d}", "b": "${Y-d}", "c": "$${X}", "d": ["${X}"]}
+    assert interpolate(copy.deepcopy(doc), {"X": "1", "Y": ""}) == {"a": "1", "b": "", "c": "${X}", "d": ["1"]}
+    assert interpolate(copy.deepcopy(doc), {})["a"] == "d"
