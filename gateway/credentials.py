@@ -308,15 +308,17 @@ class Credentials:
 
     # --- revoke ------------------------------------------------------------
 
-    async def revoke(self, lease_ids: list[str]) -> None:
-        """Mark leases revoking and try each once now; failures stay for the reaper."""
+    async def revoke(self, lease_ids: list[str]) -> list[str]:
+        """Try once now to revoke leases already marked revoking; return those still
+        revoking (the reaper keeps retrying them)."""
         sem = asyncio.Semaphore(8)
 
-        async def one(lease_id: str) -> None:
+        async def one(lease_id: str) -> bool:
             async with sem:
-                await self.attempt_revoke(await self.leases.get(lease_id))
+                return await self.attempt_revoke(await self.leases.get(lease_id))
 
-        await asyncio.gather(*(one(i) for i in lease_ids))
+        done = await asyncio.gather(*(one(i) for i in lease_ids))
+        return [lease_id for lease_id, ok in zip(lease_ids, done) if not ok]
 
     async def attempt_revoke(self, lease: LeaseRow) -> bool:
         """One revocation attempt of a ``revoking`` lease. True when it is revoked."""
@@ -338,9 +340,10 @@ class Credentials:
                 )
                 log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc))
                 return False
-        done = await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=now, last_error=None)
+        # False here means another replica (or the reaper) recorded the same revocation first.
+        await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=now, last_error=None)
         await self._wraps.end_for_lease(lease.id, "revoked")
-        return done
+        return True
 
     # --- unwrap ------------------------------------------------------------
 

@@ -440,7 +440,6 @@ async def revoke_run(
         raise Forbidden(f"{principal.subject} may not revoke run {run_id}.", code="permission_denied")
     await runtime.runs.mark_revoked(run_id)
     ids = await runtime.leases.mark_revoking(run_id=run_id)
-    await runtime.credentials.revoke(ids)
-    still = [i for i in ids if (await runtime.leases.get(i)).state == "revoking"]
+    still = await runtime.credentials.revoke(ids)
     return RunRevokeOut(run_id=run_id, revoked=True, leases_revoked=len(ids) - len(still), leases_still_revoking=still)
 

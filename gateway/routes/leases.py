@@ -10,7 +10,7 @@ from gateway.auth import Principal
 from gateway.credentials import lease_view
 from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, Forbidden
-from gateway.leases import REVOKED, REVOKING
+from gateway.leases import REVOKED
 from gateway.schemas import (
     BulkRevokeIn,
     BulkRevokeOut,
@@ -60,8 +60,7 @@ async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Annota
     if not body.connector and not body.principal:
         raise BadRequest("Name a connector, a principal, or both.", code="filter_required")
     ids = await runtime.leases.mark_revoking(connector=body.connector, principal=body.principal)
-    await runtime.credentials.revoke(ids)
-    still = [i for i in ids if (await runtime.leases.get(i)).state == REVOKING]
+    still = await runtime.credentials.revoke(ids)
     return BulkRevokeOut(matched=len(ids), revoked=len(ids) - len(still), still_revoking=still)
 
 
