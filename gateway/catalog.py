@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 
 from connectors.base import RESOURCE, ServiceConnector
 from gateway import paths
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed, validate_model
 from gateway.mounts import Mounts
 from gateway.registry import CONNECTOR_TYPES, connector_class
 from gateway.store import Store
@@ -36,18 +35,6 @@ class ConnectorSpec:
     resources: list[str]
     default_ttl_seconds: int | None
     max_ttl_seconds: int | None
-
-
-def _errors(exc: ValidationError, prefix: str) -> list[dict[str, str]]:
-    return [{"field": prefix + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-
-
-def validate_model(model: type[BaseModel], data: Any, what: str, prefix: str) -> BaseModel:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = _errors(exc, prefix)
-        raise ValidationFailed(f"Invalid {what} at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
 
 
 def type_info(type_name: str) -> dict[str, Any]:

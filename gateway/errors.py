@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.requestid import current_request_id
@@ -115,6 +115,16 @@ class ConfigurationError(CredgateError):
     """The gateway can't start (or a CLI command can't run) with this configuration."""
 
     code = "configuration_error"
+
+
+def validate_model(model: type[BaseModel], data: Any, what: str, prefix: str = "") -> Any:
+    """``data`` as ``model``, or 422 naming the fields at fault (pydantic's
+    messages describe the constraint, never the input)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"field": prefix + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise ValidationFailed(f"Invalid {what} at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
 
 
 def error_response(exc: CredgateError, headers: dict[str, str] | None = None) -> JSONResponse:

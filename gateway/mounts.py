@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr
 from sqlalchemy import select
 
 from backends.base import BackendContext, Health, SecretBackend
 from gateway import paths
 from gateway.envelope import Envelope, context
-from gateway.errors import Conflict, CredgateError, NotFound, ValidationFailed
+from gateway.errors import Conflict, CredgateError, NotFound, validate_model
 from gateway.registry import backend_class
 from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
@@ -52,17 +52,7 @@ def _reveal(value: Any) -> Any:
 
 
 def _validate_config(type_name: str, config: dict[str, Any]) -> BaseModel:
-    cls = backend_class(type_name)
-    try:
-        return cls.config_model.model_validate(config)
-    except ValidationError as exc:
-        errors = [
-            {"field": "config." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
-        ]
-        first = errors[0]
-        raise ValidationFailed(
-            f"Invalid {type_name} backend config at {first['field']}: {first['message']}", errors=errors
-        ) from None
+    return validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
 
 
 class Mounts:

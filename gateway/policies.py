@@ -12,10 +12,9 @@ import re
 import time
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from gateway.errors import BadRequest, NotFound, ValidationFailed
+from gateway.errors import BadRequest, NotFound, validate_model
 from gateway.policy import PolicyDocument, PolicySet
 from gateway.store import Store
 from gateway.store.models import PolicyRow, utcnow
@@ -25,11 +24,7 @@ NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 
 
 def parse_document(data: Any) -> PolicyDocument:
-    try:
-        return PolicyDocument.model_validate(data)
-    except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        raise ValidationFailed(f"Invalid policy at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
+    return validate_model(PolicyDocument, data, "policy")
 
 
 class Policies:
