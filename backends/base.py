@@ -34,16 +34,26 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from gateway.cache import Cache
     from gateway.envelope import Envelope
     from gateway.store import Store
 
 
 @dataclass(frozen=True)
 class BackendContext:
-    """What the gateway lends a backend: its store and its envelope cipher."""
+    """What the gateway lends a backend: its store, its envelope cipher, and a
+    metadata cache keyed by ``(backend name, path)``.
+
+    Only a backend whose every write goes through the gateway (``local``) may
+    use the cache: it drops an entry on every replica by noting the change
+    (``gateway.changes.note(session, "secret", "backend/path")``) in the write's
+    transaction. A backend that can change behind the gateway's back (a vendor
+    secret manager) must not cache.
+    """
 
     store: Store
     envelope: Envelope
+    metadata_cache: Cache[tuple[str, str], SecretMetadata] | None = None
 
 
 @dataclass(frozen=True)

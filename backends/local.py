@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from backends.base import BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
+from gateway import changes
 from gateway.envelope import context
 from gateway.errors import Conflict, NotFound
 from gateway.store.database import insert_if_absent
@@ -40,6 +41,7 @@ class LocalBackend:
         self.name = name
         self._store = ctx.store
         self._envelope = ctx.envelope
+        self._cache = ctx.metadata_cache
 
     def _ref(self, path: str) -> str:
         return f"{self.name}/{path}"
@@ -92,8 +94,16 @@ class LocalBackend:
         return SecretValue(path, want, json.loads(plaintext))
 
     async def metadata(self, path: str) -> SecretMetadata:
+        if self._cache is None:
+            return await self._load_metadata(path)
+        return await self._cache.get((self.name, path), lambda: self._load_metadata(path))
+
+    async def _load_metadata(self, path: str) -> SecretMetadata:
         async with self._store.read() as s:
             return self._metadata(self._live(await self._row(s, path, with_versions=True), path))
+
+    async def _changed(self, session, path: str) -> None:
+        await changes.note(session, "secret", self._ref(path))
 
     async def put(
         self, path: str, data: Mapping[str, str], *, author: str, cas: int | None = None
@@ -126,6 +136,7 @@ class LocalBackend:
             row.deleted_at = None
             row.deleted_by = None
             await s.flush()
+            await self._changed(s, path)
             return self._metadata(row)
 
     async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
@@ -138,6 +149,7 @@ class LocalBackend:
             elif row.deleted_at is None:
                 row.deleted_at = utcnow()
                 row.deleted_by = author
+            await self._changed(s, path)
 
     async def restore(self, path: str) -> SecretMetadata:
         async with self._store.write() as s:
@@ -147,6 +159,7 @@ class LocalBackend:
             row.deleted_at = None
             row.deleted_by = None
             await s.flush()
+            await self._changed(s, path)
             return self._metadata(row)
 
     async def list(

@@ -37,6 +37,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = await Runtime.start(settings)
         app.state.runtime.metrics = app.state.metrics
+        app.state.metrics.watch_caches(app.state.runtime.store.changes)
         try:
             yield
         finally:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from sqlalchemy import select
 
-from gateway import audit
+from gateway import audit, changes
 from gateway.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
 from gateway.policy import Decision, PolicySet, Subject, glob_regex
 from gateway.store import Store
@@ -126,7 +126,7 @@ def _info(row: AdminKeyRow) -> AdminKeyInfo:
 
 class AdminKeys:
     def __init__(self, store: Store) -> None:
-        self._store = store
+        self.store = self._store = store
 
     async def create(
         self, name: str, role: str, *, created_by: str | None, token: str | None = None
@@ -167,6 +167,7 @@ class AdminKeys:
                 raise NotFound(f"Admin key {key_id!r} does not exist.", code="admin_key_not_found")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+                await changes.note(s, "admin_key", key_id)
             return _info(row)
 
     async def authenticate(self, token: str) -> Principal:

@@ -1,15 +1,29 @@
-"""From a bearer token to a :class:`~gateway.auth.Principal` (see gateway/auth.py for the shapes)."""
+"""From a bearer token to a :class:`~gateway.auth.Principal` (see gateway/auth.py for the shapes).
+
+A token that verified is remembered by its SHA-256, with the principal it
+became, until the token expires (admin keys: for ``ADMIN_KEY_SECONDS``), so
+the next request with it costs a hash and a dict lookup. The entry is dropped
+on every replica when the admin key is revoked or an issuer, client or
+signing key changes (:mod:`gateway.changes`). What can change per request is
+not cached: a run token's run is checked every time (through its own cache
+of live runs), and the policy is the current compiled set.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import replace
 
 from gateway.auth import AdminKeys, Principal
+from gateway.cache import MISSING, Cache
 from gateway.errors import Unauthenticated
 from gateway.identity import TrustedIssuers, peek
 from gateway.policies import Policies
 from gateway.runs import Runs
 from gateway.tokens import Tokens
+
+ADMIN_KEY_SECONDS = 300.0
 
 
 class Authenticator:
@@ -21,8 +35,24 @@ class Authenticator:
         self._issuers = issuers
         self._runs = runs
         self._policies = policies
+        feed = admin_keys.store.changes
+        self.cache: Cache[bytes, Principal] = Cache("tokens", feed, ttl=ADMIN_KEY_SECONDS, max_entries=50_000)
+        for topic in ("admin_key", "issuer", "client", "signing_key"):
+            feed.subscribe(topic, lambda _key: self.cache.invalidate())
 
     async def authenticate(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode()).digest()
+        principal, generation = self.cache.lookup(digest)
+        if principal is MISSING:
+            principal, expires = await self._verify(token)
+            self.cache.store(digest, principal, generation, expires_at=expires)
+        if principal.scope is not None:
+            await self._runs.check_live(principal.scope.run_id)
+        return replace(principal, policy=await self._policies.current())
+
+    async def _verify(self, token: str) -> tuple[Principal, float | None]:
+        """The principal, and until when (monotonic) it may be reused."""
+        exp = None
         if token.startswith("cgt_"):
             principal = await self._admin_keys.authenticate(token)
         elif "." not in token:
@@ -33,8 +63,6 @@ class Authenticator:
             iss = claims.get("iss")
             if iss == self._tokens.issuer_url:
                 principal = await self._tokens.verify(token)
-                if principal.scope is not None:
-                    await self._runs.check_live(principal.scope.run_id)
             else:
                 row = await self._issuers.by_issuer_url(iss) if isinstance(iss, str) else None
                 if row is None:
@@ -44,4 +72,7 @@ class Authenticator:
                     "workload", str(claims.get("jti") or verified.subject), verified.subject, issuer=verified.issuer,
                     roles=verified.roles, claims=verified.claims,
                 )
-        return replace(principal, policy=await self._policies.current())
+            exp = claims.get("exp")  # verified above: present and in the future
+        if isinstance(exp, (int, float)):
+            return principal, time.monotonic() + (exp - time.time())
+        return principal, None

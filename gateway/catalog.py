@@ -4,6 +4,13 @@ A connector row names the secret it draws on; the material is read from the
 backend only when an instance is needed (to issue, renew, revoke, verify),
 validated against the auth method's model, and never returned by any
 endpoint.
+
+Two caches keep the request path off the store: connector rows, until the
+connector changes, and a connector's validated material, for
+``material_seconds`` at most. Both are dropped on every replica when the
+connector, its secret or its backend changes through the gateway
+(:mod:`gateway.changes`); the time limit bounds a change made behind the
+gateway's back (in a vendor's secret manager).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from connectors.base import RESOURCE, ServiceConnector
-from gateway import paths
+from gateway import changes, paths
+from gateway.cache import Cache
 from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed, validate_model
 from gateway.mounts import Mounts
 from gateway.registry import CONNECTOR_TYPES, connector_class
@@ -66,12 +74,45 @@ def resource_allowed(row: ConnectorRow, resource: str) -> bool:
     return any(fnmatch.fnmatchcase(resource, pattern) for pattern in row.resources)
 
 
+@dataclass(frozen=True)
+class _Material:
+    secret: str  # "backend/path" it was read from
+    config: Any
+    material: Any
+
+
 class Catalog:
-    def __init__(self, store: Store, mounts: Mounts) -> None:
+    def __init__(self, store: Store, mounts: Mounts, *, material_seconds: float = 30.0) -> None:
         self._store = store
         self._mounts = mounts
+        feed = store.changes
+        self.rows: Cache[str, ConnectorRow] = Cache("connectors", feed, ttl=300.0)
+        # Keyed by (name, updated_at): a caller holding an older row never meets newer material, or the reverse.
+        self.material: Cache[tuple[str, Any], _Material] | None = (
+            Cache("connector_material", feed, ttl=material_seconds) if material_seconds > 0 else None
+        )
+        feed.subscribe("connector", self._connector_changed)
+        feed.subscribe("secret", self._secret_changed)
+        feed.subscribe("backend", self._backend_changed)
+
+    def _connector_changed(self, name: str | None) -> None:
+        self.rows.invalidate(name)
+        if self.material is not None:
+            self.material.invalidate_where(lambda key, _m: name is None or key[0] == name)
+
+    def _secret_changed(self, ref: str | None) -> None:
+        if self.material is not None:
+            self.material.invalidate_where(lambda _name, m: ref is None or m.secret == ref)
+
+    def _backend_changed(self, name: str | None) -> None:
+        if self.material is not None:
+            self.material.invalidate_where(lambda _n, m: name is None or m.secret.partition("/")[0] == name)
 
     async def get(self, name: str) -> ConnectorRow:
+        """The connector's row (shared with other requests: read it, never change it)."""
+        return await self.rows.get(name, lambda: self._load(name))
+
+    async def _load(self, name: str) -> ConnectorRow:
         async with self._store.read() as s:
             row = await s.get(ConnectorRow, name)
         if row is None:
@@ -140,6 +181,7 @@ class Catalog:
             row.default_ttl_seconds = int(default_ttl.total_seconds())
             row.max_ttl_seconds = int(max_ttl.total_seconds())
             row.updated_at = utcnow()
+            await changes.note(s, "connector", name)
         return row, created
 
     async def delete(self, name: str) -> None:
@@ -148,6 +190,7 @@ class Catalog:
             if row is None:
                 raise NotFound(f"Connector {name!r} does not exist.", code="connector_not_found")
             await s.delete(row)
+            await changes.note(s, "connector", name)
 
     @staticmethod
     def check_resource(row: ConnectorRow, resource: str) -> None:
@@ -160,7 +203,21 @@ class Catalog:
             )
 
     async def instance(self, row: ConnectorRow) -> ServiceConnector:
-        """A live connector with its material freshly read from the backend."""
+        """A live connector with its material (read from the backend at most ``material_seconds`` ago)."""
+        cls = connector_class(row.type)
+        if self.material is None:
+            loaded = await self._read_material(row)
+        else:
+            loaded = await self.material.get((row.name, row.updated_at), lambda: self._read_material(row))
+        try:
+            return cls(loaded.config, row.auth_method, loaded.material)
+        except ValueError as exc:
+            # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
+            # error quotes its input, which may be material) is reduced to its type.
+            why = str(exc) if type(exc) is ValueError else type(exc).__name__
+            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {why}", code="connector_invalid") from None
+
+    async def _read_material(self, row: ConnectorRow) -> _Material:
         cls = connector_class(row.type)
         config = validate_model(cls.config_model, row.config, f"{row.type} config", "config.")
         backend = await self._mounts.get(row.secret_backend)
@@ -175,10 +232,4 @@ class Catalog:
         material = validate_model(
             cls.auth_methods[row.auth_method], value.data, f"secret for auth method {row.auth_method}", "secret."
         )
-        try:
-            return cls(config, row.auth_method, material)
-        except ValueError as exc:
-            # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
-            # error quotes its input, which may be material) is reduced to its type.
-            why = str(exc) if type(exc) is ValueError else type(exc).__name__
-            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {why}", code="connector_invalid") from None
+        return _Material(f"{row.secret_backend}/{row.secret_path}", config, material)

@@ -22,6 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.auth import hash_token
+from gateway import changes
 from gateway.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from gateway.identity import ASYMMETRIC, check_audience, check_times, peek
 from gateway.store import Store
@@ -86,6 +87,7 @@ class Clients:
                 raise NotFound(f"Client {client_id!r} does not exist.", code="client_not_found")
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+                await changes.note(s, "client", client_id)
             return row
 
     async def _active(self, client_id: str) -> ClientRow:

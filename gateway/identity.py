@@ -93,6 +93,7 @@ class TrustedIssuers:
         self._jwks: dict[str, tuple[KeySet, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.fetches = 0
+        store.changes.subscribe("issuer", lambda name: self.forget(name) if name else self._jwks.clear())
 
     async def by_issuer_url(self, url: str) -> IssuerRow | None:
         async with self._store.read() as s:

@@ -11,6 +11,10 @@ replicas, or the reaper and an admin, can race without a lease being
 revoked twice to harmful effect or resurrected.
 
 TTLs are decided in one place, :func:`calculate_ttl`.
+
+Reads for the API (:meth:`Leases.view`, :meth:`Leases.views`) use Core, not
+the ORM: they select only the view's columns, never the sealed ones, and
+return plain dicts shaped like ``LeaseOut``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, update
 
 from gateway.envelope import context
 from gateway.errors import NotFound, ValidationFailed
@@ -31,6 +35,38 @@ from gateway.store.models import LeaseRow, utcnow
 PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED = "pending", "active", "revoking", "revoked", "expired"
 STATES = (PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED)
 LIVE = (PENDING, ACTIVE, REVOKING)
+
+
+_c = LeaseRow.__table__.c
+
+# What the API shows of a lease, named as ``LeaseOut`` names it (the same
+# fields as ``credentials.lease_view``); never the sealed columns or revoke_state.
+VIEW_COLUMNS = (
+    _c.id.label("lease_id"), _c.connector, _c.connector_type, _c.resource, _c.principal, _c.run_id,
+    _c.state, _c.revocability, _c.renewable, _c.wrapped, _c.issued_at, _c.expires_at,
+    _c.max_expires_at, _c.revoked_at, _c.attempts, _c.last_error,
+)
+VIEW_KEYS = tuple(col.name for col in VIEW_COLUMNS)
+
+_VIEW_ONE = select(*VIEW_COLUMNS).where(_c.id == bindparam("id"))
+# The list's filters, in a fixed order: the statement for each combination is built once.
+_FILTERS = (
+    ("connector", lambda: _c.connector == bindparam("connector")),
+    ("principal", lambda: _c.principal == bindparam("principal")),
+    ("state", lambda: _c.state == bindparam("state")),
+    ("run_id", lambda: _c.run_id == bindparam("run_id")),
+    ("expiring_before", lambda: _c.expires_at < bindparam("expiring_before")),
+    ("after", lambda: _c.id > bindparam("after")),
+)
+_VIEW_PAGES: dict[tuple[str, ...], Select[Any]] = {}
+
+
+def _view_page(used: tuple[str, ...]) -> Select[Any]:
+    q = _VIEW_PAGES.get(used)
+    if q is None:
+        conds = [make() for name, make in _FILTERS if name in used]
+        q = _VIEW_PAGES[used] = select(*VIEW_COLUMNS).where(*conds).order_by(_c.id).limit(bindparam("limit"))
+    return q
 
 
 def new_lease_id() -> str:
@@ -76,6 +112,45 @@ def calculate_ttl(
 class Leases:
     def __init__(self, store: Store) -> None:
         self._store = store
+        # Views are one SELECT each: on PostgreSQL they run without BEGIN/ROLLBACK round trips.
+        self._reader = (
+            store.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if store.dialect == "postgresql" else store.engine
+        )
+
+    async def view(self, lease_id: str) -> dict[str, Any]:
+        """The API view of one lease (``LeaseOut``'s fields), read without the ORM."""
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(_VIEW_ONE, {"id": lease_id})).first()
+        if row is None:
+            raise NotFound(f"Lease {lease_id} does not exist.", code="lease_not_found")
+        return dict(zip(VIEW_KEYS, row))
+
+    async def views(
+        self,
+        *,
+        connector: str | None = None,
+        principal: str | None = None,
+        state: str | None = None,
+        run_id: str | None = None,
+        expiring_before: datetime | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of lease views in id order (keyset: ids after ``after``) and
+        the next page's token, or None on the last page."""
+        given = {
+            "connector": connector, "principal": principal, "state": state, "run_id": run_id,
+            "expiring_before": expiring_before, "after": after,
+        }
+        params: dict[str, Any] = {k: v for k, v in given.items() if v}
+        q = _view_page(tuple(params))
+        params["limit"] = limit + 1
+        async with self._reader.connect() as conn:
+            rows = (await conn.execute(q, params)).all()
+        more = len(rows) > limit
+        items = [dict(zip(VIEW_KEYS, r)) for r in rows[:limit]]
+        return items, (items[-1]["lease_id"] if more else None)
 
     async def get(self, lease_id: str) -> LeaseRow:
         async with self._store.read() as s:
@@ -88,37 +163,6 @@ class Leases:
         async with self._store.read() as s:
             q = select(LeaseRow).where(LeaseRow.principal == principal, LeaseRow.idempotency_key == key)
             return (await s.execute(q)).scalar_one_or_none()
-
-    async def list(
-        self,
-        *,
-        connector: str | None = None,
-        principal: str | None = None,
-        state: str | None = None,
-        run_id: str | None = None,
-        expiring_before: datetime | None = None,
-        after: str | None = None,
-        limit: int = 100,
-    ) -> tuple[list[LeaseRow], str | None]:
-        q = select(LeaseRow)
-        if connector:
-            q = q.where(LeaseRow.connector == connector)
-        if principal:
-            q = q.where(LeaseRow.principal == principal)
-        if state:
-            q = q.where(LeaseRow.state == state)
-        if run_id:
-            q = q.where(LeaseRow.run_id == run_id)
-        if expiring_before:
-            q = q.where(LeaseRow.expires_at < expiring_before)
-        if after:
-            q = q.where(LeaseRow.id > after)
-        q = q.order_by(LeaseRow.id).limit(limit + 1)
-        async with self._store.read() as s:
-            rows = list((await s.execute(q)).scalars())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, (rows[-1].id if more else None)
 
     async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
         """Move a lease from one of ``frm`` to ``to``; False if it was not in ``frm``."""

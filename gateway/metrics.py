@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -32,6 +33,10 @@ class Metrics:
         self.reaper_leader = Gauge("credgate_reaper_leader", "1 if this replica runs the reaper.", registry=r)
         self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
 
+    def watch_caches(self, feed) -> None:
+        """Export the hit/miss counts of every cache fed by ``feed`` (a gateway.changes.Changes)."""
+        self.registry.register(_CacheCollector(feed))
+
     async def refresh(self, runtime) -> None:
         counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)
         for state in ("pending", "active", "revoking", "revoked", "expired"):
@@ -44,6 +49,28 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CacheCollector:
+    def __init__(self, feed) -> None:
+        self._feed = feed
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        lookups = CounterMetricFamily("credgate_cache_lookups", "Cache lookups by cache and result (hit rate).",
+                                      labels=["cache", "result"])
+        entries = GaugeMetricFamily("credgate_cache_entries", "Entries held by each cache.", labels=["cache"])
+        for cache in self._feed.caches:
+            lookups.add_metric([cache.name, "hit"], cache.hits)
+            lookups.add_metric([cache.name, "miss"], cache.misses)
+            entries.add_metric([cache.name], len(cache))
+        yield lookups
+        yield entries
+        yield GaugeMetricFamily("credgate_change_feed_live",
+                                "1 while this replica hears every change (caches serve); 0 while they are bypassed.",
+                                value=1 if self._feed.live else 0)
 
 
 class MetricsMiddleware:

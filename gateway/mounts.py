@@ -2,6 +2,11 @@
 
 A backend's configuration is sealed in the store like any secret; a redacted
 copy (``SecretStr`` fields masked) is kept for display.
+
+A live backend is reused without reading its row while the change feed is
+live; a change to the backend, made on any replica, marks it stale
+(:mod:`gateway.changes`). The mounts also own the secret-metadata cache lent
+to backends (see :class:`backends.base.BackendContext`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pydantic import BaseModel, SecretStr
 from sqlalchemy import select
 
 from backends.base import BackendContext, Health, SecretBackend
-from gateway import paths
+from gateway import changes, paths
+from gateway.cache import Cache
 from gateway.envelope import Envelope, context
 from gateway.errors import Conflict, CredgateError, NotFound, validate_model
 from gateway.registry import backend_class
@@ -60,9 +66,29 @@ class Mounts:
         self._store = store
         self._envelope = envelope
         self._live: dict[str, tuple[datetime, SecretBackend]] = {}
+        self._fresh: set[str] = set()  # live backends known current (cleared by the change feed)
         self._lock = asyncio.Lock()
+        self._feed = store.changes
+        self.metadata: Cache[tuple[str, str], Any] = Cache("secret_metadata", self._feed, max_entries=50_000)
+        self._feed.subscribe("backend", self._backend_changed)
+        self._feed.subscribe("secret", self._secret_changed)
         # Set by the runtime: how many connectors draw on a backend.
         self.in_use_by: Callable[[str], Awaitable[int]] | None = None
+
+    def _backend_changed(self, name: str | None) -> None:
+        if name is None:
+            self._fresh.clear()
+            self.metadata.invalidate()
+        else:
+            self._fresh.discard(name)
+            self.metadata.invalidate_where(lambda key, _v: key[0] == name)
+
+    def _secret_changed(self, ref: str | None) -> None:
+        if ref is None:
+            self.metadata.invalidate()
+        else:
+            backend, _, path = ref.partition("/")
+            self.metadata.invalidate((backend, path))
 
     def _info(self, row: BackendRow) -> MountInfo:
         return MountInfo(row.name, row.type, dict(row.config_public), row.builtin, row.created_at, row.updated_at)
@@ -89,9 +115,15 @@ class Mounts:
 
     async def get(self, name: str) -> SecretBackend:
         """The live backend for ``name``, rebuilt when its row changed (on any replica)."""
+        cached = self._live.get(name)
+        if cached and name in self._fresh and self._feed.live:
+            return cached[1]
+        self._fresh.discard(name)
+        generation = self.metadata.generation
         row = await self._row(paths.backend_name(name))
         cached = self._live.get(name)
         if cached and cached[0] == row.updated_at:
+            self._mark_fresh(name, generation)
             return cached[1]
         async with self._lock:
             cached = self._live.get(name)
@@ -100,12 +132,18 @@ class Mounts:
             cls = backend_class(row.type)
             raw = self._envelope.open(row.sealed, backend_config_context(name)) if row.sealed else b"{}"
             config = cls.config_model.model_validate(json.loads(raw))
-            backend = cls(name, config, BackendContext(self._store, self._envelope))
+            backend = cls(name, config, BackendContext(self._store, self._envelope, self.metadata))
             old = self._live.pop(name, None)
             self._live[name] = (row.updated_at, backend)
+            self._mark_fresh(name, generation)
         if old:
             await old[1].aclose()
         return backend
+
+    def _mark_fresh(self, name: str, generation: int) -> None:
+        # Not if a change was heard while the row was being read.
+        if generation == self.metadata.generation and self._feed.live:
+            self._fresh.add(name)
 
     async def put(self, name: str, type_name: str, config: dict[str, Any]) -> tuple[MountInfo, bool]:
         """Create or replace a backend; returns (info, created)."""
@@ -133,6 +171,7 @@ class Mounts:
             row.sealed = self._envelope.seal(full, backend_config_context(name))
             row.updated_at = utcnow()
             await s.flush()
+            await changes.note(s, "backend", name)
             info = self._info(row)
         return info, created
 
@@ -154,6 +193,7 @@ class Mounts:
             row = await s.get(BackendRow, name, with_for_update=True)
             if row is not None:
                 await s.delete(row)
+                await changes.note(s, "backend", name)
         live = self._live.pop(name, None)
         if live:
             await live[1].aclose()

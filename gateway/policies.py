@@ -1,8 +1,10 @@
 """Stored policies and the compiled set every request is decided against.
 
-The set is compiled once per change and swapped whole. Other replicas notice
-a change by a cheap fingerprint query (count and newest ``updated_at``), made
-at most once per ``REFRESH_SECONDS``.
+The set is compiled once per change and swapped whole. Every replica hears
+of a change through the change feed (:mod:`gateway.changes`) and recompiles
+on its next request. While the feed is not live (its listener reconnecting),
+a cheap fingerprint query (count and newest ``updated_at``), made at most once
+per ``REFRESH_SECONDS``, stands in for it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from gateway import changes
 from gateway.errors import BadRequest, NotFound, validate_model
 from gateway.policy import PolicyDocument, PolicySet
 from gateway.store import Store
@@ -33,30 +36,47 @@ class Policies:
         self._set = PolicySet()
         self._checked = 0.0
         self._lock = asyncio.Lock()
+        self._feed = store.changes
+        self._generation = 0  # bumped by every change heard
+        self._fresh_at = -1  # the generation the current set was compiled at
+        self._feed.subscribe("policy", self._changed)
+        self.compiles = 0
+
+    def _changed(self, _key: str | None) -> None:
+        self._generation += 1
 
     async def _fingerprint(self) -> tuple[int, Any]:
         async with self._store.read() as s:
             return tuple((await s.execute(select(func.count(), func.max(PolicyRow.updated_at)))).one())  # type: ignore[return-value]
 
+    def _usable(self) -> bool:
+        if self._feed.live:
+            return self._fresh_at == self._generation
+        return time.monotonic() - self._checked < REFRESH_SECONDS
+
     async def current(self) -> PolicySet:
-        if time.monotonic() - self._checked < REFRESH_SECONDS:
+        if self._usable():
             return self._set
         async with self._lock:
-            if time.monotonic() - self._checked < REFRESH_SECONDS:
+            if self._usable():
                 return self._set
+            generation = self._generation
             fp = await self._fingerprint()
-            if fp != self._set.version:
+            if fp != self._set.version or self._feed.live:
                 await self._compile(fp)
             self._checked = time.monotonic()
+            self._fresh_at = generation if self._feed.live else -1
         return self._set
 
     async def _compile(self, fp: Any) -> None:
         async with self._store.read() as s:
             rows = list((await s.execute(select(PolicyRow))).scalars())
         self._set = PolicySet(((r.name, PolicyDocument.model_validate(r.document)) for r in rows), version=fp)
+        self.compiles += 1
 
     async def refresh(self) -> PolicySet:
         self._checked = 0.0
+        self._generation += 1
         return await self.current()
 
     async def put(self, name: str, doc: PolicyDocument) -> tuple[PolicyRow, bool]:
@@ -71,6 +91,7 @@ class Policies:
                 created = True
             row.document = doc.model_dump(mode="json", exclude_none=True)
             row.updated_at = utcnow()
+            await changes.note(s, "policy", name)
         await self.refresh()
         return row, created
 
@@ -91,4 +112,5 @@ class Policies:
             if row is None:
                 raise NotFound(f"Policy {name!r} does not exist.", code="policy_not_found")
             await s.delete(row)
+            await changes.note(s, "policy", name)
         await self.refresh()

@@ -13,7 +13,9 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
+from gateway import changes
 from gateway.auth import Principal, RunScope
+from gateway.cache import Cache
 from gateway.errors import Forbidden, Unauthenticated, ValidationFailed
 from gateway.store import Store
 from gateway.store.models import RunRow, utcnow
@@ -26,6 +28,9 @@ class Runs:
     def __init__(self, store: Store, tokens: Tokens) -> None:
         self._store = store
         self._tokens = tokens
+        # Runs known to be live (never a negative answer): dropped on every replica when revoked.
+        self.live: Cache[str, bool] = Cache("runs", store.changes, ttl=300.0, max_entries=100_000)
+        store.changes.subscribe("run", self.live.invalidate)
 
     async def mint(
         self, delegator: Principal, run_id: str, connectors: list[str], resources: list[str], ttl: timedelta
@@ -59,10 +64,14 @@ class Runs:
         return self._tokens.mint_run(run_id=run_id, scope=scope, ttl=ttl), scope, ttl
 
     async def check_live(self, run_id: str) -> None:
+        await self.live.get(run_id, lambda: self._check_live(run_id))
+
+    async def _check_live(self, run_id: str) -> bool:
         async with self._store.read() as s:
-            row = await s.get(RunRow, run_id)
-        if row is None or row.revoked_at is not None:
+            revoked = (await s.execute(select(RunRow.revoked_at).where(RunRow.run_id == run_id))).first()
+        if revoked is None or revoked[0] is not None:
             raise Unauthenticated(f"Run {run_id} has been revoked.", code="run_revoked")
+        return True
 
     async def get(self, run_id: str) -> RunRow | None:
         async with self._store.read() as s:
@@ -75,4 +84,5 @@ class Runs:
                 return False
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
+                await changes.note(s, "run", run_id)
             return True

@@ -73,9 +73,10 @@ class Runtime:
         store = Store(settings.store_url)
         try:
             await asyncio.to_thread(store.upgrade)
+            await store.changes.start()
             envelope = Envelope(keyring)
             mounts = Mounts(store, envelope)
-            catalog = Catalog(store, mounts)
+            catalog = Catalog(store, mounts, material_seconds=settings.material_cache_seconds)
             mounts.in_use_by = catalog.count_using_backend
             leases = Leases(store)
             wraps = WrapTokens(store, envelope)

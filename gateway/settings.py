@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     revoke_backoff_cap_seconds: float = Field(300.0, gt=0)
     stuck_after_attempts: int = Field(5, ge=1, description="A revocation failing this often counts as stuck.")
 
+    material_cache_seconds: float = Field(
+        30.0, ge=0, le=3600,
+        description="How long a connector's material, read from its backend, is reused (0: read it for every use). "
+        "A change made through the gateway drops it at once on every replica; this bounds out-of-band changes.",
+    )
+
     @field_validator("bootstrap_token")
     @classmethod
     def _token_length(cls, v: SecretStr | None) -> SecretStr | None:

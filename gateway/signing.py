@@ -20,6 +20,7 @@ from joserfc.jwk import KeySet, RSAKey
 from sqlalchemy import select
 
 from gateway.envelope import Envelope, context
+from gateway import changes
 from gateway.errors import Unauthenticated
 from gateway.store import Store
 from gateway.store.models import SigningKeyRow, utcnow
@@ -82,6 +83,7 @@ class SigningKeys:
                     row.sealed = None
             new = self._new_row()
             s.add(new)
+            await changes.note(s, "signing_key", new.kid)
         await self.load()
         return new.kid
 

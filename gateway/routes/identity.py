@@ -24,7 +24,7 @@ from pydantic import (
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from gateway import audit
+from gateway import audit, changes
 from gateway.auth import GATEWAY, Principal
 from gateway.clients import Clients, InvalidClient
 from gateway.deps import Authenticated, RuntimeDep, requires
@@ -107,6 +107,7 @@ async def put_issuer(
             for field, value in body.model_dump().items():
                 setattr(row, field, value)
             row.updated_at = utcnow()
+            await changes.note(s, "issuer", name)
     except IntegrityError:
         raise Conflict(f"Another issuer already uses {body.issuer_url}.", code="issuer_url_in_use") from None
     runtime.issuers.forget(name)
@@ -136,6 +137,7 @@ async def delete_issuer(name: str, runtime: RuntimeDep, principal: Annotated[Pri
         if row is None:
             raise NotFound(f"Issuer {name!r} does not exist.", code="issuer_not_found")
         await s.delete(row)
+        await changes.note(s, "issuer", name)
     runtime.issuers.forget(name)
     return Response(status_code=204)
 

@@ -42,11 +42,11 @@ async def list_leases(
 ) -> LeaseList:
     if page_token is not None and not page_token.startswith("lease_"):
         raise BadRequest("The page_token is not one this gateway issued.", code="invalid_page_token")
-    rows, after = await runtime.leases.list(
+    items, after = await runtime.leases.views(
         connector=connector, principal=principal_filter, state=state, expiring_before=expiring_before,
         after=page_token, limit=limit,
     )
-    return LeaseList(items=[_out(r) for r in rows], next_page_token=after)
+    return LeaseList.model_validate({"items": items, "next_page_token": after})
 
 
 @router.get("/summary", summary="Lease counts by state, stuck revocations, reaper leadership")
@@ -66,7 +66,7 @@ async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Annota
 
 @router.get("/{lease_id}", summary="Show a lease")
 async def get_lease(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")]) -> LeaseOut:
-    return _out(await runtime.leases.get(lease_id))
+    return LeaseOut.model_validate(await runtime.leases.view(lease_id))
 
 
 @router.post("/{lease_id}/renew", summary="Extend a renewable lease, never past its max")

@@ -20,6 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
+from gateway.changes import Changes, committed
 from gateway.errors import ConfigurationError
 
 _IMMEDIATE = "credgate_sqlite_immediate"
@@ -95,6 +96,7 @@ class Store:
         self.engine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
+        self.changes = Changes(self.url, self.dialect)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -103,7 +105,11 @@ class Store:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
-        """A session in one transaction, committed when the block exits cleanly."""
+        """A session in one transaction, committed when the block exits cleanly.
+
+        Changes noted in it (:func:`gateway.changes.note`) reach this process's
+        subscribers after the commit, before the block returns."""
+        noted: list[tuple[str, str | None]] = []
         async with self.engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn = await conn.execution_options(**{_IMMEDIATE: True})
@@ -112,8 +118,11 @@ class Store:
                 try:
                     yield session
                     await session.flush()
+                    noted = committed(session)
                 finally:
                     await session.close()
+        if noted:
+            self.changes.deliver_all(noted)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -126,4 +135,5 @@ class Store:
         upgrade(sync_url(self.url))
 
     async def aclose(self) -> None:
+        await self.changes.aclose()
         await self.engine.dispose()
