@@ -42,6 +42,7 @@ TOPICS = frozenset(
     {"secret", "backend", "connector", "policy", "run", "admin_key", "issuer", "client", "signing_key"}
 )
 _PENDING = "credgate_changes"
+LISTENER_NAME = "credgate-changes"  # application_name of the listening connection
 HEARTBEAT_SECONDS = 2.0  # how soon a silently dead listener is noticed
 MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 
@@ -100,6 +101,8 @@ class Changes:
             self.deliver(topic, key)
 
     def _flush_everything(self) -> None:
+        for cache in self.caches:
+            cache.invalidate()
         for topic in TOPICS:
             self.deliver(topic, None)
 
@@ -119,7 +122,9 @@ class Changes:
         conninfo = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, application_name=LISTENER_NAME
+                ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Anything noted while we were deaf is unknown: start from empty caches.
                     self._flush_everything()

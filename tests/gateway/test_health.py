@@ -64,3 +64,23 @@ async def test_metrics(gateway: Gateway) -> None:
     assert 'credgate_audit_sink_up{sink="store"} 1.0' in text
     assert "credgate_revocations_stuck 0.0" in text
     assert "CANARY" not in text and "m/x" not in text  # routes by template, never by path
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_cache_hit_rates_are_exported(gateway: Gateway) -> None:
+    def lookups(text: str, cache: str, result: str) -> float:
+        line = f'credgate_cache_lookups_total{{cache="{cache}",result="{result}"}} '
+        return float(next(ln for ln in text.splitlines() if ln.startswith(line)).split()[-1])
+
+    await gateway.client.put("/v1/secrets/local/m/x", json={"data": {"k": "CANARY-cache-value"}})
+    async with gateway.as_token(None) as anon:
+        before = (await anon.get("/metrics")).text
+        for _ in range(3):
+            assert (await gateway.client.get("/v1/secrets/local/m/x")).status_code == 200
+        after = (await anon.get("/metrics")).text
+    # Three requests with one admin key: its verification is reused; the metadata is read once.
+    assert lookups(after, "tokens", "hit") - lookups(before, "tokens", "hit") == 3
+    assert lookups(after, "secret_metadata", "miss") - lookups(before, "secret_metadata", "miss") == 1
+    assert lookups(after, "secret_metadata", "hit") - lookups(before, "secret_metadata", "hit") == 2
+    assert "credgate_change_feed_live 1.0" in after
+    assert "CANARY" not in after and "m/x" not in after
