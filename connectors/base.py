@@ -132,6 +132,9 @@ class ServiceConnector(Protocol):
     renewable: ClassVar[bool]
     ttl: ClassVar[TTLLimits]
     wrap_only: ClassVar[bool]  # True: credentials are only ever handed out through a wrap token
+    # False only if ``issue`` creates nothing anywhere (it hands out material it already has): then
+    # the gateway records the lease once, active, instead of pending-then-active around the call.
+    creates_at_target: ClassVar[bool]
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None: ...
 
@@ -186,6 +189,7 @@ class ConnectorBase:
     type: ClassVar[str]
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]]
     config_model: ClassVar[type[BaseModel]]
+    creates_at_target: ClassVar[bool] = True
 
     def __init__(self, config: Any, auth_method: str, material: Any) -> None:
         if auth_method not in self.auth_methods:

@@ -79,6 +79,7 @@ class StaticConnector(ConnectorBase):
     renewable: ClassVar[bool] = False
     ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(minutes=5), min=timedelta(seconds=1), max=timedelta(hours=1))
     wrap_only: ClassVar[bool] = True
+    creates_at_target: ClassVar[bool] = False  # it hands out the backend secret's values as they are
 
     def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
         super().__init__(config, auth_method, material)

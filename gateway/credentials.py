@@ -178,6 +178,10 @@ class Credentials:
             attempts=0,
             updated_at=now,
         )
+        if not cls.creates_at_target:
+            # Nothing comes into being anywhere but in this response: no intent to record
+            # first. The lease, made active, and its wrap token are one transaction.
+            return await self._issue_locally(connector, lease, params, decision)
         try:
             async with self._store.write() as s:
                 s.add(lease)
@@ -204,23 +208,11 @@ class Credentials:
             if isinstance(exc, Exception):
                 raise TargetError(f"The target refused the request ({safe_vendor_error(exc)}).") from None
             raise
-        expires_at = min(issued.expires_at, expires_at)
-        lease.expires_at = expires_at
-
-        if params.wrap:
-            wrap_ttl = timedelta(seconds=params.wrap_ttl_seconds) if params.wrap_ttl_seconds else decision.ttl
-            wrap_expires = min(now + wrap_ttl, expires_at)
-            body = self._body(lease, decision, {"credential": issued.credential})
-            token, wrap_row = self._wraps.new(lease_id, _jsonable(body), wrap_expires)
-            secret_part: dict[str, Any] = {"wrap_token": token, "wrap_expires_at": wrap_expires.isoformat()}
-        else:
-            wrap_row = None
-            secret_part = {"credential": issued.credential}
-
+        lease.expires_at = expires_at = min(issued.expires_at, expires_at)
+        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
         if idempotency_key:
-            sealed = self._envelope.seal(json.dumps(secret_part).encode(), lease_context(lease_id))
-            values.update(kek_version=sealed.kek_version, wrapped_dek=sealed.wrapped_dek, ciphertext=sealed.ciphertext)
+            values.update(self._sealed_response(lease_id, secret_part))
         async with self._store.write() as s:
             res = await s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
@@ -233,6 +225,50 @@ class Credentials:
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
         return self._body(lease, decision, secret_part)
+
+    async def _issue_locally(
+        self, connector: Any, lease: LeaseRow, params: IssueParams, decision: TTLDecision
+    ) -> dict[str, Any]:
+        """Issuance for a connector that creates nothing at a target (``creates_at_target`` False)."""
+        issued = await connector.issue(
+            IssueRequest(lease.id, params.resource, decision.ttl, lease.expires_at, lease.revoke_state, self.policy.timeout)
+        )
+        lease.expires_at = min(issued.expires_at, lease.expires_at)
+        lease.state = ACTIVE
+        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
+        if lease.idempotency_key:
+            sealed = self._sealed_response(lease.id, secret_part)
+            lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
+                sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
+            )
+        try:
+            async with self._store.write() as s:
+                s.add(lease)
+                if wrap_row is not None:
+                    s.add(wrap_row)
+        except IntegrityError:
+            existing = await self.leases.find_idempotent(lease.principal, lease.idempotency_key or "")
+            if existing is None:
+                raise
+            return self._replay(existing, lease.request_hash, decision)
+        return self._body(lease, decision, secret_part)
+
+    def _hand_out(
+        self, lease: LeaseRow, params: IssueParams, decision: TTLDecision, credential: dict[str, str]
+    ) -> tuple[dict[str, Any], Any]:
+        """The response's secret part: the credential, or a wrap token for it (and its unsaved row)."""
+        if not params.wrap:
+            return {"credential": credential}, None
+        wrap_ttl = timedelta(seconds=params.wrap_ttl_seconds) if params.wrap_ttl_seconds else decision.ttl
+        wrap_expires = min(lease.issued_at + wrap_ttl, lease.expires_at)
+        body = self._body(lease, decision, {"credential": credential})
+        token, wrap_row = self._wraps.new(lease.id, _jsonable(body), wrap_expires)
+        return {"wrap_token": token, "wrap_expires_at": wrap_expires.isoformat()}, wrap_row
+
+    def _sealed_response(self, lease_id: str, secret_part: dict[str, Any]) -> dict[str, Any]:
+        """The response's secret part sealed on the lease, for an Idempotency-Key replay."""
+        sealed = self._envelope.seal(json.dumps(secret_part).encode(), lease_context(lease_id))
+        return {"kek_version": sealed.kek_version, "wrapped_dek": sealed.wrapped_dek, "ciphertext": sealed.ciphertext}
 
     def _body(self, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any]) -> dict[str, Any]:
         body = {
