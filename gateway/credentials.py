@@ -182,9 +182,11 @@ class Credentials:
             # Nothing comes into being anywhere but in this response: no intent to record
             # first. The lease, made active, and its wrap token are one transaction.
             return await self._issue_locally(connector, lease, params, decision)
+        async def record_intent(s: Any) -> None:
+            s.add(lease)
+
         try:
-            async with self._store.write() as s:
-                s.add(lease)
+            await self._store.grouped(record_intent)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the insert.
             existing = await self.leases.find_idempotent(principal.subject, idempotency_key or "")
@@ -213,13 +215,17 @@ class Credentials:
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
         if idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
-        async with self._store.write() as s:
+        async def activate(s: Any) -> bool:
             res = await s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
             )
-            taken = res.rowcount != 1
-            if not taken and wrap_row is not None:
+            if res.rowcount != 1:
+                return True
+            if wrap_row is not None:
                 s.add(wrap_row)
+            return False
+
+        taken = await self._store.grouped(activate)
         if taken:
             # The reaper judged this issuance dead and is revoking it: never hand it out.
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
@@ -241,11 +247,13 @@ class Credentials:
             lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
                 sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
             )
+        async def record(s: Any) -> None:
+            s.add(lease)
+            if wrap_row is not None:
+                s.add(wrap_row)
+
         try:
-            async with self._store.write() as s:
-                s.add(lease)
-                if wrap_row is not None:
-                    s.add(wrap_row)
+            await self._store.grouped(record)
         except IntegrityError:
             existing = await self.leases.find_idempotent(lease.principal, lease.idempotency_key or "")
             if existing is None:

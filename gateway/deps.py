@@ -16,7 +16,8 @@ from gateway.runtime import Runtime
 _bearer = HTTPBearer(auto_error=False, description="An admin API key: `Authorization: Bearer cgt_...`")
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: FastAPI runs a plain-def dependency in a worker thread, a hand-off per request.
     return request.app.state.runtime
 
 

@@ -19,6 +19,7 @@ return plain dicts shaped like ``LeaseOut``.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -49,24 +50,21 @@ VIEW_COLUMNS = (
 VIEW_KEYS = tuple(col.name for col in VIEW_COLUMNS)
 
 _VIEW_ONE = select(*VIEW_COLUMNS).where(_c.id == bindparam("id"))
-# The list's filters, in a fixed order: the statement for each combination is built once.
-_FILTERS = (
-    ("connector", lambda: _c.connector == bindparam("connector")),
-    ("principal", lambda: _c.principal == bindparam("principal")),
-    ("state", lambda: _c.state == bindparam("state")),
-    ("run_id", lambda: _c.run_id == bindparam("run_id")),
-    ("expiring_before", lambda: _c.expires_at < bindparam("expiring_before")),
-    ("after", lambda: _c.id > bindparam("after")),
-)
-_VIEW_PAGES: dict[tuple[str, ...], Select[Any]] = {}
+# The list's filters, by the name of the keyword Leases.views takes.
+_FILTERS = {
+    "connector": _c.connector == bindparam("connector"),
+    "principal": _c.principal == bindparam("principal"),
+    "state": _c.state == bindparam("state"),
+    "run_id": _c.run_id == bindparam("run_id"),
+    "expiring_before": _c.expires_at < bindparam("expiring_before"),
+    "after": _c.id > bindparam("after"),
+}
 
 
+@functools.cache
 def _view_page(used: tuple[str, ...]) -> Select[Any]:
-    q = _VIEW_PAGES.get(used)
-    if q is None:
-        conds = [make() for name, make in _FILTERS if name in used]
-        q = _VIEW_PAGES[used] = select(*VIEW_COLUMNS).where(*conds).order_by(_c.id).limit(bindparam("limit"))
-    return q
+    """The page statement for one combination of filters, built once (then only bound)."""
+    return select(*VIEW_COLUMNS).where(*(_FILTERS[f] for f in used)).order_by(_c.id).limit(bindparam("limit"))
 
 
 def new_lease_id() -> str:
@@ -153,6 +151,7 @@ class Leases:
         return items, (items[-1]["lease_id"] if more else None)
 
     async def get(self, lease_id: str) -> LeaseRow:
+        """The whole row, sealed columns and revoke_state included: for code that acts on the lease."""
         async with self._store.read() as s:
             row = await s.get(LeaseRow, lease_id)
         if row is None:

@@ -17,6 +17,7 @@ When several rules allow a request, the one granting the longest TTL decides
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,10 @@ class Decision:
     max_ttl: timedelta | None = None
 
 
+MEMO_ENTRIES = 50_000
+
+
+@functools.lru_cache(maxsize=4096)
 def glob_regex(pattern: str) -> re.Pattern[str]:
     """``*`` matches anything (also '/'); every other character only itself."""
     return re.compile("^" + ".*".join(re.escape(part) for part in pattern.split("*")) + r"\Z", re.S)
@@ -196,8 +201,21 @@ class PolicySet:
             rules += [_Compiled(f"{name}/{i}", rule) for i, rule in enumerate(doc.rules)]
         self._rules = tuple(rules)
         self.version = version
+        # Decisions for subjects without claims, memoised for the life of this (immutable) set.
+        self._memo: dict[tuple[Any, ...], Decision] = {}
 
     def decide(self, who: Subject, action: str, connector: str | None = None, resource: str | None = None) -> Decision:
+        if who.claims:  # claims feed templates and claim matches: decide afresh
+            return self._decide(who, action, connector, resource)
+        key = (who.issuer, who.subject, who.roles, action, connector, resource)
+        decision = self._memo.get(key)
+        if decision is None:
+            if len(self._memo) >= MEMO_ENTRIES:
+                self._memo.clear()
+            decision = self._memo[key] = self._decide(who, action, connector, resource)
+        return decision
+
+    def _decide(self, who: Subject, action: str, connector: str | None, resource: str | None) -> Decision:
         allowing = [r for r in self._rules if r.allows(who, action, connector, resource)]
         if not allowing:
             where = "".join(

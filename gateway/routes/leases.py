@@ -10,7 +10,7 @@ from gateway.auth import Principal
 from gateway.credentials import lease_view
 from gateway.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, Forbidden
-from gateway.leases import REVOKED
+from gateway.leases import EXPIRED, REVOKED
 from gateway.schemas import (
     BulkRevokeIn,
     BulkRevokeOut,
@@ -76,8 +76,8 @@ async def renew(
     principal: Annotated[Principal, requires("credentials:issue|leases:revoke")],
     body: RenewIn | None = None,
 ) -> LeaseOut:
-    lease = await runtime.leases.get(lease_id)
-    if not (principal.can("leases:revoke") or (principal.can("credentials:issue") and lease.principal == principal.subject)):
+    lease = await runtime.leases.view(lease_id)
+    if not (principal.can("leases:revoke") or (principal.can("credentials:issue") and lease["principal"] == principal.subject)):
         raise Forbidden(f"{principal.subject} may not renew lease {lease_id}.", code="permission_denied")
     return _out(await runtime.credentials.renew(lease_id, body.ttl_seconds if body else None))
 
@@ -85,9 +85,9 @@ async def renew(
 @router.post("/{lease_id}/revoke", summary="Revoke a lease (idempotent)")
 async def revoke(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:revoke")], response: Response) -> LeaseOut:
     audit.note(lease_id=lease_id)
-    await runtime.leases.get(lease_id)
+    await runtime.leases.view(lease_id)
     await runtime.leases.mark_revoking(lease_ids=[lease_id])
     await runtime.credentials.revoke([lease_id])
-    row = await runtime.leases.get(lease_id)
-    response.status_code = 200 if row.state in (REVOKED, "expired") else 202
-    return _out(row)
+    lease = await runtime.leases.view(lease_id)
+    response.status_code = 200 if lease["state"] in (REVOKED, EXPIRED) else 202
+    return LeaseOut.model_validate(lease)

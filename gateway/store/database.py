@@ -10,11 +10,12 @@ failing on a lock upgrade.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
@@ -24,6 +25,7 @@ from gateway.changes import Changes, committed
 from gateway.errors import ConfigurationError
 
 _IMMEDIATE = "credgate_sqlite_immediate"
+T = TypeVar("T")
 
 
 def async_url(url: str) -> str:
@@ -80,6 +82,15 @@ def insert_if_absent(dialect: str, model: Any, values: dict[str, Any], keys: lis
     return insert(model).values(**values).on_conflict_do_nothing(index_elements=keys)
 
 
+def _settle(future: asyncio.Future[Any], result: Any = None, *, exc: BaseException | None = None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
 class Store:
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = async_url(url)
@@ -93,10 +104,16 @@ class Store:
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "postgresql":
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        else:
+            # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
+            # return would be one more hop to aiosqlite's thread per use.
+            kwargs.update(pool_reset_on_return=None)
         self.engine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine)
         self.changes = Changes(self.url, self.dialect)
+        self._grouped: list[tuple[Callable[[AsyncSession], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self._grouper: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -123,6 +140,48 @@ class Store:
                     await session.close()
         if noted:
             self.changes.deliver_all(noted)
+
+    async def grouped(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``work`` in a write transaction shared with other callers' (group commit).
+
+        Works queued while one transaction commits run together in the next, and
+        their inserts go out as one multi-row INSERT per table. Every caller
+        returns only after the commit that holds its work, so one fsync serves
+        many requests and each is still durable before it is acknowledged. If
+        the shared transaction fails, each work is run again in a transaction of
+        its own, so one caller's error (a unique key taken) is that caller's
+        alone. ``work`` must only touch the store (no network calls: the others
+        wait for it) and must be safe to run again from the start.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._grouped.append((work, future))
+        if self._grouper is None or self._grouper.done():
+            self._grouper = asyncio.create_task(self._commit_groups(), name="credgate-group-commit")
+        return await future
+
+    async def _commit_groups(self) -> None:
+        while self._grouped:
+            batch, self._grouped = self._grouped, []
+            try:
+                results = []
+                async with self.write() as s:
+                    for work, _ in batch:
+                        results.append(await work(s))
+            except Exception as exc:  # noqa: BLE001 - find whose it is: one transaction each
+                if len(batch) == 1:
+                    _settle(batch[0][1], exc=exc)
+                    continue
+                for work, future in batch:
+                    try:
+                        async with self.write() as s:
+                            result = await work(s)
+                    except Exception as own:  # noqa: BLE001 - this caller's own failure
+                        _settle(future, exc=own)
+                    else:
+                        _settle(future, result)
+                continue
+            for (_, future), result in zip(batch, results):
+                _settle(future, result)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

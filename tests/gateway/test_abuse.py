@@ -18,7 +18,7 @@ def client(app, token: str | None, addr: str = "10.0.0.1") -> httpx.AsyncClient:
 
 
 async def test_one_principal_past_its_limit_gets_429_others_do_not(settings_factory) -> None:
-    app = create_app(settings_factory(rate_per_principal=5, burst_per_principal=5, rate_per_address=0))
+    app = create_app(settings_factory(rate_per_principal=1, burst_per_principal=5, rate_per_address=0))
     async with app.router.lifespan_context(app):
         async with client(app, ADMIN_TOKEN) as admin:
             other = (await admin.post("/v1/admin-keys", json={"name": "other", "role": "auditor"})).json()["token"]
