@@ -294,11 +294,11 @@ class AuditLog:
 
         staged: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
-        async def append(s: Any) -> None:
+        def append(s: Any) -> None:
             staged.clear()  # a retried group starts over
             if self._store.dialect == "postgresql":
-                await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
-            head = (await s.execute(
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            head = (s.execute(
                 select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
             seq, prev = (head[0], head[1]) if head else (0, GENESIS)
             for event in events:
@@ -309,7 +309,7 @@ class AuditLog:
                 full["hash"] = prev = chain_hash(prev, full)
                 staged.append((event, full))
             # One Core executemany: no ORM unit of work for an append-only table.
-            await s.execute(insert(AuditEventRow), [full for _, full in staged])
+            s.execute(insert(AuditEventRow), [full for _, full in staged])
 
         # Shares its commit with whatever else is being written (issued leases): one fsync for both.
         await self._store.grouped(append)

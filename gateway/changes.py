@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 log = logging.getLogger("credgate.changes")
 
@@ -49,8 +50,8 @@ MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 Subscriber = Callable[[str | None], None]
 
 
-async def note(session: AsyncSession, topic: str, key: str | None = None) -> None:
-    """Record, inside a write transaction, that ``topic``/``key`` changed."""
+def _notification(session: Any, topic: str, key: str | None) -> Any:
+    """Queue the change on the session; the NOTIFY statement to run in its transaction, if any."""
     if topic not in TOPICS:
         raise ValueError(f"unknown change topic {topic!r}")
     payload = json.dumps({"t": topic, "k": key}, separators=(",", ":"))
@@ -58,10 +59,25 @@ async def note(session: AsyncSession, topic: str, key: str | None = None) -> Non
         key, payload = None, json.dumps({"t": topic, "k": None})
     session.info.setdefault(_PENDING, []).append((topic, key))
     if session.bind is not None and session.bind.dialect.name == "postgresql":
-        await session.execute(select(func.pg_notify(CHANNEL, payload)))
+        return select(func.pg_notify(CHANNEL, payload))
+    return None
 
 
-def committed(session: AsyncSession) -> list[tuple[str, str | None]]:
+async def note(session: AsyncSession, topic: str, key: str | None = None) -> None:
+    """Record, inside a write transaction, that ``topic``/``key`` changed."""
+    statement = _notification(session, topic, key)
+    if statement is not None:
+        await session.execute(statement)
+
+
+def note_sync(session: Session, topic: str, key: str | None = None) -> None:
+    """:func:`note` for the synchronous sessions of :meth:`Store.grouped <gateway.store.Store.grouped>`."""
+    statement = _notification(session, topic, key)
+    if statement is not None:
+        session.execute(statement)
+
+
+def committed(session: AsyncSession | Session) -> list[tuple[str, str | None]]:
     """The changes a session noted (called by the store after its commit)."""
     return session.info.pop(_PENDING, [])
 

@@ -182,7 +182,7 @@ class Credentials:
             # Nothing comes into being anywhere but in this response: no intent to record
             # first. The lease, made active, and its wrap token are one transaction.
             return await self._issue_locally(connector, lease, params, decision)
-        async def record_intent(s: Any) -> None:
+        def record_intent(s: Any) -> None:
             s.add(lease)
 
         try:
@@ -215,8 +215,8 @@ class Credentials:
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
         if idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
-        async def activate(s: Any) -> bool:
-            res = await s.execute(
+        def activate(s: Any) -> bool:
+            res = s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
             )
             if res.rowcount != 1:
@@ -247,7 +247,7 @@ class Credentials:
             lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
                 sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
             )
-        async def record(s: Any) -> None:
+        def record(s: Any) -> None:
             s.add(lease)
             if wrap_row is not None:
                 s.add(wrap_row)

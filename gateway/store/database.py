@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 from gateway.changes import Changes, committed
 from gateway.errors import ConfigurationError
@@ -49,9 +51,7 @@ def sync_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
-def _sqlite_setup(engine: AsyncEngine) -> None:
-    sync_engine = engine.sync_engine
-
+def _sqlite_setup(sync_engine: Engine) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
@@ -109,10 +109,19 @@ class Store:
             # return would be one more hop to aiosqlite's thread per use.
             kwargs.update(pool_reset_on_return=None)
         self.engine = create_async_engine(self.url, **kwargs)
+        # The group committer's own engine: plain DB-API on one dedicated thread, so a whole
+        # group of writes costs one hand-off between threads, not one per statement.
+        self._group_engine = create_engine(
+            sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True}
+                                   if self.dialect == "postgresql" else
+                                   {"pool_reset_on_return": None, "connect_args": {"check_same_thread": False}})
+        )
+        self._group_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="credgate-group-commit")
         if self.dialect == "sqlite":
-            _sqlite_setup(self.engine)
+            _sqlite_setup(self.engine.sync_engine)
+            _sqlite_setup(self._group_engine)
         self.changes = Changes(self.url, self.dialect)
-        self._grouped: list[tuple[Callable[[AsyncSession], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
 
     @asynccontextmanager
@@ -141,17 +150,19 @@ class Store:
         if noted:
             self.changes.deliver_all(noted)
 
-    async def grouped(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Run ``work`` in a write transaction shared with other callers' (group commit).
+    async def grouped(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a write transaction shared with other callers' (group commit).
 
-        Works queued while one transaction commits run together in the next, and
-        their inserts go out as one multi-row INSERT per table. Every caller
-        returns only after the commit that holds its work, so one fsync serves
-        many requests and each is still durable before it is acknowledged. If
-        the shared transaction fails, each work is run again in a transaction of
-        its own, so one caller's error (a unique key taken) is that caller's
-        alone. ``work`` must only touch the store (no network calls: the others
-        wait for it) and must be safe to run again from the start.
+        Works queued while one transaction commits run together in the next, on
+        the group committer's thread with a plain (synchronous) session; their
+        inserts go out as one multi-row INSERT per table. Every caller returns
+        only after the commit that holds its work, so one commit serves many
+        requests and each is still durable before it is acknowledged. If the
+        shared transaction fails, each work runs again in a transaction of its
+        own, so one caller's error (a unique key taken) is that caller's alone.
+        ``work`` must only touch the store (others wait for it), must be safe to
+        run again from the start, and notes changes with
+        :func:`gateway.changes.note_sync`.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._grouped.append((work, future))
@@ -160,28 +171,58 @@ class Store:
         return await future
 
     async def _commit_groups(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._grouped:
             batch, self._grouped = self._grouped, []
             try:
-                results = []
-                async with self.write() as s:
-                    for work, _ in batch:
-                        results.append(await work(s))
-            except Exception as exc:  # noqa: BLE001 - find whose it is: one transaction each
-                if len(batch) == 1:
-                    _settle(batch[0][1], exc=exc)
-                    continue
-                for work, future in batch:
-                    try:
-                        async with self.write() as s:
-                            result = await work(s)
-                    except Exception as own:  # noqa: BLE001 - this caller's own failure
-                        _settle(future, exc=own)
-                    else:
-                        _settle(future, result)
+                outcomes, noted = await loop.run_in_executor(
+                    self._group_thread, self._run_group, [work for work, _ in batch]
+                )
+            except BaseException as exc:  # noqa: BLE001 - the executor itself failed
+                for _, future in batch:
+                    _settle(future, exc=exc if isinstance(exc, Exception) else RuntimeError("group commit stopped"))
+                if not isinstance(exc, Exception):
+                    raise
                 continue
-            for (_, future), result in zip(batch, results):
-                _settle(future, result)
+            self.changes.deliver_all(noted)
+            for (_, future), (ok, value) in zip(batch, outcomes):
+                if ok:
+                    _settle(future, value)
+                else:
+                    _settle(future, exc=value)
+
+    def _run_group(self, works: list[Callable[[Session], Any]]) -> tuple[list[tuple[bool, Any]], list[Any]]:
+        """On the group committer's thread: all works in one transaction, else each alone."""
+        noted: list[Any] = []
+        try:
+            results = [(True, r) for r in self._run_works(works, noted)]
+            return results, noted
+        except Exception as exc:  # noqa: BLE001 - find whose it is: one transaction each
+            if len(works) == 1:
+                return [(False, exc)], []
+        outcomes: list[tuple[bool, Any]] = []
+        noted = []
+        for work in works:
+            try:
+                outcomes.append((True, self._run_works([work], noted)[0]))
+            except Exception as own:  # noqa: BLE001 - this caller's own failure
+                outcomes.append((False, own))
+        return outcomes, noted
+
+    def _run_works(self, works: list[Callable[[Session], Any]], noted: list[Any]) -> list[Any]:
+        with self._group_engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn = conn.execution_options(**{_IMMEDIATE: True})
+            with conn.begin():
+                session = Session(bind=conn, expire_on_commit=False)
+                try:
+                    results = [work(session) for work in works]
+                    session.flush()
+                    pending = committed(session)
+                finally:
+                    session.close()
+        noted.extend(pending)  # only once committed
+        return results
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -195,4 +236,8 @@ class Store:
 
     async def aclose(self) -> None:
         await self.changes.aclose()
+        if self._grouper is not None:
+            await asyncio.gather(self._grouper, return_exceptions=True)
+        self._group_thread.shutdown(wait=True)
+        self._group_engine.dispose()
         await self.engine.dispose()
