@@ -72,6 +72,7 @@ class Runtime:
         keyring = keyring_for(settings)
         store = Store(settings.store_url)
         try:
+            store.claim_sole_use()
             await asyncio.to_thread(store.upgrade)
             await store.changes.start()
             envelope = Envelope(keyring)

@@ -11,6 +11,7 @@ failing on a lock upgrade.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,7 @@ class Store:
         self.changes = Changes(self.url, self.dialect)
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
+        self._sole_use: int | None = None
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
@@ -224,6 +226,30 @@ class Store:
         noted.extend(pending)  # only once committed
         return results
 
+    def claim_sole_use(self) -> None:
+        """On SQLite, be the only gateway process on this file, or raise ConfigurationError.
+
+        The caches (gateway/cache.py) hear of changes made in this process only; a
+        second process writing the same file would leave them stale. Several
+        replicas share a PostgreSQL database instead. The lock is the kernel's and
+        goes with the process, however it ends.
+        """
+        if self.dialect != "sqlite" or self._sole_use is not None:
+            return
+        db = make_url(self.url).database
+        if not db or db == ":memory:":
+            return
+        fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigurationError(
+                f"another credgate process is serving the SQLite store {db}; one process per SQLite file "
+                "(run several replicas on PostgreSQL: CREDGATE_DATABASE_URL=postgresql://...)"
+            ) from None
+        self._sole_use = fd
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -241,3 +267,6 @@ class Store:
         self._group_thread.shutdown(wait=True)
         self._group_engine.dispose()
         await self.engine.dispose()
+        if self._sole_use is not None:
+            os.close(self._sole_use)  # releases the lock
+            self._sole_use = None

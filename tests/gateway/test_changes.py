@@ -153,3 +153,20 @@ def test_a_notification_payload_carries_names_not_values(postgres_url: str) -> N
 
     payloads = asyncio.run(scenario())
     assert [json.loads(p) for p in payloads] == [{"t": "connector", "k": "vendor"}, {"t": "secret", "k": None}]
+
+
+async def test_a_second_gateway_process_on_one_sqlite_file_is_refused(tmp_path) -> None:
+    """Caches hear only their own process's changes on SQLite: one process per file."""
+    from gateway.errors import ConfigurationError
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first, second = Store(url), Store(url)
+    try:
+        first.claim_sole_use()
+        with pytest.raises(ConfigurationError, match="PostgreSQL"):
+            second.claim_sole_use()
+        await first.aclose()  # the lock goes with the first
+        second.claim_sole_use()
+    finally:
+        await first.aclose()
+        await second.aclose()
