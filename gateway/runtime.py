@@ -70,7 +70,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         keyring = keyring_for(settings)
-        store = Store(settings.store_url)
+        store = Store(settings.store_url, pool_size=settings.database_pool_size)
         try:
             store.claim_sole_use()
             await asyncio.to_thread(store.upgrade)

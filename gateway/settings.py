@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     revoke_backoff_cap_seconds: float = Field(300.0, gt=0)
     stuck_after_attempts: int = Field(5, ge=1, description="A revocation failing this often counts as stuck.")
 
+    database_pool_size: int = Field(
+        20, ge=1, le=500,
+        description="PostgreSQL connections each replica keeps open (plus up to 10 more under bursts, one listener "
+        "and one for the reaper's lock); size it against max_connections and the number of replicas.",
+    )
     material_cache_seconds: float = Field(
         30.0, ge=0, le=3600,
         description="How long a connector's material, read from its backend, is reused (0: read it for every use). "

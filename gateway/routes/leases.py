@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
+from pydantic import AwareDatetime
 
 from gateway import audit
 from gateway.auth import Principal
@@ -36,7 +36,7 @@ async def list_leases(
     connector: Annotated[str | None, Query(max_length=64)] = None,
     principal_filter: Annotated[str | None, Query(alias="principal", max_length=200)] = None,
     state: State | None = None,
-    expiring_before: datetime | None = None,
+    expiring_before: AwareDatetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     page_token: Annotated[str | None, Query(max_length=64)] = None,
 ) -> LeaseList:

@@ -177,12 +177,16 @@ class LeaseRow(SealedMixin, Base):
         UniqueConstraint("principal", "idempotency_key", name="uq_leases_idempotency"),
         Index("ix_leases_state_expires", "state", "expires_at"),
         Index("ix_leases_state_next_attempt", "state", "next_attempt_at"),
+        # Keyset pages of GET /v1/leases (ORDER BY id) under each equality filter.
+        Index("ix_leases_connector_id", "connector", "id"),
+        Index("ix_leases_principal_id", "principal", "id"),
+        Index("ix_leases_state_id", "state", "id"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    connector: Mapped[str] = mapped_column(String(64), index=True)
+    connector: Mapped[str] = mapped_column(String(64))
     connector_type: Mapped[str] = mapped_column(String(32))
     resource: Mapped[str] = mapped_column(String(256))
-    principal: Mapped[str] = mapped_column(String(200), index=True)
+    principal: Mapped[str] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(128), index=True)
     state: Mapped[str] = mapped_column(String(16))
     revocability: Mapped[str] = mapped_column(String(16))

@@ -450,6 +450,8 @@ async def test_lease_listing_filters_and_pages(gateway: Gateway) -> None:
     soon = (datetime.now(timezone.utc) + timedelta(seconds=145)).isoformat()
     expiring = (await gateway.client.get("/v1/leases", params={"expiring_before": soon})).json()["items"]
     assert {x["lease_id"] for x in expiring} == {ids[0], ids[1], mine["lease_id"]}  # ttl 100, 130 and the default 60
+    naive = await gateway.client.get("/v1/leases", params={"expiring_before": "2030-01-01T00:00:00"})
+    assert naive.status_code == 422 and naive.json()["error"]["code"] == "validation_failed"  # not a 500
     r = await gateway.client.post("/v1/leases/revoke", json={"principal": "admin_key:ops"})
     assert r.json()["matched"] == 1
     assert (await lease(gateway, mine["lease_id"]))["state"] == "revoked"
