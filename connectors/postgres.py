@@ -184,25 +184,26 @@ class PostgresConnector(ConnectorBase):
                 conn.add_notice_handler(
                     lambda diag: not_granted.append(diag.sqlstate or "") if diag.sqlstate == "01007" else None
                 )
-                async with conn.transaction():
+                statements = [
                     # Concurrent GRANTs on one database update the same catalog rows and fail with
                     # "tuple concurrently updated": issuances into one database take turns here.
-                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
-                    await conn.execute(
-                        sql.SQL(
-                            "CREATE ROLE {} WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
-                            "NOREPLICATION NOBYPASSRLS PASSWORD {} VALID UNTIL {}"
-                        ).format(r, sql.Literal(verifier.decode()), sql.Literal(expires_at.isoformat()))
-                    )
-                    await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), r))
-                    await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r))
-                    await conn.execute(
-                        sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}").format(
-                            sql.SQL(", ").join(sql.SQL(p) for p in privileges), s, r
-                        )
-                    )
-                    if "INSERT" in privileges:
-                        await conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r))
+                    sql.SQL("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))"),
+                    sql.SQL(
+                        "CREATE ROLE {} WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                        "NOREPLICATION NOBYPASSRLS PASSWORD {} VALID UNTIL {}"
+                    ).format(r, sql.Literal(verifier.decode()), sql.Literal(expires_at.isoformat())),
+                    sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), r),
+                    sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+                    sql.SQL("GRANT {} ON ALL TABLES IN SCHEMA {} TO {}").format(
+                        sql.SQL(", ").join(sql.SQL(p) for p in privileges), s, r
+                    ),
+                ]
+                if "INSERT" in privileges:
+                    statements.append(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r))
+                async with conn.transaction():
+                    # One round trip (every value is quoted by psycopg.sql, no parameters): the lock
+                    # is held for the server's work, not for this process's turns between statements.
+                    await conn.execute(sql.SQL("; ").join(statements))
                     if not_granted:
                         raise _NotGranted
         except _NotGranted:
