@@ -491,3 +491,22 @@ async def test_bad_connector_definitions_are_refused(gateway: Gateway) -> None:
     assert (await gateway.client.get("/v1/connectors")).json()["items"] == []
     r = await gateway.client.post("/v1/credentials", json={"connector": "nosuch", "resource": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "connector_not_found"
+
+
+async def test_concurrent_issuances_with_one_idempotency_key_share_a_lease_and_spare_the_others(gateway: Gateway) -> None:
+    """They meet in one group commit (gateway/store/database.py): the unique key fails the shared
+    transaction, each work is rerun alone, one wins, the rest replay it, and the issuances with
+    other keys in the same group are not lost."""
+    await static_connector(gateway)
+    body = {"connector": "wandb", "resource": "default", "wrap": True}
+    same = [gateway.client.post("/v1/credentials", json=body, headers={"Idempotency-Key": "step-1"}) for _ in range(6)]
+    other = [gateway.client.post("/v1/credentials", json=body, headers={"Idempotency-Key": f"other-{i}"}) for i in range(4)]
+    results = await asyncio.gather(*same, *other)
+    assert [r.status_code for r in results] == [200] * 10, [r.text for r in results if r.status_code != 200]
+    shared = {r.json()["lease_id"] for r in results[:6]}
+    assert len(shared) == 1
+    assert {r.json()["wrap_token"] for r in results[:6]} != {None} and len({r.json()["wrap_token"] for r in results[:6]}) == 1
+    others = {r.json()["lease_id"] for r in results[6:]}
+    assert len(others) == 4 and not others & shared
+    listed = (await gateway.client.get("/v1/leases", params={"connector": "wandb"})).json()["items"]
+    assert {x["lease_id"] for x in listed} == shared | others

@@ -133,3 +133,70 @@ def test_two_replicas_share_work_and_fail_over(tmp_path: Path, postgres_url: str
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=20)
+
+
+def test_killing_the_reaper_mid_revocation_loses_no_lease(tmp_path: Path, postgres_url: str) -> None:
+    """Short postgres leases expire while the reaper revokes them; the reaper's process is
+    SIGKILLed at a random moment of that work. The other replica finishes it: every lease ends
+    revoked, none is stuck, and no role the gateway created is left at the target."""
+    import random
+
+    import psycopg
+
+    from connectors.base import role_name
+
+    target = postgres_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    database = target.rsplit("/", 1)[1]
+    kek = tmp_path / "kek"
+    new_key_file(kek)
+    a, addr_a = start(tmp_path, "a", postgres_url, kek)
+    b, addr_b = start(tmp_path, "b", postgres_url, kek)
+    procs = [a, b]
+    lease_ids: list[str] = []
+    delay = random.uniform(0.5, 3.0)
+    try:
+        admin = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(headers=admin, timeout=30) as c:
+            c.put(f"{addr_a}/v1/secrets/local/targets/pg", json={"data": {"dsn": target}}).raise_for_status()
+            c.put(f"{addr_a}/v1/connectors/pg", json={
+                "type": "postgres", "auth_method": "password", "secret": "local/targets/pg",
+                "resources": [database], "config": {"privileges": ["SELECT"]}}).raise_for_status()
+            for i in range(24):
+                addr = addr_a if i % 2 else addr_b
+                r = c.post(f"{addr}/v1/credentials", json={"connector": "pg", "resource": database, "ttl_seconds": 1 + i % 3})
+                assert r.status_code == 200, r.text
+                lease_ids.append(r.json()["lease_id"])
+            leaders = [leader(addr_a), leader(addr_b)]
+            assert leaders.count(True) == 1, leaders
+            time.sleep(delay)  # somewhere in the expiry and revocation of the 24
+            dead, survivor = (a, addr_b) if leaders[0] else (b, addr_a)
+            dead.send_signal(signal.SIGKILL)
+            dead.wait(timeout=10)
+
+            def states() -> dict[str, int]:
+                out: dict[str, int] = {}
+                for lease_id in lease_ids:
+                    state = c.get(f"{survivor}/v1/leases/{lease_id}").json()["state"]
+                    out[state] = out.get(state, 0) + 1
+                return out
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and states() != {"revoked": len(lease_ids)}:
+                time.sleep(0.25)
+            assert states() == {"revoked": len(lease_ids)}, f"killed after {delay:.2f}s"
+            summary = c.get(f"{survivor}/v1/leases/summary").json()
+            assert summary["stuck_revoking"] == 0 and summary["reaper_leader"] is True
+        with psycopg.connect(target) as conn:
+            left = conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                ([role_name(x) for x in lease_ids],)).fetchall()
+        assert left == [], f"roles left at the target after a kill at {delay:.2f}s: {left}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=20)
+        with psycopg.connect(target, autocommit=True) as conn:  # whatever a failure left behind
+            for (name,) in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)",
+                                        ([role_name(x) for x in lease_ids],)).fetchall():
+                conn.execute(f'DROP OWNED BY "{name}"')
+                conn.execute(f'DROP ROLE "{name}"')
