@@ -1,7 +1,7 @@
 """From a bearer token to a :class:`~gateway.auth.Principal` (see gateway/auth.py for the shapes).
 
 A token that verified is remembered by its SHA-256, with the principal it
-became, until the token expires (admin keys: for ``ADMIN_KEY_SECONDS``), so
+became, for at most ``ADMIN_KEY_SECONDS`` and never past the token's ``exp``, so
 the next request with it costs a hash and a dict lookup. The entry is dropped
 on every replica when the admin key is revoked or an issuer, client or
 signing key changes (:mod:`gateway.changes`). What can change per request is
@@ -23,7 +23,7 @@ from gateway.policies import Policies
 from gateway.runs import Runs
 from gateway.tokens import Tokens
 
-ADMIN_KEY_SECONDS = 300.0
+ADMIN_KEY_SECONDS = 300.0  # the longest any verified token is reused (admin keys have no exp)
 
 
 class Authenticator:
