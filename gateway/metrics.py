@@ -8,11 +8,16 @@ read when Prometheus scrapes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+BACKEND_CHECK_SECONDS = 15.0
+BACKEND_CHECK_TIMEOUT = 2.0
 
 
 class Metrics:
@@ -32,6 +37,9 @@ class Metrics:
                                        "Revocations that failed at least stuck_after_attempts times.", registry=r)
         self.reaper_leader = Gauge("credgate_reaper_leader", "1 if this replica runs the reaper.", registry=r)
         self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
+        self.backend_up = Gauge("credgate_backend_up", "1 if a secret backend answered its health check at the "
+                                "last scrape (checked at most every BACKEND_CHECK_SECONDS).", ["backend"], registry=r)
+        self._backends_checked = 0.0
 
     def watch_caches(self, feed) -> None:
         """Export the hit/miss counts of every cache fed by ``feed`` (a gateway.changes.Changes)."""
@@ -46,6 +54,17 @@ class Metrics:
         self.reaper_leader.set(1 if runtime.reaper.is_leader else 0)
         for name, health in runtime.audit.health.items():
             self.audit_sink_up.labels(name).set(1 if health.ok else 0)
+        if time.monotonic() - self._backends_checked >= BACKEND_CHECK_SECONDS:
+            # A vendor's secret manager is a network call away: don't let a scrape trigger more than
+            # one round of checks per interval, nor wait on a slow backend for long.
+            self._backends_checked = time.monotonic()
+            for mount in await runtime.mounts.list():
+                try:
+                    health = await asyncio.wait_for(runtime.mounts.check(mount.name), BACKEND_CHECK_TIMEOUT)
+                    ok = health.ok
+                except Exception:  # noqa: BLE001 - a timeout or any failure is "down"
+                    ok = False
+                self.backend_up.labels(mount.name).set(1 if ok else 0)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

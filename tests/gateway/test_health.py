@@ -62,6 +62,7 @@ async def test_metrics(gateway: Gateway) -> None:
     assert 'credgate_issue_seconds_count{connector_type="static"} 1.0' in text
     assert 'credgate_leases{state="active"} 1.0' in text
     assert 'credgate_audit_sink_up{sink="store"} 1.0' in text
+    assert 'credgate_backend_up{backend="local"} 1.0' in text
     assert "credgate_revocations_stuck 0.0" in text
     assert "CANARY" not in text and "m/x" not in text  # routes by template, never by path
 
