@@ -21,8 +21,8 @@ from joserfc.jwk import KeySet
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.auth import hash_token
 from gateway import changes
+from gateway.auth import hash_token
 from gateway.errors import BadRequest, Conflict, NotFound, Unauthenticated
 from gateway.identity import ASYMMETRIC, check_audience, check_times, peek
 from gateway.store import Store

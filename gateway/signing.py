@@ -19,8 +19,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 from sqlalchemy import select
 
-from gateway.envelope import Envelope, context
 from gateway import changes
+from gateway.envelope import Envelope, context
 from gateway.errors import Unauthenticated
 from gateway.store import Store
 from gateway.store.models import SigningKeyRow, utcnow

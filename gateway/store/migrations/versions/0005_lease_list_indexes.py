@@ -11,7 +11,6 @@ Create Date: 2026-11-26 11:30:00.000000
 """
 
 from alembic import op
-import sqlalchemy as sa
 
 
 revision = '0005'
