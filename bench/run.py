@@ -372,6 +372,14 @@ def drop_leftover_gateway_roles() -> int:
     return len(rows)
 
 
+INSERT_LEASES = """
+    INSERT INTO leases (id, connector, connector_type, resource, principal, run_id, state, revocability,
+        renewable, wrapped, issued_at, expires_at, max_expires_at, revoke_state, idempotency_key,
+        request_hash, attempts, next_attempt_at, last_error, revoked_at, updated_at,
+        kek_version, wrapped_dek, ciphertext)
+"""
+
+
 def insert_leases(dsn: str, n: int) -> float:
     """1,000,000 historical leases straight into the store (one INSERT ... SELECT generate_series):
     90% revoked in the past, 10% active static leases expiring in a day (the reaper leaves them be)."""
@@ -380,11 +388,7 @@ def insert_leases(dsn: str, n: int) -> float:
     t0 = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(
-            """
-            INSERT INTO leases (id, connector, connector_type, resource, principal, run_id, state, revocability,
-                renewable, wrapped, issued_at, expires_at, max_expires_at, revoke_state, idempotency_key,
-                request_hash, attempts, next_attempt_at, last_error, revoked_at, updated_at,
-                kek_version, wrapped_dek, ciphertext)
+            INSERT_LEASES + """
             SELECT 'lease_bench' || lpad(g::text, 12, '0'), 'vendor', 'static', 'default',
                 'credgate/client:' || (g %% 50)::text, 'run-' || (g %% 5000)::text,
                 CASE WHEN g %% 10 = 0 THEN 'active' ELSE 'revoked' END, 'expiry-only', false, true,
@@ -407,11 +411,7 @@ def insert_expired_revocable(dsn: str, n: int) -> None:
 
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(
-            """
-            INSERT INTO leases (id, connector, connector_type, resource, principal, run_id, state, revocability,
-                renewable, wrapped, issued_at, expires_at, max_expires_at, revoke_state, idempotency_key,
-                request_hash, attempts, next_attempt_at, last_error, revoked_at, updated_at,
-                kek_version, wrapped_dek, ciphertext)
+            INSERT_LEASES + """
             SELECT 'lease_reap' || lpad(g::text, 12, '0'), 'pgbench', 'postgres', %s,
                 'credgate/client:bench', NULL, 'active', 'revocable', true, false,
                 now() - interval '1 hour', now() - interval '1 minute', now() + interval '1 hour',

@@ -182,17 +182,9 @@ class Credentials:
             # Nothing comes into being anywhere but in this response: no intent to record
             # first. The lease, made active, and its wrap token are one transaction.
             return await self._issue_locally(connector, lease, params, decision)
-        def record_intent(s: Any) -> None:
-            s.add(lease)
-
-        try:
-            await self._store.grouped(record_intent)
-        except IntegrityError:
-            # A concurrent request with the same Idempotency-Key won the insert.
-            existing = await self.leases.find_idempotent(principal.subject, idempotency_key or "")
-            if existing is None:
-                raise
-            return self._replay(existing, request_hash, decision)
+        replayed = await self._record_new(lease, decision)
+        if replayed is not None:
+            return replayed
 
         try:
             issued = await asyncio.wait_for(
@@ -215,6 +207,7 @@ class Credentials:
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
         if idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
+
         def activate(s: Any) -> bool:
             res = s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
@@ -247,6 +240,13 @@ class Credentials:
             lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
                 sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
             )
+        replayed = await self._record_new(lease, decision, wrap_row)
+        return replayed if replayed is not None else self._body(lease, decision, secret_part)
+
+    async def _record_new(self, lease: LeaseRow, decision: TTLDecision, wrap_row: Any = None) -> dict[str, Any] | None:
+        """Insert a new lease (and its wrap token) through the group commit. None once recorded; the
+        earlier response if a concurrent request with the same Idempotency-Key won the insert."""
+
         def record(s: Any) -> None:
             s.add(lease)
             if wrap_row is not None:
@@ -259,7 +259,7 @@ class Credentials:
             if existing is None:
                 raise
             return self._replay(existing, lease.request_hash, decision)
-        return self._body(lease, decision, secret_part)
+        return None
 
     def _hand_out(
         self, lease: LeaseRow, params: IssueParams, decision: TTLDecision, credential: dict[str, str]
