@@ -146,6 +146,7 @@ def serve(
     from gateway.logs import configure
     from gateway.runtime import keyring_for
     from gateway.settings import load_settings
+    from gateway.store.database import check_sole_use
     from gateway.tls import uvicorn_options
 
     settings = load_settings(
@@ -154,6 +155,7 @@ def serve(
     )
     configure(settings.log_format, settings.log_level)
     keyring_for(settings)  # fail fast, with one line, before the server starts
+    check_sole_use(settings.store_url)  # the same for a SQLite store another process serves
     tls = uvicorn_options(settings)  # the same for certificate files
     if settings.dev:
         scheme = "https" if tls else "http"

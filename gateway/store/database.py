@@ -92,6 +92,33 @@ def _settle(future: asyncio.Future[Any], result: Any = None, *, exc: BaseExcepti
         future.set_result(result)
 
 
+def _lock_sqlite(url: str) -> int | None:
+    """The descriptor holding the exclusive lock of a SQLite store's file (None: not a SQLite
+    file, or its folder doesn't exist yet); ConfigurationError if another process holds it."""
+    u = make_url(async_url(url))
+    db = u.database
+    if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or not Path(db).parent.is_dir():
+        return None
+    fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigurationError(
+            f"another credgate process is serving the SQLite store {db}; one process per SQLite file "
+            "(run several replicas on PostgreSQL: CREDGATE_DATABASE_URL=postgresql://...)"
+        ) from None
+    return fd
+
+
+def check_sole_use(url: str) -> None:
+    """Raise ConfigurationError now if another process serves this SQLite store (``credgate
+    serve`` asks before it starts, to fail in one line; the store takes the lock itself)."""
+    fd = _lock_sqlite(url)
+    if fd is not None:
+        os.close(fd)
+
+
 class Store:
     def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20) -> None:
         self.url = async_url(url)
@@ -236,21 +263,8 @@ class Store:
         replicas share a PostgreSQL database instead. The lock is the kernel's and
         goes with the process, however it ends.
         """
-        if self.dialect != "sqlite" or self._sole_use is not None:
-            return
-        db = make_url(self.url).database
-        if not db or db == ":memory:":
-            return
-        fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ConfigurationError(
-                f"another credgate process is serving the SQLite store {db}; one process per SQLite file "
-                "(run several replicas on PostgreSQL: CREDGATE_DATABASE_URL=postgresql://...)"
-            ) from None
-        self._sole_use = fd
+        if self._sole_use is None:
+            self._sole_use = _lock_sqlite(self.url)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -204,6 +204,18 @@ def test_keys_generate_then_serve_without_dev(tmp_path: Path) -> None:
     assert res.returncode == 2 and "chmod 600" in res.stderr
 
 
+def test_a_second_serve_on_the_same_sqlite_store_is_refused_in_one_line(server: Server) -> None:
+    res = subprocess.run(
+        [CREDGATE, "serve", "--dev", "--data-dir", str(server.data_dir), "--port", str(free_port())],
+        capture_output=True, text=True, env=clean_env(), timeout=30,
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another credgate process is serving the SQLite store" in lines[0]
+    assert "PostgreSQL" in lines[0] and "Traceback" not in res.stderr
+    assert server.proc.poll() is None  # the first one serves on
+
+
 def test_db_upgrade(tmp_path: Path) -> None:
     res = subprocess.run(
         [CREDGATE, "db", "upgrade", "--data-dir", str(tmp_path)], capture_output=True, text=True, env=clean_env()
