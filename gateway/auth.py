@@ -65,6 +65,13 @@ class Principal:
         return f"{self.kind}:{self.name}" if self.issuer == GATEWAY else self.name
 
     @property
+    def owner(self) -> str:
+        """The one ownership key (``ISSUER/SUBJECT``, e.g. ``credgate/client:meta``,
+        ``k8s/system:serviceaccount:ml:trainer``): what leases, runs and Idempotency-Keys
+        belong to. Issuer names never contain '/', so the key can't be spelled by another issuer."""
+        return f"{self.issuer}/{self.subject}"
+
+    @property
     def run_id(self) -> str | None:
         return self.scope.run_id if self.scope else None
 
