@@ -32,6 +32,7 @@ ACTIONS = (
     "secrets:read",
     "secrets:write",
     "secrets:reveal",
+    "secrets:bind",
     "connectors:read",
     "connectors:manage",
     "backends:read",
@@ -83,7 +84,7 @@ BUILTIN: dict[str, Rule] = {
         principals=PrincipalMatch(roles=["operator"]),
         actions=["secrets:read", "secrets:write", "backends:read", "connectors:read", "credentials:issue",
                  "credentials:wrap", "leases:read"],
-        description="built-in role operator: use secrets and connectors, never reveal or manage",
+        description="built-in role operator: use secrets and connectors, never reveal, bind or manage",
     ),
     "auditor": Rule(principals=PrincipalMatch(roles=["auditor"]), actions=READ, description="built-in role auditor"),
 }
