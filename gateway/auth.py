@@ -59,6 +59,14 @@ class Principal:
     claims: Mapping[str, Any] = field(default_factory=dict)
     scope: RunScope | None = None
     policy: PolicySet = field(default_factory=PolicySet, compare=False, repr=False)
+    # What this principal's authority derives from, each of which must still be live at
+    # every request (gateway/revocation.py): e.g. ("client:meta", "jti:..."). A client or
+    # an admin key is its own source when none is given.
+    source: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.source and self.issuer == GATEWAY and self.kind in ("client", "admin_key"):
+            object.__setattr__(self, "source", (f"{self.kind}:{self.name if self.kind == 'client' else self.id}",))
 
     @property
     def subject(self) -> str:

@@ -5,8 +5,11 @@ became, for at most ``ADMIN_KEY_SECONDS`` and never past the token's ``exp``, so
 the next request with it costs a hash and a dict lookup. The entry is dropped
 on every replica when the admin key is revoked or an issuer, client or
 signing key changes (:mod:`gateway.changes`). What can change per request is
-not cached: a run token's run is checked every time (through its own cache
-of live runs), and the policy is the current compiled set.
+not cached with the principal: every source it derives from (its client,
+admin key, issuer mapping, its own and its delegator's token) is checked
+every time through :class:`~gateway.revocation.Revocation`'s cache of live
+sources, a run token's run through the cache of live runs, and the policy is
+the current compiled set.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gateway.cache import MISSING, Cache
 from gateway.errors import Unauthenticated
 from gateway.identity import TrustedIssuers, peek
 from gateway.policies import Policies
+from gateway.revocation import Revocation
 from gateway.runs import Runs
 from gateway.tokens import Tokens
 
@@ -35,6 +39,7 @@ class Authenticator:
         self._issuers = issuers
         self._runs = runs
         self._policies = policies
+        self.revocation = Revocation(admin_keys.store)
         feed = admin_keys.store.changes
         self.cache: Cache[bytes, Principal] = Cache("tokens", feed, ttl=ADMIN_KEY_SECONDS, max_entries=50_000)
         for topic in ("admin_key", "issuer", "client", "signing_key"):
@@ -46,6 +51,7 @@ class Authenticator:
         if principal is MISSING:
             principal, expires = await self._verify(token)
             self.cache.store(digest, principal, generation, expires_at=expires)
+        await self.revocation.check(principal.source)
         if principal.scope is not None:
             await self._runs.check_live(principal.scope.run_id)
         return replace(principal, policy=await self._policies.current())
@@ -70,7 +76,7 @@ class Authenticator:
                 verified = await self._issuers.verify(token, row)
                 principal = Principal(
                     "workload", str(claims.get("jti") or verified.subject), verified.subject, issuer=verified.issuer,
-                    roles=verified.roles, claims=verified.claims,
+                    roles=verified.roles, claims=verified.claims, source=verified.source,
                 )
             exp = claims.get("exp")  # verified above: present and in the future
         if isinstance(exp, (int, float)):

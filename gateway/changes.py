@@ -17,8 +17,9 @@ in-process delivery is all there is.
 
 Topics and their keys: ``secret`` ("backend/path"), ``backend`` (name),
 ``connector`` (name), ``policy``, ``run`` (run id), ``admin_key`` (key id),
-``issuer``, ``client``, ``signing_key``. A key of ``None`` means "anything
-under this topic". Payloads carry names and ids, never values.
+``issuer``, ``client``, ``signing_key``, ``token`` (the ``jti`` of a gateway
+token revoked on its own). A key of ``None`` means "anything under this
+topic". Payloads carry names and ids, never values.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger("credgate.changes")
 
 CHANNEL = "credgate_changes"
 TOPICS = frozenset(
-    {"secret", "backend", "connector", "policy", "run", "admin_key", "issuer", "client", "signing_key"}
+    {"secret", "backend", "connector", "policy", "run", "admin_key", "issuer", "client", "signing_key", "token"}
 )
 _PENDING = "credgate_changes"
 LISTENER_NAME = "credgate-changes"  # application_name of the listening connection

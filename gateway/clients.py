@@ -4,7 +4,13 @@ A client authenticates at the token endpoint with a generated secret
 (``client_secret_basic`` or ``client_secret_post``; stored as SHA-256 and
 compared in constant time) or with a JWT signed by a key it registered
 (``private_key_jwt``: ``iss`` = ``sub`` = client id, ``aud`` = the token
-endpoint, short ``exp``, and a ``jti`` that is refused if seen again).
+endpoint, ``iat`` and ``exp`` at most ``MAX_ASSERTION_LIFETIME`` apart, and a
+``jti`` that is refused if seen again before the assertion expires: it is
+remembered until its ``exp`` plus the leeway, as long as the assertion could
+be accepted at all).
+
+A client id is checked for shape (:func:`valid_client_id`) before it is used
+for anything: looked up, logged or audited.
 """
 
 from __future__ import annotations
@@ -24,13 +30,19 @@ from sqlalchemy.exc import IntegrityError
 from gateway import changes
 from gateway.auth import hash_token
 from gateway.errors import BadRequest, Conflict, NotFound, Unauthenticated
-from gateway.identity import ASYMMETRIC, check_audience, check_times, peek
+from gateway.identity import ASYMMETRIC, check_audience, check_times, peek, utc_from_ts
 from gateway.store import Store
 from gateway.store.models import ClientRow, UsedJtiRow, utcnow
 
 CLIENT_ID = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 SECRET_PREFIX = "cgs_"
 MAX_ASSERTION_LIFETIME = 300
+ASSERTION_LEEWAY = 30
+MAX_JTI = 128
+
+
+def valid_client_id(value: object) -> bool:
+    return isinstance(value, str) and CLIENT_ID.fullmatch(value) is not None
 
 
 class InvalidClient(Unauthenticated):
@@ -44,7 +56,7 @@ class Clients:
     async def create(
         self, client_id: str, *, roles: list[str], token_ttl: timedelta, jwks: dict[str, Any] | None
     ) -> tuple[ClientRow, str | None]:
-        if not CLIENT_ID.match(client_id):
+        if not valid_client_id(client_id):
             raise BadRequest("A client id is 1-63 characters of a-z, 0-9, '_', '.' and '-'.", code="invalid_client_id")
         if jwks is not None:
             try:
@@ -91,6 +103,8 @@ class Clients:
             return row
 
     async def _active(self, client_id: str) -> ClientRow:
+        if not valid_client_id(client_id):
+            raise InvalidClient("Client authentication failed.")
         async with self._store.read() as s:
             row = await s.get(ClientRow, client_id)
         if row is None or row.revoked_at is not None:
@@ -104,9 +118,12 @@ class Clients:
         return row
 
     async def with_assertion(self, assertion: str, token_endpoint: str) -> ClientRow:
-        _, unverified = peek(assertion)
+        try:
+            _, unverified = peek(assertion)
+        except Unauthenticated:
+            raise InvalidClient("The client assertion is not a JWT.") from None
         client_id = unverified.get("sub")
-        if not isinstance(client_id, str):
+        if not valid_client_id(client_id):
             raise InvalidClient("Client authentication failed.")
         row = await self._active(client_id)
         if not row.jwks:
@@ -117,19 +134,24 @@ class Clients:
             raise InvalidClient("Client authentication failed.") from None
         if claims.get("iss") != client_id or claims.get("sub") != client_id:
             raise InvalidClient("Client authentication failed.")
+        exp, iat, jti = claims.get("exp"), claims.get("iat"), claims.get("jti")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (exp, iat)):
+            raise InvalidClient("The client assertion needs numeric exp and iat claims.")
+        if not isinstance(jti, str) or not 1 <= len(jti) <= MAX_JTI:
+            raise InvalidClient(f"The client assertion needs a jti of 1 to {MAX_JTI} characters.")
+        if not 0 < exp - iat <= MAX_ASSERTION_LIFETIME:
+            raise InvalidClient(f"The client assertion may live at most {MAX_ASSERTION_LIFETIME} seconds (exp - iat).")
         try:
             check_audience(claims, [token_endpoint])
-            check_times(claims, 30)
+            check_times(claims, ASSERTION_LEEWAY)
         except Unauthenticated as exc:
             raise InvalidClient(f"The client assertion is not acceptable ({exc.code}).") from None
-        exp, jti = claims.get("exp"), claims.get("jti")
-        if not isinstance(jti, str) or not jti or exp - claims.get("iat", exp) > MAX_ASSERTION_LIFETIME:
-            raise InvalidClient("The client assertion needs a jti and a lifetime of at most 5 minutes.")
         now = utcnow()
         try:
             async with self._store.write() as s:
                 await s.execute(delete(UsedJtiRow).where(UsedJtiRow.expires_at < now))
-                s.add(UsedJtiRow(jti=f"{client_id}:{jti}"[:200], expires_at=now + timedelta(seconds=MAX_ASSERTION_LIFETIME + 60)))
+                # Remembered as long as the assertion could be accepted: until exp plus the leeway.
+                s.add(UsedJtiRow(jti=f"{client_id}:{jti}", expires_at=utc_from_ts(exp + ASSERTION_LEEWAY + 1)))
         except IntegrityError:
             raise InvalidClient("This client assertion was already used.") from None
         return row

@@ -19,10 +19,11 @@ at most once per ``JWKS_REFETCH_SECONDS``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -84,6 +85,19 @@ class VerifiedToken:
     subject: str
     claims: dict[str, Any]  # mapped claims (subject, groups, project, run, ...) over the raw ones
     roles: frozenset[str]
+    source: tuple[str, ...] = ()  # what the principal derives from (gateway/revocation.py): the issuer's mapping
+
+
+def mapping_fingerprint(row: IssuerRow) -> str:
+    """A short digest of what turns an issuer's token into a principal (its URL, claim
+    mapping and role mapping). A token exchanged under one fingerprint is refused once
+    the issuer's fingerprint is another (or the issuer is gone)."""
+    doc = {"issuer_url": row.issuer_url, "claim_mapping": row.claim_mapping or {}, "role_mapping": row.role_mapping or {}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def issuer_source(row: IssuerRow) -> str:
+    return f"issuer:{row.name}:{mapping_fingerprint(row)}"
 
 
 class TrustedIssuers:
@@ -151,7 +165,8 @@ class TrustedIssuers:
             raise Unauthenticated("The token's issuer does not match.", code="token_issuer_invalid")
         check_audience(claims, row.audiences)
         check_times(claims, row.leeway_seconds)
-        return map_claims(row, claims)
+        return replace(map_claims(row, claims), source=(issuer_source(row),))
+
 
 
 def map_claims(row: IssuerRow, claims: dict[str, Any]) -> VerifiedToken:

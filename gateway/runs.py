@@ -5,6 +5,11 @@ scope against the delegator's own policy (a pattern is allowed only if a rule
 covers all of it), records the run, and signs a run token. ``revoke`` marks
 the run revoked (its token stops working at once: every request with a run
 token checks the run) and revokes every lease issued under it.
+
+A run token lives at most ``max_ttl`` (``CREDGATE_RUN_TOKEN_MAX_TTL_SECONDS``)
+and carries its delegator's sources (gateway/revocation.py): revoking the
+client, admin key or token that delegated it, or changing the issuer mapping
+its delegator came through, ends it too.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ MAX_RUN_TOKEN_TTL = timedelta(hours=24)
 
 
 class Runs:
-    def __init__(self, store: Store, tokens: Tokens) -> None:
+    def __init__(self, store: Store, tokens: Tokens, *, max_ttl: timedelta = MAX_RUN_TOKEN_TTL) -> None:
         self._store = store
         self._tokens = tokens
+        self.max_ttl = min(max_ttl, MAX_RUN_TOKEN_TTL)
         # Runs known to be live (never a negative answer): dropped on every replica when revoked.
         self.live: Cache[str, bool] = Cache("runs", store.changes, ttl=300.0, max_entries=100_000)
         store.changes.subscribe("run", self.live.invalidate)
@@ -51,7 +57,7 @@ class Runs:
                     )
                 if d.max_ttl is not None:
                     ttls.append(d.max_ttl)
-        ttl = min(ttl, MAX_RUN_TOKEN_TTL)
+        ttl = min(ttl, self.max_ttl)
         scope = RunScope(run_id, tuple(connectors), tuple(resources), min(ttls) if ttls else None, delegator.as_subject)
         async with self._store.write() as s:
             row = await s.get(RunRow, run_id, with_for_update=True)
@@ -61,7 +67,8 @@ class Runs:
                 raise ValidationFailed(f"Run {run_id} was revoked; use a new run id.", code="run_revoked")
             elif row.created_by != delegator.subject:
                 raise Forbidden(f"Run {run_id} belongs to another principal.", code="run_not_yours")
-        return self._tokens.mint_run(run_id=run_id, scope=scope, ttl=ttl), scope, ttl
+        token = await self._tokens.mint_run(run_id=run_id, scope=scope, ttl=ttl, source=delegator.source)
+        return token, scope, ttl
 
     async def check_live(self, run_id: str) -> None:
         await self.live.get(run_id, lambda: self._check_live(run_id))

@@ -1,10 +1,18 @@
 """Tokens the gateway signs: access tokens (for OAuth2 clients and exchanged
-workload identities) and run tokens (a delegated, run-bound scope)."""
+workload identities) and run tokens (a delegated, run-bound scope).
+
+Each names what its authority derives from (``cg_src``; for a run token, its
+delegator's in ``act.src``), and the principal it becomes carries those
+sources plus the token's own ``jti``: the authenticator checks every one is
+still live at each request (:mod:`gateway.revocation`). A token without
+``cg_src`` is refused.
+"""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +24,15 @@ from gateway.signing import SigningKeys
 
 AUDIENCE = "credgate"
 LEEWAY = 30
+SOURCE_KINDS = ("client:", "admin_key:", "issuer:", "jti:")
+
+
+def _sources(value: Any) -> tuple[str, ...]:
+    """A token's ``cg_src``: a non-empty list of known source strings, else 401."""
+    if (not isinstance(value, list) or not value or len(value) > 8
+            or not all(isinstance(v, str) and v.startswith(SOURCE_KINDS) and len(v) <= 300 for v in value)):
+        raise Unauthenticated("The token does not say what it derives from; get a new one.", code="token_claim_missing")
+    return tuple(value)
 
 
 class Tokens:
@@ -35,14 +52,18 @@ class Tokens:
             "jti": secrets.token_urlsafe(12),
         }
 
-    def mint_access(
-        self, *, kind: str, name: str, issuer: str, roles: frozenset[str], claims: dict[str, Any], ttl: timedelta
+    async def mint_access(
+        self, *, kind: str, name: str, issuer: str, roles: frozenset[str], claims: dict[str, Any], ttl: timedelta,
+        source: Sequence[str],
     ) -> str:
+        """``source``: what the token derives from (the client, the issuer's mapping), never empty."""
         body = self._base(name, ttl)
-        body.update(cg_kind=kind, cg_iss=issuer, cg_roles=sorted(roles), cg_claims=claims)
+        body.update(cg_kind=kind, cg_iss=issuer, cg_roles=sorted(roles), cg_claims=claims, cg_src=list(_sources(list(source))))
+        await self.signing.fresh()
         return self.signing.sign(body)
 
-    def mint_run(self, *, run_id: str, scope: RunScope, ttl: timedelta) -> str:
+    async def mint_run(self, *, run_id: str, scope: RunScope, ttl: timedelta, source: Sequence[str]) -> str:
+        """``source``: the delegator principal's sources (its own token's ``jti`` among them)."""
         body = self._base(f"run:{run_id}", ttl)
         d = scope.delegator
         body.update(
@@ -53,8 +74,10 @@ class Tokens:
                 "resources": list(scope.resources),
                 "max_ttl_seconds": int(scope.max_ttl.total_seconds()) if scope.max_ttl else None,
             },
-            act={"iss": d.issuer, "sub": d.subject, "roles": sorted(d.roles), "claims": dict(d.claims)},
+            act={"iss": d.issuer, "sub": d.subject, "roles": sorted(d.roles), "claims": dict(d.claims),
+                 "src": list(_sources(list(source)))},
         )
+        await self.signing.fresh()
         return self.signing.sign(body, typ="cg-run+jwt")
 
     async def verify(self, token: str) -> Principal:
@@ -64,6 +87,9 @@ class Tokens:
             raise Unauthenticated("The token's issuer does not match.", code="token_issuer_invalid")
         check_audience(claims, [AUDIENCE])
         check_times(claims, LEEWAY)
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise Unauthenticated("The token lacks a required claim.", code="token_claim_missing")
         kind = claims.get("cg_kind")
         if kind == "run":
             scope_claim = claims.get("scope") or {}
@@ -77,11 +103,12 @@ class Tokens:
                 delegator=Subject(act.get("iss", GATEWAY), act.get("sub", ""), frozenset(act.get("roles") or ()),
                                   act.get("claims") or {}),
             )
-            return Principal("run", claims["jti"], scope.run_id, scope=scope)
+            return Principal("run", jti, scope.run_id, scope=scope, source=(f"jti:{jti}", *_sources(act.get("src"))))
         if kind in ("client", "workload"):
             issuer = claims.get("cg_iss") or GATEWAY
             sub = str(claims.get("sub"))
             name = sub.split(":", 1)[1] if issuer == GATEWAY and ":" in sub else sub
-            return Principal(kind, claims["jti"], name, issuer=issuer, roles=frozenset(claims.get("cg_roles") or ()),
-                             claims=claims.get("cg_claims") or {})
+            return Principal(kind, jti, name, issuer=issuer, roles=frozenset(claims.get("cg_roles") or ()),
+                             claims=claims.get("cg_claims") or {},
+                             source=(*_sources(claims.get("cg_src")), f"jti:{jti}"))
         raise Unauthenticated("The token is not one this gateway issues.", code="token_invalid")

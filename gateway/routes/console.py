@@ -253,9 +253,9 @@ async def console_callback(
     if remaining <= 0:  # inside the issuer's leeway, but nothing left to hand on
         raise BadRequest("The identity provider's id_token has expired.", code="login_id_token_invalid")
     ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=remaining))
-    access = runtime.tokens.mint_access(
+    access = await runtime.tokens.mint_access(
         kind="workload", name=verified.subject, issuer=verified.issuer, roles=verified.roles,
-        claims={k: v for k, v in verified.claims.items() if k in EXCHANGED_CLAIMS}, ttl=ttl,
+        claims={k: v for k, v in verified.claims.items() if k in EXCHANGED_CLAIMS}, ttl=ttl, source=verified.source,
     )
     resp = JSONResponse(
         {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds()),

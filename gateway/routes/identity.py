@@ -1,9 +1,10 @@
-"""Trusted issuers, OAuth2 clients, the token endpoint, JWKS and discovery, runs."""
+"""Trusted issuers, OAuth2 clients, the token and revocation endpoints, JWKS and discovery, runs."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import time
 from datetime import timedelta
 from typing import Annotated, Any, Literal
@@ -25,11 +26,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from gateway import audit, changes
-from gateway.auth import GATEWAY, Principal
-from gateway.clients import Clients, InvalidClient
+from gateway.auth import GATEWAY, TOKEN_PREFIX, Principal
+from gateway.clients import CLIENT_ID, Clients, valid_client_id
 from gateway.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, Conflict, CredgateError, Forbidden, NotFound
-from gateway.identity import ASYMMETRIC, peek
+from gateway.identity import ASYMMETRIC, peek, utc_from_ts
+from gateway.runtime import Runtime
 from gateway.store.models import ClientRow, IssuerRow, utcnow
 
 router = APIRouter(tags=["identity"])
@@ -200,11 +202,12 @@ async def revoke_client(
     return ClientOut(**_client_out(await runtime.clients.revoke(client_id)))
 
 
-# --- the token endpoint (RFC 6749, 7523, 8693) -------------------------------
+# --- the token endpoint (RFC 6749, 7523, 8693) and revocation (RFC 7009) ------
 
 GRANT_CC = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+GRANTS = (GRANT_CC, GRANT_JWT_BEARER, GRANT_EXCHANGE)
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_EXCHANGED_TTL = timedelta(hours=1)
 SUBJECT_TOKEN_TYPES = {
@@ -212,10 +215,26 @@ SUBJECT_TOKEN_TYPES = {
     "urn:ietf:params:oauth:token-type:id_token",
     "urn:ietf:params:oauth:token-type:access_token",
 }
+# Parameters these endpoints read; each may appear once (RFC 6749 3.2). Others are ignored.
+FORM_PARAMS = frozenset({
+    "grant_type", "client_id", "client_secret", "client_assertion_type", "client_assertion", "assertion",
+    "subject_token", "subject_token_type", "token", "token_type_hint",
+})
+MAX_FORM_FIELDS = 50
+CLAIM_CHARS = 64  # how much of an unauthenticated caller's claimed client id an audit event keeps
+
+
+class OAuthFailure(Exception):
+    """An RFC 6749 section 5.2 error for the token and revocation endpoints."""
+
+    def __init__(self, status: int, error: str, description: str) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
 
 
 def oauth_error(status: int, error: str, description: str) -> JSONResponse:
     """Token endpoint errors use RFC 6749 section 5.2's shape, which OAuth2 clients parse."""
+    audit.note(error=error)
     headers = {"Cache-Control": "no-store"}
     if error == "invalid_client":
         headers["WWW-Authenticate"] = 'Basic realm="credgate"'
@@ -223,14 +242,102 @@ def oauth_error(status: int, error: str, description: str) -> JSONResponse:
 
 
 def _basic(header: str | None) -> tuple[str, str] | None:
-    if not header or not header.lower().startswith("basic "):
+    """``(client_id, secret)`` of ``Authorization: Basic``; None without one; 400 if malformed."""
+    if not header or header[:6].lower() != "basic ":
         return None
     try:
         raw = base64.b64decode(header[6:].strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        return None
+        raw = ""
     cid, sep, secret = raw.partition(":")
-    return (unquote(cid), unquote(secret)) if sep else None
+    if not sep:
+        raise OAuthFailure(400, "invalid_request", "The Basic credentials are malformed.")
+    return unquote(cid), unquote(secret)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        raise OAuthFailure(400, "invalid_request", "The body must be application/x-www-form-urlencoded.")
+    try:
+        pairs = parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True,
+                          max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:
+        raise OAuthFailure(400, "invalid_request", f"The form has more than {MAX_FORM_FIELDS} fields.") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in FORM_PARAMS:
+            continue
+        if name in form:
+            raise OAuthFailure(400, "invalid_request", f"The parameter {name} appears more than once.")
+        form[name] = value
+    return form
+
+
+class ClientAuth:
+    """The client authentication of a request, checked for shape before anything is looked up:
+    at most one method (RFC 6749 2.3), a well-formed client id, and one client named."""
+
+    def __init__(self, form: dict[str, str], authorization: str | None) -> None:
+        self.form = form
+        self.basic = _basic(authorization)
+        methods = [m for m, present in (
+            ("client_secret_basic", self.basic is not None),
+            ("client_secret_post", "client_secret" in form),
+            ("private_key_jwt", "client_assertion" in form or "client_assertion_type" in form),
+        ) if present]
+        if len(methods) > 1:
+            raise OAuthFailure(400, "invalid_request", f"Use one client authentication method, not {' and '.join(methods)}.")
+        self.method = methods[0] if methods else None
+        form_id = form.get("client_id")
+        if form_id is not None and not valid_client_id(form_id):
+            raise OAuthFailure(400, "invalid_request", "client_id is 1-63 characters of a-z, 0-9, '_', '.' and '-'.")
+        if self.basic is not None:
+            if not valid_client_id(self.basic[0]):
+                raise OAuthFailure(401, "invalid_client", "Client authentication failed.")
+            if form_id is not None and form_id != self.basic[0]:
+                raise OAuthFailure(400, "invalid_request", "client_id names another client than the Basic credentials.")
+        if self.method == "private_key_jwt":
+            if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_assertion"):
+                raise OAuthFailure(400, "invalid_request", f"private_key_jwt needs client_assertion_type={ASSERTION_TYPE} "
+                                   "and a client_assertion.")
+            try:
+                sub = peek(form["client_assertion"])[1].get("sub")
+            except CredgateError:
+                raise OAuthFailure(401, "invalid_client", "The client assertion is not a JWT.") from None
+            if form_id is not None and form_id != sub:
+                raise OAuthFailure(400, "invalid_request", "client_id names another client than the client assertion.")
+        if self.method == "client_secret_post" and form_id is None:
+            raise OAuthFailure(400, "invalid_request", "client_secret_post needs a client_id.")
+
+    async def authenticate(self, clients: Clients, endpoint: str) -> ClientRow | None:
+        """The authenticated client (401 ``invalid_client`` on failure); None if none was presented."""
+        if self.method is None:
+            return None
+        try:
+            if self.method == "private_key_jwt":
+                row = await clients.with_assertion(self.form["client_assertion"], endpoint)
+            elif self.basic is not None:
+                row = await clients.with_secret(*self.basic)
+            else:
+                row = await clients.with_secret(self.form["client_id"], self.form["client_secret"])
+        except CredgateError as exc:
+            raise OAuthFailure(401, "invalid_client", exc.message) from None
+        audit.note(issuer=GATEWAY, subject=f"client:{row.client_id}", details={"authenticated": True})
+        return row
+
+
+def _note_claim(form: dict[str, str], authorization: str | None) -> None:
+    """An attempt that authenticated no one: its event has no subject, only the client id
+    the caller claimed, bounded and marked as a claim."""
+    if audit.noted().get("subject"):
+        return
+    claim = form.get("client_id")
+    if claim is None:
+        try:
+            claim = (_basic(authorization) or (None,))[0]
+        except OAuthFailure:
+            claim = None
+    audit.note(details={"authenticated": False, **({"claimed_client_id": claim[:CLAIM_CHARS]} if claim else {})})
 
 
 class OAuthError(BaseModel):
@@ -251,8 +358,8 @@ TOKEN_FORM: dict[str, Any] = {
     "type": "object",
     "required": ["grant_type"],
     "properties": {
-        "grant_type": {"type": "string", "enum": [GRANT_CC, GRANT_JWT_BEARER, GRANT_EXCHANGE]},
-        "client_id": {"type": "string"},
+        "grant_type": {"type": "string", "enum": list(GRANTS)},
+        "client_id": {"type": "string", "pattern": CLIENT_ID.pattern},
         "client_secret": {"type": "string"},
         "client_assertion_type": {"type": "string", "enum": [ASSERTION_TYPE]},
         "client_assertion": {"type": "string"},
@@ -272,63 +379,139 @@ TOKEN_FORM: dict[str, Any] = {
                                    "content": {"application/x-www-form-urlencoded": {"schema": TOKEN_FORM}}}},
 )
 async def token(request: Request, runtime: RuntimeDep) -> JSONResponse:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
-        return oauth_error(400, "invalid_request", "The body must be application/x-www-form-urlencoded.")
-    form = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
-    grant = form.get("grant_type")
-    basic = _basic(request.headers.get("authorization"))
-    secret = form.get("client_secret") or (basic[1] if basic else None)
-    audit.note(action="auth:token", subject=form.get("client_id") or (basic[0] if basic else None),
-               details={"grant_type": (grant or "")[:80], **({"client_secret": runtime.audit.hmac(secret)} if secret else {})})
-    endpoint = f"{runtime.settings.issuer_url}/v1/auth/token"
+    audit.note(action="auth:token")
+    authorization = request.headers.get("authorization")
+    form: dict[str, str] = {}
     try:
-        if grant == GRANT_CC:
-            client = await _client(runtime.clients, form, request.headers.get("authorization"), endpoint)
-            ttl = timedelta(seconds=client.token_ttl_seconds)
-            access = runtime.tokens.mint_access(
-                kind="client", name=f"client:{client.client_id}", issuer=GATEWAY, roles=frozenset(client.roles),
-                claims={}, ttl=ttl,
-            )
-        elif grant in (GRANT_JWT_BEARER, GRANT_EXCHANGE):
-            subject_token = form.get("assertion") if grant == GRANT_JWT_BEARER else form.get("subject_token")
-            if not subject_token:
-                return oauth_error(400, "invalid_request", "The subject token (or assertion) is missing.")
-            if grant == GRANT_EXCHANGE and form.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
-                return oauth_error(400, "invalid_request", "subject_token_type must name a JWT, an id_token or an access token.")
-            if peek(subject_token)[1].get("iss") == runtime.tokens.issuer_url:
-                return oauth_error(400, "invalid_grant", "A gateway token can't be exchanged for another.")
-            principal = await runtime.authenticator.authenticate(subject_token)
-            if principal.kind != "workload":
-                return oauth_error(400, "invalid_grant", "Only tokens from a trusted issuer can be exchanged.")
-            remaining = int(principal.claims.get("exp", 0)) - int(time.time())
-            if remaining <= 0:
-                return oauth_error(400, "invalid_grant", "The subject token has expired.")
-            ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=remaining))
-            access = runtime.tokens.mint_access(
-                kind="workload", name=principal.name, issuer=principal.issuer, roles=principal.roles,
-                claims={k: v for k, v in principal.claims.items() if k in ("subject", "groups", "project", "run", "email")},
-                ttl=ttl,
-            )
-        else:
-            return oauth_error(400, "unsupported_grant_type", "Supported: client_credentials, jwt-bearer, token-exchange.")
-    except CredgateError as exc:
-        status, error = (401, "invalid_client") if exc.code == "invalid_client" else (400, "invalid_grant")
-        return oauth_error(status, error, exc.message)
-    body = {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds())}
-    if grant == GRANT_EXCHANGE:
-        body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+        form = await _form(request)
+        grant = form.get("grant_type")
+        audit.note(details={"grant_type": grant if grant in GRANTS else "unsupported"})
+        auth = ClientAuth(form, authorization)
+        secret = form.get("client_secret") or (auth.basic[1] if auth.basic else None)
+        if secret:
+            audit.note(details={"client_secret": runtime.audit.hmac(secret)})
+        body = await _grant(runtime, grant, form, auth)
+    except OAuthFailure as exc:
+        return oauth_error(exc.status, exc.error, exc.description)
+    finally:
+        _note_claim(form, authorization)
+    # A bearer credential leaves the gateway only if its event is recorded.
+    audit.note(fail_closed=True)
     return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
-async def _client(clients: Clients, form: dict[str, str], authorization: str | None, endpoint: str) -> ClientRow:
-    basic = _basic(authorization)
-    if form.get("client_assertion_type") == ASSERTION_TYPE and form.get("client_assertion"):
-        return await clients.with_assertion(form["client_assertion"], endpoint)
-    if basic is not None:
-        return await clients.with_secret(*basic)
-    if form.get("client_id") and form.get("client_secret"):
-        return await clients.with_secret(form["client_id"], form["client_secret"])
-    raise InvalidClient("No client authentication was given.")
+async def _grant(runtime: Runtime, grant: str | None, form: dict[str, str], auth: ClientAuth) -> dict[str, Any]:
+    endpoint = f"{runtime.settings.issuer_url}/v1/auth/token"
+    if grant == GRANT_CC:
+        client = await auth.authenticate(runtime.clients, endpoint)
+        if client is None:
+            raise OAuthFailure(401, "invalid_client", "No client authentication was given.")
+        ttl = timedelta(seconds=client.token_ttl_seconds)
+        access = await runtime.tokens.mint_access(
+            kind="client", name=f"client:{client.client_id}", issuer=GATEWAY, roles=frozenset(client.roles),
+            claims={}, ttl=ttl, source=(f"client:{client.client_id}",),
+        )
+        return {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds())}
+    if grant not in (GRANT_JWT_BEARER, GRANT_EXCHANGE):
+        raise OAuthFailure(400, "unsupported_grant_type", "Supported: client_credentials, jwt-bearer, token-exchange.")
+    subject_token = form.get("assertion") if grant == GRANT_JWT_BEARER else form.get("subject_token")
+    if not subject_token:
+        raise OAuthFailure(400, "invalid_request", "The subject token (or assertion) is missing.")
+    if grant == GRANT_EXCHANGE and form.get("subject_token_type") not in SUBJECT_TOKEN_TYPES:
+        raise OAuthFailure(400, "invalid_request", "subject_token_type must name a JWT, an id_token or an access token.")
+    try:
+        if peek(subject_token)[1].get("iss") == runtime.tokens.issuer_url:
+            raise OAuthFailure(400, "invalid_grant", "A gateway token can't be exchanged for another.")
+        principal = await runtime.authenticator.authenticate(subject_token)
+    except CredgateError as exc:
+        raise OAuthFailure(400, "invalid_grant", exc.message) from None
+    if principal.kind != "workload":
+        raise OAuthFailure(400, "invalid_grant", "Only tokens from a trusted issuer can be exchanged.")
+    audit.note(issuer=principal.issuer, subject=principal.subject, details={"authenticated": True})
+    remaining = int(principal.claims.get("exp", 0)) - int(time.time())
+    if remaining <= 0:
+        raise OAuthFailure(400, "invalid_grant", "The subject token has expired.")
+    ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=remaining))
+    access = await runtime.tokens.mint_access(
+        kind="workload", name=principal.name, issuer=principal.issuer, roles=principal.roles,
+        claims={k: v for k, v in principal.claims.items() if k in ("subject", "groups", "project", "run", "email")},
+        ttl=ttl, source=principal.source,
+    )
+    body = {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds())}
+    if grant == GRANT_EXCHANGE:
+        body["issued_token_type"] = "urn:ietf:params:oauth:token-type:access_token"
+    return body
+
+
+REVOKE_FORM: dict[str, Any] = {
+    "type": "object",
+    "required": ["token"],
+    "properties": {
+        "token": {"type": "string"},
+        "token_type_hint": {"type": "string", "enum": ["access_token"]},
+        "client_id": {"type": "string", "pattern": CLIENT_ID.pattern},
+        "client_secret": {"type": "string"},
+        "client_assertion_type": {"type": "string", "enum": [ASSERTION_TYPE]},
+        "client_assertion": {"type": "string"},
+    },
+}
+
+
+@router.post(
+    "/v1/auth/revoke",
+    summary="OAuth2 token revocation (RFC 7009): a gateway token, and every run token delegated with it",
+    responses={200: {"description": "Revoked, or nothing to revoke (an unknown, invalid or expired token)",
+                     "content": {"application/json": {"schema": {"type": "object", "maxProperties": 0}}}},
+               400: {"model": OAuthError}, 401: {"model": OAuthError}},
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"application/x-www-form-urlencoded": {"schema": REVOKE_FORM}}}},
+)
+async def revoke_token(request: Request, runtime: RuntimeDep) -> JSONResponse:
+    """Who may revoke: the client a token was issued to (authenticated as at the token
+    endpoint; run tokens it delegated too), or the token's own bearer (``Authorization:
+    Bearer`` with the same token, as ``credgate logout`` does). An unknown, invalid or
+    expired token is answered 200, as RFC 7009 asks; an admin key is not revoked here."""
+    audit.note(action="auth:revoke")
+    authorization = request.headers.get("authorization")
+    form: dict[str, str] = {}
+    try:
+        form = await _form(request)
+        token = form.get("token")
+        if not token:
+            raise OAuthFailure(400, "invalid_request", "The token to revoke is missing.")
+        bearer = authorization[:7].lower() == "bearer " if authorization else False
+        auth = None if bearer else ClientAuth(form, authorization)
+        if bearer:
+            presented = authorization[7:].strip()  # type: ignore[index]
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                raise OAuthFailure(400, "unauthorized_client", "A bearer may revoke only the token it presents.")
+        elif auth is None or auth.method is None:
+            raise OAuthFailure(401, "invalid_client",
+                               "Authenticate as the client the token was issued to, or present the token as the bearer.")
+        if token.startswith(TOKEN_PREFIX):
+            raise OAuthFailure(400, "unsupported_token_type", "Admin keys are revoked with POST /v1/admin-keys/{id}/revoke.")
+        client = await auth.authenticate(runtime.clients, f"{runtime.settings.issuer_url}/v1/auth/token") if auth else None
+        try:
+            principal = await runtime.tokens.verify(token)
+            exp = peek(token)[1]["exp"]  # verified above
+        except CredgateError:
+            return _revoked()  # not a live gateway token: nothing to do (RFC 7009 2.2)
+        if client is not None and f"client:{client.client_id}" not in principal.source:
+            raise OAuthFailure(400, "unauthorized_client", f"This token was not issued to client {client.client_id}.")
+        if client is None:
+            audit.note(issuer=principal.issuer, subject=principal.subject, details={"authenticated": True})
+        asker = f"client:{client.client_id}" if client else principal.subject
+        revoked = await runtime.authenticator.revocation.revoke(principal.id, utc_from_ts(exp), by=asker)
+        audit.note(details={"token_kind": principal.kind, "jti": principal.id, "revoked": revoked})
+    except OAuthFailure as exc:
+        return oauth_error(exc.status, exc.error, exc.description)
+    finally:
+        _note_claim(form, authorization)
+    return _revoked()
+
+
+def _revoked() -> JSONResponse:
+    return JSONResponse({}, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
 @router.get("/v1/jwks", summary="The gateway's public signing keys")
@@ -423,6 +606,7 @@ async def run_token(
     token, scope, ttl = await runtime.runs.mint(
         principal, run_id, body.connectors, body.resources, timedelta(seconds=body.ttl_seconds)
     )
+    audit.note(fail_closed=True)  # a bearer credential leaves only if its event is recorded
     return RunTokenOut(
         run_id=run_id, token=token, expires_in=int(ttl.total_seconds()), connectors=list(scope.connectors),
         resources=list(scope.resources),
@@ -442,6 +626,7 @@ async def revoke_run(
         raise Forbidden(f"{principal.subject} may not revoke run {run_id}.", code="permission_denied")
     await runtime.runs.mark_revoked(run_id)
     ids = await runtime.leases.mark_revoking(run_id=run_id)
+    audit.note(ended_leases=ids)  # one audit event per lease ended
     still = await runtime.credentials.revoke(ids)
     return RunRevokeOut(run_id=run_id, revoked=True, leases_revoked=len(ids) - len(still), leases_still_revoking=still)
 

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
+from gateway import audit
 from gateway.auth import Principal
 from gateway.deps import RuntimeDep, requires
 from gateway.rotation import KeyStatus
 from gateway.schemas import KeyStatusOut
+from gateway.signing import MAX_TOKEN_TTL
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -28,14 +31,28 @@ async def rotate(runtime: RuntimeDep, principal: Annotated[Principal, requires("
     return _out(await runtime.keys.rotate())
 
 
+class SigningRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grace_seconds: int = Field(
+        0, ge=0, le=int(MAX_TOKEN_TTL.total_seconds()),
+        description="How long the key active until now keeps verifying the tokens it signed (a planned rotation). "
+        "0, the default, refuses them at once (a rotation after a compromise).",
+    )
+
+
 class SigningRotated(BaseModel):
     active_kid: str
     published_kids: list[str]
+    grace_seconds: int
 
 
-@router.post("/signing/rotate", summary="A new token-signing key; the old one stays published for the overlap window")
+@router.post("/signing/rotate", summary="A new token-signing key; tokens signed by the old one are refused at once, "
+                                         "or after grace_seconds")
 async def rotate_signing(
-    runtime: RuntimeDep, principal: Annotated[Principal, requires("keys:manage")]
+    runtime: RuntimeDep, principal: Annotated[Principal, requires("keys:manage")], body: SigningRotate | None = None,
 ) -> SigningRotated:
-    kid = await runtime.signing.rotate()
-    return SigningRotated(active_kid=kid, published_kids=[k["kid"] for k in runtime.signing.jwks()["keys"]])
+    grace = (body or SigningRotate()).grace_seconds
+    audit.note(details={"grace_seconds": grace})
+    kid = await runtime.signing.rotate(timedelta(seconds=grace) if grace else None)
+    return SigningRotated(active_kid=kid, published_kids=[k["kid"] for k in runtime.signing.jwks()["keys"]],
+                          grace_seconds=grace)

@@ -289,6 +289,17 @@ class UsedJtiRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
+class RevokedTokenRow(Base):
+    """A gateway token revoked on its own (RFC 7009, ``credgate logout``): refused, and so is
+    every token derived from it, until it would have expired anyway (then the row is purged)."""
+
+    __tablename__ = "revoked_tokens"
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    revoked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_by: Mapped[str | None] = mapped_column(String(200))
+
+
 class AuditEventRow(Base):
     """One audit event, hash-chained to the one before (see gateway/audit.py)."""
 

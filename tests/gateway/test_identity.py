@@ -339,24 +339,54 @@ async def test_client_authentication_methods(gateway: Gateway) -> None:
     assert created["client_secret"] not in listed
 
 
-async def test_signing_key_rotation_keeps_old_tokens_valid(gateway: Gateway) -> None:
+async def client_token(gw: Gateway, client_id: str, secret: str) -> str:
+    async with gw.as_token(None) as anon:
+        r = await anon.post("/v1/auth/token", content=f"grant_type=client_credentials&client_id={client_id}&client_secret={secret}",
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    return r.json()["access_token"]
+
+
+def kid_of(token: str) -> str:
+    return json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"]
+
+
+async def test_signing_key_rotation_refuses_old_tokens_at_once_by_default(gateway: Gateway) -> None:
     created = (await gateway.client.post("/v1/clients", json={"client_id": "svc", "roles": ["auditor"]})).json()
-    form = {"Content-Type": "application/x-www-form-urlencoded"}
-
-    async def token() -> str:
-        async with gateway.as_token(None) as anon:
-            r = await anon.post("/v1/auth/token", content=f"grant_type=client_credentials&client_id=svc&client_secret={created['client_secret']}", headers=form)
-        return r.json()["access_token"]
-
-    old = await token()
-    old_kid = json.loads(base64.urlsafe_b64decode(old.split(".")[0] + "=="))["kid"]
+    old = await client_token(gateway, "svc", created["client_secret"])
+    assert (await status(gateway, old, "/v1/backends"))[0] == 200  # verified and cached
     rotated = await gateway.client.post("/v1/keys/signing/rotate")
-    assert rotated.status_code == 200
+    assert rotated.status_code == 200, rotated.text
     new_kid = rotated.json()["active_kid"]
-    assert old_kid in rotated.json()["published_kids"]
-    new = await token()
-    assert json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))["kid"] == new_kid != old_kid
+    assert rotated.json()["published_kids"] == [new_kid] and rotated.json()["grace_seconds"] == 0
+    assert {k["kid"] for k in (await gateway.client.get("/v1/jwks")).json()["keys"]} == {new_kid}
+    # A rotation is the answer to a compromise: what the old key signed is refused at once.
+    assert await status(gateway, old) == (401, "token_kid_unknown")
+    new = await client_token(gateway, "svc", created["client_secret"])
+    assert kid_of(new) == new_kid != kid_of(old)
+    assert (await status(gateway, new, "/v1/backends"))[0] == 200
+    # Audit checkpoints signed by the retired key still verify.
+    await gateway.runtime.audit.checkpoint()
+    assert (await gateway.client.get("/v1/audit/verify")).json()["ok"] is True
+
+
+async def test_signing_key_rotation_with_grace_keeps_old_tokens_valid(gateway: Gateway) -> None:
+    created = (await gateway.client.post("/v1/clients", json={"client_id": "svc", "roles": ["auditor"]})).json()
+    old = await client_token(gateway, "svc", created["client_secret"])
+    old_kid = kid_of(old)
+    rotated = await gateway.client.post("/v1/keys/signing/rotate", json={"grace_seconds": 600})
+    assert rotated.status_code == 200, rotated.text
+    new_kid = rotated.json()["active_kid"]
+    assert set(rotated.json()["published_kids"]) == {old_kid, new_kid}
+    new = await client_token(gateway, "svc", created["client_secret"])
+    assert kid_of(new) == new_kid != old_kid
     kids = {k["kid"] for k in (await gateway.client.get("/v1/jwks")).json()["keys"]}
     assert {old_kid, new_kid} <= kids  # overlap: both published
     assert (await status(gateway, old))[0] == 200 and (await status(gateway, new))[0] == 200
     assert (await status(gateway, old, "/v1/backends"))[0] == 200  # auditor role from the client
+    # A rotation without grace ends the grace of earlier keys too.
+    await gateway.client.post("/v1/keys/signing/rotate")
+    assert await status(gateway, old) == (401, "token_kid_unknown")
+    assert await status(gateway, new) == (401, "token_kid_unknown")
+    r = await gateway.client.post("/v1/keys/signing/rotate", json={"grace_seconds": 86401})
+    assert r.status_code == 422
