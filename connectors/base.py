@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BadRequest, CredgateError, ValidationFailed
+from gateway.errors import BadRequest, CredgateError, ValidationFailed, field_errors
 
 
 class Revocability(StrEnum):
@@ -172,7 +172,7 @@ def coerce(model: type[BaseModel], value: Any, what: str) -> Any:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        fields = ", ".join(".".join(map(str, e["loc"])) or what for e in exc.errors())
+        fields = ", ".join(e["field"] or what for e in field_errors(exc.errors()))
         raise ValidationFailed(f"Invalid {what} at: {fields}.", code="invalid_connector_config") from None
 
 

@@ -49,6 +49,10 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Secrets and service-connector gateway",
         lifespan=lifespan,
         responses=_ERRORS,
+        # Starlette's redirect to the other spelling of a path builds its Location from the
+        # request's Host header (an open redirect to any host a caller names): a path is
+        # served only as written; the other spelling is a 404 route_not_found.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
@@ -63,5 +67,6 @@ def create_app(settings: Settings) -> FastAPI:
         max_headers=settings.max_header_bytes,
         limiter=app.state.limiter,
         address_limit=Limit(settings.rate_per_address, settings.burst_per_address),
+        trusted_proxies=settings.proxy_networks,
     )  # outermost: ids first
     return app

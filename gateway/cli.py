@@ -144,7 +144,7 @@ def serve(
 
     from gateway.app import create_app
     from gateway.logs import configure
-    from gateway.runtime import keyring_for
+    from gateway.runtime import check_bootstrap_file, keyring_for
     from gateway.settings import load_settings
     from gateway.store.database import check_sole_use
     from gateway.tls import uvicorn_options
@@ -155,6 +155,7 @@ def serve(
     )
     configure(settings.log_format, settings.log_level)
     keyring_for(settings)  # fail fast, with one line, before the server starts
+    check_bootstrap_file(settings)  # the same for where a generated admin token would go
     check_sole_use(settings.store_url)  # the same for a SQLite store another process serves
     tls = uvicorn_options(settings)  # the same for certificate files
     if settings.dev:
@@ -171,6 +172,9 @@ def serve(
         timeout_keep_alive=settings.keep_alive_seconds,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         server_header=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
+        # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
+        proxy_headers=False,
         **tls,
     )
 

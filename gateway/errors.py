@@ -25,6 +25,7 @@ Every error body is ``{"error": {"code", "message", "request_id", ...}}``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -117,13 +118,46 @@ class ConfigurationError(CredgateError):
     code = "configuration_error"
 
 
+FIELD_PART_MAX = 40  # longest part of a field path an error body repeats whole
+FIELD_PARTS_MAX = 12  # deepest field path an error body repeats whole
+FIELD_ERRORS_MAX = 20  # most field errors one error body lists
+
+
+def field_path(loc: Iterable[Any], prefix: str = "") -> str:
+    """A validation error's location as the dotted path an error body (or a CLI
+    line) may carry. A location can hold a caller's own dict keys and field
+    names, of any length: a part longer than 40 characters is cut to its first
+    16 and ``...``, unprintable characters become ``?``, and a path deeper than
+    12 parts keeps its first 11. The one function every error path goes through."""
+    parts = [str(p) for p in loc]
+    if len(parts) > FIELD_PARTS_MAX:
+        parts = parts[: FIELD_PARTS_MAX - 1] + ["..."]
+    out = []
+    for part in parts:
+        if len(part) > FIELD_PART_MAX:
+            part = part[:16] + "..."
+        out.append("".join(c if c.isprintable() else "?" for c in part))
+    return prefix + ".".join(out)
+
+
+def field_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> list[dict[str, str]]:
+    """pydantic's errors as ``[{"field", "message"}]``: bounded paths (:func:`field_path`),
+    pydantic's message (it describes the constraint, never the input), at most 20."""
+    out = []
+    for e in errors:
+        if len(out) == FIELD_ERRORS_MAX:
+            break
+        out.append({"field": field_path(e.get("loc", ()), prefix), "message": str(e.get("msg", "invalid value"))})
+    return out
+
+
 def validate_model(model: type[BaseModel], data: Any, what: str, prefix: str = "") -> Any:
     """``data`` as ``model``, or 422 naming the fields at fault (pydantic's
     messages describe the constraint, never the input)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errors = [{"field": prefix + ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        errors = field_errors(exc.errors(), prefix)
         raise ValidationFailed(f"Invalid {what} at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
 
 
@@ -145,25 +179,15 @@ def _validation_error(exc: RequestValidationError) -> CredgateError:
     pydantic puts the offending input (which may be a secret value) into each
     error; only the location and the message survive here.
     """
-    errors = []
-    for e in exc.errors():
-        if e.get("type") == "json_invalid":
-            return BadRequest("The request body is not valid JSON.", code="invalid_json")
-        # A location can hold a caller's dict key; keep it short, never whole.
-        loc = [p if len(p) <= 40 else p[:16] + "..." for p in map(str, e.get("loc", ()))]
-        errors.append({"field": ".".join(loc), "message": _safe_msg(e)})
+    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        return BadRequest("The request body is not valid JSON.", code="invalid_json")
+    errors = field_errors(exc.errors())
     if any(err["field"] == "body" and "required" in err["message"].lower() for err in errors):
         return BadRequest("The request needs a JSON body.", code="missing_body", errors=errors)
     first = errors[0] if errors else {"field": "", "message": "invalid"}
     return ValidationFailed(
         f"Invalid value at {first['field'] or 'request'}: {first['message']}", errors=errors
     )
-
-
-def _safe_msg(e: dict[str, Any]) -> str:
-    # pydantic messages are templates over the *constraint* ("String should have
-    # at most 128 characters", "should match pattern '...'"), never the input.
-    return str(e.get("msg", "invalid value"))
 
 
 _STATUS_CODES = {

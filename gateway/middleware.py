@@ -6,6 +6,7 @@ little on the hot path and can stop an oversized body while it streams in.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,7 +42,6 @@ def _is_json(content_type: bytes | None) -> bool:
 # policies may be written in YAML.
 _OTHER_MEDIA = {
     "/v1/auth/token": (b"application/x-www-form-urlencoded",),
-    "/v1/auth/revoke": (b"application/x-www-form-urlencoded",),  # RFC 7009
     "/v1/policies/": (b"application/yaml", b"application/x-yaml", b"text/yaml"),
 }
 
@@ -53,6 +53,54 @@ def _acceptable(path: str, content_type: bytes | None) -> bool:
     return any(path.startswith(prefix) and media in types for prefix, types in _OTHER_MEDIA.items())
 
 
+_MAX_HOPS = 32
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An X-Forwarded-For entry's address (``1.2.3.4``, ``1.2.3.4:80``, ``::1``, ``[::1]:80``), or None."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def client_address(scope: Scope, trusted: tuple = ()) -> str:
+    """The address a request comes from, for rate limits and the audit trail.
+
+    The connection's peer, unless the peer is one of the ``trusted`` proxy networks
+    (``CREDGATE_TRUSTED_PROXIES``, none by default). Then ``X-Forwarded-For`` is read
+    from the right (each proxy appends the address it was connected from), past every
+    trusted proxy, to the first address that is not one: the right-most untrusted
+    address, the one a trusted proxy saw. Entries to its left were written by the
+    caller and are never believed. An entry that is not an IP address ends the walk at
+    the last trusted hop."""
+    peer = scope.get("client")
+    host = str(peer[0]) if peer else "unknown"
+    if not trusted:
+        return host
+    ip = _ip(host)
+    if ip is None or not any(ip in net for net in trusted):
+        return host
+    hops: list[str] = []
+    for k, v in scope.get("headers", ()):
+        if k == b"x-forwarded-for":
+            hops.extend(v.decode("latin-1").split(","))
+    for entry in reversed(hops[-_MAX_HOPS:]):
+        hop = _ip(entry)
+        if hop is None:
+            break
+        host = str(hop)
+        if not any(hop in net for net in trusted):
+            break
+    return host
+
+
 class HeadersTooLarge(CredgateError):
     status, code = 431, "headers_too_large"
 
@@ -61,17 +109,22 @@ class RequestGuard:
     """Assign a request id; refuse bodies over ``max_body`` (413) and non-JSON bodies (415)."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int = 16384, limiter=None,
-                 address_limit=None) -> None:
+                 address_limit=None, trusted_proxies=()) -> None:
         self.app = app
         self.max_body = max_body
         self.max_headers = max_headers
         self.limiter = limiter
         self.address_limit = address_limit
+        self.trusted_proxies = tuple(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # Every later reader of scope["client"] (the address rate limit, the audit event)
+        # sees the resolved caller, never an address a caller merely claims.
+        peer = scope.get("client")
+        scope["client"] = (client_address(scope, self.trusted_proxies), peer[1] if peer else 0)
         incoming = _header(scope, b"x-request-id")
         rid = new_request_id(incoming.decode("latin-1") if incoming else None)
         token = set_request_id(rid)

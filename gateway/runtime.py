@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import stat
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from gateway.audit import AuditLog, build_sinks
-from gateway.auth import AdminKeys
+from gateway.auth import AdminKeys, new_token
 from gateway.authenticator import Authenticator
 from gateway.catalog import Catalog
 from gateway.clients import Clients
 from gateway.credentials import Credentials, RevokePolicy
 from gateway.envelope import Envelope
+from gateway.errors import ConfigurationError
 from gateway.identity import TrustedIssuers
 from gateway.keyring import KeyRing, load_keyring
 from gateway.leases import Leases
@@ -43,6 +46,72 @@ def keyring_for(settings: Settings) -> KeyRing:
         dev=settings.dev,
         dev_file=settings.dev_kek_file,
     )
+
+
+def check_bootstrap_file(settings: Settings) -> None:
+    """Refuse (ConfigurationError, one line) a ``bootstrap_token_file`` that can't be written
+    safely: its directory missing, or the file there already and readable by group or others."""
+    path = settings.bootstrap_token_file
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"bootstrap_token_file: the directory {path.parent} does not exist")
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigurationError(f"bootstrap_token_file {path} exists and is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigurationError(
+            f"bootstrap_token_file {path} exists with mode {stat.S_IMODE(st.st_mode):o}: group or others can read it; "
+            f"remove it (a new token is written with mode 600)"
+        )
+
+
+async def _bootstrap(admin_keys: AdminKeys, settings: Settings) -> None:
+    """The first admin key of an empty store, and where its token goes.
+
+    CREDGATE_BOOTSTRAP_TOKEN: that token, nothing printed. CREDGATE_BOOTSTRAP_TOKEN_FILE: a
+    generated token, written there (mode 0600, atomically: the file appears whole or not at
+    all, and only once the key exists), never printed. Neither, in --dev: printed once on
+    stdout, for the person at the terminal. Neither, outside --dev (a service, a container
+    whose output is a log): no key is made, and a warning says what to set.
+    """
+    if settings.bootstrap_token is not None:
+        if await admin_keys.bootstrap(settings.bootstrap_token.get_secret_value()) is not None:
+            log.info("bootstrap admin key created from CREDGATE_BOOTSTRAP_TOKEN")
+        return
+    path = settings.bootstrap_token_file
+    if path is not None:
+        check_bootstrap_file(settings)
+        token = new_token()
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if await admin_keys.bootstrap(token) is not None:
+                os.replace(tmp, path)
+                log.info("bootstrap admin token written to %s (mode 600)", path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    if settings.dev:
+        token = await admin_keys.bootstrap(None)
+        if token is not None:
+            # Printed once, on a line of its own, straight to stdout (not to the log).
+            sys.stdout.write(f"CREDGATE_TOKEN={token}\n")
+            sys.stdout.flush()
+        return
+    if not await admin_keys.list():
+        log.warning(
+            "the store has no admin key, and none was made: outside --dev a generated token is never printed. "
+            "Set CREDGATE_BOOTSTRAP_TOKEN (cgt_ and 28+ characters you choose) or CREDGATE_BOOTSTRAP_TOKEN_FILE "
+            "(where to write a generated one) and restart"
+        )
 
 
 @dataclass
@@ -95,7 +164,7 @@ class Runtime:
             tokens = Tokens(signing, settings.issuer_url)
             issuers = TrustedIssuers(store)
             policies = Policies(store)
-            runs = Runs(store, tokens, max_ttl=timedelta(seconds=settings.run_token_max_ttl_seconds))
+            runs = Runs(store, tokens)
             rt = cls(
                 audit=AuditLog(store, envelope, signing, build_sinks(settings.audit_sinks),
                                wait_seconds=settings.audit_wait_seconds,
@@ -127,15 +196,7 @@ class Runtime:
             await rt.mounts.ensure_builtin()
             await rt.signing.ensure()
             await rt.audit.start()
-            token = await rt.admin_keys.bootstrap(
-                settings.bootstrap_token.get_secret_value() if settings.bootstrap_token else None
-            )
-            if token is not None and settings.bootstrap_token is None:
-                # Printed once, on a line of its own, straight to stdout (not to the log).
-                sys.stdout.write(f"CREDGATE_TOKEN={token}\n")
-                sys.stdout.flush()
-            elif token is not None:
-                log.info("bootstrap admin key created from CREDGATE_BOOTSTRAP_TOKEN")
+            await _bootstrap(rt.admin_keys, settings)
             if await rt.keys.needs_rewrap():
                 log.info("data keys under an older KEK version found; resuming re-wrap")
                 rt.keys.start_rewrap()

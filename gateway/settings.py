@@ -6,20 +6,25 @@ variables, the YAML file given with ``--config``, the defaults below.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
 
-from gateway.errors import ConfigurationError
+from gateway.errors import ConfigurationError, field_path
 
+_BEARER = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token: what an Authorization header carries
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "credgate"
 
 
@@ -39,7 +44,17 @@ class Settings(BaseSettings):
     kek: SecretStr | None = Field(None, description="The versioned KEK itself, same format as the file.")
 
     bootstrap_token: SecretStr | None = Field(
-        None, description="Becomes the first admin token of an empty store (at least 32 characters)."
+        None, description="Becomes the first admin token of an empty store: 'cgt_' and 28 or more characters of "
+        "A-Z a-z 0-9 - . _ ~ + / (e.g. cgt_$(openssl rand -hex 32))."
+    )
+    bootstrap_token_file: Path | None = Field(
+        None, description="Where a generated first admin token is written (mode 0600, atomically) instead of "
+        "being printed; refused if the file exists and group or others can read it.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or CIDRs of reverse proxies whose X-Forwarded-For is believed (comma-separated); "
+        "default none: the client address is the connection's peer.",
     )
 
     public_url: str | None = Field(
@@ -107,18 +122,48 @@ class Settings(BaseSettings):
         description="How long a connector's material, read from its backend, is reused (0: read it for every use). "
         "A change made through the gateway drops it at once on every replica; this bounds out-of-band changes.",
     )
-    run_token_max_ttl_seconds: int = Field(
-        86400, ge=60, le=86400,
-        description="The longest a run token lives (a longer ttl_seconds asked for is cut to this). It is also "
-        "refused as soon as its run, its delegator (client, admin key, issuer mapping) or its delegator's token is revoked.",
-    )
 
     @field_validator("bootstrap_token")
     @classmethod
-    def _token_length(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value()) < 32:
-            raise ValueError("CREDGATE_BOOTSTRAP_TOKEN must be at least 32 characters")
+    def _token_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        # Refused here, in one line, rather than accepted and then refused on every request.
+        # Never quotes the value.
+        if v is None:
+            return v
+        token = v.get_secret_value()
+        if not token.startswith("cgt_"):
+            raise ValueError("CREDGATE_BOOTSTRAP_TOKEN must start with 'cgt_', the prefix of admin tokens "
+                             "(e.g. cgt_$(openssl rand -hex 32)); without it the gateway never looks it up")
+        if len(token) < 32 or len(token) > 4096:
+            raise ValueError("CREDGATE_BOOTSTRAP_TOKEN must be 32 to 4096 characters long")
+        if not _BEARER.fullmatch(token):
+            raise ValueError("CREDGATE_BOOTSTRAP_TOKEN may hold only A-Z a-z 0-9 - . _ ~ + / (and a trailing =): "
+                             "no spaces or newlines, which can't be sent back in an Authorization header")
         return v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ValueError("give a JSON list or comma-separated addresses") from None
+            return [p for p in re.split(r"[,\s]+", text) if p]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{field_path([item])!r} is not an IP address or CIDR (e.g. 10.0.0.0/8)") from None
+        return out
 
     @field_validator("tls_client_subjects")
     @classmethod
@@ -147,6 +192,10 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser()
         if self.kek_file is not None:
             self.kek_file = self.kek_file.expanduser()
+        if self.bootstrap_token_file is not None:
+            if self.bootstrap_token is not None:
+                raise ValueError("give bootstrap_token or bootstrap_token_file, not both")
+            self.bootstrap_token_file = self.bootstrap_token_file.expanduser()
         return self
 
     @property
@@ -157,6 +206,10 @@ class Settings(BaseSettings):
     def issuer_url(self) -> str:
         scheme = "https" if self.tls_cert_file else "http"
         return (self.public_url or f"{scheme}://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(p) for p in self.trusted_proxies)
 
     @property
     def dev_kek_file(self) -> Path:
@@ -199,7 +252,7 @@ def _one_line(exc: ValueError) -> str:
     if callable(errors):
         parts = []
         for e in errors():
-            loc = ".".join(str(p) for p in e.get("loc", ())) or "settings"
+            loc = field_path(e.get("loc", ())) or "settings"
             parts.append(f"{loc}: {e.get('msg')}")
         return "invalid settings: " + "; ".join(parts)
     return f"invalid settings: {exc}"

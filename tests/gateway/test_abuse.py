@@ -59,3 +59,48 @@ async def test_huge_headers_get_431(settings_factory) -> None:
         async with client(app, ADMIN_TOKEN) as admin:
             r = await admin.get("/v1/backends", headers={"X-Padding": "a" * 20000})
             assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+
+
+# --- the client address: X-Forwarded-For only from configured proxies --------------------
+
+
+async def audited_addresses(app) -> list[str | None]:
+    from sqlalchemy import select
+
+    from gateway.store.models import AuditEventRow
+
+    async with app.state.runtime.store.read() as s:
+        return list((await s.execute(select(AuditEventRow.client_addr).order_by(AuditEventRow.seq))).scalars())
+
+
+async def test_x_forwarded_for_is_not_believed_by_default(settings_factory) -> None:
+    app = create_app(settings_factory(rate_per_address=1, burst_per_address=5))
+    async with app.router.lifespan_context(app):
+        async with client(app, "cgt_wrong", addr="127.0.0.1") as caller:
+            codes = [(await caller.get("/v1/backends", headers={"X-Forwarded-For": f"10.0.{i}.1"})).status_code
+                     for i in range(20)]
+        assert codes.count(401) == 5 and codes.count(429) == 15  # one bucket: the peer's
+        assert set(await audited_addresses(app)) == {"127.0.0.1"}
+
+
+async def test_behind_a_configured_proxy_each_caller_gets_its_own_bucket(settings_factory) -> None:
+    app = create_app(settings_factory(rate_per_address=1, burst_per_address=5,
+                                      trusted_proxies="10.0.0.0/24, 192.168.1.7"))
+    async with app.router.lifespan_context(app):
+        async with client(app, "cgt_wrong", addr="10.0.0.5") as ingress:
+            # 20 callers, 2 requests each: nobody is past their own burst.
+            for i in range(20):
+                for _ in range(2):
+                    r = await ingress.get("/v1/backends", headers={"X-Forwarded-For": f"203.0.113.{i}"})
+                    assert r.status_code == 401
+            # One caller hammering gets limited, even claiming other addresses to the left:
+            # the right-most address the trusted proxies did not write is the caller.
+            spoofed = [
+                (await ingress.get("/v1/backends", headers={"X-Forwarded-For": f"1.1.1.{i}, 198.51.100.9, 192.168.1.7"})).status_code
+                for i in range(8)
+            ]
+            assert spoofed == [401] * 5 + [429] * 3
+        addrs = await audited_addresses(app)
+        assert addrs[:40] == [f"203.0.113.{i}" for i in range(20) for _ in range(2)]
+        assert set(addrs[40:]) == {"198.51.100.9"}
+

@@ -42,7 +42,7 @@ async def test_create_list_revoke(gateway: Gateway) -> None:
 async def test_generated_bootstrap_token_is_printed_once(settings_factory, capsys) -> None:
     from gateway.app import create_app
 
-    settings = settings_factory(bootstrap_token=None)
+    settings = settings_factory(bootstrap_token=None, dev=True)  # only --dev prints it (tests/gateway/test_bootstrap.py)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         pass
