@@ -11,8 +11,9 @@ gateway token and keeps it in a profile file (``$CREDGATE_PROFILE``, default
 ``CREDGATE_TOKEN``, client commands use that token, but only towards the
 gateway it was issued by.
 
-Exit codes: 0 success, 1 a request the gateway refused or could not serve,
-2 bad usage or configuration (always one line on stderr).
+Exit codes: 0 success, 1 a request the gateway refused or could not serve, or a
+"no" answer (``policy explain`` deny, a failed ``check``/``verify``), 2 bad usage or
+configuration (always one line on stderr).
 """
 
 from __future__ import annotations
@@ -1001,7 +1002,8 @@ def policy_explain(
     token: Token = None,
     as_json: Json = False,
 ) -> None:
-    """Would this principal be allowed this action? Prints allow or deny, the rule and the reason."""
+    """Would this principal be allowed this action? Prints allow or deny, the rule and the reason;
+    exits 1 on deny (like a failed check), so a script can branch on the answer."""
     claims: dict[str, Any] = {}
     for key, value in _key_values(claim or [], "--claim", "groups=ml-team"):
         if key in claims:
@@ -1016,12 +1018,14 @@ def policy_explain(
         out = c.request("POST", "/v1/policies/explain", json=body)
     if as_json:
         _print_json(out)
-        return
-    typer.echo(out["decision"])
-    typer.echo(f"rule:    {out['rule'] or '-'}")
-    typer.echo(f"reason:  {out['reason']}")
-    if out.get("max_ttl_seconds") is not None:
-        typer.echo(f"max ttl: {out['max_ttl_seconds']}s")
+    else:
+        typer.echo(out["decision"])
+        typer.echo(f"rule:    {out['rule'] or '-'}")
+        typer.echo(f"reason:  {out['reason']}")
+        if out.get("max_ttl_seconds") is not None:
+            typer.echo(f"max ttl: {out['max_ttl_seconds']}s")
+    if out["decision"] != "allow":
+        raise typer.Exit(1)
 
 
 # --- runs -------------------------------------------------------------------------

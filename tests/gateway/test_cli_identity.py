@@ -153,9 +153,13 @@ def test_policy_put_from_yaml_explain_show_rm(server: Server, tmp_path: Path) ->
                "--claim", "groups=other", "--action", "credentials:issue", "--connector", "warehouse"]
     allowed = server.cli(*explain, "--resource", "analytics/sales").stdout.splitlines()
     assert allowed == ["allow", "rule:    ml-read/0", "reason:  ml-team reads analytics", "max ttl: 900s"]
-    denied = server.cli(*explain, "--resource", "hr/salaries")  # exit 0 on deny too
+    denied = server.cli(*explain, "--resource", "hr/salaries", check=False)  # exit 1 on deny, the answer printed
     lines = denied.stdout.splitlines()
+    assert denied.returncode == 1 and denied.stderr == ""
     assert lines[0] == "deny" and lines[1] == "rule:    -" and "no rule allows credentials:issue" in lines[2]
+    denied = server.cli(*explain, "--resource", "hr/salaries", "--json", check=False)
+    assert denied.returncode == 1 and json.loads(denied.stdout)["decision"] == "deny"
+    assert json.loads(server.cli(*explain, "--resource", "analytics/sales", "--json").stdout)["decision"] == "allow"
     admin = server.cli("policy", "explain", "--subject", "ops", "--role", "admin", "--action", "keys:manage").stdout
     assert admin.splitlines()[:2] == ["allow", "rule:    builtin/admin"]
 
