@@ -29,6 +29,12 @@ Rules for implementers:
   vendor error *code* may be kept (see :func:`safe_vendor_error`).
 - Every call to a target has a timeout (``timeout_seconds`` in the request or
   the connector's own default).
+- A target refusing the *resource* (it doesn't exist there, or may not be
+  granted) is :class:`ResourceRejected` (409), not a plain ``TargetError``
+  (502): the caller asked for something the target can't give.
+- Material the auth method's model can't check (a ``static`` connector's
+  configured keys) is reported by :meth:`ConnectorBase.missing_keys`, so the
+  gateway refuses a connector when it is added, not at first use.
 - ``verify`` and ``list_resources`` use the material but never return it.
 """
 
@@ -62,6 +68,22 @@ class TargetError(CredgateError):
 class TargetUnreachable(TargetError):
     status = 503
     code = "target_unreachable"
+
+
+class ResourceRejected(TargetError):
+    """The target refused *this resource*: it does not exist there (a schema, a database, a
+    table), or the connector's login may not grant on it. The caller asked for something the
+    target can't give, so it is a 409 ``target_rejected_resource`` naming the resource (and a
+    ``reason``: ``not_found`` or ``not_grantable``), not a 502. Raise it only when nothing was
+    left at the target; the gateway still revokes the planned names before answering."""
+
+    status = 409
+    code = "target_rejected_resource"
+
+    def __init__(self, message: str, *, resource: str, reason: str, code: str | None = None, **details: Any) -> None:
+        super().__init__(message, code=code, resource=resource, reason=reason, **details)
+        self.resource = resource
+        self.reason = reason
 
 
 class ResourceNotSupported(BadRequest):
@@ -201,6 +223,12 @@ class ConnectorBase:
         self.auth_method = auth_method
         self.config = coerce(self.config_model, config, f"{self.type} config")
         self._material = coerce(self.auth_methods[auth_method], material, f"{self.type} material")
+
+    def missing_keys(self) -> list[str]:
+        """Names of keys the configuration needs from the material that it lacks (never
+        values). The auth method's model already checks its own fields; override only when
+        the configuration names more (a ``static`` connector's ``keys``)."""
+        return []
 
 
 RESOURCE = re.compile(r"^[A-Za-z0-9._:/@*+=-]{1,256}$")

@@ -48,6 +48,7 @@ from connectors.base import (
     IssueRequest,
     Issued,
     ResourceNotSupported,
+    ResourceRejected,
     Revocability,
     TargetError,
     TargetUnreachable,
@@ -190,14 +191,30 @@ class MySQLConnector(ConnectorBase):
                 else:
                     cur.execute("SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (database,))
                 if cur.fetchone() is None:
-                    raise TargetError(f"{req.resource} does not exist at the target.", code="resource_not_found")
+                    raise ResourceRejected(
+                        f"{req.resource} does not exist at the target; nothing was created.",
+                        resource=req.resource, reason="not_found",
+                    )
                 # conn.escape quotes the password for this connection's sql_mode; no %-formatting follows.
                 cur.execute(f"CREATE USER {account} IDENTIFIED BY {conn.escape(password)}")
+                refused: int | None = None
                 try:
                     cur.execute(f"GRANT {', '.join(privileges)} ON {target} TO {account}")
-                except Exception:
+                except Exception as exc:
                     cur.execute(f"DROP USER IF EXISTS {account}")  # DDL autocommits: undo by hand
-                    raise
+                    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+                    if code not in PERMISSION_ERRORS and code != ER_NO_SUCH_TABLE:
+                        raise
+                    refused = code
+                if refused is not None:  # this resource, not the connector: the caller's request can't be met
+                    missing = refused == ER_NO_SUCH_TABLE
+                    raise ResourceRejected(
+                        f"{req.resource} does not exist at the target; nothing was created (error {refused})."
+                        if missing else
+                        f"The admin account may not grant {', '.join(privileges)} on {req.resource}; "
+                        f"nothing was created (error {refused}).",
+                        resource=req.resource, reason="not_found" if missing else "not_grantable",
+                    )
 
         await self._call(work, "create the user", req.timeout_seconds)
         m = self._material

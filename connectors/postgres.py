@@ -56,6 +56,7 @@ from connectors.base import (
     IssueRequest,
     Issued,
     ResourceNotSupported,
+    ResourceRejected,
     Revocability,
     TargetError,
     TargetUnreachable,
@@ -207,12 +208,19 @@ class PostgresConnector(ConnectorBase):
                     if not_granted:
                         raise _NotGranted
         except _NotGranted:
-            failure = TargetError(
+            failure = ResourceRejected(
                 f"The admin role may not grant every privilege {req.resource} needs (PostgreSQL warned "
                 "01007 privilege_not_granted); nothing was created.",
-                code="target_permission_denied",
+                resource=req.resource,
+                reason="not_grantable",
             )
         except TargetError as exc:
+            if exc.code == "resource_not_found":  # the resource's database is not there (see _connect_error)
+                exc = ResourceRejected(
+                    f"Database {database} does not exist at the target; nothing was created.",
+                    resource=req.resource,
+                    reason="not_found",
+                )
             failure = exc
         except errors.DuplicateObject as exc:
             failure = TargetError(
@@ -220,9 +228,11 @@ class PostgresConnector(ConnectorBase):
                 code="credential_exists",
             )
         except errors.InvalidSchemaName as exc:
-            failure = TargetError(
-                f"Schema {schema} does not exist in database {database} ({safe_vendor_error(exc)}).",
-                code="resource_not_found",
+            failure = ResourceRejected(
+                f"Schema {schema} does not exist in database {database}; nothing was created "
+                f"({safe_vendor_error(exc)}).",
+                resource=req.resource,
+                reason="not_found",
             )
         except Exception as exc:  # noqa: BLE001 - every vendor error becomes our own sentence
             failure = _translate(exc, "create the role")

@@ -2,7 +2,7 @@
 
 A lease for resource ``features`` is the Redis user ``cg_<lease>`` created with::
 
-    ACL SETUSER cg_<lease> reset on >PASSWORD ~features:* resetchannels -@all <grants> -@dangerous
+    ACL SETUSER cg_<lease> reset on >PASSWORD ~features:* resetchannels -@all <grants> -@dangerous -function|flush ...
 
 so it can run the granted commands (``+@read`` by default) on keys matching
 ``features:*`` only, and no pub/sub channel. Revoking kills the user's open
@@ -13,10 +13,14 @@ Limits worth knowing:
 - Redis has no expiring users: the gateway's lease reaper enforces the expiry
   by revoking, so ``renew`` only checks that the user still exists.
 - Key patterns don't restrict commands that take no key: ``FLUSHDB`` and
-  ``FLUSHALL`` (in ``@write``) wipe *every* key, and ``KEYS`` lists every key
-  name. Unless ``allow_dangerous`` is set, ``-@dangerous`` is appended after
-  the grants, which removes those (``SCAN``, in ``@read``, still lists key
-  names of the whole database; values stay protected).
+  ``FLUSHALL`` (in ``@write``) wipe *every* key, ``KEYS`` lists every key
+  name, and ``FUNCTION LOAD/DELETE/FLUSH/RESTORE`` (in ``@write``) or
+  ``SCRIPT FLUSH/KILL`` (in ``@scripting``) change or stop what every other
+  user runs. Unless ``allow_dangerous`` is set, :data:`SERVER_WIDE_EXCLUSIONS`
+  (``-@dangerous`` and those subcommands) are appended *after* the grants, so
+  they hold even with ``+@write`` or ``+@all`` (``SCAN``, in ``@read``, still
+  lists key names of the whole database; values stay protected). Subcommand
+  rules need Redis 7 or later.
 - ACL users are per node: they are not replicated to replicas or cluster
   peers, and they survive a restart only if the server saves its ACL file.
   Point the connector at a single primary.
@@ -63,6 +67,16 @@ _SEPARATOR = re.compile(r"^[!-~]{1,8}$")
 _GLOB_CHARS = set("*?[]\\^")
 _USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_TIMEOUT = 10.0
+# Appended after every lease's grants (unless ``allow_dangerous``): commands whose effect is not
+# limited to the lease's keys. ``@dangerous`` holds FLUSHALL, FLUSHDB, KEYS, CONFIG, DEBUG,
+# SHUTDOWN, MODULE, ACL, REPLICAOF/SLAVEOF, MIGRATE, RESTORE, SWAPDB, MONITOR, CLIENT KILL and
+# more; the server-wide script and function subcommands are in ``@write`` or ``@scripting``
+# only, so they are named one by one (subcommand rules need Redis 7).
+SERVER_WIDE_EXCLUSIONS = (
+    "-@dangerous",
+    "-function|load", "-function|delete", "-function|flush", "-function|restore", "-function|kill",
+    "-script|flush", "-script|kill", "-script|debug",
+)
 SCAN_CALLS = 10  # SCAN COUNT 100 calls made by list_resources (about 1000 keys)
 
 
@@ -247,7 +261,7 @@ class RedisConnector(ConnectorBase):
         if self._target.db != 0:
             rules.append("+select")
         if not self.config.allow_dangerous:
-            rules.append("-@dangerous")
+            rules += SERVER_WIDE_EXCLUSIONS  # after the grants: they win over +@write, +@scripting, +@all
         return rules
 
     # -- I/O ----------------------------------------------------------------

@@ -96,6 +96,10 @@ class StaticConnector(ConnectorBase):
         present = self._material.values()
         return [k for k in self._selected() if k not in present]
 
+    def missing_keys(self) -> list[str]:
+        """The configured ``keys`` the secret lacks (checked when the connector is added)."""
+        return self._missing()
+
     def validate_resource(self, resource: str) -> str:
         if not isinstance(resource, str) or not LABEL.match(resource):
             raise ResourceNotSupported(

@@ -11,6 +11,14 @@ connector changes, and a connector's validated material, for
 connector, its secret or its backend changes through the gateway
 (:mod:`gateway.changes`); the time limit bounds a change made behind the
 gateway's back (in a vendor's secret manager).
+
+Binding a connector to a secret hands that secret's material to whoever may
+use the connector (a ``static`` connector hands it out as it is), and a
+connector's secret decides where its credentials point. So
+:meth:`Catalog.authorize_material` is the one decision for both directions:
+binding needs ``secrets:bind`` on the secret (resource ``BACKEND/PATH``,
+connector the one being bound), and changing a secret that connectors draw on
+needs ``connectors:manage`` on each of them.
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 
 from connectors.base import RESOURCE, ServiceConnector
-from gateway import changes, paths
+from gateway import audit, changes, paths
+from gateway.auth import Principal
 from gateway.cache import Cache
-from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed, validate_model
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ValidationFailed, field_path, validate_model
 from gateway.mounts import Mounts
 from gateway.registry import CONNECTOR_TYPES, connector_class
 from gateway.store import Store
@@ -68,6 +78,54 @@ def type_info(type_name: str) -> dict[str, Any]:
 
 def all_type_info() -> list[dict[str, Any]]:
     return [type_info(t) for t in sorted(CONNECTOR_TYPES)]
+
+
+def _key(name: str) -> str:
+    # A secret's key names are the caller's input: bounded like every field path an error repeats.
+    return field_path((name,))
+
+
+def validate_material(cls: Any, auth_method: str, data: Any, ref: str) -> BaseModel:
+    """The secret ``ref``'s values as auth method ``auth_method`` of connector type ``cls`` needs
+    them, or 422 ``connector_material_invalid`` naming the keys at fault (missing, unexpected,
+    invalid), never a value."""
+    try:
+        return cls.auth_methods[auth_method].model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+    missing, unexpected, invalid = [], [], []
+    for e in errors:
+        key = _key(str(e["loc"][0])) if e["loc"] else "(the secret)"
+        if e["type"] == "missing":
+            missing.append(key)
+        elif e["type"] == "extra_forbidden":
+            unexpected.append(key)
+        else:
+            invalid.append({"key": key, "message": str(e["msg"])})
+    parts = []
+    if missing:
+        parts.append("lacks " + ", ".join(repr(k) for k in missing))
+    if unexpected:
+        parts.append("has keys it does not take: " + ", ".join(repr(k) for k in unexpected))
+    if invalid:
+        parts.append("has invalid " + ", ".join(f"{i['key']!r} ({i['message']})" for i in invalid))
+    raise ValidationFailed(
+        f"Secret {ref} can't serve connector type {cls.type} (auth method {auth_method}): it {'; it '.join(parts)}.",
+        code="connector_material_invalid",
+        missing=missing,
+        unexpected=unexpected,
+        invalid=invalid,
+    )
+
+
+def _construct(cls: Any, name: str, config: Any, auth_method: str, material: Any) -> ServiceConnector:
+    try:
+        return cls(config, auth_method, material)
+    except ValueError as exc:
+        # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
+        # error quotes its input, which may be material) is reduced to its type.
+        why = str(exc) if type(exc) is ValueError else type(exc).__name__
+        raise ValidationFailed(f"Connector {name!r} is misconfigured: {why}", code="connector_invalid") from None
 
 
 def resource_allowed(row: ConnectorRow, resource: str) -> bool:
@@ -128,7 +186,44 @@ class Catalog:
             q = select(func.count()).where(ConnectorRow.secret_backend == backend)
             return (await s.execute(q)).scalar_one()
 
-    async def put(self, name: str, spec: ConnectorSpec) -> tuple[ConnectorRow, bool]:
+    async def using_secret(self, backend: str, path: str) -> list[str]:
+        """The connectors that draw on secret ``backend/path``."""
+        async with self._store.read() as s:
+            q = select(ConnectorRow.name).where(
+                ConnectorRow.secret_backend == backend, ConnectorRow.secret_path == path
+            ).order_by(ConnectorRow.name)
+            return list((await s.execute(q)).scalars())
+
+    async def authorize_material(self, principal: Principal, backend: str, path: str, *, bind: str | None = None) -> None:
+        """May ``principal`` bind connector ``bind`` to secret ``backend/path`` (``bind`` given), or
+        change that secret (``bind`` None)? The one decision on connector material; 403 if not.
+
+        - Binding (creating or replacing a connector) needs ``secrets:bind`` on the secret, decided
+          with ``resource="BACKEND/PATH"`` (the shape every secrets action uses) and
+          ``connector=NAME``, so one rule can say which connectors may draw on which secrets.
+        - Changing the secret (write, delete, destroy, restore) needs ``connectors:manage`` on
+          every connector that draws on it: its values are those connectors' material.
+
+        A refusal is recorded as the request's decision; an allow leaves the route's action in
+        the audit event and adds what was decided to its details.
+        """
+        ref = f"{backend}/{path}"
+        if bind is not None:
+            checks = [("secrets:bind", bind, ref)]
+        else:
+            checks = [("connectors:manage", name, None) for name in await self.using_secret(backend, path)]
+        for action, connector, resource in checks:
+            if not principal.can(action, connector=connector, resource=resource):
+                principal.require(action, connector=connector, resource=resource)  # records the deny, raises 403
+        if bind is not None:
+            audit.note(details={"secret": ref})
+        elif checks:
+            audit.note(details={"material_of": [c for _, c, _ in checks][:20]})
+
+    async def put(self, name: str, spec: ConnectorSpec, *, principal: Principal) -> tuple[ConnectorRow, bool]:
+        """Create or replace connector ``name``. The caller must be allowed to bind it to its secret
+        (:meth:`authorize_material`), and the secret must hold what the auth method needs: both are
+        decided here, at every create and replace, not at first use."""
         if not CONNECTOR_NAME.match(name):
             raise BadRequest(
                 "A connector name is 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter.",
@@ -145,6 +240,7 @@ class Catalog:
         backend, _, path = spec.secret.partition("/")
         paths.backend_name(backend)
         paths.secret_path(path)
+        await self.authorize_material(principal, backend, path, bind=name)  # before the secret is touched
         await self._mounts.info(backend)  # 404 backend_not_found
         for pattern in spec.resources:
             if not RESOURCE.match(pattern):
@@ -160,6 +256,19 @@ class Catalog:
                 f"TTLs must satisfy {int(lo.total_seconds())} <= default_ttl_seconds <= max_ttl_seconds "
                 f"<= {int(hi.total_seconds())} for connector type {spec.type}.",
                 code="invalid_ttl",
+            )
+        # The material, checked now: a connector that can't work is refused when it is added.
+        material = validate_material(cls, spec.auth_method, await self._secret_data(name, backend, path), spec.secret)
+        missing = _construct(cls, name, config, spec.auth_method, material).missing_keys()
+        if missing:
+            keys = [_key(k) for k in missing]
+            raise ValidationFailed(
+                f"Secret {spec.secret} lacks {'key' if len(keys) == 1 else 'keys'} "
+                f"{', '.join(repr(k) for k in keys)} that connector {name!r} is configured to hand out.",
+                code="connector_material_invalid",
+                missing=keys,
+                unexpected=[],
+                invalid=[],
             )
         created = False
         async with self._store.write() as s:
@@ -209,27 +318,21 @@ class Catalog:
             loaded = await self._read_material(row)
         else:
             loaded = await self.material.get((row.name, row.updated_at), lambda: self._read_material(row))
+        return _construct(cls, row.name, loaded.config, row.auth_method, loaded.material)
+
+    async def _secret_data(self, name: str, backend_name: str, path: str) -> Any:
+        backend = await self._mounts.get(backend_name)
         try:
-            return cls(loaded.config, row.auth_method, loaded.material)
-        except ValueError as exc:
-            # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
-            # error quotes its input, which may be material) is reduced to its type.
-            why = str(exc) if type(exc) is ValueError else type(exc).__name__
-            raise ValidationFailed(f"Connector {row.name!r} is misconfigured: {why}", code="connector_invalid") from None
+            return (await backend.get(path)).data
+        except NotFound as exc:
+            raise Conflict(
+                f"Connector {name!r} draws on {backend_name}/{path}, which is unavailable ({exc.code}).",
+                code="connector_material_missing",
+            ) from None
 
     async def _read_material(self, row: ConnectorRow) -> _Material:
         cls = connector_class(row.type)
         config = validate_model(cls.config_model, row.config, f"{row.type} config", "config.")
-        backend = await self._mounts.get(row.secret_backend)
-        try:
-            value = await backend.get(row.secret_path)
-        except NotFound as exc:
-            raise Conflict(
-                f"Connector {row.name!r} draws on {row.secret_backend}/{row.secret_path}, which is unavailable "
-                f"({exc.code}).",
-                code="connector_material_missing",
-            ) from None
-        material = validate_model(
-            cls.auth_methods[row.auth_method], value.data, f"secret for auth method {row.auth_method}", "secret."
-        )
-        return _Material(f"{row.secret_backend}/{row.secret_path}", config, material)
+        ref = f"{row.secret_backend}/{row.secret_path}"
+        data = await self._secret_data(row.name, row.secret_backend, row.secret_path)
+        return _Material(ref, config, validate_material(cls, row.auth_method, data, ref))

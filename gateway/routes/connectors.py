@@ -43,7 +43,8 @@ async def connector_types(principal: Annotated[Principal, requires("connectors:r
 
 @router.get("/v1/connectors", summary="List connectors")
 async def list_connectors(runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:read")]) -> ConnectorList:
-    return ConnectorList(items=[_out(r) for r in await runtime.catalog.list()])
+    rows = await runtime.catalog.list()
+    return ConnectorList(items=[_out(r) for r in rows if principal.can("connectors:read", connector=r.name)])
 
 
 @router.put(
@@ -52,13 +53,17 @@ async def list_connectors(runtime: RuntimeDep, principal: Annotated[Principal, r
 async def put_connector(
     name: str, body: ConnectorPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")], response: Response
 ) -> ConnectorOut:
-    row, created = await runtime.catalog.put(name, ConnectorSpec(**body.model_dump()))
+    """Needs ``connectors:manage`` on the connector and ``secrets:bind`` on its secret (every time:
+    a replace re-declares how the material is used), and a secret that holds what the type needs."""
+    principal.require("connectors:manage", connector=name)
+    row, created = await runtime.catalog.put(name, ConnectorSpec(**body.model_dump()), principal=principal)
     response.status_code = 201 if created else 200
     return _out(row)
 
 
 @router.get("/v1/connectors/{name}", summary="Show a connector (never its material)")
 async def get_connector(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:read")]) -> ConnectorOut:
+    principal.require("connectors:read", connector=name)
     return _out(await runtime.catalog.get(name))
 
 
@@ -66,6 +71,7 @@ async def get_connector(name: str, runtime: RuntimeDep, principal: Annotated[Pri
 async def delete_connector(
     name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")], revoke_leases: bool = False
 ) -> Response:
+    principal.require("connectors:manage", connector=name)
     await runtime.catalog.get(name)
     if revoke_leases:
         ids = await runtime.leases.mark_revoking(connector=name)
@@ -84,6 +90,7 @@ async def delete_connector(
 
 @router.post("/v1/connectors/{name}/verify", summary="Check the stored material against the target")
 async def verify_connector(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("connectors:manage")]) -> VerificationOut:
+    principal.require("connectors:manage", connector=name)
     connector = await runtime.catalog.instance(await runtime.catalog.get(name))
     v = await connector.verify()
     return VerificationOut(connector=name, ok=v.ok, message=v.message, identity=v.identity, reachable=v.reachable)
@@ -96,5 +103,6 @@ async def list_resources(
     principal: Annotated[Principal, requires("connectors:read")],
     type: Annotated[str, Query(min_length=1, max_length=64)],
 ) -> ResourceList:
+    principal.require("connectors:read", connector=name)
     connector = await runtime.catalog.instance(await runtime.catalog.get(name))
     return ResourceList(connector=name, resource_type=type, items=await connector.list_resources(type))

@@ -72,6 +72,7 @@ async def put_secret(
 ) -> SecretOut:
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
+    await runtime.catalog.authorize_material(principal, backend, path)  # connector material: connectors:manage too
     store = await runtime.mounts.get(backend)
     meta = await store.put(path, body.data, author=principal.subject, cas=body.cas)
     return _out(meta)
@@ -105,6 +106,7 @@ async def delete_secret(
 ) -> Response:
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
+    await runtime.catalog.authorize_material(principal, backend, path)
     store = await runtime.mounts.get(backend)
     await store.delete(path, author=principal.subject, destroy=destroy)
     return Response(status_code=204)
@@ -114,5 +116,6 @@ async def delete_secret(
 async def restore_secret(backend: str, path: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("secrets:write")]) -> SecretOut:
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
+    await runtime.catalog.authorize_material(principal, backend, path)
     store = await runtime.mounts.get(backend)
     return _out(await store.restore(path))

@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from connectors.base import IssueRequest, Issued, ResourceNotSupported, ServiceConnector, TargetError, role_name
+from connectors.base import (
+    IssueRequest,
+    Issued,
+    ResourceNotSupported,
+    ResourceRejected,
+    ServiceConnector,
+    TargetError,
+    role_name,
+)
 from connectors.mysql import MySQLConfig, MySQLConnector, MySQLPasswordMaterial
 from tests.conftest import service_missing
 
@@ -191,10 +199,38 @@ async def test_missing_resources_create_nothing(target: Target) -> None:
     conn = connector()
     for resource in ("nosuchdb_cg", f"{target.db}/nosuch"):
         state, req = plan(target, conn, resource)
-        with pytest.raises(TargetError) as info:
+        with pytest.raises(ResourceRejected) as info:
             await conn.issue(req)
-        assert info.value.code == "resource_not_found"
+        assert (info.value.status, info.value.code, info.value.reason) == (409, "target_rejected_resource", "not_found")
+        assert info.value.body()["error"]["resource"] == resource
         assert not target.user_exists(state["user"])
+
+
+async def test_a_resource_the_admin_may_not_grant_is_rejected_and_creates_nothing(target: Target) -> None:
+    """An admin account that may grant on one database only: asking for another is the caller's
+    409 naming the resource (not a 502), and the user made for it is gone."""
+    limited, password = "cgt_lim_" + secrets.token_hex(3), secrets.token_urlsafe(12)
+    with admin() as a, a.cursor() as cur:
+        cur.execute(f"CREATE USER `{limited}`@`%%` IDENTIFIED BY %s", (password,))
+        cur.execute(f"GRANT CREATE USER ON *.* TO `{limited}`@`%`")
+        own = target.db.replace("_", "\\_")  # '_' is a wildcard in a GRANT's database name
+        cur.execute(f"GRANT SELECT ON `{own}`.* TO `{limited}`@`%` WITH GRANT OPTION")
+        cur.execute(f"GRANT SELECT ON `{target.sibling}`.* TO `{limited}`@`%`")  # it sees it, may not grant on it
+    try:
+        material = MySQLPasswordMaterial(host=HOST, port=PORT, username=limited, password=password)
+        conn = MySQLConnector(MySQLConfig(), "password", material)
+        state, req = plan(target, conn, target.sibling)
+        with pytest.raises(ResourceRejected) as info:
+            await conn.issue(req)
+        err = info.value
+        assert (err.status, err.code, err.reason, err.resource) == (409, "target_rejected_resource", "not_grantable", target.sibling)
+        assert password not in all_text(err)
+        assert not target.user_exists(state["user"])
+        state, issued = await issue(target, conn, target.db)  # where it may grant, it works
+        await conn.revoke(state)
+    finally:
+        with admin() as a, a.cursor() as cur:
+            cur.execute(f"DROP USER IF EXISTS `{limited}`@`%`")
 
 
 # -- revoking ------------------------------------------------------------------

@@ -21,7 +21,15 @@ from typing import Any
 
 import pytest
 
-from connectors.base import IssueRequest, Issued, ResourceNotSupported, ServiceConnector, TargetError, role_name
+from connectors.base import (
+    IssueRequest,
+    Issued,
+    ResourceNotSupported,
+    ResourceRejected,
+    ServiceConnector,
+    TargetError,
+    role_name,
+)
 from connectors.postgres import PostgresConfig, PostgresConnector, PostgresPasswordMaterial
 from tests.conftest import service_missing
 
@@ -210,18 +218,21 @@ async def test_host_override_goes_into_the_credential(target: Target) -> None:
         await conn.revoke(state)
 
 
-async def test_missing_schema_and_database_are_target_errors(target: Target) -> None:
+async def test_missing_schema_and_database_are_rejected_resources(target: Target) -> None:
+    """The target refusing the resource is the caller's 409 naming it, not a 502."""
     conn = connector(target)
     lid = lease_id()
     state = conn.plan(lid, "analytics/nosuch")
     expires = datetime.now(timezone.utc) + timedelta(minutes=5)
-    with pytest.raises(TargetError) as info:
+    with pytest.raises(ResourceRejected) as info:
         await conn.issue(IssueRequest(lid, "analytics/nosuch", timedelta(minutes=5), expires, state))
-    assert info.value.code == "resource_not_found"
+    err = info.value
+    assert (err.status, err.code, err.reason) == (409, "target_rejected_resource", "not_found")
+    assert err.body()["error"]["resource"] == "analytics/nosuch" and "nosuch" in err.message
     assert target.role(state["role"]) is None  # one transaction: the role went with the failed GRANT
-    with pytest.raises(TargetError) as info:
+    with pytest.raises(ResourceRejected) as info:
         await issue(conn, "nosuchdb")
-    assert info.value.code == "resource_not_found"
+    assert (info.value.status, info.value.code, info.value.resource) == (409, "target_rejected_resource", "nosuchdb")
 
 
 async def test_grants_the_admin_may_not_give_fail_the_issue(target: Target) -> None:
@@ -230,10 +241,10 @@ async def test_grants_the_admin_may_not_give_fail_the_issue(target: Target) -> N
     lid = lease_id()
     state = conn.plan(lid, "analytics/audit")
     expires = datetime.now(timezone.utc) + timedelta(minutes=5)
-    with pytest.raises(TargetError) as info:
+    with pytest.raises(ResourceRejected) as info:
         await conn.issue(IssueRequest(lid, "analytics/audit", timedelta(minutes=5), expires, state))
-    assert info.value.code == "target_permission_denied"
-    assert "01007" in info.value.message
+    assert (info.value.status, info.value.code, info.value.reason) == (409, "target_rejected_resource", "not_grantable")
+    assert "01007" in info.value.message and info.value.resource == "analytics/audit"
     assert target.role(state["role"]) is None
 
 

@@ -25,7 +25,7 @@ from connectors.base import (
     TargetUnreachable,
     role_name,
 )
-from connectors.redis import RedisConfig, RedisConnector, RedisPasswordMaterial
+from connectors.redis import SERVER_WIDE_EXCLUSIONS, RedisConfig, RedisConnector, RedisPasswordMaterial
 from gateway.errors import ValidationFailed
 from tests.conftest import service_missing
 from tests.services.pgcluster import free_port
@@ -180,8 +180,14 @@ def test_validate_resource_and_plan() -> None:
 def test_acl_rules() -> None:
     conn = connector("redis://127.0.0.1:6379/0")
     assert conn.acl_rules("features", "PW") == [
-        "reset", "on", ">PW", "~features:*", "resetchannels", "-@all", "+@read", "-@dangerous",
+        "reset", "on", ">PW", "~features:*", "resetchannels", "-@all", "+@read", *SERVER_WIDE_EXCLUSIONS,
     ]
+    assert SERVER_WIDE_EXCLUSIONS[0] == "-@dangerous"
+    assert {"-function|flush", "-function|load", "-function|delete", "-function|restore", "-script|flush",
+            "-script|kill"} <= set(SERVER_WIDE_EXCLUSIONS)
+    # The exclusions come after whatever is granted, so no category can bring those commands back.
+    rules = connector("redis://127.0.0.1:6379/0", categories=["+@all"]).acl_rules("x", "PW")
+    assert rules[rules.index("+@all") + 1:] == list(SERVER_WIDE_EXCLUSIONS)
     conn = connector(
         "redis://127.0.0.1:6379/4",
         categories=["+@read", "+@write"],
@@ -244,6 +250,42 @@ async def test_resource_commands_override_grants(redis_url: str, scratch: Scratc
         with pytest.raises(redis.exceptions.NoPermissionError):
             c.flushall()
     await conn.revoke(req.revoke_state)
+
+
+@pytest.mark.parametrize("grants", [["+@read", "+@write"], ["+@all"], ["+@write", "+@scripting"]])
+async def test_server_wide_commands_stay_refused_whatever_is_granted(
+    redis_url: str, scratch: Scratch, grants: list[str]
+) -> None:
+    """FUNCTION FLUSH/LOAD/DELETE (in @write) and SCRIPT FLUSH/KILL act on the whole server:
+    a lease on one key prefix can't run them, even with +@write or +@all."""
+    mine = scratch.tag + "fn"
+    conn = connector(redis_url, categories=grants)
+    req = scratch.lease(conn, mine)
+    cred = (await conn.issue(req)).credential
+    scratch.keys.append((0, f"{mine}:k"))
+    library = f"#!lua name={scratch.tag}lib\nredis.register_function('{scratch.tag}f', function() return 1 end)"
+    scratch.admin.execute_command("FUNCTION", "LOAD", library)  # someone else's function, which must survive
+    try:
+        with client_for(cred["url"]) as c:
+            assert c.set(f"{mine}:k", "1") is True  # the grant itself works
+            refused = [
+                ("FUNCTION", "FLUSH"), ("FUNCTION", "DELETE", f"{scratch.tag}lib"),
+                ("FUNCTION", "LOAD", "REPLACE", library), ("FUNCTION", "RESTORE", "x"), ("FUNCTION", "KILL"),
+                ("SCRIPT", "FLUSH"), ("SCRIPT", "KILL"), ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"),
+                ("KEYS", "*"), ("SWAPDB", "0", "1"), ("ACL", "LIST"), ("MONITOR",),
+            ]
+            for command in refused:
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    c.execute_command(*command)
+        assert scratch.admin.get(f"{mine}:k") == "1"
+        (library_info,) = scratch.admin.function_list(library=f"{scratch.tag}lib")  # still loaded
+        assert dict(zip(library_info[::2], library_info[1::2]))["library_name"] == f"{scratch.tag}lib"
+    finally:
+        try:
+            scratch.admin.execute_command("FUNCTION", "DELETE", f"{scratch.tag}lib")
+        except redis.exceptions.ResponseError:
+            pass  # already gone: the failure above says why
+        await conn.revoke(req.revoke_state)
 
 
 async def test_database_number_is_kept(redis_url: str, scratch: Scratch) -> None:
