@@ -18,6 +18,7 @@ import hashlib
 import time
 from dataclasses import replace
 
+from gateway import audit
 from gateway.auth import AdminKeys, Principal
 from gateway.cache import MISSING, Cache
 from gateway.errors import Unauthenticated
@@ -51,6 +52,7 @@ class Authenticator:
         if principal is MISSING:
             principal, expires = await self._verify(token)
             self.cache.store(digest, principal, generation, expires_at=expires)
+        audit.note(issuer=principal.issuer, subject=principal.subject)  # a refusal below records who asked
         await self.revocation.check(principal.source)
         if principal.scope is not None:
             await self._runs.check_live(principal.scope.run_id)

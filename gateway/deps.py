@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway import audit, tls
 from gateway.auth import Principal, bearer_token
-from gateway.errors import Forbidden
+from gateway.errors import Forbidden, Unavailable
 from gateway.ratelimit import Limit
 from gateway.runtime import Runtime
 
@@ -67,10 +67,30 @@ def requires(action: str) -> Any:
                    decision="allow" if decision.allowed else "deny", rule=decision.rule)
         if not decision.allowed:
             raise Forbidden(f"{principal.subject} may not {action}: {decision.reason}.", code="permission_denied")
+        if authority and request.method not in _READS:
+            await _record_before(request, runtime)
         return principal
 
+    authority = any(a in audit.AUTHORITY_ACTIONS for a in action.split("|"))
     check.action = action  # type: ignore[attr-defined]
     return Depends(check)
+
+
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def _record_before(request: Request, runtime: Runtime) -> None:
+    """Vault's rule for a change of authority: its audit event is written before the
+    change is made, and if it can't be, the request fails (503 audit_unavailable,
+    Retry-After) with nothing changed. The response's event is fail-closed too."""
+    audit.note(fail_closed=True)
+    try:
+        await runtime.audit.record(audit.request_event(request.scope, audit.noted(), None), fail_closed=True)
+    except audit.AuditUnavailable:
+        audit.note(audit_failed=True)
+        err = Unavailable("The audit trail can't be written; the change was not made.", code="audit_unavailable")
+        err.retry_after = 5  # type: ignore[attr-defined]
+        raise err from None
 
 
 async def _authenticated(principal: PrincipalDep) -> Principal:

@@ -224,9 +224,11 @@ class AuditTrail:
     """Records one audit event per audited request, *before* its response starts.
 
     If the event can't be recorded and the request was fail-closed (it hands out
-    a credential or a secret), the response is replaced by 503
-    ``audit_unavailable`` and a credential issued for it is revoked: nothing
-    leaves the gateway unrecorded.
+    a credential, a secret or a token, or changes authority), the response is
+    replaced by 503 ``audit_unavailable`` and a credential issued for it is
+    revoked: nothing leaves the gateway unrecorded. Changes of authority were
+    also recorded before the route ran (gateway/deps.py ``requires``). Leases a
+    request ended in bulk (``audit.note(ended_leases=...)``) get one event each.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -240,6 +242,8 @@ class AuditTrail:
         from gateway import audit
 
         ctx, token = audit.begin()
+        if path in audit.FAIL_CLOSED_PATHS:
+            ctx["fail_closed"] = True
         replaced = False
 
         async def audited_send(message: Message) -> None:
@@ -250,13 +254,21 @@ class AuditTrail:
                 status = message["status"]
                 runtime = getattr(scope["app"].state, "runtime", None)
                 if runtime is not None:
+                    events = [_event(scope, ctx, status)] + _ended_leases(scope, ctx)
                     try:
-                        await runtime.audit.record(_event(scope, ctx, status), fail_closed=bool(ctx.get("fail_closed")) and status < 400)
+                        await runtime.audit.record_many(
+                            events, fail_closed=bool(ctx.get("fail_closed")) and status < 400,
+                            # the request-phase event already waited for the sinks in vain
+                            wait_seconds=0 if ctx.get("audit_failed") else None,
+                        )
                     except audit.AuditUnavailable:
                         replaced = True
                         lease_id = ctx.get("lease_id")
                         if lease_id:
                             await runtime.credentials.revoke(await runtime.leases.mark_revoking(lease_ids=[lease_id]))
+                        # What the caller got instead, for the store at least (the sinks are down).
+                        await runtime.audit.record(_event(scope, {**ctx, "error": "audit_unavailable"}, 503),
+                                                   fail_closed=False, wait_seconds=0)
                         await self._unavailable(scope, receive, send)
                         return
             await send(message)
@@ -276,22 +288,20 @@ class AuditTrail:
         await response(scope, receive, send)
 
 
-def _event(scope: Scope, ctx: dict, status: int) -> dict:
-    from gateway.requestid import current_request_id
+def _event(scope: Scope, ctx: dict, status: int | None) -> dict:
+    """The request's event (its fields are bounded where it is recorded: AuditLog.record)."""
+    from gateway.audit import request_event
 
-    client = scope.get("client") or ("", 0)
-    decision = ctx.get("decision") or ("deny" if status in (401, 403) else None)
-    outcome = str(status) + (f" {ctx['error']}" if ctx.get("error") else "")
-    return {
-        "request_id": current_request_id(),
-        "issuer": ctx.get("issuer"),
-        "subject": ctx.get("subject"),
-        "action": ctx.get("action"),
-        "target": f"{scope['method']} {scope['path']}"[:700],
-        "decision": decision,
-        "rule": ctx.get("rule"),
-        "outcome": outcome[:100],
-        "lease_id": ctx.get("lease_id"),
-        "client_addr": client[0] if client else None,
-        "details": ctx.get("details"),
-    }
+    return request_event(scope, ctx, status)
+
+
+def _ended_leases(scope: Scope, ctx: dict) -> list[dict]:
+    """One event per lease a bulk or run revocation ended: the caller, the lease, the request."""
+    from gateway.audit import request_event
+
+    out = []
+    for lease_id in dict.fromkeys(ctx.get("ended_leases") or ()):
+        event = request_event(scope, {**ctx, "lease_id": lease_id, "details": {"via": ctx.get("action")}}, None)
+        event.update(action="leases:revoke", outcome="lease ended")
+        out.append(event)
+    return out

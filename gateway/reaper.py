@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -59,6 +60,7 @@ class Reaper:
         self.pending_timeout = pending_timeout
         self._batch = batch
         self._concurrency = concurrency
+        self.audit: Any = None  # gateway.audit.AuditLog, set by the runtime
         self._lock_conn: AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self.is_leader = False
@@ -108,29 +110,39 @@ class Reaper:
         """One pass; returns what it did (for tests and logs)."""
         now = utcnow()
         done = {"expired": 0, "to_revoke": 0, "stale_pending": 0, "revoked": 0, "failed": 0, "wraps_purged": 0}
-        for lease in await self._leases.due_for_expiry(now, self._batch):
-            if lease.revocability == "revocable":
-                if await self._leases.transition(lease.id, (ACTIVE,), REVOKING, next_attempt_at=now):
-                    done["to_revoke"] += 1
-            elif await self._leases.transition(lease.id, (ACTIVE,), EXPIRED):
-                await self._wraps.end_for_lease(lease.id, "expired")
-                done["expired"] += 1
-        cutoff = now - timedelta(seconds=self.pending_timeout)
-        for lease in await self._leases.stale_pending(cutoff, self._batch):
-            if await self._leases.transition(
-                lease.id, (PENDING,), REVOKING, next_attempt_at=now, last_error="issuance did not complete"
-            ):
-                done["stale_pending"] += 1
-        due = await self._leases.due_for_revocation(now, self._batch)
-        sem = asyncio.Semaphore(self._concurrency)
+        events: list[dict[str, Any]] = []  # one audit event per lease the reaper moved
+        try:
+            for lease in await self._leases.due_for_expiry(now, self._batch):
+                if lease.revocability == "revocable":
+                    if await self._leases.transition(lease.id, (ACTIVE,), REVOKING, next_attempt_at=now):
+                        done["to_revoke"] += 1
+                        events.append(_event("leases:expire", lease, "expired: revoking"))
+                elif await self._leases.transition(lease.id, (ACTIVE,), EXPIRED):
+                    await self._wraps.end_for_lease(lease.id, "expired")
+                    done["expired"] += 1
+                    events.append(_event("leases:expire", lease, "expired"))
+            cutoff = now - timedelta(seconds=self.pending_timeout)
+            for lease in await self._leases.stale_pending(cutoff, self._batch):
+                if await self._leases.transition(
+                    lease.id, (PENDING,), REVOKING, next_attempt_at=now, last_error="issuance did not complete"
+                ):
+                    done["stale_pending"] += 1
+                    events.append(_event("leases:revoke", lease, "issuance did not complete: revoking"))
+            due = await self._leases.due_for_revocation(now, self._batch)
+            sem = asyncio.Semaphore(self._concurrency)
 
-        async def attempt(lease) -> bool:
-            async with sem:
-                return await self._credentials.attempt_revoke(lease)
+            async def attempt(lease) -> bool:
+                async with sem:
+                    return await self._credentials.attempt_revoke(lease)
 
-        for ok in await asyncio.gather(*(attempt(lease) for lease in due)):
-            done["revoked" if ok else "failed"] += 1
-        done["wraps_purged"] = await self._wraps.purge_expired(now)
+            for lease, ok in zip(due, await asyncio.gather(*(attempt(lease) for lease in due))):
+                done["revoked" if ok else "failed"] += 1
+                events.append(_event("leases:revoke", lease, "revoked" if ok else f"revoke failed (attempt {lease.attempts + 1})"))
+            done["wraps_purged"] = await self._wraps.purge_expired(now)
+        finally:
+            if events and self.audit is not None:
+                # Not fail-closed: revocation must go on while a sink is down (the failure is logged).
+                await self.audit.record_many(events, fail_closed=False)
         self.ticks += 1
         if any(done.values()):
             log.info("reaper: %s", ", ".join(f"{k}={v}" for k, v in done.items() if v))
@@ -161,3 +173,11 @@ class Reaper:
             self._task = None
         await self._release()
 
+
+def _event(action: str, lease: Any, outcome: str) -> dict[str, Any]:
+    """The reaper acts as the gateway itself: issuer credgate, subject reaper."""
+    from gateway.audit import gateway_event
+
+    return gateway_event(action, subject="reaper", lease_id=lease.id, outcome=outcome,
+                         details={"connector": lease.connector, "resource": lease.resource,
+                                  "principal": lease.principal})

@@ -168,7 +168,8 @@ class Runtime:
             rt = cls(
                 audit=AuditLog(store, envelope, signing, build_sinks(settings.audit_sinks),
                                wait_seconds=settings.audit_wait_seconds,
-                               checkpoint_every=settings.audit_checkpoint_every),
+                               checkpoint_every=settings.audit_checkpoint_every,
+                               checkpoint_seconds=settings.audit_checkpoint_seconds),
                 signing=signing,
                 tokens=tokens,
                 issuers=issuers,
@@ -192,6 +193,7 @@ class Runtime:
                     pending_timeout=settings.pending_timeout_seconds,
                 ),
             )
+            rt.reaper.audit = rt.audit  # the reaper's revocations are audited
             await rt.keys.sync()
             await rt.mounts.ensure_builtin()
             await rt.signing.ensure()
@@ -209,6 +211,7 @@ class Runtime:
 
     async def aclose(self) -> None:
         await self.reaper.stop()
+        await self.audit.aclose()  # queued events land, the head is checkpointed
         await self.keys.aclose()
         await self.mounts.aclose()
         await self.store.aclose()

@@ -83,7 +83,10 @@ class Settings(BaseSettings):
         "[{type: file, path: ..., required: true}, {type: stdout}].",
     )
     audit_wait_seconds: float = Field(2.0, gt=0, description="How long a write waits for a failing required sink.")
-    audit_checkpoint_every: int = Field(100, ge=1, description="Sign a checkpoint every N events.")
+    audit_checkpoint_every: int = Field(100, ge=1, description="Checkpoint the audit chain every N events.")
+    audit_checkpoint_seconds: float = Field(
+        5.0, gt=0, le=3600, description="Also checkpoint this often while new events arrive (and at shutdown)."
+    )
 
     rate_per_address: float = Field(500.0, ge=0, description="Requests/s per client address (0: no limit).")
     burst_per_address: float = Field(1000.0, ge=1)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,13 +42,62 @@ class Problem(BaseModel):
     problem: str
 
 
+class Compared(BaseModel):
+    checkpoints: int = 0
+    events: int = 0
+
+
 class VerifyOut(BaseModel):
     ok: bool
     events: int
     first_bad_seq: int | None
     problem: str | None
     checkpoints: int
+    covered_to: int = Field(0, description="The last event an authentic checkpoint covers.")
+    chain_from: int = Field(1, description="The first event of the keyed (HMAC) chain; earlier ones are plain SHA-256.")
+    compared: Compared = Field(default_factory=Compared, description="Sink lines compared with the store.")
     problems: list[Problem] = Field(default_factory=list, description="Every break found, the first one first.")
+
+
+_Text = Annotated[str | None, Field(max_length=4000)]
+
+
+class AgainstCheckpoint(BaseModel):
+    """A checkpoint line of a sink file."""
+
+    type: Literal["audit-checkpoint"]
+    seq: int = Field(..., ge=1)
+    hash: str = Field(..., max_length=64)
+    time: str = Field(..., max_length=64)
+    chain_from: int = Field(..., ge=1)
+    mac: str = Field(..., max_length=64)
+
+
+class AgainstEvent(BaseModel):
+    """An event line of a sink file (every chained field)."""
+
+    seq: int = Field(..., ge=1)
+    time: str = Field(..., max_length=64)
+    request_id: _Text = None
+    issuer: _Text = None
+    subject: _Text = None
+    action: _Text = None
+    target: _Text = None
+    decision: _Text = None
+    rule: _Text = None
+    outcome: _Text = None
+    lease_id: _Text = None
+    client_addr: _Text = None
+    details: dict[str, Any] | None = None
+    prev_hash: str = Field(..., max_length=64)
+    hash: str = Field(..., max_length=64)
+
+
+class VerifyAgainstIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field("FILE", max_length=200, pattern=r"^[^\x00-\x1f]*$", description="How problems name the file.")
+    checkpoints: list[AgainstCheckpoint] = Field(default_factory=list, max_length=1000)
+    events: list[AgainstEvent] = Field(default_factory=list, max_length=1000)
 
 
 class HashIn(BaseModel):
@@ -101,9 +150,17 @@ async def query(
     return AuditPage(items=items, next_after=items[-1].seq if more and items else (None if not more else last))
 
 
-@router.get("/verify", summary="Walk the hash chain and the signed checkpoints; name the first bad event")
+@router.get("/verify", summary="Walk the keyed chain and the checkpoints; name every bad, missing or uncovered event")
 async def verify(runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]) -> VerifyOut:
     return VerifyOut(**await runtime.audit.verify())
+
+
+@router.post("/verify", summary="Verify as GET does, and compare the store with the checkpoint and event lines of a sink file")
+async def verify_against(
+    body: VerifyAgainstIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]
+) -> VerifyOut:
+    lines = [{**c.model_dump()} for c in body.checkpoints] + [e.model_dump() for e in body.events]
+    return VerifyOut(**await runtime.audit.verify(lines, against_name=body.source))
 
 
 @router.post("/hash", summary="The keyed hash under which a sensitive value (a wrap token, a client secret) is logged")

@@ -322,18 +322,24 @@ class AuditEventRow(Base):
 
 
 class AuditCheckpointRow(Base):
-    """A signed statement of the chain's head at some sequence number."""
+    """A statement of the chain's head at some sequence number, MAC'd under the chain key
+    (``mac`` covers seq, hash, time and chain_from). ``signature``: the signing-key JWT of
+    checkpoints written before migration 0008 (kept; no longer needed to verify)."""
 
     __tablename__ = "audit_checkpoints"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     hash: Mapped[str] = mapped_column(String(64))
     time: Mapped[datetime] = mapped_column(UTCDateTime)
-    signature: Mapped[str] = mapped_column(String(4000))
+    signature: Mapped[str | None] = mapped_column(String(4000))
+    mac: Mapped[str | None] = mapped_column(String(64))
+    chain_from: Mapped[int | None] = mapped_column(Integer)
 
 
 class AuditKeyRow(SealedMixin, Base):
-    """The per-deployment HMAC key for sensitive identifiers in the audit log (sealed)."""
+    """The per-deployment HMAC key for sensitive identifiers in the audit log (sealed); the
+    chain key is derived from it. ``chain_from``: the first event of the keyed chain."""
 
     __tablename__ = "audit_keys"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    chain_from: Mapped[int | None] = mapped_column(Integer)

@@ -1,34 +1,76 @@
-"""The audit trail over the API: what is recorded, tamper evidence, fail-closed sinks."""
+"""The audit trail over the API: what is recorded, tamper evidence (keyed chain, checkpoints
+in and out of the store), fail-closed sinks for credentials and changes of authority, the
+reaper's and bulk revocations' events, bounded fields. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete, select, update
 
-from gateway.store.models import AuditEventRow
+from gateway.app import create_app
+from gateway.audit import GENESIS, chain_hash
+from gateway.store.models import AuditCheckpointRow, AuditEventRow, AuditKeyRow, LeaseRow, utcnow
 from tests.conftest import ADMIN_TOKEN, Gateway
 
-pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 CANARY = "CANARY-audit-5e1f"
 
 
-async def events(gw: Gateway, **params) -> list[dict]:
-    r = await gw.client.get("/v1/audit", params={"limit": 1000, **params})
+async def events(gw: Gateway | httpx.AsyncClient, **params) -> list[dict]:
+    c = gw.client if isinstance(gw, Gateway) else gw
+    r = await c.get("/v1/audit", params={"limit": 1000, **params})
     assert r.status_code == 200, r.text
     return r.json()["items"]
 
 
-async def static(gw: Gateway) -> None:
-    await gw.client.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
-    await gw.client.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
-                                                       "secret": "local/vendor/key", "resources": ["default"]})
+async def verify(c: httpx.AsyncClient) -> dict:
+    r = await c.get("/v1/audit/verify")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def static_for(c: httpx.AsyncClient) -> None:
+    await c.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
+    r = await c.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
+                                                   "secret": "local/vendor/key", "resources": ["default"]})
+    assert r.status_code in (200, 201), r.text
+
+
+@asynccontextmanager
+async def running(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+            yield app, c
+
+
+def sink(tmp_path: Path, name: str = "audit") -> tuple[Path, list[dict]]:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    return folder / "audit.jsonl", [{"type": "file", "path": str(folder / "audit.jsonl")}]
+
+
+def sink_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def table(store, model, order) -> list:
+    async with store.read() as s:
+        return list((await s.execute(select(model).order_by(order))).scalars())
+
+
+# --- what is recorded -----------------------------------------------------------------
 
 
 async def test_allowed_and_refused_requests_are_recorded_without_values(gateway: Gateway) -> None:
-    await static(gateway)
+    await static_for(gateway.client)
     token = (await gateway.client.post("/v1/admin-keys", json={"name": "ops", "role": "operator"})).json()["token"]
     async with gateway.as_token(token) as ops:
         assert (await ops.get("/v1/secrets/local/vendor/key", params={"reveal": "true"})).status_code == 403
@@ -57,7 +99,13 @@ async def test_allowed_and_refused_requests_are_recorded_without_values(gateway:
     by_lease = await events(gateway, lease_id=issued["lease_id"])
     assert {e["action"] for e in by_lease} == {"credentials:wrap", "credentials:unwrap"}
     assert all(e["decision"] == "deny" for e in await events(gateway, decision="deny"))
-    assert (await gateway.client.get("/v1/audit/verify")).json()["ok"] is True
+    # A change of authority is recorded before it is made, then with its outcome.
+    key_events = [e for e in everything if e["target"] == "POST /v1/admin-keys"]
+    assert [e["outcome"] for e in key_events] == ["request", "201"]
+    assert (await verify(gateway.client))["ok"] is True
+
+
+# --- tamper evidence ------------------------------------------------------------------
 
 
 async def test_an_edited_and_a_deleted_event_are_both_named(gateway: Gateway) -> None:
@@ -69,34 +117,226 @@ async def test_an_edited_and_a_deleted_event_are_both_named(gateway: Gateway) ->
     async with gateway.runtime.store.write() as s:
         await s.execute(update(AuditEventRow).where(AuditEventRow.seq == edited).values(subject="someone-else"))
         await s.execute(delete(AuditEventRow).where(AuditEventRow.seq == deleted))
-    out = (await gateway.client.get("/v1/audit/verify")).json()
+    out = await verify(gateway.client)
     assert out["ok"] is False and out["first_bad_seq"] == edited and "modified" in out["problem"]
     named = {p["seq"] for p in out["problems"]}
     assert {edited, deleted} <= named
 
 
-async def test_a_truncated_tail_is_caught_by_the_signed_checkpoint(gateway: Gateway) -> None:
+async def test_an_edit_with_the_chain_recomputed_and_the_checkpoints_deleted_is_found(gateway: Gateway) -> None:
+    """Write access to the database is not enough: the links are HMACs under a sealed key."""
+    for i in range(5):
+        await gateway.client.put(f"/v1/secrets/local/t/{i}", json={"data": {"k": "v"}})
+    await gateway.runtime.audit.checkpoint()
+    rows = await table(gateway.runtime.store, AuditEventRow, AuditEventRow.seq)
+    target = rows[2].seq
+    async with gateway.runtime.store.write() as s:
+        prev = GENESIS
+        for row in rows:
+            e = {c.name: getattr(row, c.name) for c in AuditEventRow.__table__.columns}
+            if row.seq == target:
+                e["subject"] = "someone-else"
+            e["prev_hash"], e["hash"] = prev, chain_hash(prev, e)  # the plain SHA-256 chain, recomputed
+            prev = e["hash"]
+            await s.execute(update(AuditEventRow).where(AuditEventRow.seq == row.seq).values(
+                subject=e["subject"], prev_hash=e["prev_hash"], hash=e["hash"]))
+        await s.execute(delete(AuditCheckpointRow))
+    out = await verify(gateway.client)
+    assert out["ok"] is False
+    assert out["first_bad_seq"] == 1 and "modified" in out["problem"]  # every recomputed link is refused
+    assert target in {p["seq"] for p in out["problems"] if "modified" in p["problem"]}
+
+
+async def test_a_truncated_tail_is_caught_by_the_checkpoint(gateway: Gateway) -> None:
     for i in range(3):
         await gateway.client.put(f"/v1/secrets/local/t/{i}", json={"data": {"k": "v"}})
     cp = await gateway.runtime.audit.checkpoint()
     async with gateway.runtime.store.write() as s:
         await s.execute(delete(AuditEventRow).where(AuditEventRow.seq >= cp["seq"] - 1))
-    out = (await gateway.client.get("/v1/audit/verify")).json()
-    assert out["ok"] is False and out["checkpoints"] == 1 and "deleted" in out["problem"]
+    out = await verify(gateway.client)
+    assert out["ok"] is False and out["first_bad_seq"] == cp["seq"] - 1 and "deleted" in out["problem"]
+
+
+async def test_events_deleted_after_the_last_checkpoint_are_reported(gateway: Gateway) -> None:
+    for i in range(3):
+        await gateway.client.put(f"/v1/secrets/local/a/{i}", json={"data": {"k": "v"}})
+    cp = await gateway.runtime.audit.checkpoint()
+    for i in range(4):
+        await gateway.client.put(f"/v1/secrets/local/b/{i}", json={"data": {"k": "v"}})
+    head = (await events(gateway))[-1]["seq"] + 1  # + the event of that query
+    async with gateway.runtime.store.write() as s:
+        await s.execute(delete(AuditEventRow).where(AuditEventRow.seq > cp["seq"]))
+    out = await verify(gateway.client)
+    assert out["ok"] is False and out["first_bad_seq"] == cp["seq"] + 1
+    deleted = f"events {cp['seq'] + 1}-{head} were recorded by this gateway but deleted from the store"
+    assert out["problem"].startswith(deleted)
+    # New events take the deleted numbers again; that does not hide the deletion, and no
+    # checkpoint certifies the shorter chain.
+    for i in range(8):
+        await gateway.client.put(f"/v1/secrets/local/c/{i}", json={"data": {"k": "v"}})
+    await gateway.runtime.audit.checkpoint()
+    out = await verify(gateway.client)
+    assert out["ok"] is False and out["problem"].startswith(deleted) and out["events"] > head
+    assert [c.seq for c in await table(gateway.runtime.store, AuditCheckpointRow, AuditCheckpointRow.seq)][-1] == cp["seq"]
+
+
+async def test_events_no_checkpoint_covers_are_reported(gateway: Gateway) -> None:
+    for i in range(3):
+        await gateway.client.put(f"/v1/secrets/local/a/{i}", json={"data": {"k": "v"}})
+    cp = await gateway.runtime.audit.checkpoint()
+    async with gateway.runtime.store.write() as s:  # a checkpoint that does not verify covers nothing
+        await s.execute(update(AuditCheckpointRow).where(AuditCheckpointRow.seq == cp["seq"]).values(hash="0" * 64))
+    out = await verify(gateway.client)
+    assert out["ok"] is False
+    assert {"seq": 1, "problem": f"events 1-{out['events']} are after the last checkpoint: not covered"} in out["problems"]
+
+
+async def test_a_tail_truncated_with_its_checkpoints_is_found_against_the_sink_file(settings_factory, tmp_path: Path) -> None:
+    path, sinks = sink(tmp_path)
+    async with running(settings_factory(audit_sinks=sinks)) as (app, c):
+        for i in range(3):
+            await c.put(f"/v1/secrets/local/a/{i}", json={"data": {"k": "v"}})
+        first = await app.state.runtime.audit.checkpoint()
+        for i in range(3):
+            await c.put(f"/v1/secrets/local/b/{i}", json={"data": {"k": "v"}})
+        assert (await verify(c))["ok"] is True
+    # Gateway stopped (a final checkpoint was published). The store loses its tail and the
+    # checkpoints that vouched for it.
+    lines = sink_lines(path)
+    published = [x for x in lines if x.get("type") == "audit-checkpoint"]
+    assert published and all(x["mac"] and "signature" not in x for x in published)
+    last = published[-1]["seq"]
+    assert last > first["seq"]
+    await truncate(settings_factory, first["seq"])
+    async with running(settings_factory(audit_sinks=[])) as (app, c):  # the sink is not this gateway's any more
+        body = {"source": "audit.jsonl",
+                "checkpoints": [x for x in lines if x.get("type") == "audit-checkpoint"],
+                "events": [x for x in lines if "type" not in x]}
+        r = await c.post("/v1/audit/verify", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["ok"] is False and out["first_bad_seq"] == first["seq"] + 1
+        assert out["problem"] == (f"the store ends at event {first['seq']} but audit.jsonl records events up to {last}: "
+                                  f"events {first['seq'] + 1}-{last} were deleted (the tail was truncated)")
+        assert (await verify(c))["ok"] is True  # the store alone can't tell
+        # A forged line in the file is not believed.
+        forged = dict(published[-1], seq=last + 50)
+        r = await c.post("/v1/audit/verify", json={"checkpoints": [forged]})
+        assert {"seq": last + 50, "problem": f"checkpoint {last + 50} in FILE is not authentic"} in r.json()["problems"]
+
+
+async def truncate(settings_factory, after: int) -> None:
+    """Delete the store's events after ``after`` and their checkpoints, with no gateway running."""
+    from gateway.store import Store
+
+    store = Store(settings_factory().store_url)
+    try:
+        async with store.write() as s:
+            await s.execute(delete(AuditEventRow).where(AuditEventRow.seq > after))
+            await s.execute(delete(AuditCheckpointRow).where(AuditCheckpointRow.seq > after))
+    finally:
+        await store.aclose()
+
+
+async def test_a_restarted_gateway_compares_the_store_with_its_own_sink_file(settings_factory, tmp_path: Path) -> None:
+    path, sinks = sink(tmp_path)
+    async with running(settings_factory(audit_sinks=sinks)) as (app, c):
+        for i in range(4):
+            await c.put(f"/v1/secrets/local/a/{i}", json={"data": {"k": "v"}})
+        first = await app.state.runtime.audit.checkpoint()
+        await c.put("/v1/secrets/local/b/0", json={"data": {"k": "v"}})
+    await truncate(settings_factory, first["seq"])
+    async with running(settings_factory(audit_sinks=sinks)) as (app, c):
+        out = await verify(c)
+        assert out["ok"] is False and out["first_bad_seq"] == first["seq"] + 1
+        assert any("truncated" in p["problem"] and f"file:{path}" in p["problem"] for p in out["problems"])
+        assert await app.state.runtime.audit.checkpoint() is None  # the shorter chain is not certified
+
+
+async def test_checkpoints_verify_after_the_signing_key_is_rotated(gateway: Gateway) -> None:
+    for i in range(3):
+        await gateway.client.put(f"/v1/secrets/local/t/{i}", json={"data": {"k": "v"}})
+    await gateway.runtime.audit.checkpoint()
+    for _ in range(2):  # no grace: the old keys are retired at once
+        assert (await gateway.client.post("/v1/keys/signing/rotate", json={})).status_code == 200
+    out = await verify(gateway.client)
+    assert out["ok"] is True and out["checkpoints"] >= 1 and out["covered_to"] == out["events"]
+
+
+async def test_an_upgraded_deployment_keeps_its_plain_chain_verifiable(settings_factory) -> None:
+    """A store from before migration 0008: plain SHA-256 links and signed checkpoints.
+    After the upgrade they verify without the signing key; new events are keyed; an
+    edit of the old part is still found."""
+    async with running(settings_factory()) as (app, c):
+        for i in range(4):
+            await c.put(f"/v1/secrets/local/old/{i}", json={"data": {"k": "v"}})
+        rt = app.state.runtime
+        rows = await table(rt.store, AuditEventRow, AuditEventRow.seq)
+        async with rt.store.write() as s:  # what a pre-0008 gateway wrote, and what 0008 leaves
+            prev = GENESIS
+            for row in rows:
+                e = {col.name: getattr(row, col.name) for col in AuditEventRow.__table__.columns}
+                e["prev_hash"], e["hash"] = prev, chain_hash(prev, e)
+                prev = e["hash"]
+                await s.execute(update(AuditEventRow).where(AuditEventRow.seq == row.seq).values(
+                    prev_hash=e["prev_hash"], hash=e["hash"]))
+            await s.execute(delete(AuditCheckpointRow))
+        rows = await table(rt.store, AuditEventRow, AuditEventRow.seq)
+        by_seq = {r.seq: r.hash for r in rows}
+        legacy = rows[1].seq
+        sig = rt.signing.sign({"seq": legacy, "hash": by_seq[legacy], "time": utcnow().isoformat(),
+                               "typ": "audit-checkpoint"}, typ="cg-audit+jwt")
+        async with rt.store.write() as s:
+            s.add(AuditCheckpointRow(seq=legacy, hash=by_seq[legacy], time=utcnow(), signature=sig))
+            await s.execute(update(AuditKeyRow).values(chain_from=max(by_seq) + 1))
+        last_plain = max(by_seq)
+        rt.audit._high = 0  # noqa: SLF001 - this process "wrote" nothing past the rewritten store
+        rt.audit._checkpointed = 10**9  # noqa: SLF001 - and must not checkpoint at shutdown
+    async with running(settings_factory()) as (app, c):
+        rt = app.state.runtime
+        assert rt.audit.chain_from == last_plain + 1
+        cps = {cp.seq: cp for cp in await table(rt.store, AuditCheckpointRow, AuditCheckpointRow.seq)}
+        assert cps[legacy].mac and cps[last_plain].mac  # the signed one got a MAC; the switch is certified
+        await c.put("/v1/secrets/local/new/0", json={"data": {"k": "v"}})
+        out = await verify(c)
+        assert out["ok"] is True and out["chain_from"] == last_plain + 1, out
+        new = (await events(c))[-1]
+        assert new["seq"] > last_plain and new["hash"] != chain_hash(new["prev_hash"], new)  # keyed, not plain
+        assert (await c.post("/v1/keys/signing/rotate", json={})).status_code == 200
+        assert (await verify(c))["ok"] is True
+        # Rewriting the old, plain part (recomputing its links) breaks the link of the first keyed event.
+        rows = await table(rt.store, AuditEventRow, AuditEventRow.seq)
+        async with rt.store.write() as s:
+            prev = GENESIS
+            for row in rows:
+                if row.seq > last_plain:
+                    break
+                e = {col.name: getattr(row, col.name) for col in AuditEventRow.__table__.columns}
+                if row.seq == 1:
+                    e["subject"] = "someone-else"
+                e["prev_hash"], e["hash"] = prev, chain_hash(prev, e)
+                prev = e["hash"]
+                await s.execute(update(AuditEventRow).where(AuditEventRow.seq == row.seq).values(
+                    subject=e["subject"], prev_hash=e["prev_hash"], hash=e["hash"]))
+        out = await verify(c)
+        assert out["ok"] is False
+        assert any(p["seq"] == last_plain + 1 and "does not link" in p["problem"] for p in out["problems"])
+        assert any(p["seq"] == last_plain and "differs from its checkpoint" in p["problem"] for p in out["problems"])
+
+
+# --- fail closed ------------------------------------------------------------------------
 
 
 async def test_fail_closed_when_a_required_sink_is_down_and_recovery(settings_factory, tmp_path: Path) -> None:
-    import httpx
-
-    from gateway.app import create_app
-
-    sink_dir = tmp_path / "audit"  # does not exist yet: every append fails
+    sink_dir = tmp_path / "audit"
+    sink_dir.mkdir()
     app = create_app(settings_factory(audit_sinks=[{"type": "file", "path": str(sink_dir / "audit.jsonl")}],
                                       audit_wait_seconds=0.3))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g",
                                      headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
             await static_for(c)
+            shutil.rmtree(sink_dir)  # every append fails from now on
             r = await c.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})
             assert r.status_code == 503 and r.json()["error"]["code"] == "audit_unavailable"
             assert "wrap_token" not in r.text and CANARY not in r.text
@@ -111,13 +351,130 @@ async def test_fail_closed_when_a_required_sink_is_down_and_recovery(settings_fa
             r = await c.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})
             assert r.status_code == 200
             assert (await c.get("/readyz")).status_code == 200
-    lines = [json.loads(line) for line in (sink_dir / "audit.jsonl").read_text().splitlines()]
+    lines = [x for x in sink_lines(sink_dir / "audit.jsonl") if "type" not in x]
     assert lines and lines[-1]["action"] == "credentials:wrap" and lines[-1]["hash"]
     assert CANARY not in (sink_dir / "audit.jsonl").read_text()
 
 
-async def static_for(c) -> None:
-    await c.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
-    await c.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
-                                               "secret": "local/vendor/key", "resources": ["default"]})
+async def test_with_the_sink_down_no_token_is_handed_out_and_no_authority_changes(settings_factory, tmp_path: Path) -> None:
+    from joserfc.jwk import RSAKey
 
+    path, sinks = sink(tmp_path)
+    async with running(settings_factory(audit_sinks=sinks, audit_wait_seconds=0.3)) as (app, c):
+        rt = app.state.runtime
+        await static_for(c)
+        client = (await c.post("/v1/clients", json={"client_id": "svc", "roles": ["operator"]})).json()
+        kid = rt.signing.jwks()["keys"][0]["kid"]
+        kek = (await c.get("/v1/keys/status")).json()
+        shutil.rmtree(path.parent)  # the required sink goes away
+
+        attempts = {
+            "access token": await c.post("/v1/auth/token", data={
+                "grant_type": "client_credentials", "client_id": "svc", "client_secret": client["client_secret"]}),
+            "run token": await c.post("/v1/runs/run-1/token", json={"connectors": ["vendor"], "resources": ["default"]}),
+            "admin key": await c.post("/v1/admin-keys", json={"name": "k2", "role": "admin"}),
+            "client": await c.post("/v1/clients", json={"client_id": "svc2", "roles": ["admin"]}),
+            "policy": await c.put("/v1/policies/p", json={"rules": [
+                {"principals": {"roles": ["auditor"]}, "actions": ["secrets:read"]}]}),
+            "issuer": await c.put("/v1/issuers/idp", json={
+                "issuer_url": "https://idp.example", "audiences": ["credgate"],
+                "jwks": {"keys": [RSAKey.generate_key(2048).as_dict(private=False)]}}),
+            "signing key": await c.post("/v1/keys/signing/rotate", json={}),
+            "kek": await c.post("/v1/keys/rotate"),
+        }
+        for what, r in attempts.items():
+            assert r.status_code == 503, (what, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "audit_unavailable", what
+            assert r.headers.get("retry-after"), what
+            assert "token" not in r.json()["error"] and "client_secret" not in r.text, what
+        assert "access_token" not in attempts["access token"].text
+
+        path.parent.mkdir()  # back: nothing of the above happened
+        assert [k["name"] for k in (await c.get("/v1/admin-keys")).json()["items"]] == ["bootstrap"]
+        assert [x["client_id"] for x in (await c.get("/v1/clients")).json()["items"]] == ["svc"]
+        assert (await c.get("/v1/policies/p")).status_code == 404
+        assert (await c.get("/v1/issuers/idp")).status_code == 404
+        assert await rt.runs.get("run-1") is None
+        assert rt.signing.jwks()["keys"][0]["kid"] == kid
+        assert (await c.get("/v1/keys/status")).json() == kek
+        # Each attempt was recorded before it was refused (the store took it, the sink did not).
+        refused = [e for e in await events(c) if e["outcome"] == "503 audit_unavailable"]
+        assert len(refused) >= len(attempts)
+        assert (await c.post("/v1/admin-keys", json={"name": "k2", "role": "admin"})).status_code == 201
+
+
+# --- lease events -----------------------------------------------------------------------
+
+
+async def test_reaper_revocations_are_audited(gateway: Gateway) -> None:
+    await static_for(gateway.client)
+    ids = [(await gateway.client.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})).json()["lease_id"]
+           for _ in range(2)]
+    rt = gateway.runtime
+    async with rt.store.write() as s:
+        await s.execute(update(LeaseRow).where(LeaseRow.id == ids[0]).values(expires_at=utcnow() - timedelta(seconds=5)))
+    await rt.leases.mark_revoking(lease_ids=[ids[1]])  # due now: the reaper's next tick revokes it
+    done = await rt.reaper.tick()
+    assert done["expired"] == 1 and done["revoked"] == 1
+    by_reaper = [e for e in await events(gateway) if e["subject"] == "reaper"]
+    assert {(e["lease_id"], e["action"], e["outcome"]) for e in by_reaper} == {
+        (ids[0], "leases:expire", "expired"), (ids[1], "leases:revoke", "revoked")}
+    assert all(e["issuer"] == "credgate" and e["details"]["connector"] == "vendor" for e in by_reaper)
+    assert (await verify(gateway.client))["ok"] is True
+
+
+async def test_bulk_and_run_revocations_record_each_lease(gateway: Gateway) -> None:
+    await static_for(gateway.client)
+    ids = [(await gateway.client.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})).json()["lease_id"]
+           for _ in range(3)]
+    r = await gateway.client.post("/v1/leases/revoke", json={"connector": "vendor"})
+    assert r.status_code == 200 and r.json()["matched"] == 3
+    ended = [e for e in await events(gateway) if e["action"] == "leases:revoke" and e["outcome"] == "lease ended"]
+    assert sorted(e["lease_id"] for e in ended) == sorted(ids)
+    assert all(e["subject"] == "admin_key:bootstrap" and e["target"] == "POST /v1/leases/revoke" for e in ended)
+
+    run = (await gateway.client.post("/v1/runs/run-9/token", json={"connectors": ["vendor"], "resources": ["default"]})).json()
+    async with gateway.as_token(run["token"]) as pipeline:
+        who = (await pipeline.get("/v1/auth/whoami")).json()
+        lease = (await pipeline.post("/v1/runs/run-9/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})).json()["lease_id"]
+        assert (await gateway.client.post("/v1/runs/run-9/revoke")).status_code == 200
+        refused = await pipeline.post("/v1/runs/run-9/credentials", json={"connector": "vendor", "resource": "default",
+                                                                          "wrap": True})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "run_revoked"
+    everything = await events(gateway)
+    assert any(e["lease_id"] == lease and e["action"] == "leases:revoke" and e["target"] == "POST /v1/runs/run-9/revoke"
+               for e in everything)
+    refusal = next(e for e in everything if e["request_id"] == refused.headers["x-request-id"])
+    assert refusal["outcome"] == "401 run_revoked"
+    assert (refusal["issuer"], refusal["subject"]) == (who["issuer"], who["subject"])  # who asked
+
+
+# --- bounded fields ---------------------------------------------------------------------
+
+
+async def test_no_caller_input_can_fail_an_audit_write(gateway: Gateway) -> None:
+    """A client_id far over the subject column (and with a NUL) on the token endpoint is
+    still audited, bounded; the store keeps working (PostgreSQL refused the batch before)."""
+    huge = "c" * 5000 + "\x00" + "é" * 300
+    r = await gateway.client.post("/v1/auth/token", data={"grant_type": "client_credentials", "client_id": huge,
+                                                           "client_secret": "x" * 3000})
+    assert r.status_code in (400, 401)
+    event = next(e for e in await events(gateway) if e["request_id"] == r.headers["x-request-id"])
+    for field in ("subject", "issuer", "target", "outcome"):
+        assert event[field] is None or len(event[field]) <= 256
+    assert (await gateway.client.get("/readyz")).status_code == 200
+
+    # The one place every event passes through bounds whatever a caller could put in it.
+    rt = gateway.runtime
+    wild = {"request_id": "r" * 500, "issuer": "i" * 900, "subject": "s\x00" * 900, "action": "a" * 300,
+            "target": "t" * 5000, "decision": "allow" * 10, "rule": "u" * 900, "outcome": "o" * 900,
+            "lease_id": "l" * 300, "client_addr": "1" * 300,
+            "details": {"k" * 300: "v" * 100_000, "many": list(range(10_000)), "deep": {"a": {"b": {"c": {"d": {"e": 1}}}}},
+                        "bad": "\ud800"}}
+    await rt.audit.record(wild, fail_closed=True)
+    stored = (await events(gateway))[-1]
+    assert stored["subject"].endswith("...[cut]") and len(stored["subject"]) == 256 and "\x00" not in stored["subject"]
+    assert len(stored["target"]) == 700 and len(stored["lease_id"]) == 40 and len(stored["decision"]) == 16
+    assert len(json.dumps(stored["details"])) <= 4000
+    assert (await gateway.client.get("/readyz")).status_code == 200
+    assert (await verify(gateway.client))["ok"] is True

@@ -52,6 +52,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/v1/audit"): "audit:read",
     ("GET", "/v1/audit/verify"): "audit:read",
     ("POST", "/v1/audit/hash"): "audit:read",
+    ("POST", "/v1/audit/verify"): "audit:read",
     ("GET", "/v1/backends"): "backends:read",
     ("GET", "/v1/backends/{name}"): "backends:read",
     ("GET", "/v1/clients"): "clients:manage",
