@@ -710,7 +710,9 @@ def _lease_line(lease: dict[str, Any]) -> str:
 @lease_app.command("list")
 def lease_list(
     connector: Annotated[str | None, typer.Option("--connector")] = None,
-    principal: Annotated[str | None, typer.Option("--principal")] = None,
+    principal: Annotated[str | None, typer.Option(
+        "--principal", help="Owner ISSUER/SUBJECT (k8s/system:serviceaccount:ml:trainer); client:x means credgate/client:x.",
+    )] = None,
     state: Annotated[str | None, typer.Option("--state", help="pending, active, revoking, revoked, expired")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 100,
     addr: Addr = None,
@@ -733,7 +735,7 @@ def lease_show(lease_id: str, addr: Addr = None, token: Token = None) -> None:
 @lease_app.command("renew")
 def lease_renew(
     lease_id: str,
-    ttl: Annotated[str | None, typer.Option("--ttl", help="e.g. 30m; never past the lease's max.")] = None,
+    ttl: Annotated[str | None, typer.Option("--ttl", help="e.g. 30m; capped as issuance caps it now, never past the lease's max.")] = None,
     addr: Addr = None,
     token: Token = None,
     as_json: Json = False,
@@ -748,7 +750,9 @@ def lease_renew(
 def lease_revoke(
     lease_id: Annotated[str | None, typer.Argument(help="One lease; or use --connector/--principal.")] = None,
     connector: Annotated[str | None, typer.Option("--connector", help="Every live lease of this connector.")] = None,
-    principal: Annotated[str | None, typer.Option("--principal", help="Every live lease of this principal.")] = None,
+    principal: Annotated[str | None, typer.Option(
+        "--principal", help="Every live lease of this owner, ISSUER/SUBJECT (client:x means credgate/client:x).",
+    )] = None,
     addr: Addr = None,
     token: Token = None,
     as_json: Json = False,

@@ -46,7 +46,7 @@ from gateway.leases import (
 )
 from gateway.registry import connector_class
 from gateway.store import Store
-from gateway.store.models import LeaseRow, utcnow
+from gateway.store.models import ConnectorRow, LeaseRow, utcnow
 from gateway.wrapping import WrapTokens
 
 log = logging.getLogger("credgate.credentials")
@@ -78,6 +78,28 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timeout: the target did not answer in time"
     return safe_vendor_error(exc)[:300]
+
+
+def run_cap(principal: Principal) -> timedelta | None:
+    """A run token's own cap on its credentials' lifetime (``max_credential_ttl_seconds``)."""
+    return principal.scope.max_ttl if principal.scope is not None else None
+
+
+def ttl_for(
+    row: ConnectorRow, requested_seconds: int | None, *, policy_max: timedelta | None, run_max: timedelta | None
+) -> TTLDecision:
+    """:func:`~gateway.leases.calculate_ttl` with a connector's and its type's limits:
+    issuance and renewal both decide a lease's TTL through it."""
+    cls = connector_class(row.type)
+    return calculate_ttl(
+        requested_seconds,
+        default=timedelta(seconds=row.default_ttl_seconds),
+        maximum=timedelta(seconds=row.max_ttl_seconds),
+        type_min=cls.ttl.min,
+        type_max=cls.ttl.max,
+        policy_max=policy_max,
+        run_max=run_max,
+    )
 
 
 def lease_view(row: LeaseRow) -> dict[str, Any]:
@@ -138,17 +160,10 @@ class Credentials:
                 f"Connector type {row.type} hands out long-lived material only wrapped: send \"wrap\": true.",
                 code="wrap_required",
             )
-        decision = calculate_ttl(
-            params.ttl_seconds,
-            default=timedelta(seconds=row.default_ttl_seconds),
-            maximum=timedelta(seconds=row.max_ttl_seconds),
-            type_min=cls.ttl.min,
-            type_max=cls.ttl.max,
-            policy_max=policy_max,
-        )
+        decision = ttl_for(row, params.ttl_seconds, policy_max=policy_max, run_max=run_cap(principal))
         request_hash = params.digest()
         if idempotency_key:
-            existing = await self.leases.find_idempotent(principal.subject, idempotency_key)
+            existing = await self.leases.find_idempotent(principal.owner, idempotency_key)
             if existing is not None:
                 return self._replay(existing, request_hash, decision)
 
@@ -163,7 +178,7 @@ class Credentials:
             connector=row.name,
             connector_type=row.type,
             resource=params.resource,
-            principal=principal.subject,
+            principal=principal.owner,
             run_id=run_id,
             state=PENDING,
             revocability=str(cls.revocability),
@@ -171,7 +186,7 @@ class Credentials:
             wrapped=params.wrap,
             issued_at=now,
             expires_at=expires_at,
-            max_expires_at=now + timedelta(seconds=row.max_ttl_seconds),
+            max_expires_at=now + decision.cap,  # renewals never take it past the caps applied now
             revoke_state=revoke_state,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
@@ -320,7 +335,13 @@ class Credentials:
 
     # --- renew -------------------------------------------------------------
 
-    async def renew(self, lease_id: str, ttl_seconds: int | None) -> LeaseRow:
+    async def renew(
+        self, lease_id: str, ttl_seconds: int | None, *, policy_max: timedelta | None, run_max: timedelta | None = None
+    ) -> LeaseRow:
+        """Set an active lease's expiry to now + a TTL decided like issuance's (:func:`ttl_for`),
+        under the caps the caller's authority allows *now* (``policy_max``, ``run_max``: the route
+        decides them), and never past ``max_expires_at`` nor issue time + today's cap. The
+        resource must still be inside the connector's patterns."""
         lease = await self.leases.get(lease_id)
         if lease.state != ACTIVE:
             raise Conflict(f"Lease {lease_id} is {lease.state}, not active.", code="lease_not_active")
@@ -330,15 +351,16 @@ class Credentials:
                 code="not_renewable",
             )
         row = await self._catalog.get(lease.connector)
-        cls = connector_class(row.type)
-        decision = calculate_ttl(
-            ttl_seconds,
-            default=timedelta(seconds=row.default_ttl_seconds),
-            maximum=timedelta(seconds=row.max_ttl_seconds),
-            type_min=cls.ttl.min,
-            type_max=cls.ttl.max,
-        )
-        wanted = min(utcnow() + decision.ttl, lease.max_expires_at)
+        self._catalog.check_resource(row, lease.resource)
+        decision = ttl_for(row, ttl_seconds, policy_max=policy_max, run_max=run_max)
+        now = utcnow()
+        until = min(lease.max_expires_at, lease.issued_at + decision.cap)
+        wanted = min(now + decision.ttl, until)
+        if wanted <= now:
+            raise Conflict(
+                f"Lease {lease_id} has reached its maximum lifetime ({until.isoformat()}); issue a new credential.",
+                code="lease_max_ttl_reached",
+            )
         connector = await self._catalog.instance(row)
         try:
             new_expiry = await asyncio.wait_for(connector.renew(lease.revoke_state, wanted), self.policy.timeout)
@@ -346,7 +368,10 @@ class Credentials:
             raise
         except Exception as exc:
             raise TargetError(f"The target refused the renewal ({describe(exc)}).") from None
-        if not await self.leases.transition(lease_id, (ACTIVE,), ACTIVE, expires_at=new_expiry):
+        done = await self.leases.transition(
+            lease_id, (ACTIVE,), ACTIVE, expires_at=min(new_expiry, wanted), max_expires_at=until
+        )
+        if not done:
             raise Conflict(f"Lease {lease_id} ended while it was being renewed.", code="lease_not_active")
         return await self.leases.get(lease_id)
 

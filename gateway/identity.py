@@ -168,6 +168,27 @@ class TrustedIssuers:
         return replace(map_claims(row, claims), source=(issuer_source(row),))
 
 
+# Subjects only the gateway vouches for: the prefix of each Principal.kind ("admin_key:x",
+# "client:x", "run:x", "workload:x") and its issuer name. A trusted issuer's mapping may
+# not produce one, so a policy rule naming e.g. subject "client:meta" without an issuer
+# can't be met by a workload (ownership keys carry the issuer anyway: Principal.owner).
+RESERVED_SUBJECT_PREFIXES = ("admin_key:", "client:", "run:", "workload:", "credgate:", "credgate/")
+MAX_SUBJECT_CHARS = 512
+
+
+def check_subject(subject: str) -> None:
+    """A mapped subject a principal may have: 401 ``token_subject_reserved`` if it spells a
+    gateway principal (any case, leading blanks ignored), ``token_subject_invalid`` if too long."""
+    folded = subject.lstrip().casefold()
+    if folded == "credgate" or folded.startswith(RESERVED_SUBJECT_PREFIXES):
+        raise Unauthenticated(
+            "The token's subject spells a principal only the gateway issues (client:, admin_key:, run:, "
+            "workload:, credgate); a trusted issuer's mapping may not produce it.",
+            code="token_subject_reserved",
+        )
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise Unauthenticated(f"The token's subject is over {MAX_SUBJECT_CHARS} characters.", code="token_subject_invalid")
+
 
 def map_claims(row: IssuerRow, claims: dict[str, Any]) -> VerifiedToken:
     mapping = {"subject": "sub", **(row.claim_mapping or {})}
@@ -180,6 +201,7 @@ def map_claims(row: IssuerRow, claims: dict[str, Any]) -> VerifiedToken:
     subject = mapped.get("subject")
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("The token has no usable subject claim.", code="token_claim_missing")
+    check_subject(subject)
     groups = mapped.get("groups") or []
     groups = groups if isinstance(groups, list) else [groups]
     roles = {role for g in groups if isinstance(g, str) for role in (row.role_mapping or {}).get(g, [])}

@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, func, or_, select, update
 
+from gateway.auth import GATEWAY
 from gateway.envelope import context
 from gateway.errors import NotFound, ValidationFailed
 from gateway.store import Store
@@ -81,6 +82,7 @@ class TTLDecision:
     ttl: timedelta
     requested: timedelta | None
     capped: bool  # the request asked for more than the cap
+    cap: timedelta  # the smallest max that applied: it bounds the lease's whole life too
 
 
 def calculate_ttl(
@@ -91,12 +93,16 @@ def calculate_ttl(
     type_min: timedelta,
     type_max: timedelta,
     policy_max: timedelta | None = None,
+    run_max: timedelta | None = None,
 ) -> TTLDecision:
-    """The one place a lease's TTL is decided: the smallest of the request (or
-    the connector default), the connector's max, the type's max and the
-    policy's max; a request under the type's minimum is refused."""
+    """The one place a lease's TTL is decided, at issuance and at every renewal:
+    the smallest of the request (or the connector default), the connector's
+    max, the type's max, the policy's max and the run token's max; a request
+    under the type's minimum is refused. ``cap``, the smallest of the maxima,
+    also bounds the lease's whole life (``max_expires_at`` is issue time +
+    cap), so renewals can't outlive what issuance allowed."""
     requested = timedelta(seconds=requested_seconds) if requested_seconds is not None else None
-    cap = min(c for c in (maximum, type_max, policy_max) if c is not None)
+    cap = min(c for c in (maximum, type_max, policy_max, run_max) if c is not None)
     want = requested if requested is not None else default
     if want < type_min:
         raise ValidationFailed(
@@ -104,7 +110,15 @@ def calculate_ttl(
             code="ttl_too_short",
         )
     ttl = min(want, cap)
-    return TTLDecision(ttl, requested, capped=requested is not None and requested > cap)
+    return TTLDecision(ttl, requested, capped=requested is not None and requested > cap, cap=cap)
+
+
+def owner_filter(value: str) -> str:
+    """A principal as the lease list and bulk revocation take it: an owner key
+    (``ISSUER/SUBJECT``, see ``Principal.owner``) as it is, or a bare gateway
+    subject (``client:x``, ``admin_key:x``, ``run:x``; these never hold a '/')
+    read as ``credgate/<subject>``. A trusted issuer's subject must be qualified."""
+    return value if "/" in value else f"{GATEWAY}/{value}"
 
 
 class Leases:
@@ -158,9 +172,10 @@ class Leases:
             raise NotFound(f"Lease {lease_id} does not exist.", code="lease_not_found")
         return row
 
-    async def find_idempotent(self, principal: str, key: str) -> LeaseRow | None:
+    async def find_idempotent(self, owner: str, key: str) -> LeaseRow | None:
+        """The lease an earlier request of this owner (``Principal.owner``) made with this key."""
         async with self._store.read() as s:
-            q = select(LeaseRow).where(LeaseRow.principal == principal, LeaseRow.idempotency_key == key)
+            q = select(LeaseRow).where(LeaseRow.principal == owner, LeaseRow.idempotency_key == key)
             return (await s.execute(q)).scalar_one_or_none()
 
     async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:

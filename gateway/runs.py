@@ -62,10 +62,10 @@ class Runs:
         async with self._store.write() as s:
             row = await s.get(RunRow, run_id, with_for_update=True)
             if row is None:
-                s.add(RunRow(run_id=run_id, created_by=delegator.subject, created_at=utcnow()))
+                s.add(RunRow(run_id=run_id, created_by=delegator.owner, created_at=utcnow()))
             elif row.revoked_at is not None:
                 raise ValidationFailed(f"Run {run_id} was revoked; use a new run id.", code="run_revoked")
-            elif row.created_by != delegator.subject:
+            elif row.created_by != delegator.owner:
                 raise Forbidden(f"Run {run_id} belongs to another principal.", code="run_not_yours")
         token = await self._tokens.mint_run(run_id=run_id, scope=scope, ttl=ttl, source=delegator.source)
         return token, scope, ttl

@@ -251,7 +251,9 @@ class RenewIn(Input):
 
 class BulkRevokeIn(Input):
     connector: str | None = Field(None, max_length=64)
-    principal: str | None = Field(None, max_length=200)
+    principal: str | None = Field(
+        None, max_length=600, description="An owner, ISSUER/SUBJECT; a bare gateway subject (client:x) means credgate/client:x."
+    )
 
 
 class BulkRevokeOut(BaseModel):

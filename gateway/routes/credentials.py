@@ -63,7 +63,7 @@ async def issue_for_run(
         # The delegating service asks on the run's behalf (e.g. wrapped, for the pipeline to unwrap).
         principal.require("runs:delegate")
         run = await runtime.runs.get(run_id)
-        if run is None or run.created_by != principal.subject:
+        if run is None or run.created_by != principal.owner:
             raise NotFound(f"Run {run_id} is not one of yours.", code="run_not_found")
         if run.revoked_at is not None:
             raise Gone(f"Run {run_id} has been revoked.", code="run_revoked")

@@ -621,7 +621,7 @@ async def revoke_run(
     run = await runtime.runs.get(run_id)
     if run is None:
         raise NotFound(f"Run {run_id} does not exist.", code="run_not_found")
-    own = run.created_by == principal.subject and principal.can("runs:delegate")
+    own = run.created_by == principal.owner and principal.can("runs:delegate")
     if not (own or principal.can("leases:revoke")):
         raise Forbidden(f"{principal.subject} may not revoke run {run_id}.", code="permission_denied")
     await runtime.runs.mark_revoked(run_id)

@@ -186,7 +186,7 @@ class LeaseRow(SealedMixin, Base):
     connector: Mapped[str] = mapped_column(String(64))
     connector_type: Mapped[str] = mapped_column(String(32))
     resource: Mapped[str] = mapped_column(String(256))
-    principal: Mapped[str] = mapped_column(String(200))
+    principal: Mapped[str] = mapped_column(String(600))  # the owner: Principal.owner, ISSUER/SUBJECT
     run_id: Mapped[str | None] = mapped_column(String(128), index=True)
     state: Mapped[str] = mapped_column(String(16))
     revocability: Mapped[str] = mapped_column(String(16))
@@ -276,7 +276,7 @@ class RunRow(Base):
 
     __tablename__ = "runs"
     run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    created_by: Mapped[str] = mapped_column(String(200))
+    created_by: Mapped[str] = mapped_column(String(600))  # the owner: Principal.owner, ISSUER/SUBJECT
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

@@ -82,7 +82,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/v1/keys/rotate"): "keys:manage",
     ("POST", "/v1/keys/signing/rotate"): "keys:manage",
     ("POST", "/v1/leases/revoke"): "leases:revoke",
-    ("POST", "/v1/leases/{lease_id}/renew"): "credentials:issue|leases:revoke",
+    ("POST", "/v1/leases/{lease_id}/renew"): "credentials:issue|credentials:wrap|leases:revoke",
     ("POST", "/v1/leases/{lease_id}/revoke"): "leases:revoke",
     ("POST", "/v1/policies/explain"): "policies:read",
     ("POST", "/v1/runs/{run_id}/credentials"): "credentials:issue|credentials:wrap",

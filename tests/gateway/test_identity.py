@@ -234,7 +234,7 @@ async def test_run_token_scope_delegation_and_revocation(gateway: Gateway) -> No
         assert ok.status_code == 200, ok.text
         assert ok.json()["ttl_seconds"] == 240  # capped by the delegator's policy
         lease = (await gateway.client.get(f"/v1/leases/{ok.json()['lease_id']}")).json()
-        assert lease["run_id"] == "run-A" and lease["principal"] == "run:run-A"
+        assert lease["run_id"] == "run-A" and lease["principal"] == "credgate/run:run-A"
         for body, code in [
             ({"connector": "vendor-b", "resource": "default", "wrap": True}, "permission_denied"),  # other connector
             ({"connector": "wandb", "resource": "other", "wrap": True}, "permission_denied"),  # other resource

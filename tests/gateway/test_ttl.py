@@ -1,4 +1,4 @@
-"""TTLs are decided in one place: the smallest of request, connector max, type max, policy max."""
+"""TTLs are decided in one place: the smallest of request, connector max, type max, policy max, run max."""
 
 from __future__ import annotations
 
@@ -38,3 +38,11 @@ def test_under_the_type_minimum_is_refused() -> None:
     with pytest.raises(ValidationFailed) as e:
         calculate_ttl(10, **LIMITS)
     assert e.value.code == "ttl_too_short"
+
+
+def test_a_run_tokens_max_caps_too_and_the_cap_is_reported() -> None:
+    d = calculate_ttl(5000, **LIMITS, policy_max=900 * S, run_max=300 * S)
+    assert d.ttl == 300 * S and d.capped and d.cap == 300 * S
+    # The cap is the smallest max, whatever was asked: it bounds the lease's whole life.
+    d = calculate_ttl(None, **LIMITS, policy_max=1800 * S)
+    assert d.ttl == 600 * S and not d.capped and d.cap == 1800 * S
