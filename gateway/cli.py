@@ -822,11 +822,13 @@ def issuer_add(
     leeway: Annotated[int | None, typer.Option("--leeway", min=0, max=60, help="Clock leeway in seconds [default: 30].")] = None,
     claim_map: Annotated[list[str] | None, typer.Option("--map", help="NAME=CLAIM: subject, groups, project or run (repeatable).")] = None,
     role_map: Annotated[list[str] | None, typer.Option("--role-map", help="GROUP=ROLE: a group's built-in role (repeatable).")] = None,
+    check: Annotated[bool, typer.Option(
+        "--check/--no-check", help="Refuse to save unless its JWK set can be read and has a usable key.")] = True,
     addr: Addr = None,
     token: Token = None,
     as_json: Json = False,
 ) -> None:
-    """Trust an issuer's JWTs (or replace its settings)."""
+    """Trust an issuer's JWTs (or replace its settings). Checks its keys first (see `issuer check`)."""
     if (jwks_url is None) == (jwks_file is None):
         raise UsageProblem("give exactly one of --jwks-url URL and --jwks-file FILE")
     body: dict[str, Any] = {
@@ -848,8 +850,22 @@ def issuer_add(
     if leeway is not None:
         body["leeway_seconds"] = leeway
     with _client(addr, token) as c:
-        out = c.request("PUT", f"/v1/issuers/{seg(name)}", json=body)
+        out = c.request("PUT", f"/v1/issuers/{seg(name)}", json=body, params={"check": True} if check else None)
     _print_json(out) if as_json else typer.echo(f"issuer {out['name']} ({out['issuer_url']}) saved")
+
+
+@issuer_app.command("check")
+def issuer_check(name: str, addr: Addr = None, token: Token = None, as_json: Json = False) -> None:
+    """Read an issuer's JWK set now (from its jwks_url) and list its keys; exit 1 if none is usable."""
+    with _client(addr, token) as c:
+        out = c.request("POST", f"/v1/issuers/{seg(name)}/check")
+    if as_json:
+        _print_json(out)
+        return
+    typer.echo(f"{out['name']}: ok, {out['usable_keys']} usable key(s) of {len(out['keys'])} in {out['source']}")
+    for k in out["keys"]:
+        what = "usable" if k["usable"] else f"unusable: {k['problem']}"
+        typer.echo(f"  kid={k['kid'] or '-'} kty={k['kty'] or '-'} alg={k['alg'] or '-'}: {what}")
 
 
 @issuer_app.command("list")

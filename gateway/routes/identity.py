@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -31,6 +31,7 @@ from gateway.clients import CLIENT_ID, Clients, valid_client_id
 from gateway.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, Conflict, CredgateError, Forbidden, NotFound
 from gateway.identity import ASYMMETRIC, peek, utc_from_ts
+from gateway.issuer_check import check_issuer
 from gateway.runtime import Runtime
 from gateway.store.models import ClientRow, IssuerRow, utcnow
 
@@ -96,9 +97,12 @@ def _issuer_out(row: IssuerRow) -> IssuerOut:
 async def put_issuer(
     name: Name, body: IssuerPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")],
     response: Response,
+    check: Annotated[bool, Query(description="Check its JWK set first (as POST .../check); save nothing if it fails.")] = False,
 ) -> IssuerOut:
     if name == GATEWAY:
         raise BadRequest("'credgate' names the gateway itself.", code="invalid_issuer_name")
+    if check:
+        await check_issuer(name, jwks_url=body.jwks_url, jwks=body.jwks, algorithms=body.algorithms)
     try:
         async with runtime.store.write() as s:
             row = await s.get(IssuerRow, name, with_for_update=True)
@@ -130,6 +134,31 @@ async def list_issuers(runtime: RuntimeDep, principal: Annotated[Principal, requ
 @router.get("/v1/issuers/{name}", summary="Show a trusted issuer")
 async def get_issuer(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> IssuerOut:
     return _issuer_out(await runtime.issuers.get(name))
+
+
+class IssuerKeyOut(BaseModel):
+    kid: str | None
+    kty: str | None
+    alg: str | None
+    usable: bool
+    problem: str | None
+
+
+class IssuerCheckOut(BaseModel):
+    name: str
+    source: str = Field(description="The jwks_url fetched, or 'inline JWK set'.")
+    keys: list[IssuerKeyOut]
+    usable_keys: int
+
+
+@router.post("/v1/issuers/{name}/check", summary="Fetch an issuer's JWK set now and report its usable keys")
+async def check_issuer_keys(
+    name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]
+) -> IssuerCheckOut:
+    """503 ``jwks_unavailable`` if its ``jwks_url`` can't be fetched, 422 ``jwks_invalid`` or
+    ``jwks_no_usable_key`` otherwise; fetches nothing but the configured ``jwks_url``."""
+    row = await runtime.issuers.get(name)
+    return IssuerCheckOut(**await check_issuer(row.name, jwks_url=row.jwks_url, jwks=row.jwks, algorithms=row.algorithms))
 
 
 @router.delete("/v1/issuers/{name}", status_code=204, summary="Stop trusting an issuer")

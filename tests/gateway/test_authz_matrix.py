@@ -78,6 +78,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/v1/clients"): "clients:manage",
     ("POST", "/v1/clients/{client_id}/revoke"): "clients:manage",
     ("POST", "/v1/connectors/{name}/verify"): "connectors:manage",
+    ("POST", "/v1/issuers/{name}/check"): "issuers:manage",
     ("POST", "/v1/credentials"): "credentials:issue|credentials:wrap",
     ("POST", "/v1/keys/rotate"): "keys:manage",
     ("POST", "/v1/keys/signing/rotate"): "keys:manage",
