@@ -22,6 +22,7 @@ from gateway.store.models import UTCDateTime, utcnow
 from tests.conftest import Gateway
 
 sqlite_only = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+both_stores = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
@@ -92,7 +93,7 @@ POLICIES = {
 }
 
 
-@sqlite_only
+@both_stores
 async def test_a_workload_spelling_a_client_owns_none_of_its_leases_runs_or_keys(
     gateway: Gateway, idp, monkeypatch: pytest.MonkeyPatch
 ) -> None:

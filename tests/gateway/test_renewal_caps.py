@@ -13,7 +13,8 @@ from sqlalchemy import update
 from gateway.store.models import LeaseRow
 from tests.conftest import Gateway
 
-pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+sqlite_only = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+both_stores = pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -53,6 +54,7 @@ async def client_token(gw: Gateway, client_id: str) -> str:
     return r.json()["access_token"]
 
 
+@both_stores
 async def test_a_120s_policy_caps_every_renewal_and_the_lease_life(gateway: Gateway, redis_server: str) -> None:
     await cache_connector(gateway, redis_server)
     await put_policy(gateway, "short", "client:svc", ["credentials:issue"], ["cache"], 120)
@@ -83,6 +85,7 @@ async def test_a_120s_policy_caps_every_renewal_and_the_lease_life(gateway: Gate
     assert r.status_code == 409 and r.json()["error"]["code"] == "lease_max_ttl_reached"
 
 
+@sqlite_only
 async def test_a_run_tokens_max_credential_ttl_caps_its_renewals(gateway: Gateway, redis_server: str) -> None:
     await cache_connector(gateway, redis_server)
     actions = ["runs:delegate", "credentials:issue"]
@@ -104,6 +107,7 @@ async def test_a_run_tokens_max_credential_ttl_caps_its_renewals(gateway: Gatewa
     assert r.json()["principal"] == "credgate/run:run-A"
 
 
+@both_stores
 async def test_renewal_is_refused_once_the_policy_no_longer_grants_the_connector(gateway: Gateway, redis_server: str) -> None:
     await cache_connector(gateway, redis_server)
     await put_policy(gateway, "svc", "client:svc", ["credentials:issue"], ["cache", "other"], 600)
@@ -123,6 +127,7 @@ async def test_renewal_is_refused_once_the_policy_no_longer_grants_the_connector
         assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
 
 
+@sqlite_only
 async def test_a_wrapped_lease_is_renewed_under_credentials_wrap(gateway: Gateway, redis_server: str) -> None:
     """It was issued under credentials:wrap, so that is what is decided again: a service that
     may only wrap (never see a credential) renews what it wrapped, within the wrap rule's max."""
@@ -140,6 +145,7 @@ async def test_a_wrapped_lease_is_renewed_under_credentials_wrap(gateway: Gatewa
         assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"  # not its lease
 
 
+@sqlite_only
 async def test_renewal_is_refused_when_the_connector_no_longer_reaches_the_resource(gateway: Gateway, redis_server: str) -> None:
     await cache_connector(gateway, redis_server)
     out = (await gateway.client.post("/v1/credentials", json={"connector": "cache", "resource": "features"})).json()
