@@ -24,7 +24,7 @@ from tests.deploy.common import COMPOSE, UID, drain_seconds, duration_seconds
 from tests.deploy.test_dockerfile import env_of, final
 
 VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
-ENV = {"CREDGATE_DB_PASSWORD": "pw-from-dot-env"}
+ENV = {"CREDGATE_DB_PASSWORD": "pw-from-dot-env", "CREDGATE_BOOTSTRAP_TOKEN": "cgt_" + "b" * 40}
 
 
 class Unset(Exception):
@@ -90,7 +90,7 @@ def test_the_schema_check_is_not_a_no_op() -> None:
 
 def test_database_password_must_be_given() -> None:
     with pytest.raises(Unset, match="CREDGATE_DB_PASSWORD"):
-        compose({})
+        compose({"CREDGATE_BOOTSTRAP_TOKEN": ENV["CREDGATE_BOOTSTRAP_TOKEN"]})
     url = compose()["services"]["credgate"]["environment"]["CREDGATE_DATABASE_URL"]
     assert url == "postgresql://credgate:pw-from-dot-env@postgres:5432/credgate"
     assert "pw-from-dot-env" not in COMPOSE.read_text()
@@ -148,7 +148,7 @@ def test_gateway_settings_and_kek_secret() -> None:
     assert env["CREDGATE_KEK_FILE"] == "/run/secrets/kek"
     assert gw["secrets"] == [{"source": "kek", "target": "kek"}]
     assert doc["secrets"]["kek"] == {"file": "./kek"}
-    assert "CREDGATE_KEK" not in env and "CREDGATE_BOOTSTRAP_TOKEN" not in env
+    assert "CREDGATE_KEK" not in env
     assert env["CREDGATE_HOST"] == "0.0.0.0"
     assert env["CREDGATE_PUBLIC_URL"] == "http://credgate:8765"
     # Only real settings (an unknown CREDGATE_* would be ignored silently), and the
@@ -181,3 +181,14 @@ def test_interpolation_helper() -> None:
     doc = {"a": "${X:-d}", "b": "${Y-d}", "c": "$${X}", "d": ["${X}"]}
     assert interpolate(copy.deepcopy(doc), {"X": "1", "Y": ""}) == {"a": "1", "b": "", "c": "${X}", "d": ["1"]}
     assert interpolate(copy.deepcopy(doc), {})["a"] == "d"
+
+
+def test_the_bootstrap_token_is_chosen_never_printed() -> None:
+    # The gateway prints a generated token only in --dev; compose runs `serve` (a log, not a
+    # terminal), so the operator chooses the first admin token in .env and compose needs it.
+    with pytest.raises(Unset, match="CREDGATE_BOOTSTRAP_TOKEN"):
+        compose({"CREDGATE_DB_PASSWORD": "pw"})
+    gw = compose()["services"]["credgate"]
+    assert gw["environment"]["CREDGATE_BOOTSTRAP_TOKEN"] == ENV["CREDGATE_BOOTSTRAP_TOKEN"]
+    assert "--dev" not in gw["command"] and "CREDGATE_DEV" not in gw["environment"]
+    assert "logs credgate | grep" not in COMPOSE.read_text()

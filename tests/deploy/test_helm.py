@@ -53,7 +53,7 @@ EXTRA = {"single-replica": {"replicaCount": 1, "autoscaling": {"enabled": False}
 
 # Settings the chart sets from its own values (or never sets), not through `config`.
 CHART_MANAGED = {
-    "data_dir", "database_url", "host", "port", "kek_file", "kek", "bootstrap_token", "public_url",
+    "data_dir", "database_url", "host", "port", "kek_file", "kek", "bootstrap_token", "bootstrap_token_file", "public_url",
     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_require_client_cert", "tls_client_subjects",
 }
 NEVER_DEPLOYED = {"dev"}  # creates a KEK and a data dir on first start: development only
@@ -191,7 +191,8 @@ def test_what_each_value_set_renders() -> None:
             "NetworkPolicy", "Job"}
     assert kinds("default") == base
     assert kinds("all-features") == base | {"ServiceMonitor", "ConfigMap"}
-    assert kinds("kek-env-mtls") == base - {"HorizontalPodAutoscaler", "Job"} | {"ServiceMonitor"}
+    # database.url given as a value: the chart's own Secret carries it (see test_database_url_...).
+    assert kinds("kek-env-mtls") == base - {"HorizontalPodAutoscaler", "Job"} | {"ServiceMonitor", "Secret"}
     # One replica: no autoscaler, and no budget (minAvailable 1 of 1 would block every drain).
     assert kinds("single-replica") == base - {"HorizontalPodAutoscaler", "PodDisruptionBudget"}
     for name in SETS:
@@ -249,14 +250,110 @@ def test_service_account_token_is_not_mounted() -> None:
 @pytest.mark.parametrize("name", SETS)
 def test_no_secret_value_in_any_manifest(name: str) -> None:
     for m in manifests(name):
-        assert m["kind"] != "Secret", "the chart references existing Secrets, it never carries one"
+        # The one Secret the chart may carry: database.url, given as a value (below).
+        assert m["kind"] != "Secret" or m["metadata"]["name"] == f"{RELEASE}-database-url"
     for spec in all_pod_specs(name):
         for c in spec.get("initContainers", []) + spec["containers"]:
             for var, entry in env_map(c).items():
-                if var in ("CREDGATE_KEK", "CREDGATE_BOOTSTRAP_TOKEN"):
+                if var in ("CREDGATE_KEK", "CREDGATE_BOOTSTRAP_TOKEN", "CREDGATE_DATABASE_URL"):
                     assert set(entry) == {"name", "valueFrom"}, f"{var} must come from a Secret"
-                if var == "CREDGATE_DATABASE_URL" and "value" in entry:
-                    assert ":" not in entry["value"].split("://", 1)[1].split("@")[0], "no password in a plain value"
+
+
+DB_URL = "postgresql://credgate:Pa55-w0rd-CANARY@pg.databases.svc:5432/credgate"
+
+
+def test_database_url_value_is_rendered_from_a_secret_never_in_clear() -> None:
+    out = render({"database": {"existingSecret": "", "url": DB_URL}})
+    docs = [d for path, text in out.items() if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    job = next(d for d in docs if d["kind"] == "Job")
+    for doc in docs:
+        if doc is not secret:
+            assert "CANARY" not in json.dumps(doc), f"{doc['kind']} carries the database password in clear"
+    assert "CANARY" not in out[f"{RELEASE}/templates/NOTES.txt"]
+    import base64
+
+    assert base64.b64decode(secret["data"]["url"]).decode() == DB_URL and "stringData" not in secret
+    # A hook that exists before the migration Job (a pre-install hook itself) needs it.
+    notes = secret["metadata"]["annotations"]
+    assert notes["helm.sh/hook"] == job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(notes["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert "hook-succeeded" not in notes["helm.sh/hook-delete-policy"]  # the gateway reads it after the hooks
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    for spec in (deployment["spec"]["template"]["spec"], job["spec"]["template"]["spec"]):
+        (c,) = [c for c in spec["containers"] if c["name"] in ("credgate", "migrate")]
+        ref = env_map(c)["CREDGATE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": "url"}
+    kv.validate(secret, MIN_KUBE, strict=True)
+    # With existingSecret, that Secret is read and the chart renders none.
+    out = render({"database": {"existingSecret": "pg", "key": "dsn", "url": DB_URL}})
+    assert "CANARY" not in json.dumps(out)
+    ref = env_map(gateway("default"))["CREDGATE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "credgate-database", "key": "url"}
+
+
+@pytest.mark.parametrize("name", ["CREDGATE_KEK", "credgate_kek", "Credgate_Kek_File", "CREDGATE_DATABASE_URL",
+                                  "CREDGATE_BOOTSTRAP_TOKEN", "CREDGATE_DEV", "CREDGATE_TLS_CLIENT_SUBJECTS"])
+def test_extra_env_cannot_set_a_setting_outside_the_allowlist(name: str, tmp_path: Path) -> None:
+    values = {"extraEnv": [{"name": name, "value": "1:" + "A" * 43 + "="}]}
+    with pytest.raises(helm.HelmValuesError, match="extraEnv"):
+        render(values)
+    # The templates refuse it too, should the schema be skipped (helm --skip-schema-validation).
+    with pytest.raises(helm.HelmRenderError, match=f"extraEnv: {name} is not a setting"):
+        render_without_schema(values, tmp_path)
+
+
+def render_without_schema(values: dict[str, Any], tmp_path: Path) -> dict[str, str]:
+    import shutil
+
+    copy = tmp_path / "chart"
+    shutil.copytree(CHART, copy)
+    (copy / "values.schema.json").unlink()
+    with helm.Chart.load(str(copy)) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, revision=1, is_install=True)
+
+
+def test_config_outside_the_allowlist_is_refused_by_the_templates_too(tmp_path: Path) -> None:
+    with pytest.raises(helm.HelmRenderError, match="config.kek: not a setting"):
+        render_without_schema({"config": {"kek": "1:" + "A" * 43 + "="}}, tmp_path)
+
+
+def test_extra_env_may_set_allowlisted_settings_and_other_variables() -> None:
+    values = {"extraEnv": [
+        {"name": "TZ", "value": "UTC"},
+        {"name": "CREDGATE_LOG_LEVEL", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "level"}}},
+        {"name": "CREDGATE_TRUSTED_PROXIES", "value": "10.42.0.0/16"},
+    ]}
+    env = {e["name"] for e in render_gateway(values)["env"]}
+    assert {"TZ", "CREDGATE_LOG_LEVEL", "CREDGATE_TRUSTED_PROXIES"} <= env
+
+
+def render_gateway(values: dict[str, Any]) -> dict[str, Any]:
+    out = render(values)
+    doc = yaml.safe_load(out[f"{RELEASE}/templates/deployment.yaml"])
+    (c,) = [c for c in doc["spec"]["template"]["spec"]["containers"] if c["name"] == "credgate"]
+    return c
+
+
+def test_settings_allowlist_is_one_list() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = schema["properties"]["config"]["propertyNames"]["enum"]
+    env_names = schema["properties"]["extraEnv"]["items"]["properties"]["name"]["anyOf"][1]["enum"]
+    assert env_names == [f"CREDGATE_{k.upper()}" for k in allowed]
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    listed = helpers.split('define "credgate.settingsAllowlist" -}}', 1)[1].split("{{-", 1)[0].split()
+    assert listed == allowed
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_notes_never_send_operators_to_a_log_for_the_token(name: str) -> None:
+    notes = render(values_of(name))[f"{RELEASE}/templates/NOTES.txt"]
+    assert "CREDGATE_TOKEN" not in notes and "grep" not in notes
+    if values_of(name).get("bootstrapToken", {}).get("existingSecret"):
+        assert "the gateway never prints it" in notes
+    else:
+        assert "kubectl -n secrets create secret generic credgate-bootstrap" in notes
+        assert "bootstrapToken.existingSecret=credgate-bootstrap" in notes
 
 
 # --- probes, graceful shutdown ----------------------------------------------------------
@@ -384,7 +481,7 @@ def test_values_the_chart_refuses(values: dict[str, Any], error: type[Exception]
 PLACEHOLDERS = {
     "CREDGATE_DATABASE_URL": "postgresql://credgate:pw@db.example:5432/credgate",
     "CREDGATE_KEK": "1:" + "A" * 43 + "=",
-    "CREDGATE_BOOTSTRAP_TOKEN": "t" * 40,
+    "CREDGATE_BOOTSTRAP_TOKEN": "cgt_" + "t" * 40,
 }
 
 

@@ -96,6 +96,18 @@ Refuse values the gateway cannot run with, with one clear message each.
 {{- if and (or .Values.tls.requireClientCert .Values.tls.clientSubjects) (not .Values.tls.clientCA.existingSecret) }}
 {{- fail "tls.requireClientCert and tls.clientSubjects need tls.clientCA.existingSecret to verify client certificates against" }}
 {{- end }}
+{{- $allowed := splitList " " (include "credgate.settingsAllowlist" .) }}
+{{- range $name, $_ := .Values.config }}
+{{- if not (has $name $allowed) }}
+{{- fail (printf "config.%s: not a setting the chart passes through (see values.schema.json); the KEK, database URL, bootstrap token and TLS come from their own values" $name) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- $var := upper (toString .name) }}
+{{- if and (hasPrefix "CREDGATE_" $var) (not (has (lower (trimPrefix "CREDGATE_" $var)) $allowed)) }}
+{{- fail (printf "extraEnv: %s is not a setting extraEnv may set; the KEK, database URL, bootstrap token and TLS come only from their own values (kek, database, bootstrapToken, tls)" .name) }}
+{{- end }}
+{{- end }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.preStopSleepSeconds) 10) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds (%d) + the gateway's 10 s drain" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds)) }}
 {{- end }}
@@ -126,15 +138,26 @@ httpGet:
 {{- end }}
 {{- end }}
 
-{{/* CREDGATE_DATABASE_URL, from the Secret or the value. */}}
+{{/* The Secret holding the database URL: database.existingSecret, or the chart's own (from database.url). */}}
+{{- define "credgate.databaseSecret" -}}
+{{- default (printf "%s-database-url" (include "credgate.fullname" . | trunc 50 | trimSuffix "-")) .Values.database.existingSecret }}
+{{- end }}
+
+{{/* CREDGATE_DATABASE_URL, always from a Secret: never a password in clear in a pod spec. */}}
 {{- define "credgate.databaseEnv" -}}
 - name: CREDGATE_DATABASE_URL
-{{- if .Values.database.existingSecret }}
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.database.existingSecret }}
-      key: {{ .Values.database.key }}
-{{- else }}
-  value: {{ .Values.database.url | quote }}
+      name: {{ include "credgate.databaseSecret" . }}
+      key: {{ if .Values.database.existingSecret }}{{ .Values.database.key }}{{ else }}url{{ end }}
 {{- end }}
+
+{{/*
+The settings allowlist: the gateway settings `config`, `configFile` and CREDGATE_* names in
+`extraEnv` may set (values.schema.json's config enum; tests/deploy/test_helm.py keeps the two
+equal). Everything else (the KEK, the database URL, the bootstrap token, TLS files, dev mode,
+the data dir) comes only from the chart's own values.
+*/}}
+{{- define "credgate.settingsAllowlist" -}}
+login_issuer login_client_id login_scopes audit_wait_seconds audit_checkpoint_every rate_per_address burst_per_address rate_per_principal burst_per_principal rate_per_action max_header_bytes max_concurrency keep_alive_seconds log_format log_level max_body_bytes page_size_max reaper_enabled reaper_interval_seconds pending_timeout_seconds target_timeout_seconds revoke_backoff_base_seconds revoke_backoff_cap_seconds stuck_after_attempts material_cache_seconds database_pool_size run_token_max_ttl_seconds trusted_proxies audit_checkpoint_seconds
 {{- end }}
