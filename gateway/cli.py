@@ -861,11 +861,16 @@ def issuer_check(name: str, addr: Addr = None, token: Token = None, as_json: Jso
         out = c.request("POST", f"/v1/issuers/{seg(name)}/check")
     if as_json:
         _print_json(out)
-        return
-    typer.echo(f"{out['name']}: ok, {out['usable_keys']} usable key(s) of {len(out['keys'])} in {out['source']}")
-    for k in out["keys"]:
-        what = "usable" if k["usable"] else f"unusable: {k['problem']}"
-        typer.echo(f"  kid={k['kid'] or '-'} kty={k['kty'] or '-'} alg={k['alg'] or '-'}: {what}")
+    else:
+        state = "ok" if out["ok"] else f"{out['code']}"
+        typer.echo(f"{out['name']}: {state}, {out['usable_keys']} usable key(s) of {len(out['keys'])} in {out['source']}")
+        for k in out["keys"]:
+            what = "usable" if k["usable"] else f"unusable: {k['problem']}"
+            typer.echo(f"  kid={k['kid'] or '-'} kty={k['kty'] or '-'} alg={k['alg'] or '-'}: {what}")
+        if not out["ok"]:
+            typer.echo(f"  {out['message']}")
+    if not out["ok"]:
+        raise typer.Exit(1)
 
 
 @issuer_app.command("list")

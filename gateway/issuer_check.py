@@ -9,9 +9,13 @@ from the environment is used, nothing a key or a document names (``jku``, ``x5u`
 read, and at most ``MAX_JWKS_BYTES`` are read. It always fetches afresh and never
 touches the verification cache (:class:`gateway.identity.TrustedIssuers`), so it tells
 whether the issuer is reachable now, without dropping the keys live requests use.
-Failures are ``503 jwks_unavailable`` (can't be fetched), ``422 jwks_invalid`` (not a
-JWK set) and ``422 jwks_no_usable_key`` (no key tokens could be verified with); their
-messages name the issuer and the reason, never the document's content.
+
+The report says ``ok`` or names the failure with a stable ``code``: ``jwks_unavailable``
+(can't be fetched), ``jwks_invalid`` (not a JWK set), ``jwks_no_usable_key`` (no key a
+token could be verified with). ``POST .../check`` answers it with 200, like the other
+checks (``backends/{name}/check``, ``connectors/{name}/verify``); ``PUT ...?check=true``
+refuses a failing issuer with 422 and that code, saving nothing. Messages name the
+issuer and the reason, never the document's content.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import httpx
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
 
-from gateway.errors import Unavailable, ValidationFailed, field_path
+from gateway.errors import ValidationFailed, field_path
 
 MAX_JWKS_BYTES = 1024 * 1024
 MAX_KEYS = 100
@@ -64,10 +68,17 @@ def judge(jwk: Any, algorithms: list[str]) -> dict[str, Any]:
     return out
 
 
+class CheckFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 async def fetch_jwks(url: str, issuer: str, *, http: httpx.AsyncClient | None = None) -> Any:
-    """The JSON document at ``url`` now; 503 ``jwks_unavailable`` naming why not."""
-    def unavailable(why: str) -> Unavailable:
-        return Unavailable(f"The JWKS of issuer {issuer!r} can't be fetched: {why}.", code="jwks_unavailable")
+    """The JSON document at ``url`` now; CheckFailed ``jwks_unavailable``/``jwks_invalid`` naming why not."""
+    def unavailable(why: str) -> CheckFailed:
+        return CheckFailed("jwks_unavailable", f"The JWKS of issuer {issuer!r} can't be fetched: {why}.")
 
     client = http or httpx.AsyncClient(timeout=TIMEOUT_SECONDS, follow_redirects=False, trust_env=False)
     try:
@@ -81,7 +92,7 @@ async def fetch_jwks(url: str, issuer: str, *, http: httpx.AsyncClient | None = 
                     raise unavailable(f"{url} sent more than {MAX_JWKS_BYTES} bytes")
     except httpx.TimeoutException:
         raise unavailable(f"{url} did not answer within {TIMEOUT_SECONDS:g} s") from None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         raise unavailable(f"can't connect to {url} ({type(exc).__name__})") from None
     finally:
         if http is None:
@@ -89,26 +100,37 @@ async def fetch_jwks(url: str, issuer: str, *, http: httpx.AsyncClient | None = 
     try:
         return json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed(f"The JWKS of issuer {issuer!r} at {url} is not JSON.", code="jwks_invalid") from None
+        raise CheckFailed("jwks_invalid", f"The JWKS of issuer {issuer!r} at {url} is not JSON.") from None
 
 
 async def check_issuer(name: str, *, jwks_url: str | None, jwks: Any, algorithms: list[str],
                        http: httpx.AsyncClient | None = None) -> dict[str, Any]:
-    """The report on an issuer's keys: ``{"name", "source", "keys": [...], "usable_keys"}``;
-    or 503/422 (see the module docstring), the 422s carrying the same ``keys`` list."""
-    doc = await fetch_jwks(jwks_url, name, http=http) if jwks_url is not None else jwks
+    """The report on an issuer's keys: ``{"name", "source", "ok", "code", "message", "keys",
+    "usable_keys"}`` (``code`` and ``message`` say why not when it is not ok)."""
     source = jwks_url or "inline JWK set"
-    keys = doc.get("keys") if isinstance(doc, dict) else None
-    if not isinstance(keys, list):
-        raise ValidationFailed(f"The JWKS of issuer {name!r} ({source}) is not a JWK set ({{\"keys\": [...]}}).",
-                               code="jwks_invalid")
-    judged = [judge(k, algorithms) for k in keys[:MAX_KEYS]]
-    usable = sum(1 for k in judged if k["usable"])
-    if not usable:
-        first = f"; kid {judged[0]['kid'] or '-'}: {judged[0]['problem']}" if judged else ""
-        raise ValidationFailed(
-            f"The JWKS of issuer {name!r} ({source}) has no key a token could be verified with "
-            f"({len(keys)} key(s) found{first}).",
-            code="jwks_no_usable_key", keys=judged,
-        )
-    return {"name": name, "source": source, "keys": judged, "usable_keys": usable}
+    report: dict[str, Any] = {"name": name, "source": source, "ok": False, "code": None, "message": None,
+                              "keys": [], "usable_keys": 0}
+    try:
+        doc = await fetch_jwks(jwks_url, name, http=http) if jwks_url is not None else jwks
+        keys = doc.get("keys") if isinstance(doc, dict) else None
+        if not isinstance(keys, list):
+            raise CheckFailed("jwks_invalid",
+                              f"The JWKS of issuer {name!r} ({source}) is not a JWK set ({{\"keys\": [...]}}).")
+        judged = report["keys"] = [judge(k, algorithms) for k in keys[:MAX_KEYS]]
+        report["usable_keys"] = sum(1 for k in judged if k["usable"])
+        if not report["usable_keys"]:
+            first = f"; kid {judged[0]['kid'] or '-'}: {judged[0]['problem']}" if judged else ""
+            raise CheckFailed("jwks_no_usable_key",
+                              f"The JWKS of issuer {name!r} ({source}) has no key a token could be verified with "
+                              f"({len(keys)} key(s) found{first}).")
+    except CheckFailed as exc:
+        report.update(code=exc.code, message=exc.message)
+        return report
+    report.update(ok=True, message=f"{report['usable_keys']} usable key(s) of {len(report['keys'])}")
+    return report
+
+
+def require_usable(report: dict[str, Any]) -> None:
+    """422 with the report's code (saving nothing) unless the check passed."""
+    if not report["ok"]:
+        raise ValidationFailed(report["message"], code=report["code"], keys=report["keys"])

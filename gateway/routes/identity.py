@@ -31,7 +31,7 @@ from gateway.clients import CLIENT_ID, Clients, valid_client_id
 from gateway.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, Conflict, CredgateError, Forbidden, NotFound
 from gateway.identity import ASYMMETRIC, peek, utc_from_ts
-from gateway.issuer_check import check_issuer
+from gateway.issuer_check import check_issuer, require_usable
 from gateway.runtime import Runtime
 from gateway.store.models import ClientRow, IssuerRow, utcnow
 
@@ -102,7 +102,7 @@ async def put_issuer(
     if name == GATEWAY:
         raise BadRequest("'credgate' names the gateway itself.", code="invalid_issuer_name")
     if check:
-        await check_issuer(name, jwks_url=body.jwks_url, jwks=body.jwks, algorithms=body.algorithms)
+        require_usable(await check_issuer(name, jwks_url=body.jwks_url, jwks=body.jwks, algorithms=body.algorithms))
     try:
         async with runtime.store.write() as s:
             row = await s.get(IssuerRow, name, with_for_update=True)
@@ -147,6 +147,9 @@ class IssuerKeyOut(BaseModel):
 class IssuerCheckOut(BaseModel):
     name: str
     source: str = Field(description="The jwks_url fetched, or 'inline JWK set'.")
+    ok: bool
+    code: str | None = Field(description="Why not ok: jwks_unavailable, jwks_invalid or jwks_no_usable_key.")
+    message: str | None
     keys: list[IssuerKeyOut]
     usable_keys: int
 
@@ -155,8 +158,8 @@ class IssuerCheckOut(BaseModel):
 async def check_issuer_keys(
     name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]
 ) -> IssuerCheckOut:
-    """503 ``jwks_unavailable`` if its ``jwks_url`` can't be fetched, 422 ``jwks_invalid`` or
-    ``jwks_no_usable_key`` otherwise; fetches nothing but the configured ``jwks_url``."""
+    """``ok``, or the ``code`` saying why not (``jwks_unavailable``, ``jwks_invalid``,
+    ``jwks_no_usable_key``); fetches nothing but the configured ``jwks_url``."""
     row = await runtime.issuers.get(name)
     return IssuerCheckOut(**await check_issuer(row.name, jwks_url=row.jwks_url, jwks=row.jwks, algorithms=row.algorithms))
 
