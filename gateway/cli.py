@@ -50,7 +50,8 @@ app = typer.Typer(
 )
 secret_app = typer.Typer(help="Put, read, list and delete secrets.", no_args_is_help=True)
 backend_app = typer.Typer(help="Register and check secret backends.", no_args_is_help=True)
-keys_app = typer.Typer(help="The key-encryption key (KEK): generate, rotate, status.", no_args_is_help=True)
+keys_app = typer.Typer(help="The key-encryption key (KEK): generate, rotate, status; the token-signing key.",
+                       no_args_is_help=True)
 admin_key_app = typer.Typer(help="Admin API keys.", no_args_is_help=True)
 db_app = typer.Typer(help="The gateway's store.", no_args_is_help=True)
 connector_app = typer.Typer(help="Connectors: routes from backend secrets to target services.", no_args_is_help=True)
@@ -460,6 +461,27 @@ def keys_rotate(
             time.sleep(0.2)
             out = c.get("/v1/keys/status")
     _print_json(out) if as_json else _print_key_status(out)
+
+
+@keys_app.command("rotate-signing")
+def keys_rotate_signing(
+    grace: Annotated[int, typer.Option(
+        "--grace", min=0, max=86400,
+        help="Seconds the old key keeps verifying the tokens it signed (a planned rotation). "
+        "Default 0: they are refused at once (a rotation after a compromise).")] = 0,
+    addr: Addr = None,
+    token: Token = None,
+    as_json: Json = False,
+) -> None:
+    """A new token-signing key; tokens signed by the old one are refused at once, or after --grace."""
+    with _client(addr, token) as c:
+        out = c.request("POST", "/v1/keys/signing/rotate", json={"grace_seconds": grace})
+    if as_json:
+        _print_json(out)
+    elif grace:
+        typer.echo(f"signing key {out['active_kid']} is active; the old key verifies tokens for {grace} more second(s)")
+    else:
+        typer.echo(f"signing key {out['active_kid']} is active; tokens signed by any other key are refused")
 
 
 # --- admin keys -------------------------------------------------------------
@@ -1302,16 +1324,40 @@ def login(addr: Addr = None) -> None:
     typer.echo(f"token kept in {path}", err=True)
 
 
-@app.command()
-def logout() -> None:
-    """Forget the sign-in (delete the profile)."""
-    path = profile_path()
+def _revoke_sign_in(addr: str, token: str) -> None:
+    """RFC 7009 at the gateway that issued it: the token revokes itself (as its own bearer)."""
+    keep = "the profile is kept: run `credgate logout` again, or `credgate logout --forget` to only delete it"
     try:
-        path.unlink()
-    except FileNotFoundError:
+        resp = httpx.post(f"{addr}/v1/auth/revoke", data={"token": token, "token_type_hint": "access_token"},
+                          headers={"Authorization": f"Bearer {token}", "User-Agent": "credgate-client"}, timeout=30.0)
+    except httpx.TransportError as exc:
+        raise LoginFailed("revoke_failed", f"can't reach {addr} to revoke the sign-in ({type(exc).__name__}); {keep}") from None
+    if resp.status_code != 200:
+        raise LoginFailed(_oauth_error(resp), f"the gateway did not revoke the sign-in (HTTP {resp.status_code}); {keep}")
+
+
+@app.command()
+def logout(
+    forget: Annotated[bool, typer.Option(
+        "--forget", help="Only delete the profile; the token is not revoked and works until it expires.")] = False,
+) -> None:
+    """Sign out: revoke the sign-in's token at the gateway, then delete the profile."""
+    path = profile_path()
+    if not path.exists():
         typer.echo("not signed in")
         return
-    typer.echo(f"signed out: removed {path}")
+    try:
+        profile = _load_profile()
+    except UsageProblem:
+        profile = None  # not a profile: nothing to revoke, only a file to remove
+    revoked = ""
+    if profile is not None and not forget:
+        expires = profile.get("expires_at")
+        if not (isinstance(expires, (int, float)) and expires <= time.time()):
+            _revoke_sign_in(profile["addr"].rstrip("/"), profile["access_token"])
+            revoked = f"token revoked at {profile['addr']}, "
+    path.unlink(missing_ok=True)
+    typer.echo(f"signed out: {revoked}removed {path}")
 
 
 @app.command()

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 
 PUBLIC = {
     "/healthz", "/metrics", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-    "/v1/unwrap", "/v1/auth/token", "/v1/jwks", "/.well-known/openid-configuration", "/v1/auth/login-config",
+    "/v1/unwrap", "/v1/auth/token", "/v1/auth/revoke", "/v1/jwks", "/.well-known/openid-configuration", "/v1/auth/login-config",
     "/v1/auth/console/login", "/v1/auth/console/callback",
 }
 
@@ -74,6 +74,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/v1/admin-keys"): "admin_keys:manage",
     ("POST", "/v1/admin-keys/{key_id}/revoke"): "admin_keys:manage",
     ("POST", "/v1/auth/token"): "public",
+    ("POST", "/v1/auth/revoke"): "public",  # RFC 7009: the token's bearer or its client, checked by the route
     ("POST", "/v1/backends/{name}/check"): "backends:read",
     ("POST", "/v1/clients"): "clients:manage",
     ("POST", "/v1/clients/{client_id}/revoke"): "clients:manage",
@@ -198,7 +199,9 @@ async def test_every_route_against_every_caller(gateway: Gateway) -> None:
                     allowed = any(a in HOLDS[caller] for a in action.split("|"))
                 async with gateway.as_token(token) as client:
                     body = {} if method in ("POST", "PUT", "PATCH") else None
-                    if route.path == "/v1/auth/token":
+                    if route.path == "/v1/keys/signing/rotate":
+                        body = {"grace_seconds": 3600}  # the other callers' tokens stay valid
+                    if route.path in ("/v1/auth/token", "/v1/auth/revoke"):
                         r = await client.request(method, fill(route.path), content="",
                                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
                     else:

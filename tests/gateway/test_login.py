@@ -157,10 +157,74 @@ def test_device_login_whoami_admin_command_logout(gw: LoginGateway, idp: OIDCPro
     elsewhere = gw.cli("whoami", "--addr", f"http://localhost:{gw.port}", profile=profile, check=False)
     assert elsewhere.returncode == 1 and elsewhere.stderr.startswith("credgate: missing_token:")
 
-    assert "signed out" in gw.cli("logout", profile=profile).stdout
+    token = stored["access_token"]
+    out = gw.cli("logout", profile=profile).stdout
+    assert out.startswith(f"signed out: token revoked at {gw.addr}, removed ") and token not in out
     assert not profile.exists()
     after = gw.cli("whoami", profile=profile, check=False)
     assert after.returncode == 1 and after.stderr.startswith("credgate: missing_token:")
+    # The token itself is revoked at the gateway, not only forgotten here.
+    r = httpx.get(f"{gw.addr}/v1/auth/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "token_revoked"
+
+
+def test_the_sign_in_ends_when_its_mapping_or_signing_key_changes(
+    gw: LoginGateway, idp: OIDCProvider, tmp_path: Path
+) -> None:
+    """The login token derives from the issuer's mapping and is signed by the gateway's key:
+    changing either refuses it (and a new sign-in works)."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    issuer = httpx.get(f"{gw.addr}/v1/issuers/idp", headers=admin, timeout=10).json()
+    body = {k: v for k, v in issuer.items() if k != "name"}
+
+    def whoami(profile: Path) -> tuple[int, str]:
+        res = gw.cli("whoami", profile=profile, check=False)
+        return res.returncode, res.stderr
+
+    idp.users["carol"] = {"email": "carol@example.com", "groups": ["credgate-admins"]}
+    profile = tmp_path / "carol.json"
+    sign_in(gw, idp, profile, "carol")
+    assert whoami(profile)[0] == 0
+    # The role mapping that granted the admin role is removed.
+    r = httpx.put(f"{gw.addr}/v1/issuers/idp", headers=admin, timeout=10, json={**body, "role_mapping": {}})
+    assert r.status_code == 200, r.text
+    try:
+        code, err = whoami(profile)
+        assert code == 1 and err.startswith("credgate: issuer_changed: ") and err.count("\n") == 1
+    finally:
+        assert httpx.put(f"{gw.addr}/v1/issuers/idp", headers=admin, timeout=10, json=body).status_code == 200
+    sign_in(gw, idp, profile, "carol")
+    assert whoami(profile)[0] == 0
+    # The signing key is rotated (after a compromise: no grace).
+    assert gw.cli("keys", "rotate-signing", "--token", ADMIN, profile=profile).returncode == 0
+    code, err = whoami(profile)
+    assert code == 1 and err.startswith("credgate: token_kid_unknown:")
+    # Logging out still works: the gateway answers 200 for a token it no longer accepts.
+    assert "signed out" in gw.cli("logout", profile=profile).stdout and not profile.exists()
+
+
+def test_logout_keeps_the_profile_when_the_gateway_cant_revoke(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"addr": f"http://127.0.0.1:{free_port()}", "access_token": "x.y.z",
+                                   "expires_at": int(time.time()) + 600}))
+    for name in [k for k in os.environ if k.startswith("CREDGATE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CREDGATE_PROFILE", str(profile))
+    with pytest.raises(SystemExit) as exc:
+        main(["logout"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and err.startswith("credgate: revoke_failed: ") and err.count("\n") == 1, err
+    assert "--forget" in err and "x.y.z" not in err and profile.exists()
+    main(["logout", "--forget"])
+    assert capsys.readouterr().out.startswith("signed out: removed ") and not profile.exists()
+    # An expired or broken profile has nothing to revoke: it is removed.
+    profile.write_text("{not json")
+    main(["logout"])
+    assert not profile.exists()
 
 
 def test_a_user_without_a_mapped_role_is_refused_admin_actions(

@@ -135,6 +135,79 @@ def test_two_replicas_share_work_and_fail_over(tmp_path: Path, postgres_url: str
                 p.wait(timeout=20)
 
 
+def test_revoking_what_tokens_derive_from_reaches_the_other_replica(tmp_path: Path, postgres_url: str) -> None:
+    """Tokens verified and cached on B are refused on B within a second of a revocation
+    through A: their client, a token revoked on its own (RFC 7009), the issuer mapping an
+    exchanged token came through, the signing key (rotated without grace)."""
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    kek = tmp_path / "kek"
+    new_key_file(kek)
+    a, addr_a = start(tmp_path, "a", postgres_url, kek)
+    b, addr_b = start(tmp_path, "b", postgres_url, kek)
+    procs = [a, b]
+    idp_key = RSAKey.generate_key(2048, parameters={"kid": "idp"})
+    idp = {"issuer_url": "https://idp.example", "jwks": {"keys": [idp_key.as_dict(private=False)]},
+           "audiences": ["credgate"], "claim_mapping": {"groups": "groups"}, "role_mapping": {"ops": ["auditor"]}}
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10) as c:
+            secret = c.post(f"{addr_a}/v1/clients", json={"client_id": "svc", "roles": ["auditor"]}).json()["client_secret"]
+            assert c.put(f"{addr_a}/v1/issuers/idp", json=idp).status_code == 201
+
+            def token(addr: str, **form: str) -> dict[str, str]:
+                r = httpx.post(f"{addr}/v1/auth/token", data=form, timeout=10)
+                assert r.status_code == 200, r.text
+                return {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+            def client_token(addr: str) -> dict[str, str]:
+                return token(addr, grant_type="client_credentials", client_id="svc", client_secret=secret)
+
+            def refused_on_b(headers: dict[str, str]) -> bool:
+                return httpx.get(f"{addr_b}/v1/backends", headers=headers).status_code == 401
+
+            def ok_on_b(headers: dict[str, str]) -> bool:
+                return httpx.get(f"{addr_b}/v1/backends", headers=headers).status_code == 200
+
+            # A token revoked on its own through A.
+            own = client_token(addr_a)
+            assert ok_on_b(own) and ok_on_b(own)  # verified and cached on B
+            r = httpx.post(f"{addr_a}/v1/auth/revoke", data={"token": own["Authorization"][7:]}, headers=own)
+            assert r.status_code == 200
+            assert within_a_second(lambda: refused_on_b(own))
+
+            # An exchanged token whose issuer mapping changes through A.
+            now = int(time.time())
+            id_token = jwt.encode({"alg": "RS256", "kid": "idp"}, {
+                "iss": "https://idp.example", "sub": "alice", "aud": "credgate", "iat": now, "exp": now + 600,
+                "groups": ["ops"]}, idp_key)
+            exchanged = token(addr_b, grant_type="urn:ietf:params:oauth:grant-type:token-exchange",
+                              subject_token=id_token, subject_token_type="urn:ietf:params:oauth:token-type:jwt")
+            assert ok_on_b(exchanged)
+            assert c.put(f"{addr_a}/v1/issuers/idp", json={**idp, "role_mapping": {}}).status_code == 200
+            assert within_a_second(lambda: refused_on_b(exchanged))
+
+            # The signing key rotated through A: B refuses what the old key signed, and signs with the new one.
+            before = client_token(addr_b)
+            assert ok_on_b(before)
+            assert c.post(f"{addr_a}/v1/keys/signing/rotate").status_code == 200
+            assert within_a_second(lambda: refused_on_b(before))
+            after = client_token(addr_b)
+            assert ok_on_b(after) and httpx.get(f"{addr_a}/v1/backends", headers=after).status_code == 200
+
+            # The client revoked through A: its token, cached on B, is refused on B.
+            assert ok_on_b(after)
+            assert c.post(f"{addr_a}/v1/clients/svc/revoke").status_code == 200
+            assert within_a_second(lambda: refused_on_b(after))
+            r = httpx.get(f"{addr_b}/v1/backends", headers=after)
+            assert r.json()["error"]["code"] == "client_revoked"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=20)
+
+
 def test_killing_the_reaper_mid_revocation_loses_no_lease(tmp_path: Path, postgres_url: str) -> None:
     """Short postgres leases expire while the reaper revokes them; the reaper's process is
     SIGKILLed at a random moment of that work. The other replica finishes it: every lease ends
