@@ -1,8 +1,9 @@
 """From a bearer token to a :class:`~gateway.auth.Principal` (see gateway/auth.py for the shapes).
 
 A token that verified is remembered by its SHA-256, with the principal it
-became, for at most ``ADMIN_KEY_SECONDS`` and never past the token's ``exp``, so
-the next request with it costs a hash and a dict lookup. The entry is dropped
+became, for at most ``ADMIN_KEY_SECONDS``, never past the token's ``exp`` nor
+past the end of its signing key's grace period after a rotation, so the next
+request with it costs a hash and a dict lookup. The entry is dropped
 on every replica when the admin key is revoked or an issuer, client or
 signing key changes (:mod:`gateway.changes`). What can change per request is
 not cached with the principal: every source it derives from (its client,
@@ -60,17 +61,18 @@ class Authenticator:
 
     async def _verify(self, token: str) -> tuple[Principal, float | None]:
         """The principal, and until when (monotonic) it may be reused."""
-        exp = None
+        exp = grace_end = None
         if token.startswith("cgt_"):
             principal = await self._admin_keys.authenticate(token)
         elif "." not in token:
             # Wrap tokens and client secrets are not bearer credentials.
             raise Unauthenticated("The bearer token is not valid.", code="invalid_token")
         else:
-            _, claims = peek(token)
+            header, claims = peek(token)
             iss = claims.get("iss")
             if iss == self._tokens.issuer_url:
                 principal = await self._tokens.verify(token)
+                grace_end = self._tokens.signing.grace_end(header.get("kid"))
             else:
                 row = await self._issuers.by_issuer_url(iss) if isinstance(iss, str) else None
                 if row is None:
@@ -81,6 +83,7 @@ class Authenticator:
                     roles=verified.roles, claims=verified.claims, source=verified.source,
                 )
             exp = claims.get("exp")  # verified above: present and in the future
-        if isinstance(exp, (int, float)):
-            return principal, time.monotonic() + (exp - time.time())
-        return principal, None
+        until = time.monotonic() + (exp - time.time()) if isinstance(exp, (int, float)) else None
+        if grace_end is not None:  # its signing key is in a grace period: not past its end
+            until = grace_end if until is None else min(until, grace_end)
+        return principal, until

@@ -54,6 +54,7 @@ class SigningKeys:
         self._loaded_at: datetime | None = None
         self._loaded_mono = 0.0
         self._reload_at = float("inf")  # monotonic: when a grace period ends
+        self._grace_ends: dict[str, float] = {}  # kid -> monotonic end of its grace period
         self._stale = False
         store.changes.subscribe("signing_key", self._changed)
 
@@ -90,8 +91,14 @@ class SigningKeys:
             self._private = (active.kid, RSAKey.import_key(private))
         self._loaded_at = now
         self._loaded_mono = time.monotonic()
-        ends = [(r.publish_until - now).total_seconds() for r in published if r.state == "previous" and r.publish_until]
-        self._reload_at = self._loaded_mono + min(ends) if ends else float("inf")
+        self._grace_ends = {r.kid: self._loaded_mono + (r.publish_until - now).total_seconds()
+                            for r in published if r.state == "previous" and r.publish_until}
+        self._reload_at = min(self._grace_ends.values(), default=float("inf"))
+
+    def grace_end(self, kid: object) -> float | None:
+        """When (monotonic) a key in its grace period stops verifying tokens; None for the
+        active key. A cache of verified tokens must not keep one past it."""
+        return self._grace_ends.get(kid) if isinstance(kid, str) else None
 
     async def fresh(self) -> None:
         """Reload if a key changed (here or on another replica), a grace period ended, or

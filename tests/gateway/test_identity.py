@@ -390,3 +390,9 @@ async def test_signing_key_rotation_with_grace_keeps_old_tokens_valid(gateway: G
     assert await status(gateway, new) == (401, "token_kid_unknown")
     r = await gateway.client.post("/v1/keys/signing/rotate", json={"grace_seconds": 86401})
     assert r.status_code == 422
+    # When the grace ends, the old key stops verifying (no other change needed to notice).
+    current = await client_token(gateway, "svc", created["client_secret"])
+    assert (await gateway.client.post("/v1/keys/signing/rotate", json={"grace_seconds": 1})).status_code == 200
+    assert (await status(gateway, current))[0] == 200
+    time.sleep(1.1)
+    assert await status(gateway, current) == (401, "token_kid_unknown")
