@@ -42,6 +42,7 @@ def _is_json(content_type: bytes | None) -> bool:
 # policies may be written in YAML.
 _OTHER_MEDIA = {
     "/v1/auth/token": (b"application/x-www-form-urlencoded",),
+    "/v1/auth/revoke": (b"application/x-www-form-urlencoded",),  # RFC 7009
     "/v1/policies/": (b"application/yaml", b"application/x-yaml", b"text/yaml"),
 }
 

@@ -9,6 +9,7 @@ import secrets
 import stat
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from gateway.audit import AuditLog, build_sinks
@@ -164,7 +165,7 @@ class Runtime:
             tokens = Tokens(signing, settings.issuer_url)
             issuers = TrustedIssuers(store)
             policies = Policies(store)
-            runs = Runs(store, tokens)
+            runs = Runs(store, tokens, max_ttl=timedelta(seconds=settings.run_token_max_ttl_seconds))
             rt = cls(
                 audit=AuditLog(store, envelope, signing, build_sinks(settings.audit_sinks),
                                wait_seconds=settings.audit_wait_seconds,

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="How long a connector's material, read from its backend, is reused (0: read it for every use). "
         "A change made through the gateway drops it at once on every replica; this bounds out-of-band changes.",
     )
+    run_token_max_ttl_seconds: int = Field(
+        86400, ge=60, le=86400,
+        description="The longest a run token lives (a longer ttl_seconds asked for is cut to this). It is also "
+        "refused as soon as its run, its delegator (client, admin key, issuer mapping) or its delegator's token is revoked.",
+    )
 
     @field_validator("bootstrap_token")
     @classmethod
