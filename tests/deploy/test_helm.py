@@ -524,6 +524,7 @@ def test_rendered_settings_load_in_the_gateway(name: str, tmp_path: Path, monkey
         assert s.tls_client_subjects == {"CN=zenml-server,O=acme": "zenml-server"}
         assert [sink["type"] for sink in s.audit_sinks] == ["file", "stdout"]
         assert s.login_issuer == "corp-idp" and s.log_level == "warning"
+        assert s.trusted_proxies == ["10.42.0.0/16", "10.43.0.7/32"]  # a list, passed as JSON
         assert s.tls_cert_file is not None and str(s.tls_cert_file.parent) in mounts
         assert s.tls_client_ca_file is not None and str(s.tls_client_ca_file.parent) in mounts
         # The audit file sink's directory is a mounted volume.
