@@ -186,17 +186,22 @@ class Catalog:
             q = select(func.count()).where(ConnectorRow.secret_backend == backend)
             return (await s.execute(q)).scalar_one()
 
-    async def using_secret(self, backend: str, path: str) -> list[str]:
-        """The connectors that draw on secret ``backend/path``."""
+    async def using_secret(self, backend: str, path: str | None) -> list[str]:
+        """The connectors that draw on secret ``backend/path`` (``path`` None: on any secret of ``backend``)."""
         async with self._store.read() as s:
-            q = select(ConnectorRow.name).where(
-                ConnectorRow.secret_backend == backend, ConnectorRow.secret_path == path
-            ).order_by(ConnectorRow.name)
+            q = select(ConnectorRow.name).where(ConnectorRow.secret_backend == backend)
+            if path is not None:
+                q = q.where(ConnectorRow.secret_path == path)
+            q = q.order_by(ConnectorRow.name)
             return list((await s.execute(q)).scalars())
 
-    async def authorize_material(self, principal: Principal, backend: str, path: str, *, bind: str | None = None) -> None:
+    async def authorize_material(
+        self, principal: Principal, backend: str, path: str | None, *, bind: str | None = None
+    ) -> None:
         """May ``principal`` bind connector ``bind`` to secret ``backend/path`` (``bind`` given), or
         change that secret (``bind`` None)? The one decision on connector material; 403 if not.
+        ``path`` None (with ``bind`` None) asks about replacing backend ``backend`` itself: its
+        configuration decides where every connector drawing on it reads its material from.
 
         - Binding (creating or replacing a connector) needs ``secrets:bind`` on the secret, decided
           with ``resource="BACKEND/PATH"`` (the shape every secrets action uses) and

@@ -32,6 +32,9 @@ async def get_backend(name: str, runtime: RuntimeDep, principal: Annotated[Princ
 async def put_backend(
     name: str, body: BackendPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")], response: Response
 ) -> BackendOut:
+    # A backend's configuration decides where the connectors drawing on it read their material:
+    # replacing it needs connectors:manage on each of them, like rewriting the secret itself.
+    await runtime.catalog.authorize_material(principal, name, None)
     info, created = await runtime.mounts.put(name, body.type, body.config)
     response.status_code = 201 if created else 200
     return _out(info)

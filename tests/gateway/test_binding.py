@@ -163,6 +163,26 @@ async def test_writing_shared_material_needs_every_connector_that_draws_on_it(ga
         await ok(await teama.put("/v1/secrets/local/team-a/vendor", json={"data": {"api_key": "k3"}}))
 
 
+async def test_replacing_a_backend_connectors_draw_on_needs_each_of_them(gateway: Gateway) -> None:
+    """A backend's configuration decides where its connectors' material is read: replacing it
+    is rewriting that material, so backends:manage alone is not enough while a connector draws on it."""
+    c = gateway.client
+    await ok(await c.put("/v1/backends/team-a", json={"type": "local"}), 201)
+    await ok(await c.put("/v1/secrets/team-a/vendor", json={"data": {"api_key": "k1"}}))
+    manage = {"principals": {"issuer": "credgate", "subject": "admin_key:teama"}, "actions": ["backends:manage"]}
+    await ok(await c.put("/v1/policies/team-a", json=team_a_policy(manage)), 201)
+    async with gateway.as_token(await key_for(gateway, "teama", role="auditor")) as teama:
+        await ok(await teama.put("/v1/backends/team-a", json={"type": "local"}))  # nothing draws on it yet
+        await ok(await c.put("/v1/connectors/team-b-vendor", json=static_body("team-a/vendor")), 201)
+        r = await teama.put("/v1/backends/team-a", json={"type": "local"})
+        assert r.status_code == 403 and "'team-b-vendor'" in r.json()["error"]["message"], r.text
+        await ok(await c.put("/v1/backends/team-a", json={"type": "local"}))  # the admin may
+        await ok(await c.delete("/v1/connectors/team-b-vendor"), 204)
+        await ok(await teama.put("/v1/backends/team-a", json={"type": "local"}))
+    denied = [e for e in await events(gateway, decision="deny") if e["subject"] == "admin_key:teama"]
+    assert any(e["action"] == "connectors:manage" and e["target"] == "PUT /v1/backends/team-a" for e in denied), denied
+
+
 # --- item 7: a connector that can't work is refused when it is added ------------------
 
 
