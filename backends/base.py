@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from gateway.cache import Cache
-    from gateway.envelope import Envelope
+    from gateway.store.cache import Cache
+    from gateway.crypto.envelope import Envelope
     from gateway.store import Store
 
 
@@ -46,7 +46,7 @@ class BackendContext:
 
     Only a backend whose every write goes through the gateway (``local``) may
     use the cache: it drops an entry on every replica by noting the change
-    (``gateway.changes.note(session, "secret", "backend/path")``) in the write's
+    (``gateway.store.changes.note(session, "secret", "backend/path")``) in the write's
     transaction. A backend that can change behind the gateway's back (a vendor
     secret manager) must not cache.
     """

@@ -1,7 +1,7 @@
 """The ``local`` backend: credgate's own encrypted store.
 
 Each version is a JSON map sealed with a fresh data key (see
-:mod:`gateway.envelope`) under the context ``("secret", backend, path,
+:mod:`gateway.crypto.envelope`) under the context ``("secret", backend, path,
 version)``; only key names and timestamps are kept in clear.
 """
 
@@ -16,11 +16,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from backends.base import BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
-from gateway import changes
-from gateway.envelope import context
+from gateway.store import changes
 from gateway.errors import Conflict, NotFound
 from gateway.store.database import insert_if_absent
 from gateway.store.models import SecretRow, SecretVersionRow, utcnow
+from gateway.store.sealed import secret_context
 
 
 class LocalConfig(BaseModel):
@@ -29,8 +29,6 @@ class LocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def secret_context(backend: str, path: str, version: int) -> bytes:
-    return context("secret", backend, path, version)
 
 
 class LocalBackend:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg  # noqa: E402
 
-from gateway import changes  # noqa: E402
+from gateway.store import changes  # noqa: E402
 from gateway.store import Store  # noqa: E402
 
 PG_BASE = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")

@@ -49,45 +49,22 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import BadRequest, CredgateError, ValidationFailed, field_errors
+from gateway.errors import (  # the plugin-facing errors a connector raises (see gateway/errors.py)
+    BadRequest,
+    CredgateError,
+    ResourceNotSupported,
+    ResourceRejected,
+    TargetError,
+    TargetUnreachable,
+    ValidationFailed,
+    field_errors,
+)
 
 
 class Revocability(StrEnum):
     REVOCABLE = "revocable"  # the gateway can remove it at the target (drop the role)
     EXPIRY_ONLY = "expiry-only"  # it can only be waited out (an STS token)
     EPOCH = "epoch"  # the target denies everything issued before a time
-
-
-class TargetError(CredgateError):
-    """The target refused or failed. Surfaces as 502 ``target_error`` (or a more specific code)."""
-
-    status = 502
-    code = "target_error"
-
-
-class TargetUnreachable(TargetError):
-    status = 503
-    code = "target_unreachable"
-
-
-class ResourceRejected(TargetError):
-    """The target refused *this resource*: it does not exist there (a schema, a database, a
-    table), or the connector's login may not grant on it. The caller asked for something the
-    target can't give, so it is a 409 ``target_rejected_resource`` naming the resource (and a
-    ``reason``: ``not_found`` or ``not_grantable``), not a 502. Raise it only when nothing was
-    left at the target; the gateway still revokes the planned names before answering."""
-
-    status = 409
-    code = "target_rejected_resource"
-
-    def __init__(self, message: str, *, resource: str, reason: str, code: str | None = None, **details: Any) -> None:
-        super().__init__(message, code=code, resource=resource, reason=reason, **details)
-        self.resource = resource
-        self.reason = reason
-
-
-class ResourceNotSupported(BadRequest):
-    code = "resource_not_supported"
 
 
 def safe_vendor_error(exc: BaseException) -> str:

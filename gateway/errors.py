@@ -1,42 +1,44 @@
-"""The one error hierarchy of credgate, and the one place that maps it to HTTP.
+"""The one error tree of credgate. Pure: no web framework here. Each class declares the
+HTTP status it stands for (``status``) and builds its body; turning it into a response
+(FastAPI's handlers, headers, logging) is :mod:`gateway.web.errors`, the one place.
 
-Every failure a caller can see is a :class:`CredgateError`. Each subclass fixes
-an HTTP status; each raise site gives a stable snake_case ``code`` and a human
-``message``. Messages are written by credgate, never copied from a vendor
-error or from user input, so they never carry a secret value.
+Every failure a caller can see is a :class:`CredgateError`. Each raise site gives a
+stable snake_case ``code`` and a human ``message``; keyword ``details`` (key names,
+a resource, never a value) travel with it into the error body. Messages are written
+by credgate, never copied from a vendor error or from user input, so they never
+carry a secret value.
 
-    CredgateError                     500 internal_error
-    ├── BadRequest                    400 (invalid_json, invalid_path, ...)
-    ├── Unauthenticated               401 (missing_token, invalid_token)
-    ├── Forbidden                     403 (permission_denied, ...)
-    ├── NotFound                      404 (backend_not_found, secret_not_found, ...)
-    ├── MethodNotAllowed              405
-    ├── Conflict                      409 (backend_in_use, ...)
-    ├── Gone                          410
-    ├── PayloadTooLarge               413 (body_too_large)
-    ├── UnsupportedMediaType          415 (unsupported_media_type)
-    ├── ValidationFailed              422 (validation_failed; carries field paths)
-    ├── Unavailable                   503 (not_ready, backend_unavailable, ...)
-    └── ConfigurationError            (not HTTP: refuses to start; CLI exit 2)
+    CredgateError                     internal_error          (HTTP 500)
+    ├── BadRequest                    invalid_json, ...       (400)
+    │   └── ResourceNotSupported      resource_not_supported  (400)
+    ├── Unauthenticated               missing_token, ...      (401)
+    ├── Forbidden                     permission_denied, ...  (403)
+    ├── NotFound                      secret_not_found, ...   (404)
+    ├── MethodNotAllowed              method_not_allowed      (405)
+    ├── Conflict                      backend_in_use, ...     (409)
+    ├── Gone                          wrap_token_used, ...    (410)
+    ├── PayloadTooLarge               body_too_large          (413)
+    ├── UnsupportedMediaType          unsupported_media_type  (415)
+    ├── ValidationFailed              validation_failed       (422; carries field paths)
+    ├── TooManyRequests               rate_limited            (429)
+    ├── Unavailable                   not_ready, ...          (503)
+    ├── TargetError                   target_error            (502: a backend or target failed)
+    │   ├── TargetUnreachable         target_unreachable      (503: it did not answer)
+    │   └── ResourceRejected          target_rejected_resource (409: it refused this resource)
+    └── ConfigurationError            configuration_error     (not HTTP: refuses to start; CLI exit 2)
 
-Every error body is ``{"error": {"code", "message", "request_id", ...}}``.
+Plugins (``backends/``, ``connectors/``) raise only these; :mod:`connectors.base` and
+:mod:`backends.base` re-export the ones they document.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.requestid import current_request_id
-
-log = logging.getLogger("credgate.errors")
 
 
 class CredgateError(Exception):
@@ -51,6 +53,7 @@ class CredgateError(Exception):
         self.details = details
 
     def body(self) -> dict[str, Any]:
+        """The error body: ``{"error": {"code", "message", ...details, "request_id"}}``."""
         err: dict[str, Any] = {"code": self.code, "message": self.message}
         err.update(self.details)
         err["request_id"] = current_request_id()
@@ -58,58 +61,97 @@ class CredgateError(Exception):
 
 
 class BadRequest(CredgateError):
-    status, code = 400, "bad_request"
+    status = 400
+    code = "bad_request"
+
+
+class ResourceNotSupported(BadRequest):
+    code = "resource_not_supported"
 
 
 class Unauthenticated(CredgateError):
-    status, code = 401, "unauthenticated"
+    status = 401
+    code = "unauthenticated"
 
 
 class Forbidden(CredgateError):
-    status, code = 403, "permission_denied"
+    status = 403
+    code = "permission_denied"
 
 
 class NotFound(CredgateError):
-    status, code = 404, "not_found"
+    status = 404
+    code = "not_found"
 
 
 class MethodNotAllowed(CredgateError):
-    status, code = 405, "method_not_allowed"
+    status = 405
+    code = "method_not_allowed"
 
 
 class Conflict(CredgateError):
-    status, code = 409, "conflict"
+    status = 409
+    code = "conflict"
 
 
 class Gone(CredgateError):
-    status, code = 410, "gone"
+    status = 410
+    code = "gone"
 
 
 class PayloadTooLarge(CredgateError):
-    status, code = 413, "body_too_large"
+    status = 413
+    code = "body_too_large"
 
 
 class UnsupportedMediaType(CredgateError):
-    status, code = 415, "unsupported_media_type"
+    status = 415
+    code = "unsupported_media_type"
 
 
 class ValidationFailed(CredgateError):
-    status, code = 422, "validation_failed"
+    status = 422
+    code = "validation_failed"
+
+
+class TooManyRequests(CredgateError):
+    status = 429
+    code = "rate_limited"
 
 
 class Unavailable(CredgateError):
-    status, code = 503, "unavailable"
+    status = 503
+    code = "unavailable"
 
 
-class ErrorOut(BaseModel):
-    """The body of every error response (for the OpenAPI schema)."""
+class TargetError(CredgateError):
+    """A backend or target refused or failed (a sanitised vendor error: its class and code)."""
 
-    class Body(BaseModel):
-        code: str
-        message: str
-        request_id: str | None = None
+    status = 502
+    code = "target_error"
 
-    error: Body
+
+class TargetUnreachable(TargetError):
+    """The backend or target did not answer (connection refused, timeout, too many connections)."""
+
+    status = 503
+    code = "target_unreachable"
+
+
+class ResourceRejected(TargetError):
+    """The target refused *this resource*: it does not exist there (a schema, a database, a
+    table), or the connector's login may not grant on it. The caller asked for something the
+    target can't give, so it is a 409 ``target_rejected_resource`` naming the resource (and a
+    ``reason``: ``not_found`` or ``not_grantable``), not a 502. Raise it only when nothing was
+    left at the target; the gateway still revokes the planned names before answering."""
+
+    status = 409
+    code = "target_rejected_resource"
+
+    def __init__(self, message: str, *, resource: str, reason: str, code: str | None = None, **details: Any) -> None:
+        super().__init__(message, code=code, resource=resource, reason=reason, **details)
+        self.resource = resource
+        self.reason = reason
 
 
 class ConfigurationError(CredgateError):
@@ -159,81 +201,3 @@ def validate_model(model: type[BaseModel], data: Any, what: str, prefix: str = "
     except ValidationError as exc:
         errors = field_errors(exc.errors(), prefix)
         raise ValidationFailed(f"Invalid {what} at {errors[0]['field']}: {errors[0]['message']}", errors=errors) from None
-
-
-def error_response(exc: CredgateError, headers: dict[str, str] | None = None) -> JSONResponse:
-    from gateway import audit
-
-    audit.note(error=exc.code)
-    hdrs = dict(headers or {})
-    if getattr(exc, "retry_after", None):
-        hdrs.setdefault("Retry-After", str(exc.retry_after))
-    if isinstance(exc, Unauthenticated):
-        hdrs.setdefault("WWW-Authenticate", 'Bearer realm="credgate"')
-    return JSONResponse(exc.body(), status_code=exc.status, headers=hdrs)
-
-
-def _validation_error(exc: RequestValidationError) -> CredgateError:
-    """Translate FastAPI's validation error without ever echoing the input.
-
-    pydantic puts the offending input (which may be a secret value) into each
-    error; only the location and the message survive here.
-    """
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return BadRequest("The request body is not valid JSON.", code="invalid_json")
-    errors = field_errors(exc.errors())
-    if any(err["field"] == "body" and "required" in err["message"].lower() for err in errors):
-        return BadRequest("The request needs a JSON body.", code="missing_body", errors=errors)
-    first = errors[0] if errors else {"field": "", "message": "invalid"}
-    return ValidationFailed(
-        f"Invalid value at {first['field'] or 'request'}: {first['message']}", errors=errors
-    )
-
-
-_STATUS_CODES = {
-    400: BadRequest,
-    401: Unauthenticated,
-    403: Forbidden,
-    404: NotFound,
-    405: MethodNotAllowed,
-    409: Conflict,
-    410: Gone,
-    413: PayloadTooLarge,
-    415: UnsupportedMediaType,
-    422: ValidationFailed,
-    503: Unavailable,
-}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every exception the app can raise through one body shape."""
-
-    @app.exception_handler(CredgateError)
-    async def _credgate(request: Request, exc: CredgateError) -> JSONResponse:
-        if exc.status >= 500:
-            log.error("request failed: %s (%s)", exc.code, exc.message)
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        cls = _STATUS_CODES.get(exc.status_code, CredgateError)
-        if exc.status_code == 404:
-            err: CredgateError = NotFound("No such route.", code="route_not_found")
-        elif exc.status_code == 400:
-            # FastAPI raises a bare 400 only when it can't parse the body (e.g. bad UTF-8).
-            err = BadRequest("The request body could not be parsed as JSON.", code="invalid_json")
-        elif exc.status_code == 405:
-            err = MethodNotAllowed(f"Method {request.method} is not allowed here.")
-        else:
-            err = cls(str(exc.detail) if isinstance(exc.detail, str) else "Request refused.")
-        return error_response(err, headers=dict(exc.headers or {}))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The exception's text may quote a vendor response; log only its type.
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return error_response(CredgateError("The gateway hit an internal error."))

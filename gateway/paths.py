@@ -54,3 +54,6 @@ def secret_prefix(prefix: str) -> str:
     body = prefix[:-1] if prefix.endswith("/") else prefix
     secret_path(body)
     return prefix
+
+
+CLIENT_ID = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")  # an OAuth2 client id credgate issues

@@ -12,27 +12,27 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from gateway.audit import AuditLog, build_sinks
-from gateway.auth import AdminKeys, new_token
-from gateway.authenticator import Authenticator
-from gateway.catalog import Catalog
-from gateway.clients import Clients
-from gateway.credentials import Credentials, RevokePolicy
-from gateway.envelope import Envelope
+from gateway.audit.trail import AuditLog, build_sinks
+from gateway.identity.principal import AdminKeys, new_token
+from gateway.identity.authenticator import Authenticator
+from gateway.plugins.connectors import Catalog
+from gateway.identity.clients import Clients
+from gateway.issuing.service import Credentials, RevokePolicy
+from gateway.crypto.envelope import Envelope
 from gateway.errors import ConfigurationError
-from gateway.identity import TrustedIssuers
-from gateway.keyring import KeyRing, load_keyring
-from gateway.leases import Leases
-from gateway.mounts import Mounts
-from gateway.policies import Policies
-from gateway.reaper import Reaper
-from gateway.rotation import KeyManager
-from gateway.runs import Runs
+from gateway.identity.issuers import TrustedIssuers
+from gateway.crypto.keyring import KeyRing, load_keyring
+from gateway.issuing.leases import Leases
+from gateway.plugins.backends import Mounts
+from gateway.policy.store import Policies
+from gateway.issuing.reaper import Reaper
+from gateway.crypto.rotation import KeyManager
+from gateway.identity.runs import Runs
 from gateway.settings import Settings
-from gateway.signing import SigningKeys
+from gateway.identity.signing import SigningKeys
 from gateway.store import Store
-from gateway.tokens import Tokens
-from gateway.wrapping import WrapTokens
+from gateway.identity.tokens import Tokens
+from gateway.issuing.wrapping import WrapTokens
 
 log = logging.getLogger("credgate")
 
@@ -136,7 +136,7 @@ class Runtime:
     runs: Runs
     authenticator: Authenticator
     audit: AuditLog
-    metrics: Any = None  # gateway.metrics.Metrics, set by the app
+    metrics: Any = None  # gateway.web.metrics.Metrics, set by the app
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

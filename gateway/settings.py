@@ -11,8 +11,10 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
+from cryptography import x509
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -23,9 +25,36 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigurationError, field_path
+from gateway.paths import CLIENT_ID
 
 _BEARER = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 b64token: what an Authorization header carries
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "credgate"
+
+
+def normalize_subject(text: str) -> str:
+    """``text`` as RFC 4514 in cryptography's spelling (``2.5.4.3=a`` -> ``CN=a``,
+    escapes as it writes them); ValueError if it is not a distinguished name."""
+    try:
+        name = x509.Name.from_rfc4514_string(text.strip()).rfc4514_string()
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an RFC 4514 distinguished name (e.g. 'CN=zenml-server,O=acme', no spaces after commas)"
+        ) from None
+    if not name:
+        raise ValueError("an empty subject matches no certificate")
+    return name
+
+
+def client_subjects(mapping: Mapping[str, str]) -> dict[str, str]:
+    """Validate ``tls_client_subjects``: keys normalized, values client ids (ValueError otherwise)."""
+    out: dict[str, str] = {}
+    for subject, client_id in mapping.items():
+        if not isinstance(client_id, str) or not CLIENT_ID.match(client_id):
+            raise ValueError(f"{client_id!r} is not a client id (1-63 characters of a-z, 0-9, '_', '.', '-')")
+        key = normalize_subject(subject)
+        if out.setdefault(key, client_id) != client_id:
+            raise ValueError(f"subject {key!r} is mapped to two clients")
+    return out
 
 
 class Settings(BaseSettings):
@@ -61,7 +90,7 @@ class Settings(BaseSettings):
         None, description="The gateway's URL as callers see it: the issuer of its tokens (default http://HOST:PORT)."
     )
 
-    # TLS (gateway/tls.py): HTTPS with a certificate and key; client certificates with a client CA.
+    # TLS (gateway/web/tls.py): HTTPS with a certificate and key; client certificates with a client CA.
     tls_cert_file: Path | None = Field(None, description="PEM certificate (chain) to serve HTTPS with.")
     tls_key_file: Path | None = Field(None, description="PEM private key of that certificate.")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA(s) client certificates are verified against.")
@@ -176,8 +205,6 @@ class Settings(BaseSettings):
     @field_validator("tls_client_subjects")
     @classmethod
     def _subjects(cls, v: dict[str, str]) -> dict[str, str]:
-        from gateway.tls import client_subjects
-
         return client_subjects(v)
 
     @model_validator(mode="after")

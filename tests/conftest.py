@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.keyring import new_key_file
+from gateway.web.app import create_app
+from gateway.crypto.keyring import new_key_file
 from gateway.settings import load_settings
 
 PG_ADMIN_URL = os.environ.get("CREDGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

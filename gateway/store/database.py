@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from gateway.changes import Changes, committed
+from gateway.store.changes import Changes, committed
 from gateway.errors import ConfigurationError
 
 _IMMEDIATE = "credgate_sqlite_immediate"
@@ -164,7 +164,7 @@ class Store:
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction, committed when the block exits cleanly.
 
-        Changes noted in it (:func:`gateway.changes.note`) reach this process's
+        Changes noted in it (:func:`gateway.store.changes.note`) reach this process's
         subscribers after the commit, before the block returns."""
         noted: list[tuple[str, str | None]] = []
         async with self.engine.connect() as conn:
@@ -193,7 +193,7 @@ class Store:
         own, so one caller's error (a unique key taken) is that caller's alone.
         ``work`` must only touch the store (others wait for it), must be safe to
         run again from the start, and notes changes with
-        :func:`gateway.changes.note_sync`.
+        :func:`gateway.store.changes.note_sync`.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._grouped.append((work, future))
@@ -258,7 +258,7 @@ class Store:
     def claim_sole_use(self) -> None:
         """On SQLite, be the only gateway process on this file, or raise ConfigurationError.
 
-        The caches (gateway/cache.py) hear of changes made in this process only; a
+        The caches (gateway/store/cache.py) hear of changes made in this process only; a
         second process writing the same file would leave them stale. Several
         replicas share a PostgreSQL database instead. The lock is the kernel's and
         goes with the process, however it ends.

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from gateway.envelope import Sealed
+from gateway.store.sealed import Sealed
 
 
 def utcnow() -> datetime:
@@ -301,7 +301,7 @@ class RevokedTokenRow(Base):
 
 
 class AuditEventRow(Base):
-    """One audit event, hash-chained to the one before (see gateway/audit.py)."""
+    """One audit event, hash-chained to the one before (see gateway/audit/trail.py)."""
 
     __tablename__ = "audit_events"
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)

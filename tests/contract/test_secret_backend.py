@@ -13,7 +13,7 @@ import pytest
 
 from backends.base import SecretBackend, SecretValue
 from gateway.errors import Conflict, NotFound
-from gateway.registry import BACKEND_TYPES
+from gateway.plugins.registry import BACKEND_TYPES
 
 
 async def local_backend(gateway_runtime) -> SecretBackend:

@@ -232,16 +232,18 @@ def test_runtime_lock_is_hashed_complete_and_the_tested_versions() -> None:
     lock = DEPLOY / "requirements.lock"
     runtime = pins(lock)
     tested = pins(ROOT / "requirements" / "test.lock")
-    assert "--extra postgres" in lock.read_text().splitlines()[1], "the lock's header names the command that made it"
-    # Every requirement of credgate and its postgres extra, in range.
+    header = lock.read_text().splitlines()[1]
+    assert "--extra server --extra postgres" in header, "the lock's header names the command that made it"
+    # Every requirement of credgate, its server and its postgres extra, in range.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"] + project["optional-dependencies"]["postgres"]:
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["server"] + extras["postgres"]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         assert name in runtime, f"{req} is not pinned in {lock.name}"
         assert req.specifier.contains(runtime[name], prereleases=True), f"{req} pinned at {runtime[name]}"
     # Transitively complete (the image installs with --no-deps).
-    missing = needed({"postgres"}) - set(runtime)
+    missing = needed({"server", "postgres"}) - set(runtime)
     assert not missing, f"{lock.name} misses {sorted(missing)}: regenerate it (deploy/README.md)"
     # The image runs the versions CI tests.
     drift = {n: f"{v} in the image, {tested[n]} tested" for n, v in runtime.items() if tested.get(n) != v}

@@ -32,8 +32,8 @@ import yaml
 from kubernetes_validate import utils as kv_utils
 
 from gateway.errors import ConfigurationError
-from gateway.keyring import load_keyring, new_key_file
-from gateway.routes.health import router as health_router
+from gateway.crypto.keyring import load_keyring, new_key_file
+from gateway.web.routes.health import router as health_router
 from gateway.settings import Settings, load_settings
 from tests.deploy.common import CHART, UID, drain_seconds
 from tests.deploy.test_dockerfile import env_of, final

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.keyring import new_key_file
+from gateway.crypto.keyring import new_key_file
 from tests.deploy.common import HEALTHCHECK, ROOT, UID
 from tests.deploy.test_dockerfile import env_of, final
 from tests.gateway.test_cli import clean_env, free_port, wait_until_serving

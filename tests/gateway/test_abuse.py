@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.app import create_app
+from gateway.web.app import create_app
 from tests.conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
@@ -33,7 +33,7 @@ async def test_one_principal_past_its_limit_gets_429_others_do_not(settings_fact
 
 
 async def test_per_address_limit_applies_before_authentication(settings_factory) -> None:
-    app = create_app(settings_factory(rate_per_address=3, burst_per_address=3, rate_per_principal=0))
+    app = create_app(settings_factory(rate_per_address=0.01, burst_per_address=3, rate_per_principal=0))  # no refill during the test
     async with app.router.lifespan_context(app):
         async with client(app, "cgt_wrong", addr="10.9.9.9") as attacker:
             codes = [(await attacker.get("/v1/backends")).status_code for _ in range(6)]

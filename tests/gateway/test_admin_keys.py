@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from gateway.auth import hash_token
+from gateway.identity.principal import hash_token
 from gateway.store.models import AdminKeyRow
 from tests.conftest import ADMIN_TOKEN, Gateway
 
@@ -40,7 +40,7 @@ async def test_create_list_revoke(gateway: Gateway) -> None:
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_generated_bootstrap_token_is_printed_once(settings_factory, capsys) -> None:
-    from gateway.app import create_app
+    from gateway.web.app import create_app
 
     settings = settings_factory(bootstrap_token=None, dev=True)  # only --dev prints it (tests/gateway/test_bootstrap.py)
     app = create_app(settings)

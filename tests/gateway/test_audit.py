@@ -14,8 +14,8 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, update
 
-from gateway.app import create_app
-from gateway.audit import GENESIS, chain_hash
+from gateway.web.app import create_app
+from gateway.audit.trail import GENESIS, chain_hash
 from gateway.store.models import AuditCheckpointRow, AuditEventRow, AuditKeyRow, LeaseRow, utcnow
 from tests.conftest import ADMIN_TOKEN, Gateway
 

@@ -9,7 +9,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.audit import FIELDS, GENESIS, chain_hash, keyed_hash, verify_chain
+from gateway.audit.trail import FIELDS, GENESIS, chain_hash, keyed_hash, verify_chain
 
 
 def make_chain(n: int) -> list[dict]:
@@ -116,7 +116,7 @@ def test_a_keyed_chain_recomputed_without_the_key_is_refused(n: int, data: st.Da
 
 
 def test_every_field_is_bounded_where_the_event_is_built() -> None:
-    from gateway.audit import CUT, DETAILS_MAX, bound_event
+    from gateway.audit.trail import CUT, DETAILS_MAX, bound_event
     from gateway.store.models import AuditEventRow
 
     event = {f: "x\x00" * 5000 for f in FIELDS if f not in ("seq", "time", "details")}

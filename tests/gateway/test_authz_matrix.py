@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from gateway.policy import ACTIONS
+from gateway.policy.rules import ACTIONS
 from tests.conftest import ADMIN_TOKEN, Gateway
 
 pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import create_app
+from gateway.web.app import create_app
 from gateway.errors import ConfigurationError
 from gateway.settings import load_settings
 from tests.gateway.test_cli import CREDGATE, clean_env, free_port

@@ -1,4 +1,4 @@
-"""The change feed (gateway/changes.py) and the caches it keeps honest (gateway/cache.py).
+"""The change feed (gateway/store/changes.py) and the caches it keeps honest (gateway/store/cache.py).
 
 The PostgreSQL tests use two Store objects on one database, each with its own
 listener, as two replicas would; the listener is killed with
@@ -14,9 +14,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from gateway import changes
-from gateway.cache import MISSING, Cache
-from gateway.changes import LISTENER_NAME
+from gateway.store import changes
+from gateway.store.cache import MISSING, Cache
+from gateway.store.changes import LISTENER_NAME
 from gateway.store import Store
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from joserfc.jwk import RSAKey
 
-from gateway.cli import main
+from gateway.cli.main import main
 from tests.gateway.test_cli import Server
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
-from gateway.keyring import new_key_file
+from gateway.crypto.keyring import new_key_file
 from tests.gateway.test_cli import clean_env, free_port, wait_until_serving
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")

@@ -120,7 +120,7 @@ async def test_postgres_concurrent_issuance_into_one_database(gateway: Gateway, 
     from datetime import timedelta
 
     from connectors.base import IssueRequest
-    from gateway.leases import new_lease_id
+    from gateway.issuing.leases import new_lease_id
     from gateway.store.models import utcnow
 
     cluster, db = pg_target
@@ -164,7 +164,7 @@ async def test_a_crash_between_plan_and_issue_is_cleaned_up(gateway: Gateway, pg
     from datetime import timedelta
 
     from connectors.base import IssueRequest
-    from gateway.leases import new_lease_id
+    from gateway.issuing.leases import new_lease_id
     from gateway.store.models import LeaseRow, utcnow
 
     cluster, db = pg_target

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.envelope import Envelope, Sealed, context
-from gateway.keyring import DecryptionFailed, LocalKeyRing, format_key
+from gateway.crypto.envelope import Envelope, Sealed, context
+from gateway.crypto.keyring import DecryptionFailed, LocalKeyRing, format_key
 
 
 def ring(*versions: int) -> LocalKeyRing:

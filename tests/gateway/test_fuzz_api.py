@@ -48,9 +48,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.app import create_app
-from gateway.keyring import new_key_file
-from gateway.routes.identity import (
+from gateway.web.app import create_app
+from gateway.crypto.keyring import new_key_file
+from gateway.web.routes.identity import (
     GRANT_CC,
     GRANT_EXCHANGE,
     GRANT_JWT_BEARER,

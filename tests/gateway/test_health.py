@@ -38,7 +38,7 @@ async def test_readyz_is_503_with_the_reason_when_the_store_is_gone(gateway: Gat
 def test_access_log_lines_drop_query_strings() -> None:
     import logging
 
-    from gateway.logs import configure
+    from gateway.web.logs import configure
 
     configure("text", "info")
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigurationError, Conflict
-from gateway.keyring import LocalKeyRing, format_key, load_keyring, new_key_file, parse_keys
+from gateway.crypto.keyring import LocalKeyRing, format_key, load_keyring, new_key_file, parse_keys
 
 KEY = b"k" * 32
 

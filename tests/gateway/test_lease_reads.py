@@ -8,9 +8,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from gateway.credentials import lease_view
-from gateway.leases import VIEW_COLUMNS, VIEW_KEYS, _view_page
-from gateway.schemas import LeaseOut
+from gateway.issuing.service import lease_view
+from gateway.issuing.leases import VIEW_COLUMNS, VIEW_KEYS, _view_page
+from gateway.web.schemas import LeaseOut
 from gateway.store.models import LeaseRow, utcnow
 from tests.conftest import Gateway
 

@@ -206,7 +206,7 @@ def test_the_sign_in_ends_when_its_mapping_or_signing_key_changes(
 def test_logout_keeps_the_profile_when_the_gateway_cant_revoke(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"addr": f"http://127.0.0.1:{free_port()}", "access_token": "x.y.z",
@@ -289,8 +289,8 @@ def test_device_polling_honours_slow_down_and_expiry(
 ) -> None:
     """Polls really reach the IdP back to back, so it answers slow_down; the CLI must
     then wait 5 s longer each time (RFC 8628 3.5), and give up when the code expires."""
-    from gateway import cli
-    from gateway.cli import LoginFailed, _device_flow
+    from gateway.cli import main as cli
+    from gateway.cli.main import LoginFailed, _device_flow
 
     idp.register_client("cli-unit", public=True)
     config = {"issuer_url": idp.issuer, "client_id": "cli-unit", "scopes": "openid groups"}
@@ -327,7 +327,7 @@ def test_expired_or_broken_profile_is_one_line(
     content: object, exit_code: int, start: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     profile = tmp_path / "profile.json"
     profile.write_text(content if isinstance(content, str) else json.dumps(content))

@@ -99,7 +99,7 @@ async def test_a_workload_spelling_a_client_owns_none_of_its_leases_runs_or_keys
 ) -> None:
     """As if the door check were not there (a token exchanged before it, or a gap in it):
     the workload ``k8s/client:meta`` may issue and delegate, but never as ``credgate/client:meta``."""
-    monkeypatch.setattr("gateway.identity.check_subject", lambda subject: None, raising=False)
+    monkeypatch.setattr("gateway.identity.issuers.check_subject", lambda subject: None, raising=False)
     await trust(gateway, idp)
     r = await gateway.client.put("/v1/secrets/local/vendors/wandb", json={"data": {"api_key": "CANARY-ownership"}})
     assert r.status_code == 200

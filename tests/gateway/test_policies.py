@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.policy import PolicyDocument, PolicySet, Subject, covers, glob_regex
+from gateway.policy.rules import PolicyDocument, PolicySet, Subject, covers, glob_regex
 from tests.conftest import Gateway
 
 ML = Subject("k8s", "system:serviceaccount:ml:trainer", frozenset(), {"project": "ml", "groups": ["data"]})

@@ -89,7 +89,7 @@ def test_behind_a_trusted_proxy_each_caller_has_its_own_address_and_bucket(serve
     ],
 )
 def test_client_address_resolution(peer: str, xff: str | None, expected: str) -> None:
-    from gateway.middleware import client_address
+    from gateway.web.middleware import client_address
 
     headers = [(b"x-forwarded-for", xff.encode())] if xff is not None else []
     trusted = (ipaddress.ip_network("10.0.0.0/24"),)

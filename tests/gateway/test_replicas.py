@@ -5,7 +5,7 @@ process is SIGKILLed the other takes the lock within two reaper intervals; a
 policy change or a revocation made through one replica is enforced by the
 other within a second, although the other holds it in a cache (it was used
 there first): each change reaches the other replica through PostgreSQL
-LISTEN/NOTIFY (gateway/changes.py).
+LISTEN/NOTIFY (gateway/store/changes.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.keyring import new_key_file
+from gateway.crypto.keyring import new_key_file
 from tests.gateway.test_cli import clean_env, free_port, wait_until_serving
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")

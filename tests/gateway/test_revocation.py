@@ -244,7 +244,7 @@ async def test_source_checks_are_served_from_the_cache(gateway: Gateway) -> None
 async def test_run_token_lifetime_is_bounded_by_the_setting(settings_factory) -> None:
     import httpx
 
-    from gateway.app import create_app
+    from gateway.web.app import create_app
 
     app = create_app(settings_factory(run_token_max_ttl_seconds=600))
     async with app.router.lifespan_context(app):

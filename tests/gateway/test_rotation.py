@@ -9,9 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from gateway.app import create_app
+from gateway.web.app import create_app
 from gateway.errors import ConfigurationError
-from gateway.keyring import LocalKeyRing, format_key, new_key_file
+from gateway.crypto.keyring import LocalKeyRing, format_key, new_key_file
 from gateway.store.models import BackendRow, SecretVersionRow
 from tests.conftest import ADMIN_TOKEN, Gateway
 

@@ -7,7 +7,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from gateway.rotation import SEALED
+from gateway.crypto.rotation import SEALED
 from gateway.store.database import sync_url
 from gateway.store.migrate import current, upgrade
 from gateway.store.models import Base, SealedMixin

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import tls
+from gateway.web import tls
 from gateway.errors import ConfigurationError
 from gateway.settings import load_settings
 from tests.gateway.test_cli import CREDGATE, clean_env, free_port

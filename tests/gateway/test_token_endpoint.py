@@ -17,7 +17,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from sqlalchemy import select
 
-from gateway.app import create_app
+from gateway.web.app import create_app
 from gateway.store.models import UsedJtiRow
 from tests.conftest import ADMIN_TOKEN, Gateway
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from gateway.errors import ValidationFailed
-from gateway.leases import calculate_ttl
+from gateway.issuing.leases import calculate_ttl
 
 S = timedelta(seconds=1)
 LIMITS = dict(default=600 * S, maximum=3600 * S, type_min=60 * S, type_max=7200 * S)

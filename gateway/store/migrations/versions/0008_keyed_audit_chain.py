@@ -1,7 +1,7 @@
 """keyed audit chain
 
 Events from here on are linked by HMAC-SHA256 under a key derived from the
-sealed audit key (gateway/audit.py). ``audit_keys.chain_from`` records the
+sealed audit key (gateway/audit/trail.py). ``audit_keys.chain_from`` records the
 first keyed event: on an existing deployment, the one after the current head
 (older events keep their plain SHA-256 links and stay verifiable). Checkpoints
 get a MAC under the chain key (``mac``, ``chain_from``) instead of depending on

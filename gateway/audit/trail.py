@@ -1,0 +1,856 @@
+"""The audit trail: one event per decision, in a keyed chain, checkpointed in and out of the store.
+
+Each event holds who (issuer and subject), what (action and target), the
+decision and the rule that made it, the outcome, the lease, the request id
+and the client address. Never a secret value, password or token: sensitive
+identifiers (a wrap token, a client secret) are recorded as HMAC-SHA256 under
+a per-deployment key, so an investigator holding a value can find it
+(``POST /v1/audit/hash``) while the log itself reveals nothing. Every field is
+bounded to its column where the event is recorded (:func:`bound_event`), so no
+caller input can make an audit write fail.
+
+Tamper evidence: event *n* stores ``hash_n = HMAC-SHA256(chain key, prev_hash
+|| canonical JSON of event n)``. The chain key is derived (HKDF) from the
+sealed per-deployment audit key, so write access to the database alone can't
+recompute the chain after an edit. Events written before the keyed chain
+existed (``seq < chain_from``, recorded in ``audit_keys.chain_from`` by
+migration 0008) keep their plain SHA-256 links; the first keyed event links to
+the last plain one, and a checkpoint certifies the switch.
+
+Checkpoints (the head's sequence and hash, MAC'd under the chain key, so they
+verify whatever happens to the token-signing keys) are written every
+``checkpoint_every`` events, every ``checkpoint_seconds`` while new events
+arrive, and at shutdown; each is also written as a line into every sink, so a
+copy lives outside the store. :meth:`AuditLog.verify` names every modified,
+missing or reordered event, every checkpoint that is forged or points past
+the end of the store, and the events no checkpoint covers; given the
+checkpoint and event lines of a sink file (``credgate audit verify --against
+FILE``), it detects a truncated tail even when its checkpoints were deleted
+from the store too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets as _secrets
+import sys
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import func, insert, select, text
+
+GENESIS = "0" * 64
+FIELDS = (
+    "seq", "time", "request_id", "issuer", "subject", "action", "target", "decision", "rule", "outcome",
+    "lease_id", "client_addr", "details",
+)
+CHECKPOINT_TYPE = "audit-checkpoint"
+
+# Non-GET requests for these actions change who may do what (or hand out a bearer
+# credential): an event is recorded *before* the route runs, and if it can't be
+# written the request is refused with 503 audit_unavailable and nothing changes.
+AUTHORITY_ACTIONS = frozenset({
+    "admin_keys:manage", "clients:manage", "issuers:manage", "policies:manage", "keys:manage",
+    "runs:delegate", "connectors:manage", "backends:manage", "secrets:bind",
+})
+# Requests that hand out a bearer credential without an authenticated caller: their
+# response event is fail-closed (the token endpoint answers 503 rather than unrecorded).
+FAIL_CLOSED_PATHS = frozenset({"/v1/auth/token", "/v1/auth/console/callback"})
+
+
+def canonical(event: Mapping[str, Any]) -> bytes:
+    body = {k: (event[k].isoformat() if isinstance(event.get(k), datetime) else event.get(k)) for k in FIELDS}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def chain_hash(prev_hash: str, event: Mapping[str, Any], key: bytes | None = None) -> str:
+    """The link of ``event``: HMAC-SHA256 under the chain key, or (``key`` None: events
+    from before the keyed chain) plain SHA-256."""
+    data = prev_hash.encode() + b"\n" + canonical(event)
+    if key is None:
+        return hashlib.sha256(data).hexdigest()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def keyed_hash(key: bytes, value: str) -> str:
+    """HMAC-SHA256 of a sensitive identifier, for the log and for searching it."""
+    return "hmac-sha256:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+
+
+def derive_chain_key(audit_key: bytes) -> bytes:
+    """The chain's MAC key: its own key, derived from the sealed audit key (which
+    hashes sensitive values), so one key never serves two purposes."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"credgate audit chain v1").derive(audit_key)
+
+
+def _utc_text(t: datetime | str) -> str:
+    if isinstance(t, str):
+        t = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def checkpoint_mac(key: bytes, seq: int, head_hash: str, time: datetime | str, chain_from: int) -> str:
+    body = json.dumps({"typ": CHECKPOINT_TYPE, "seq": seq, "hash": head_hash, "time": _utc_text(time),
+                       "chain_from": chain_from}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    events: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    problems: tuple[tuple[int, str], ...] = ()  # every break found, in order
+
+
+def verify_chain(events: Iterable[Mapping[str, Any]], *, start_seq: int = 1, start_hash: str = GENESIS,
+                 key: bytes | None = None, chain_from: int = 1) -> ChainReport:
+    """Walk events in storage order and report every break, the first one first.
+
+    With ``key``, events from ``chain_from`` on must carry HMAC links under it
+    (earlier ones plain SHA-256); without, every link is plain SHA-256. After a
+    break the walk re-synchronises on the event that broke it, so a modified
+    event *and* a later deleted one are both named. ``events`` are mappings with
+    every field of :data:`FIELDS` plus ``prev_hash`` and ``hash``.
+    """
+    expected_seq, prev, n = start_seq, start_hash, 0
+    problems: list[tuple[int, str]] = []
+    for event in events:
+        n += 1
+        seq = event["seq"]
+        if seq != expected_seq:
+            if seq > expected_seq:
+                gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
+                problems.append((expected_seq, f"event {gap} is missing (deleted)"))
+            else:
+                problems.append((seq, f"event {seq} is out of order or duplicated"))
+        elif event["prev_hash"] != prev:
+            problems.append((seq, f"event {seq} does not link to the event before it"))
+        link_key = key if key is not None and seq >= chain_from else None
+        if not hmac.compare_digest(str(event["hash"]), chain_hash(event["prev_hash"], event, link_key)):
+            problems.append((seq, f"event {seq} was modified"))
+        prev, expected_seq = event["hash"], max(expected_seq, seq + 1)
+    if not problems:
+        return ChainReport(True, n)
+    first = problems[0]
+    return ChainReport(False, n, first[0], first[1], tuple(problems))
+
+
+# --- bounding ------------------------------------------------------------------
+
+CUT = "...[cut]"
+DETAILS_MAX = 4000  # characters of the details' JSON
+_DETAIL_STRING_MAX = 512
+_DETAIL_ITEMS_MAX = 50
+_DETAIL_DEPTH_MAX = 4
+
+
+def _column_limits() -> dict[str, int]:
+    from sqlalchemy import String
+
+    from gateway.store.models import AuditEventRow
+
+    return {c.name: c.type.length for c in AuditEventRow.__table__.columns
+            if c.name in FIELDS and isinstance(c.type, String) and c.type.length}
+
+
+_LIMITS: dict[str, int] = {}
+
+
+def clean_text(value: Any, limit: int) -> str:
+    """``value`` as text the store accepts (no NUL, no lone surrogate), at most
+    ``limit`` characters; a longer one is cut and ends with ``...[cut]``."""
+    s = value if isinstance(value, str) else str(value)
+    if "\x00" in s:
+        s = s.replace("\x00", "?")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-8", "replace").decode("utf-8")
+    if len(s) > limit:
+        s = s[: max(0, limit - len(CUT))] + CUT
+    return s
+
+
+def _clean_detail(value: Any, depth: int = 0) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if depth >= _DETAIL_DEPTH_MAX:
+        return CUT
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for i, (k, v) in enumerate(value.items()):
+            if i == _DETAIL_ITEMS_MAX:
+                out["_cut"] = f"{len(value) - i} more keys"
+                break
+            out[clean_text(k, 64)] = _clean_detail(v, depth + 1)
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        out_list = [_clean_detail(v, depth + 1) for v in items[:_DETAIL_ITEMS_MAX]]
+        if len(items) > _DETAIL_ITEMS_MAX:
+            out_list.append(f"{CUT} {len(items) - _DETAIL_ITEMS_MAX} more")
+        return out_list
+    return clean_text(value, _DETAIL_STRING_MAX)
+
+
+def bound_details(details: Any) -> dict[str, Any] | None:
+    """Details as a JSON object of at most :data:`DETAILS_MAX` characters."""
+    if details is None:
+        return None
+    if not isinstance(details, Mapping):
+        details = {"value": details}
+    cleaned = _clean_detail(details)
+    size = len(json.dumps(cleaned, sort_keys=True))
+    if size <= DETAILS_MAX:
+        return cleaned
+    keys = [k for k in sorted(cleaned) if k != "_cut"][:20]
+    return {"_cut": f"details of {size} characters were over {DETAILS_MAX}", "keys": keys}
+
+
+def bound_event(event: dict[str, Any]) -> dict[str, Any]:
+    """Bound every field of ``event`` (in place) to what its column holds. The one
+    place every event passes through before it is written, whoever built it."""
+    if event.get("_bounded"):
+        return event
+    if not _LIMITS:
+        _LIMITS.update(_column_limits())
+    for name, limit in _LIMITS.items():
+        if event.get(name) is not None:
+            event[name] = clean_text(event[name], limit)
+    event["details"] = bound_details(event.get("details"))
+    event["_bounded"] = True
+    return event
+
+
+# --- recording -----------------------------------------------------------------
+
+log = logging.getLogger("credgate.audit")
+_current: ContextVar[dict[str, Any] | None] = ContextVar("credgate_audit", default=None)
+_PG_AUDIT_LOCK = 0x6175646974  # "audit"
+
+
+def begin() -> tuple[dict[str, Any], Any]:
+    """Start collecting facts about the current request (called by the middleware)."""
+    ctx: dict[str, Any] = {}
+    return ctx, _current.set(ctx)
+
+
+def end(token: Any) -> None:
+    _current.reset(token)
+
+
+def note(**fields: Any) -> None:
+    """Add facts to the current request's audit event (no-op outside a request).
+
+    ``ended_leases=[ids]`` (bulk and run revocations) adds one event per lease."""
+    ctx = _current.get()
+    if ctx is not None:
+        details = fields.pop("details", None)
+        ended = fields.pop("ended_leases", None)
+        ctx.update({k: v for k, v in fields.items() if v is not None})
+        if details:
+            ctx.setdefault("details", {}).update(details)
+        if ended:
+            ctx.setdefault("ended_leases", []).extend(ended)
+
+
+def noted() -> dict[str, Any]:
+    return _current.get() or {}
+
+
+def request_event(scope: Mapping[str, Any], ctx: Mapping[str, Any], status: int | None) -> dict[str, Any]:
+    """The event of one request: at its response (``status``), or before the route
+    runs (``status`` None: outcome ``request``, for changes of authority)."""
+    from gateway.requestid import current_request_id
+
+    client = scope.get("client") or ("", 0)
+    if status is None:
+        decision, outcome = ctx.get("decision"), "request"
+    else:
+        decision = ctx.get("decision") or ("deny" if status in (401, 403) else None)
+        outcome = str(status) + (f" {ctx['error']}" if ctx.get("error") else "")
+    return {
+        "request_id": current_request_id(),
+        "issuer": ctx.get("issuer"),
+        "subject": ctx.get("subject"),
+        "action": ctx.get("action"),
+        "target": f"{scope.get('method')} {scope.get('path')}",
+        "decision": decision,
+        "rule": ctx.get("rule"),
+        "outcome": outcome,
+        "lease_id": ctx.get("lease_id"),
+        "client_addr": client[0] if client else None,
+        "details": ctx.get("details"),
+    }
+
+
+def gateway_event(action: str, *, subject: str, lease_id: str | None = None, outcome: str = "ok",
+                  details: Mapping[str, Any] | None = None, request_id: str | None = None) -> dict[str, Any]:
+    """An event of the gateway's own doing (the reaper, a lease ended by a bulk revocation)."""
+    return {
+        "request_id": request_id, "issuer": "credgate", "subject": subject, "action": action, "target": None,
+        "decision": "allow", "rule": None, "outcome": outcome, "lease_id": lease_id, "client_addr": None,
+        "details": dict(details) if details else None,
+    }
+
+
+class AuditUnavailable(Exception):
+    pass
+
+
+@dataclass
+class SinkHealth:
+    ok: bool = True
+    error: str | None = None
+
+
+class FileSink:
+    """JSON lines appended to a file; each write flushed and fsync'd before it counts."""
+
+    def __init__(self, path: Path, required: bool = True) -> None:
+        self.name = f"file:{path}"
+        self.path = path
+        self.required = required
+
+    async def write(self, line: bytes) -> None:
+        def append() -> None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(append)
+
+    def tail(self, size: int = 256 * 1024) -> list[dict[str, Any]]:
+        """The last complete JSON lines of the file (empty if it can't be read)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                end = f.tell()
+                f.seek(max(0, end - size))
+                raw = f.read()
+        except OSError:
+            return []
+        lines = raw.splitlines()
+        if end > size and lines:
+            lines = lines[1:]  # the first one may be cut
+        return parse_lines(lines)
+
+
+def parse_lines(lines: Iterable[bytes | str]) -> list[dict[str, Any]]:
+    out = []
+    for line in lines:
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out
+
+
+class StdoutSink:
+    def __init__(self, required: bool = False) -> None:
+        self.name = "stdout"
+        self.required = required
+
+    async def write(self, line: bytes) -> None:
+        sys.stdout.write(line.decode())
+        sys.stdout.flush()
+
+
+def build_sinks(config: list[dict[str, Any]]) -> list[Any]:
+    sinks: list[Any] = []
+    for entry in config:
+        kind = entry.get("type")
+        if kind == "file":
+            sinks.append(FileSink(Path(entry["path"]).expanduser(), bool(entry.get("required", True))))
+        elif kind == "stdout":
+            sinks.append(StdoutSink(bool(entry.get("required", False))))
+        elif kind != "store":
+            from gateway.errors import ConfigurationError
+
+            raise ConfigurationError(f"unknown audit sink type {kind!r} (store, file, stdout)")
+    return sinks
+
+
+def _line(item: Mapping[str, Any]) -> bytes:
+    return (json.dumps({k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in item.items()
+                        if not k.startswith("_")}, sort_keys=True) + "\n").encode()
+
+
+def split_lines(items: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Sink lines as (checkpoints, events)."""
+    checkpoints, events = [], []
+    for item in items:
+        if item.get("type") == CHECKPOINT_TYPE:
+            checkpoints.append(dict(item))
+        elif "seq" in item and "hash" in item:
+            events.append(dict(item))
+    return checkpoints, events
+
+
+class AuditLog:
+    """Writes events to the store (the chain) and to the configured sinks."""
+
+    def __init__(self, store: Any, envelope: Any, signing: Any, sinks: list[Any], *,
+                 wait_seconds: float = 2.0, checkpoint_every: int = 100, checkpoint_seconds: float = 5.0) -> None:
+        self._store = store
+        self._envelope = envelope
+        self._signing = signing
+        self.sinks = sinks
+        self.wait_seconds = wait_seconds
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._key: bytes | None = None
+        self._chain_key: bytes | None = None
+        self.chain_from = 1
+        # The highest sequence number this process wrote or saw certified: the store's
+        # head falling below it means its tail was deleted, and no checkpoint then
+        # certifies the shorter chain.
+        self._high = 0
+        self._checkpointed = 0  # the last head this process checkpointed
+        self.truncated: list[tuple[int, int, str]] = []  # (head found, highest known, known by whom)
+        self.health: dict[str, SinkHealth] = {"store": SinkHealth(), **{s.name: SinkHealth() for s in sinks}}
+
+    # --- keys, start and stop --------------------------------------------------
+
+    async def start(self) -> None:
+        """Load (or create) the audit key, fix where the keyed chain starts, and give
+        checkpoints from before it a MAC. (The checkpoint timer starts with the first event.)"""
+        from gateway.crypto.envelope import context
+        from gateway.store.models import AuditCheckpointRow, AuditEventRow, AuditKeyRow, utcnow
+
+        async with self._store.write() as s:
+            if self._store.dialect == "postgresql":
+                await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            head = (await s.execute(select(func.max(AuditEventRow.seq)))).scalar() or 0
+            row = await s.get(AuditKeyRow, 1)
+            if row is None:
+                row = AuditKeyRow(id=1, created_at=utcnow(), chain_from=head + 1)
+                row.sealed = self._envelope.seal(_secrets.token_bytes(32), context("audit-hmac-key"))
+                s.add(row)
+            elif row.chain_from is None:
+                # Migration 0008 sets it on every existing deployment: missing means it was
+                # removed, and then every event must be keyed (plain links then fail).
+                row.chain_from = 1
+            self._key = self._envelope.open(row.sealed, context("audit-hmac-key"))
+            self._chain_key = derive_chain_key(self._key)
+            self.chain_from = row.chain_from
+            await self._upgrade_checkpoints(s, AuditCheckpointRow, AuditEventRow)
+            self._high = head
+        for sink in self.sinks:  # a sink file knows of events a truncated store may have lost
+            if isinstance(sink, FileSink):
+                recorded = self._max_authentic_seq(sink.tail())
+                if recorded > head:
+                    self._high = max(self._high, recorded)
+                    self._truncation(head, f"{sink.name} (read at start)")
+        self._checkpointed = head
+
+    async def _upgrade_checkpoints(self, s: Any, cp_model: Any, ev_model: Any) -> None:
+        """Once, after migration 0008: checkpoints signed with the signing key get a MAC
+        (if their signature still verifies), and the last plain-SHA event is checkpointed,
+        so the part of the chain from before the switch verifies without signing keys."""
+        from gateway.store.models import utcnow
+
+        assert self._chain_key is not None
+        for cp in (await s.execute(select(cp_model).where(cp_model.mac.is_(None)))).scalars():
+            claims: dict[str, Any] = {}
+            if cp.signature:
+                try:
+                    claims = (await self._signing.verify(cp.signature)).claims
+                except Exception:  # noqa: BLE001 - not ours, or a retired key: stays unauthenticated
+                    claims = {}
+            if claims.get("seq") == cp.seq and claims.get("hash") == cp.hash:
+                cp.chain_from = self.chain_from
+                cp.mac = checkpoint_mac(self._chain_key, cp.seq, cp.hash, cp.time, self.chain_from)
+        last_plain = self.chain_from - 1
+        if last_plain < 1:
+            return
+        covered = (await s.execute(select(func.max(cp_model.seq)).where(cp_model.mac.is_not(None)))).scalar()
+        if covered is not None and covered >= last_plain:
+            return
+        event = await s.get(ev_model, last_plain)
+        if event is not None and await s.get(cp_model, last_plain) is None:
+            now = utcnow()
+            s.add(cp_model(seq=last_plain, hash=event.hash, time=now, chain_from=self.chain_from,
+                           mac=checkpoint_mac(self._chain_key, last_plain, event.hash, now, self.chain_from)))
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_seconds)
+            if self._high > self._checkpointed and not self.truncated:
+                try:
+                    await self.checkpoint()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                    log.error("audit checkpoint failed (%s)", type(exc).__name__)
+
+    async def aclose(self) -> None:
+        """Stop the timer, let queued events land, and checkpoint the head (at shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except asyncio.CancelledError:
+                pass
+            self._timer = None
+        if self._flusher is not None and not self._flusher.done():
+            try:
+                await self._flusher
+            except Exception:  # noqa: BLE001
+                pass
+        if self._chain_key is not None and self._high > self._checkpointed:
+            try:
+                await self.checkpoint()
+            except Exception as exc:  # noqa: BLE001
+                log.error("audit checkpoint at shutdown failed (%s)", type(exc).__name__)
+
+    def hmac(self, value: str) -> str:
+        assert self._key is not None
+        return keyed_hash(self._key, value)
+
+    @property
+    def healthy(self) -> bool:
+        return all(h.ok for name, h in self.health.items() if name == "store" or self._required(name))
+
+    def _required(self, name: str) -> bool:
+        return any(s.name == name and s.required for s in self.sinks)
+
+    # --- writing -----------------------------------------------------------------
+
+    async def record(self, event: dict[str, Any], *, fail_closed: bool, wait_seconds: float | None = None) -> None:
+        """Persist one event. A required sink that stays unwritable for ``wait_seconds``
+        raises AuditUnavailable when ``fail_closed``; otherwise the failure is logged."""
+        await self.record_many([event], fail_closed=fail_closed, wait_seconds=wait_seconds)
+
+    async def record_many(self, events: list[dict[str, Any]], *, fail_closed: bool,
+                          wait_seconds: float | None = None) -> None:
+        """Persist several events: one group commit, one write per sink."""
+        if not events:
+            return
+        for event in events:
+            bound_event(event)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.wait_seconds if wait_seconds is None else wait_seconds)
+        delay = 0.05
+        while True:
+            try:
+                await self._write_all(events)
+                return
+            except AuditUnavailable:
+                if loop.time() + delay > deadline:
+                    if fail_closed:
+                        raise
+                    log.error("audit event not fully recorded (a required sink is down)")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _write_all(self, events: list[dict[str, Any]]) -> None:
+        todo = [e for e in events if "seq" not in e]
+        if todo:
+            results = await asyncio.gather(*(self._store_append(e) for e in todo), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        failed = False
+        for sink in self.sinks:
+            lines = b"".join(_line(e) for e in events if not e.get("_written", {}).get(sink.name))
+            if not lines:
+                continue
+            try:
+                await sink.write(lines)
+                self.health[sink.name] = SinkHealth()
+                for e in events:
+                    e.setdefault("_written", {})[sink.name] = True
+            except Exception as exc:  # noqa: BLE001
+                self.health[sink.name] = SinkHealth(False, type(exc).__name__)
+                failed = failed or sink.required
+        if failed:
+            raise AuditUnavailable("sink")
+
+    async def _store_append(self, event: dict[str, Any]) -> None:
+        """Join the next group commit; return once the event is durable in the store.
+
+        Events arriving while one transaction commits are written together in the
+        next one: one fsync serves many requests, and each still waits for its own.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        if self._timer is None and self.checkpoint_seconds > 0:  # started by the first event
+            self._timer = asyncio.create_task(self._checkpoint_loop(), name="credgate-audit-checkpoints")
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="credgate-audit-flush")
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._append_batch([event for event, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - any store failure: the batch is not recorded
+                self.health["store"] = SinkHealth(False, type(exc).__name__)
+                for event, future in batch:
+                    for key in ("seq", "prev_hash", "hash"):
+                        event.pop(key, None)
+                    if not future.done():
+                        future.set_exception(AuditUnavailable("store"))
+                        future.exception()  # retrieved here: a cancelled waiter must not warn
+                continue
+            self.health["store"] = SinkHealth()
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _append_batch(self, events: list[dict[str, Any]]) -> None:
+        from gateway.store.models import AuditEventRow, utcnow
+
+        key = self._chain_key
+        assert key is not None, "AuditLog.start() was not awaited"
+        staged: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        found: list[int] = []
+
+        def append(s: Any) -> None:
+            staged.clear()  # a retried group starts over
+            found.clear()
+            if self._store.dialect == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            head = (s.execute(
+                select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
+            seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+            found.append(seq)
+            for event in events:
+                seq += 1
+                event.setdefault("time", utcnow())
+                full = {f: event.get(f) for f in FIELDS}
+                full.update(seq=seq, prev_hash=prev)
+                full["hash"] = prev = chain_hash(prev, full, key if seq >= self.chain_from else None)
+                staged.append((event, full))
+            # One Core executemany: no ORM unit of work for an append-only table.
+            s.execute(insert(AuditEventRow), [full for _, full in staged])
+
+        # Shares its commit with whatever else is being written (issued leases): one fsync for both.
+        await self._store.grouped(append)
+        if found and found[0] < self._high:
+            self._truncation(found[0])
+        for event, full in staged:
+            event.update(seq=full["seq"], prev_hash=full["prev_hash"], hash=full["hash"])
+        first, last = staged[0][1]["seq"], staged[-1][1]["seq"]
+        self._high = max(self._high, last)
+        if last // self.checkpoint_every > (first - 1) // self.checkpoint_every:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> dict[str, Any] | None:
+        """MAC the chain's head, store it, and write it as a line into every sink.
+
+        Refused (None, and logged) when the head is below what this process has
+        written or seen certified: the tail was deleted, and certifying the shorter
+        chain would hide it."""
+        from gateway.store.database import insert_if_absent
+        from gateway.store.models import AuditCheckpointRow, AuditEventRow, utcnow
+
+        assert self._chain_key is not None
+        async with self._store.write() as s:
+            head = (await s.execute(select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
+            head_seq = head[0] if head else 0
+            if head_seq < self._high:
+                self._truncation(head_seq)
+            if self.truncated or head is None:
+                return None
+            now = utcnow()
+            cp = {"type": CHECKPOINT_TYPE, "seq": head[0], "hash": head[1], "time": now, "chain_from": self.chain_from,
+                  "mac": checkpoint_mac(self._chain_key, head[0], head[1], now, self.chain_from)}
+            await s.execute(insert_if_absent(
+                self._store.dialect, AuditCheckpointRow,
+                {"seq": cp["seq"], "hash": cp["hash"], "time": now, "chain_from": cp["chain_from"], "mac": cp["mac"]},
+                ["seq"]))
+        self._high = max(self._high, head[0])
+        self._checkpointed = max(self._checkpointed, head[0])
+        await self._publish(cp)
+        return {"seq": head[0], "hash": head[1]}
+
+    def _truncation(self, head: int, by: str = "this gateway") -> None:
+        """The store's head is below what this process wrote (or its sink file recorded): its
+        tail was deleted. Remembered (verification names it from now on), and this process
+        writes no checkpoint again: none may certify the shorter chain."""
+        if any(found == head and high == self._high for found, high, _ in self.truncated):
+            return
+        self.truncated.append((head, self._high, by))
+        log.critical("audit store ends at event %d but %s recorded events up to %d: its tail was "
+                     "deleted; no checkpoint will certify the shorter chain", head, by, self._high)
+
+    async def _publish(self, cp: dict[str, Any]) -> None:
+        line = _line(cp)
+        for sink in self.sinks:
+            try:
+                await sink.write(line)
+                self.health[sink.name] = SinkHealth()
+            except Exception as exc:  # noqa: BLE001 - the next checkpoint is published again
+                self.health[sink.name] = SinkHealth(False, type(exc).__name__)
+
+    # --- verifying ---------------------------------------------------------------
+
+    def _authentic_checkpoint(self, cp: Mapping[str, Any]) -> bool:
+        assert self._chain_key is not None
+        try:
+            want = checkpoint_mac(self._chain_key, int(cp["seq"]), str(cp["hash"]), cp["time"], int(cp["chain_from"]))
+        except (KeyError, TypeError, ValueError):
+            return False
+        return isinstance(cp.get("mac"), str) and hmac.compare_digest(cp["mac"], want)
+
+    def _authentic_event(self, event: Mapping[str, Any]) -> bool:
+        try:
+            seq = int(event["seq"])
+            key = self._chain_key if seq >= self.chain_from else None
+            return hmac.compare_digest(str(event["hash"]), chain_hash(str(event["prev_hash"]), event, key))
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    def _max_authentic_seq(self, lines: list[dict[str, Any]]) -> int:
+        checkpoints, events = split_lines(lines)
+        seqs = [int(c["seq"]) for c in checkpoints if self._authentic_checkpoint(c)]
+        seqs += [int(e["seq"]) for e in events if self._authentic_event(e)]
+        return max(seqs, default=0)
+
+    async def verify(self, against: list[Mapping[str, Any]] | None = None, against_name: str = "FILE") -> dict[str, Any]:
+        """Walk the chain and the checkpoints; name every problem, the first one first.
+
+        The head is checkpointed first (what the timer would do within seconds;
+        refused if the tail was deleted). ``against``: checkpoint and event lines of a
+        sink file; each must be authentic and match the store. The gateway's own file
+        sinks are always compared too."""
+        from gateway.store.models import AuditCheckpointRow, AuditEventRow
+
+        assert self._chain_key is not None
+        try:
+            await self.checkpoint()
+        except Exception as exc:  # noqa: BLE001 - verify what is there
+            log.error("audit checkpoint before verification failed (%s)", type(exc).__name__)
+        async with self._store.read() as s:
+            rows = (await s.execute(select(AuditEventRow).order_by(AuditEventRow.seq))).scalars()
+            hashes: dict[int, str] = {}
+
+            def walk():
+                for r in rows:
+                    e = {c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns}
+                    hashes[e["seq"]] = e["hash"]
+                    yield e
+
+            report = verify_chain(walk(), key=self._chain_key, chain_from=self.chain_from)
+            checkpoints = list((await s.execute(select(AuditCheckpointRow).order_by(AuditCheckpointRow.seq))).scalars())
+        head = max(hashes, default=0)
+        problems: list[tuple[int, str]] = list(report.problems)
+
+        covered = 0
+        uncovered: tuple[int, str] | None = None
+        for cp in checkpoints:
+            if cp.mac is None or cp.chain_from is None:
+                problems.append((cp.seq, f"checkpoint {cp.seq} is not authenticated (no MAC under the chain key)"))
+            elif not self._authentic_checkpoint({"seq": cp.seq, "hash": cp.hash, "time": cp.time,
+                                                 "chain_from": cp.chain_from, "mac": cp.mac}):
+                problems.append((cp.seq, f"checkpoint {cp.seq} is forged or was altered"))
+            elif cp.chain_from != self.chain_from:
+                problems.append((min(cp.chain_from, self.chain_from),
+                                 f"the keyed chain starts at event {cp.chain_from} by checkpoint {cp.seq}, "
+                                 f"not at {self.chain_from} as the store now says"))
+            elif cp.seq > head:
+                problems.append((head + 1, f"{_were(head + 1, cp.seq)} deleted: checkpoint {cp.seq} vouches for them"))
+            elif hashes.get(cp.seq) != cp.hash:
+                problems.append((cp.seq, f"event {cp.seq} differs from its checkpoint"))
+            else:
+                covered = max(covered, cp.seq)
+        if head > covered:
+            uncovered = (covered + 1, f"{_are(covered + 1, head)} after the last checkpoint: not covered")
+            problems.append(uncovered)
+        if self._high > head:
+            self._truncation(head)
+        for found, high, by in self.truncated:
+            problems.append((found + 1, f"{_were(found + 1, high)} recorded by {by} "
+                                        f"but deleted from the store (its tail was truncated)"))
+
+        sources: list[tuple[str, list[Mapping[str, Any]]]] = []
+        if against is not None:
+            sources.append((against_name, list(against)))
+        for sink in self.sinks:
+            if isinstance(sink, FileSink):
+                sources.append((sink.name, sink.tail()))
+        compared = {"checkpoints": 0, "events": 0}
+        for name, lines in sources:
+            cps, evs = split_lines(lines)
+            compared["checkpoints"] += len(cps)
+            compared["events"] += len(evs)
+            problems += self._compare(name, cps, evs, hashes, head)
+
+        problems = sorted(set(problems), key=lambda p: (p[0], p[1]))
+        # The headline: the first tampering found; an uncovered tail only when nothing else is wrong.
+        first = next((p for p in problems if p != uncovered), problems[0]) if problems else None
+        out: dict[str, Any] = {
+            "ok": not problems, "events": report.events, "first_bad_seq": first[0] if first else None,
+            "problem": first[1] if first else None, "checkpoints": len(checkpoints),
+            "covered_to": covered, "chain_from": self.chain_from, "compared": compared,
+            "problems": [{"seq": seq, "problem": why} for seq, why in problems],
+        }
+        return out
+
+    def _compare(self, name: str, cps: list[dict[str, Any]], evs: list[dict[str, Any]],
+                 hashes: Mapping[int, str], head: int) -> list[tuple[int, str]]:
+        problems: list[tuple[int, str]] = []
+        last = 0
+        for cp in cps:
+            seq = cp.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                continue
+            if not self._authentic_checkpoint(cp):
+                problems.append((seq, f"checkpoint {seq} in {name} is not authentic"))
+            elif seq > head:
+                last = max(last, seq)
+            elif hashes.get(seq) != cp["hash"]:
+                problems.append((seq, f"event {seq} in the store differs from checkpoint {seq} in {name}"))
+        for ev in evs:
+            seq = ev.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                continue
+            if not self._authentic_event(ev):
+                problems.append((seq, f"event {seq} in {name} is not authentic"))
+            elif seq > head:
+                last = max(last, seq)
+            elif hashes.get(seq) != ev["hash"]:
+                problems.append((seq, f"event {seq} in the store differs from event {seq} in {name}"))
+        if last:
+            problems.append((head + 1, f"the store ends at event {head} but {name} records events up to {last}: "
+                                       f"{_were(head + 1, last)} deleted (the tail was truncated)"))
+        return problems
+
+
+def _are(a: int, b: int) -> str:
+    return f"event {a} is" if a == b else f"events {a}-{b} are"
+
+
+def _were(a: int, b: int) -> str:
+    return f"event {a} was" if a == b else f"events {a}-{b} were"

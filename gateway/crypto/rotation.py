@@ -1,0 +1,204 @@
+"""KEK rotation: add a KEK version, then re-wrap every data key under it.
+
+The gateway converges on one rule: *every sealed record is wrapped under the
+current KEK version*. Re-wrapping runs in the background in small committed
+batches, so reads and writes go on while it works; it is resumable by
+construction (what is left to do is whatever still references an older
+version) and it resumes by itself at start-up. Only the wrapped data keys
+change; payload ciphertexts are untouched.
+
+A KEK version whose references have dropped to zero is marked retired; it
+stays loadable (a backup of the store taken earlier still needs it) and
+``credgate keys status`` says it may be removed from the KEK file.
+
+Every table with sealed columns is listed in
+:data:`gateway.store.sealed_tables.SEALED`; a new one must be added there, or rotation
+would leave it behind (a test checks the list
+against the models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+
+from gateway.crypto.envelope import Envelope
+from gateway.crypto.keyring import KeyRing
+from gateway.errors import ConfigurationError
+from gateway.store import Store
+from gateway.store.sealed_tables import SEALED
+from gateway.store.models import KekVersion, utcnow
+
+log = logging.getLogger("credgate.rotation")
+
+
+@dataclass(frozen=True)
+class KekVersionStatus:
+    version: int
+    state: str  # current | in_use | retired
+    fingerprint: str
+    references: int
+    created_at: datetime
+    retired_at: datetime | None
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    source: str
+    current_version: int
+    rewrap_pending: int  # records not yet under the current version
+    rotating: bool
+    versions: list[KekVersionStatus]
+
+
+class KeyManager:
+    def __init__(self, store: Store, keyring: KeyRing, envelope: Envelope, *, batch_size: int = 200) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._envelope = envelope
+        self._batch = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    async def sync(self) -> None:
+        """At start-up: record new KEK versions and refuse a KEK that is not the store's."""
+        loaded = set(self._keyring.versions())
+        async with self._store.write() as s:
+            known = {r.version: r for r in (await s.execute(select(KekVersion))).scalars()}
+            for version in sorted(loaded):
+                fp = self._keyring.fingerprint(version)
+                row = known.get(version)
+                if row is None:
+                    s.add(KekVersion(version=version, fingerprint=fp, state="active", created_at=utcnow()))
+                elif row.fingerprint != fp:
+                    raise ConfigurationError(
+                        f"KEK version {version} from {self._keyring.description} is not the key this store "
+                        "was written with (fingerprint mismatch); refusing to start"
+                    )
+        refs = await self._references()
+        missing = sorted(v for v, n in refs.items() if n and v not in loaded)
+        if missing:
+            raise ConfigurationError(
+                f"the store has data under KEK version(s) {missing} that {self._keyring.description} "
+                "does not hold; refusing to start"
+            )
+
+    async def _references(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        async with self._store.read() as s:
+            for table in SEALED:
+                col = table.model.kek_version
+                q = select(col, func.count()).where(col.is_not(None)).group_by(col)
+                for version, n in (await s.execute(q)).all():
+                    counts[version] = counts.get(version, 0) + n
+        return counts
+
+    async def status(self) -> KeyStatus:
+        refs = await self._references()
+        current = self._keyring.current_version
+        async with self._store.read() as s:
+            rows = list((await s.execute(select(KekVersion).order_by(KekVersion.version))).scalars())
+        versions = []
+        for row in rows:
+            n = refs.get(row.version, 0)
+            state = "current" if row.version == current else ("in_use" if n else "retired")
+            versions.append(KekVersionStatus(row.version, state, row.fingerprint, n, row.created_at, row.retired_at))
+        pending = sum(n for v, n in refs.items() if v != current)
+        return KeyStatus(self._keyring.description, current, pending, self.rotating, versions)
+
+    @property
+    def rotating(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def rotate(self) -> KeyStatus:
+        """Make a newer KEK version current (adding one if the source is writable) and start re-wrapping."""
+        async with self._store.read() as s:
+            newest_known = (await s.execute(select(func.max(KekVersion.version)))).scalar_one() or 0
+        self._keyring.reload()
+        if self._keyring.current_version <= newest_known:
+            self._keyring.add_version()  # raises kek_read_only if it can't
+        await self.sync()
+        log.info("KEK version %d is now current; re-wrapping data keys", self._keyring.current_version)
+        self.start_rewrap()
+        return await self.status()
+
+    def start_rewrap(self) -> None:
+        if not self.rotating:
+            self._task = asyncio.create_task(self._rewrap_loop(), name="credgate-kek-rewrap")
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _rewrap_loop(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.rewrap_all()
+                self.last_error = None
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving; retry with backoff
+                self.last_error = type(exc).__name__
+                log.warning("re-wrap batch failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def rewrap_all(self) -> int:
+        """Re-wrap until nothing references an older version; returns how many records moved."""
+        moved = 0
+        while True:
+            n = await self._rewrap_batch()
+            moved += n
+            if n == 0:
+                break
+            await asyncio.sleep(0)  # let requests in between batches
+        await self._mark_retired()
+        return moved
+
+    async def _rewrap_batch(self) -> int:
+        current = self._keyring.current_version
+        n = 0
+        async with self._store.write() as s:
+            for table in SEALED:
+                q = (
+                    table.select_rows()
+                    .where(table.model.kek_version != current)
+                    .limit(self._batch - n)
+                    .with_for_update(of=table.model)
+                )
+                for r in (await s.execute(q)).all():
+                    row = r[0]
+                    row.sealed = self._envelope.rewrap(row.sealed, table.context_of(r), current)
+                    n += 1
+                if n >= self._batch:
+                    break
+        return n
+
+    async def _mark_retired(self) -> None:
+        refs = await self._references()
+        current = self._keyring.current_version
+        async with self._store.write() as s:
+            for row in (await s.execute(select(KekVersion))).scalars():
+                if row.version != current and not refs.get(row.version) and row.retired_at is None:
+                    row.state = "retired"
+                    row.retired_at = utcnow()
+                elif row.version == current:
+                    row.state = "active"
+
+    async def needs_rewrap(self) -> bool:
+        refs = await self._references()
+        return any(n for v, n in refs.items() if v != self._keyring.current_version)
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

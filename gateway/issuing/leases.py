@@ -1,0 +1,261 @@
+"""Leases: the durable record of every credential issued, and its state machine.
+
+    pending ──> active ──> revoking ──> revoked
+       │           │  ╲
+       │           │   ╲──> expired        (expiry-only types, at expires_at)
+       └───────────┴──────> revoking       (revocable types, at expires_at; or a pending row
+                                            older than the pending timeout: a crash mid-issue)
+
+Every transition is a conditional UPDATE (``WHERE state = <from>``), so two
+replicas, or the reaper and an admin, can race without a lease being
+revoked twice to harmful effect or resurrected.
+
+TTLs are decided in one place, :func:`calculate_ttl`.
+
+Reads for the API (:meth:`Leases.view`, :meth:`Leases.views`) use Core, not
+the ORM: they select only the view's columns, never the sealed ones, and
+return plain dicts shaped like ``LeaseOut``.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, and_, bindparam, func, or_, select, update
+
+from gateway.identity.principal import GATEWAY
+from gateway.errors import NotFound, ValidationFailed
+from gateway.store import Store
+from gateway.store.models import LeaseRow, utcnow
+
+PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED = "pending", "active", "revoking", "revoked", "expired"
+STATES = (PENDING, ACTIVE, REVOKING, REVOKED, EXPIRED)
+LIVE = (PENDING, ACTIVE, REVOKING)
+
+
+_c = LeaseRow.__table__.c
+
+# What the API shows of a lease, named as ``LeaseOut`` names it (the same
+# fields as ``credentials.lease_view``); never the sealed columns or revoke_state.
+VIEW_COLUMNS = (
+    _c.id.label("lease_id"), _c.connector, _c.connector_type, _c.resource, _c.principal, _c.run_id,
+    _c.state, _c.revocability, _c.renewable, _c.wrapped, _c.issued_at, _c.expires_at,
+    _c.max_expires_at, _c.revoked_at, _c.attempts, _c.last_error,
+)
+VIEW_KEYS = tuple(col.name for col in VIEW_COLUMNS)
+
+_VIEW_ONE = select(*VIEW_COLUMNS).where(_c.id == bindparam("id"))
+# The list's filters, by the name of the keyword Leases.views takes.
+_FILTERS = {
+    "connector": _c.connector == bindparam("connector"),
+    "principal": _c.principal == bindparam("principal"),
+    "state": _c.state == bindparam("state"),
+    "run_id": _c.run_id == bindparam("run_id"),
+    "expiring_before": _c.expires_at < bindparam("expiring_before"),
+    "after": _c.id > bindparam("after"),
+}
+
+
+@functools.cache
+def _view_page(used: tuple[str, ...]) -> Select[Any]:
+    """The page statement for one combination of filters, built once (then only bound)."""
+    return select(*VIEW_COLUMNS).where(*(_FILTERS[f] for f in used)).order_by(_c.id).limit(bindparam("limit"))
+
+
+def new_lease_id() -> str:
+    """Time-ordered (48-bit milliseconds) then 64 random bits: sortable and unguessable."""
+    return f"lease_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+
+
+@dataclass(frozen=True)
+class TTLDecision:
+    ttl: timedelta
+    requested: timedelta | None
+    capped: bool  # the request asked for more than the cap
+    cap: timedelta  # the smallest max that applied: it bounds the lease's whole life too
+
+
+def calculate_ttl(
+    requested_seconds: int | None,
+    *,
+    default: timedelta,
+    maximum: timedelta,
+    type_min: timedelta,
+    type_max: timedelta,
+    policy_max: timedelta | None = None,
+    run_max: timedelta | None = None,
+) -> TTLDecision:
+    """The one place a lease's TTL is decided, at issuance and at every renewal:
+    the smallest of the request (or the connector default), the connector's
+    max, the type's max, the policy's max and the run token's max; a request
+    under the type's minimum is refused. ``cap``, the smallest of the maxima,
+    also bounds the lease's whole life (``max_expires_at`` is issue time +
+    cap), so renewals can't outlive what issuance allowed."""
+    requested = timedelta(seconds=requested_seconds) if requested_seconds is not None else None
+    cap = min(c for c in (maximum, type_max, policy_max, run_max) if c is not None)
+    want = requested if requested is not None else default
+    if want < type_min:
+        raise ValidationFailed(
+            f"ttl_seconds must be at least {int(type_min.total_seconds())} for this connector type.",
+            code="ttl_too_short",
+        )
+    ttl = min(want, cap)
+    return TTLDecision(ttl, requested, capped=requested is not None and requested > cap, cap=cap)
+
+
+def owner_filter(value: str) -> str:
+    """A principal as the lease list and bulk revocation take it: an owner key
+    (``ISSUER/SUBJECT``, see ``Principal.owner``) as it is, or a bare gateway
+    subject (``client:x``, ``admin_key:x``, ``run:x``; these never hold a '/')
+    read as ``credgate/<subject>``. A trusted issuer's subject must be qualified."""
+    return value if "/" in value else f"{GATEWAY}/{value}"
+
+
+class Leases:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        # Views are one SELECT each: on PostgreSQL they run without BEGIN/ROLLBACK round trips.
+        self._reader = (
+            store.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if store.dialect == "postgresql" else store.engine
+        )
+
+    async def view(self, lease_id: str) -> dict[str, Any]:
+        """The API view of one lease (``LeaseOut``'s fields), read without the ORM."""
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(_VIEW_ONE, {"id": lease_id})).first()
+        if row is None:
+            raise NotFound(f"Lease {lease_id} does not exist.", code="lease_not_found")
+        return dict(zip(VIEW_KEYS, row))
+
+    async def views(
+        self,
+        *,
+        connector: str | None = None,
+        principal: str | None = None,
+        state: str | None = None,
+        run_id: str | None = None,
+        expiring_before: datetime | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of lease views in id order (keyset: ids after ``after``) and
+        the next page's token, or None on the last page."""
+        given = {
+            "connector": connector, "principal": principal, "state": state, "run_id": run_id,
+            "expiring_before": expiring_before, "after": after,
+        }
+        params: dict[str, Any] = {k: v for k, v in given.items() if v}
+        q = _view_page(tuple(params))
+        params["limit"] = limit + 1
+        async with self._reader.connect() as conn:
+            rows = (await conn.execute(q, params)).all()
+        more = len(rows) > limit
+        items = [dict(zip(VIEW_KEYS, r)) for r in rows[:limit]]
+        return items, (items[-1]["lease_id"] if more else None)
+
+    async def get(self, lease_id: str) -> LeaseRow:
+        """The whole row, sealed columns and revoke_state included: for code that acts on the lease."""
+        async with self._store.read() as s:
+            row = await s.get(LeaseRow, lease_id)
+        if row is None:
+            raise NotFound(f"Lease {lease_id} does not exist.", code="lease_not_found")
+        return row
+
+    async def find_idempotent(self, owner: str, key: str) -> LeaseRow | None:
+        """The lease an earlier request of this owner (``Principal.owner``) made with this key."""
+        async with self._store.read() as s:
+            q = select(LeaseRow).where(LeaseRow.principal == owner, LeaseRow.idempotency_key == key)
+            return (await s.execute(q)).scalar_one_or_none()
+
+    async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
+        """Move a lease from one of ``frm`` to ``to``; False if it was not in ``frm``."""
+        values = {**values, "state": to, "updated_at": utcnow()}
+        if to in (REVOKED, EXPIRED):
+            # The lease is over: nothing may be replayed from it any more.
+            values.update(kek_version=None, wrapped_dek=None, ciphertext=None)
+        async with self._store.write() as s:
+            res = await s.execute(
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm)).values(**values)
+            )
+            return res.rowcount == 1
+
+    async def mark_revoking(
+        self, *, lease_ids: list[str] | None = None, connector: str | None = None,
+        principal: str | None = None, run_id: str | None = None,
+    ) -> list[str]:
+        """Move matching live leases to ``revoking`` (due now); return their ids."""
+        conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
+        if lease_ids is not None:
+            conds.append(LeaseRow.id.in_(lease_ids))
+        if connector:
+            conds.append(LeaseRow.connector == connector)
+        if principal:
+            conds.append(LeaseRow.principal == principal)
+        if run_id:
+            conds.append(LeaseRow.run_id == run_id)
+        now = utcnow()
+        async with self._store.write() as s:
+            ids = list((await s.execute(select(LeaseRow.id).where(and_(*conds)).with_for_update())).scalars())
+            if ids:
+                await s.execute(
+                    update(LeaseRow)
+                    .where(LeaseRow.id.in_(ids), LeaseRow.state.in_((PENDING, ACTIVE)))
+                    .values(state=REVOKING, next_attempt_at=now, updated_at=now)
+                )
+        return ids
+
+    async def due_for_expiry(self, now: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = (
+                select(LeaseRow)
+                .where(LeaseRow.state == ACTIVE, LeaseRow.expires_at <= now)
+                .order_by(LeaseRow.expires_at)
+                .limit(limit)
+            )
+            return list((await s.execute(q)).scalars())
+
+    async def stale_pending(self, older_than: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = select(LeaseRow).where(LeaseRow.state == PENDING, LeaseRow.updated_at <= older_than).limit(limit)
+            return list((await s.execute(q)).scalars())
+
+    async def due_for_revocation(self, now: datetime, limit: int) -> list[LeaseRow]:
+        async with self._store.read() as s:
+            q = (
+                select(LeaseRow)
+                .where(
+                    LeaseRow.state == REVOKING,
+                    or_(LeaseRow.next_attempt_at.is_(None), LeaseRow.next_attempt_at <= now),
+                )
+                .order_by(LeaseRow.next_attempt_at)
+                .limit(limit)
+            )
+            return list((await s.execute(q)).scalars())
+
+    async def counts(self, *, stuck_after_attempts: int) -> dict[str, int]:
+        async with self._store.read() as s:
+            rows = (await s.execute(select(LeaseRow.state, func.count()).group_by(LeaseRow.state))).all()
+            stuck = (
+                await s.execute(
+                    select(func.count()).where(
+                        LeaseRow.state == REVOKING, LeaseRow.attempts >= stuck_after_attempts
+                    )
+                )
+            ).scalar_one()
+        out = {state: 0 for state in STATES}
+        out.update({state: n for state, n in rows})
+        out["stuck_revoking"] = stuck
+        return out
+
+    async def live_count(self, connector: str) -> int:
+        async with self._store.read() as s:
+            q = select(func.count()).where(LeaseRow.connector == connector, LeaseRow.state.in_(LIVE))
+            return (await s.execute(q)).scalar_one()

@@ -1,0 +1,428 @@
+"""Issuing, renewing and revoking credentials: the request path's core.
+
+Issuance, in order (see connectors/base.py for the connector's side):
+
+1. check the resource against the connector's patterns and decide the TTL;
+2. replay if the Idempotency-Key was seen before;
+3. read the connector's material, ``plan`` the revoke state, and commit a
+   ``pending`` lease holding it, *before* the target is touched;
+4. ``issue`` at the target; on failure, revoke by the planned names at once
+   (the reaper retries if that fails too);
+5. mark the lease ``active`` with a conditional update: if the reaper took a
+   too-slow pending lease meanwhile, the fresh credential is revoked, not
+   handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from connectors.base import IssueRequest, Revocability, TargetError, safe_vendor_error
+from gateway.identity.principal import Principal
+from gateway.plugins.connectors import Catalog
+from gateway.crypto.envelope import Envelope
+from gateway.errors import BadRequest, Conflict, CredgateError, Gone, Unavailable
+from gateway.issuing.leases import (
+    ACTIVE,
+    EXPIRED,
+    PENDING,
+    REVOKED,
+    REVOKING,
+    Leases,
+    TTLDecision,
+    calculate_ttl,
+    new_lease_id,
+)
+from gateway.plugins.registry import connector_class
+from gateway.store import Store
+from gateway.store.models import ConnectorRow, LeaseRow, utcnow
+from gateway.store.sealed import lease_context
+from gateway.issuing.wrapping import WrapTokens
+
+log = logging.getLogger("credgate.credentials")
+
+
+@dataclass(frozen=True)
+class IssueParams:
+    connector: str
+    resource: str
+    ttl_seconds: int | None = None
+    wrap: bool = False
+    wrap_ttl_seconds: int | None = None
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RevokePolicy:
+    timeout: float = 30.0  # per call to a target
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+
+
+def describe(exc: BaseException) -> str:
+    """What may be recorded about a failure: our own sentence, or the vendor's class and code."""
+    if isinstance(exc, CredgateError):
+        return f"{exc.code}: {exc.message}"[:300]
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout: the target did not answer in time"
+    return safe_vendor_error(exc)[:300]
+
+
+def run_cap(principal: Principal) -> timedelta | None:
+    """A run token's own cap on its credentials' lifetime (``max_credential_ttl_seconds``)."""
+    return principal.scope.max_ttl if principal.scope is not None else None
+
+
+def ttl_for(
+    row: ConnectorRow, requested_seconds: int | None, *, policy_max: timedelta | None, run_max: timedelta | None
+) -> TTLDecision:
+    """:func:`~gateway.issuing.leases.calculate_ttl` with a connector's and its type's limits:
+    issuance and renewal both decide a lease's TTL through it."""
+    cls = connector_class(row.type)
+    return calculate_ttl(
+        requested_seconds,
+        default=timedelta(seconds=row.default_ttl_seconds),
+        maximum=timedelta(seconds=row.max_ttl_seconds),
+        type_min=cls.ttl.min,
+        type_max=cls.ttl.max,
+        policy_max=policy_max,
+        run_max=run_max,
+    )
+
+
+def lease_view(row: LeaseRow) -> dict[str, Any]:
+    return {
+        "lease_id": row.id,
+        "connector": row.connector,
+        "connector_type": row.connector_type,
+        "resource": row.resource,
+        "principal": row.principal,
+        "run_id": row.run_id,
+        "state": row.state,
+        "revocability": row.revocability,
+        "renewable": row.renewable,
+        "wrapped": row.wrapped,
+        "issued_at": row.issued_at,
+        "expires_at": row.expires_at,
+        "max_expires_at": row.max_expires_at,
+        "revoked_at": row.revoked_at,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+    }
+
+
+class Credentials:
+    def __init__(
+        self,
+        store: Store,
+        envelope: Envelope,
+        catalog: Catalog,
+        leases: Leases,
+        wraps: WrapTokens,
+        policy: RevokePolicy | None = None,
+    ) -> None:
+        self._store = store
+        self._envelope = envelope
+        self._catalog = catalog
+        self.leases = leases
+        self._wraps = wraps
+        self.policy = policy or RevokePolicy()
+
+    # --- issue -------------------------------------------------------------
+
+    async def issue(
+        self,
+        principal: Principal,
+        params: IssueParams,
+        *,
+        idempotency_key: str | None = None,
+        run_id: str | None = None,
+        policy_max: timedelta | None = None,
+        decided_by: str | None = None,
+    ) -> dict[str, Any]:
+        row = await self._catalog.get(params.connector)
+        self._catalog.check_resource(row, params.resource)
+        cls = connector_class(row.type)
+        if cls.wrap_only and not params.wrap:
+            raise BadRequest(
+                f"Connector type {row.type} hands out long-lived material only wrapped: send \"wrap\": true.",
+                code="wrap_required",
+            )
+        decision = ttl_for(row, params.ttl_seconds, policy_max=policy_max, run_max=run_cap(principal))
+        request_hash = params.digest()
+        if idempotency_key:
+            existing = await self.leases.find_idempotent(principal.owner, idempotency_key)
+            if existing is not None:
+                return self._replay(existing, request_hash, decision)
+
+        connector = await self._catalog.instance(row)
+        connector.validate_resource(params.resource)
+        lease_id = new_lease_id()
+        now = utcnow()
+        expires_at = now + decision.ttl
+        revoke_state = connector.plan(lease_id, params.resource)
+        lease = LeaseRow(
+            id=lease_id,
+            connector=row.name,
+            connector_type=row.type,
+            resource=params.resource,
+            principal=principal.owner,
+            run_id=run_id,
+            state=PENDING,
+            revocability=str(cls.revocability),
+            renewable=cls.renewable,
+            wrapped=params.wrap,
+            issued_at=now,
+            expires_at=expires_at,
+            max_expires_at=now + decision.cap,  # renewals never take it past the caps applied now
+            revoke_state=revoke_state,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            attempts=0,
+            updated_at=now,
+        )
+        if not cls.creates_at_target:
+            # Nothing comes into being anywhere but in this response: no intent to record
+            # first. The lease, made active, and its wrap token are one transaction.
+            return await self._issue_locally(connector, lease, params, decision)
+        replayed = await self._record_new(lease, decision)
+        if replayed is not None:
+            return replayed
+
+        try:
+            issued = await asyncio.wait_for(
+                connector.issue(
+                    IssueRequest(lease_id, params.resource, decision.ttl, expires_at, revoke_state, self.policy.timeout)
+                ),
+                timeout=self.policy.timeout,
+            )
+        except BaseException as exc:
+            await self._abort(lease_id, exc)
+            if isinstance(exc, CredgateError):
+                raise
+            if isinstance(exc, asyncio.TimeoutError):
+                raise TargetError("The target did not answer in time.", code="target_timeout") from None
+            if isinstance(exc, Exception):
+                raise TargetError(f"The target refused the request ({safe_vendor_error(exc)}).") from None
+            raise
+        lease.expires_at = expires_at = min(issued.expires_at, expires_at)
+        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
+        values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
+        if idempotency_key:
+            values.update(self._sealed_response(lease_id, secret_part))
+
+        def activate(s: Any) -> bool:
+            res = s.execute(
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
+            )
+            if res.rowcount != 1:
+                return True
+            if wrap_row is not None:
+                s.add(wrap_row)
+            return False
+
+        taken = await self._store.grouped(activate)
+        if taken:
+            # The reaper judged this issuance dead and is revoking it: never hand it out.
+            raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
+        lease.state = ACTIVE
+        return self._body(lease, decision, secret_part)
+
+    async def _issue_locally(
+        self, connector: Any, lease: LeaseRow, params: IssueParams, decision: TTLDecision
+    ) -> dict[str, Any]:
+        """Issuance for a connector that creates nothing at a target (``creates_at_target`` False)."""
+        issued = await connector.issue(
+            IssueRequest(lease.id, params.resource, decision.ttl, lease.expires_at, lease.revoke_state, self.policy.timeout)
+        )
+        lease.expires_at = min(issued.expires_at, lease.expires_at)
+        lease.state = ACTIVE
+        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
+        if lease.idempotency_key:
+            sealed = self._sealed_response(lease.id, secret_part)
+            lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
+                sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
+            )
+        replayed = await self._record_new(lease, decision, wrap_row)
+        return replayed if replayed is not None else self._body(lease, decision, secret_part)
+
+    async def _record_new(self, lease: LeaseRow, decision: TTLDecision, wrap_row: Any = None) -> dict[str, Any] | None:
+        """Insert a new lease (and its wrap token) through the group commit. None once recorded; the
+        earlier response if a concurrent request with the same Idempotency-Key won the insert."""
+
+        def record(s: Any) -> None:
+            s.add(lease)
+            if wrap_row is not None:
+                s.add(wrap_row)
+
+        try:
+            await self._store.grouped(record)
+        except IntegrityError:
+            existing = await self.leases.find_idempotent(lease.principal, lease.idempotency_key or "")
+            if existing is None:
+                raise
+            return self._replay(existing, lease.request_hash, decision)
+        return None
+
+    def _hand_out(
+        self, lease: LeaseRow, params: IssueParams, decision: TTLDecision, credential: dict[str, str]
+    ) -> tuple[dict[str, Any], Any]:
+        """The response's secret part: the credential, or a wrap token for it (and its unsaved row)."""
+        if not params.wrap:
+            return {"credential": credential}, None
+        wrap_ttl = timedelta(seconds=params.wrap_ttl_seconds) if params.wrap_ttl_seconds else decision.ttl
+        wrap_expires = min(lease.issued_at + wrap_ttl, lease.expires_at)
+        body = self._body(lease, decision, {"credential": credential})
+        token, wrap_row = self._wraps.new(lease.id, _jsonable(body), wrap_expires)
+        return {"wrap_token": token, "wrap_expires_at": wrap_expires.isoformat()}, wrap_row
+
+    def _sealed_response(self, lease_id: str, secret_part: dict[str, Any]) -> dict[str, Any]:
+        """The response's secret part sealed on the lease, for an Idempotency-Key replay."""
+        sealed = self._envelope.seal(json.dumps(secret_part).encode(), lease_context(lease_id))
+        return {"kek_version": sealed.kek_version, "wrapped_dek": sealed.wrapped_dek, "ciphertext": sealed.ciphertext}
+
+    def _body(self, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any]) -> dict[str, Any]:
+        body = {
+            "lease_id": lease.id,
+            "connector": lease.connector,
+            "connector_type": lease.connector_type,
+            "resource": lease.resource,
+            "issued_at": lease.issued_at,
+            "expires_at": lease.expires_at,
+            "ttl_seconds": int((lease.expires_at - lease.issued_at).total_seconds()),
+            "ttl_capped": decision.capped,
+            "renewable": lease.renewable,
+            "revocability": lease.revocability,
+        }
+        if decision.capped and decision.requested is not None:
+            body["requested_ttl_seconds"] = int(decision.requested.total_seconds())
+        body.update(secret_part)
+        return body
+
+    def _replay(self, existing: LeaseRow, request_hash: str, decision: TTLDecision) -> dict[str, Any]:
+        if existing.request_hash != request_hash:
+            raise Conflict(
+                "This Idempotency-Key was used for a different request.", code="idempotency_key_reused"
+            )
+        if existing.state == PENDING:
+            raise Conflict("The first request with this Idempotency-Key is still in progress.", code="request_in_progress")
+        if existing.state != ACTIVE or existing.sealed is None:
+            raise Gone(f"Lease {existing.id} issued for this Idempotency-Key has ended ({existing.state}).", code="lease_ended")
+        secret_part = json.loads(self._envelope.open(existing.sealed, lease_context(existing.id)))
+        body = self._body(existing, decision, secret_part)
+        body["replayed"] = True
+        return body
+
+    async def _abort(self, lease_id: str, exc: BaseException) -> None:
+        """Issuance failed: whatever may exist under the planned names is revoked now."""
+        await self.leases.transition(lease_id, (PENDING,), REVOKING, next_attempt_at=utcnow(), last_error=describe(exc))
+        try:
+            await self.attempt_revoke(await self.leases.get(lease_id))
+        except Exception:  # the reaper will retry
+            log.warning("clean-up of failed issuance %s deferred to the reaper", lease_id)
+
+    # --- renew -------------------------------------------------------------
+
+    async def renew(
+        self, lease_id: str, ttl_seconds: int | None, *, policy_max: timedelta | None, run_max: timedelta | None = None
+    ) -> LeaseRow:
+        """Set an active lease's expiry to now + a TTL decided like issuance's (:func:`ttl_for`),
+        under the caps the caller's authority allows *now* (``policy_max``, ``run_max``: the route
+        decides them), and never past ``max_expires_at`` nor issue time + today's cap. The
+        resource must still be inside the connector's patterns."""
+        lease = await self.leases.get(lease_id)
+        if lease.state != ACTIVE:
+            raise Conflict(f"Lease {lease_id} is {lease.state}, not active.", code="lease_not_active")
+        if not lease.renewable:
+            raise Conflict(
+                f"Leases of connector type {lease.connector_type} can't be renewed; issue a new credential.",
+                code="not_renewable",
+            )
+        row = await self._catalog.get(lease.connector)
+        self._catalog.check_resource(row, lease.resource)
+        decision = ttl_for(row, ttl_seconds, policy_max=policy_max, run_max=run_max)
+        now = utcnow()
+        until = min(lease.max_expires_at, lease.issued_at + decision.cap)
+        wanted = min(now + decision.ttl, until)
+        if wanted <= now:
+            raise Conflict(
+                f"Lease {lease_id} has reached its maximum lifetime ({until.isoformat()}); issue a new credential.",
+                code="lease_max_ttl_reached",
+            )
+        connector = await self._catalog.instance(row)
+        try:
+            new_expiry = await asyncio.wait_for(connector.renew(lease.revoke_state, wanted), self.policy.timeout)
+        except CredgateError:
+            raise
+        except Exception as exc:
+            raise TargetError(f"The target refused the renewal ({describe(exc)}).") from None
+        done = await self.leases.transition(
+            lease_id, (ACTIVE,), ACTIVE, expires_at=min(new_expiry, wanted), max_expires_at=until
+        )
+        if not done:
+            raise Conflict(f"Lease {lease_id} ended while it was being renewed.", code="lease_not_active")
+        return await self.leases.get(lease_id)
+
+    # --- revoke ------------------------------------------------------------
+
+    async def revoke(self, lease_ids: list[str]) -> list[str]:
+        """Try once now to revoke leases already marked revoking; return those still
+        revoking (the reaper keeps retrying them)."""
+        sem = asyncio.Semaphore(8)
+
+        async def one(lease_id: str) -> bool:
+            async with sem:
+                return await self.attempt_revoke(await self.leases.get(lease_id))
+
+        done = await asyncio.gather(*(one(i) for i in lease_ids))
+        return [lease_id for lease_id, ok in zip(lease_ids, done) if not ok]
+
+    async def attempt_revoke(self, lease: LeaseRow) -> bool:
+        """One revocation attempt of a ``revoking`` lease. True when it is revoked."""
+        if lease.state != REVOKING:
+            return lease.state in (REVOKED, EXPIRED)
+        now = utcnow()
+        if lease.revocability == str(Revocability.REVOCABLE):
+            try:
+                row = await self._catalog.get(lease.connector)
+                connector = await self._catalog.instance(row)
+                await asyncio.wait_for(connector.revoke(lease.revoke_state), self.policy.timeout)
+            except Exception as exc:
+                attempts = lease.attempts + 1
+                delay = min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (attempts - 1))
+                delay *= random.uniform(0.8, 1.2)
+                await self.leases.transition(
+                    lease.id, (REVOKING,), REVOKING,
+                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay), last_error=describe(exc),
+                )
+                log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc))
+                return False
+        # False here means another replica (or the reaper) recorded the same revocation first.
+        await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=now, last_error=None)
+        await self._wraps.end_for_lease(lease.id, "revoked")
+        return True
+
+    # --- unwrap ------------------------------------------------------------
+
+    async def unwrap(self, token: str) -> dict[str, Any]:
+        lease_id, payload = await self._wraps.unwrap(token)
+        lease = await self.leases.get(lease_id)
+        if lease.state not in (ACTIVE,):
+            raise Gone(f"The lease behind this wrap token has ended ({lease.state}).", code="wrap_token_revoked")
+        return payload
+
+
+def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in body.items()}

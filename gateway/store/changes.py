@@ -1,0 +1,184 @@
+"""The change feed: how every replica's caches learn that something changed.
+
+A write that changes what a cache may hold calls :func:`note` inside its
+:meth:`Store.write() <gateway.store.Store.write>` transaction. On PostgreSQL
+that queues ``pg_notify('credgate_changes', ...)`` in the same transaction,
+so PostgreSQL delivers it to every listening replica exactly when (and only
+if) the change commits. In this process the subscribers run right after the
+commit, before the write is acknowledged.
+
+Each replica keeps one dedicated connection that ``LISTEN``\\ s. While it is
+down the feed is not :attr:`~Changes.live`: caches stop serving and storing
+(see :mod:`gateway.store.cache`), and when it is back every subscriber is told to
+drop everything, since notifications sent meanwhile were lost.
+
+On SQLite there is one process and no listener: the feed is always live and
+in-process delivery is all there is.
+
+Topics and their keys: ``secret`` ("backend/path"), ``backend`` (name),
+``connector`` (name), ``policy``, ``run`` (run id), ``admin_key`` (key id),
+``issuer``, ``client``, ``signing_key``, ``token`` (the ``jti`` of a gateway
+token revoked on its own). A key of ``None`` means "anything under this
+topic". Payloads carry names and ids, never values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+log = logging.getLogger("credgate.changes")
+
+CHANNEL = "credgate_changes"
+TOPICS = frozenset(
+    {"secret", "backend", "connector", "policy", "run", "admin_key", "issuer", "client", "signing_key", "token"}
+)
+_PENDING = "credgate_changes"
+LISTENER_NAME = "credgate-changes"  # application_name of the listening connection
+HEARTBEAT_SECONDS = 2.0  # how soon a silently dead listener is noticed
+MAX_PAYLOAD = 7000  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
+
+Subscriber = Callable[[str | None], None]
+
+
+def _notification(session: Any, topic: str, key: str | None) -> Any:
+    """Queue the change on the session; the NOTIFY statement to run in its transaction, if any."""
+    if topic not in TOPICS:
+        raise ValueError(f"unknown change topic {topic!r}")
+    payload = json.dumps({"t": topic, "k": key}, separators=(",", ":"))
+    if len(payload.encode()) > MAX_PAYLOAD:
+        key, payload = None, json.dumps({"t": topic, "k": None})
+    session.info.setdefault(_PENDING, []).append((topic, key))
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return select(func.pg_notify(CHANNEL, payload))
+    return None
+
+
+async def note(session: AsyncSession, topic: str, key: str | None = None) -> None:
+    """Record, inside a write transaction, that ``topic``/``key`` changed."""
+    statement = _notification(session, topic, key)
+    if statement is not None:
+        await session.execute(statement)
+
+
+def note_sync(session: Session, topic: str, key: str | None = None) -> None:
+    """:func:`note` for the synchronous sessions of :meth:`Store.grouped <gateway.store.Store.grouped>`."""
+    statement = _notification(session, topic, key)
+    if statement is not None:
+        session.execute(statement)
+
+
+def committed(session: AsyncSession | Session) -> list[tuple[str, str | None]]:
+    """The changes a session noted (called by the store after its commit)."""
+    return session.info.pop(_PENDING, [])
+
+
+class Changes:
+    def __init__(self, url: str, dialect: str, *, retry_seconds: float = 1.0) -> None:
+        self._url = url
+        self._dialect = dialect
+        self._retry = retry_seconds
+        self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
+        self._listening = dialect != "postgresql"
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.caches: list[Any] = []  # gateway.store.cache.Cache instances fed by this feed (for metrics)
+        self.received = 0
+        self.reconnects = 0
+
+    @property
+    def live(self) -> bool:
+        """True while every change made anywhere reaches this replica."""
+        return self._listening
+
+    def subscribe(self, topic: str, subscriber: Subscriber) -> None:
+        if topic not in TOPICS:
+            raise ValueError(f"unknown change topic {topic!r}")
+        self._subscribers[topic].append(subscriber)
+
+    def deliver(self, topic: str, key: str | None) -> None:
+        for subscriber in self._subscribers.get(topic, ()):
+            try:
+                subscriber(key)
+            except Exception as exc:  # one bad subscriber must not starve the others
+                log.error("change subscriber for %s failed (%s)", topic, type(exc).__name__)
+
+    def deliver_all(self, changes: list[tuple[str, str | None]]) -> None:
+        for topic, key in changes:
+            self.deliver(topic, key)
+
+    def _flush_everything(self) -> None:
+        for cache in self.caches:
+            cache.invalidate()
+        for topic in TOPICS:
+            self.deliver(topic, None)
+
+    # --- the listener (PostgreSQL) ------------------------------------------
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start listening; returns once the first LISTEN is in place (or ``timeout`` passed)."""
+        if self._dialect != "postgresql" or self._task is not None:
+            return
+        self._task = asyncio.create_task(self._run(), name="credgate-changes")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _run(self) -> None:
+        import psycopg
+
+        conninfo = make_url(self._url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    conninfo, autocommit=True, application_name=LISTENER_NAME
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    # Anything noted while we were deaf is unknown: start from empty caches.
+                    self._flush_everything()
+                    self._listening = True
+                    self._ready.set()
+                    log.info("listening for changes")
+                    while True:
+                        async for n in conn.notifies(timeout=HEARTBEAT_SECONDS):
+                            self.received += 1
+                            self._on_payload(n.payload)
+                        # Quiet for a while: make sure the connection is still there.
+                        await conn.execute("SELECT 1")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._listening:
+                    log.warning("lost the change listener (%s); caches are bypassed until it is back",
+                                type(exc).__name__)
+            self._listening = False
+            self._flush_everything()
+            self.reconnects += 1
+            await asyncio.sleep(self._retry)
+
+    def _on_payload(self, payload: str) -> None:
+        try:
+            msg: Any = json.loads(payload)
+            topic, key = msg["t"], msg.get("k")
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed change notification")
+            return
+        if topic in TOPICS:
+            self.deliver(topic, key if isinstance(key, str) else None)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._listening = self._dialect != "postgresql"

@@ -1,0 +1,72 @@
+"""The app factory: ``create_app(settings)`` builds the FastAPI service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import __version__
+from gateway.web.errors import ErrorOut, install_error_handlers
+from gateway.web.middleware import AuditTrail, RequestGuard
+from gateway.web.metrics import Metrics, MetricsMiddleware
+from gateway.web.ratelimit import Limit, Limiter
+from gateway.web.routes import (
+    admin_keys,
+    audit,
+    backends,
+    connectors,
+    console,
+    credentials,
+    health,
+    identity,
+    keys,
+    leases,
+    policies,
+    secrets,
+)
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 431, 503)}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.runtime = await Runtime.start(settings)
+        app.state.runtime.metrics = app.state.metrics
+        app.state.metrics.watch_caches(app.state.runtime.store.changes)
+        try:
+            yield
+        finally:
+            await app.state.runtime.aclose()
+
+    app = FastAPI(
+        title="credgate",
+        version=__version__,
+        summary="Secrets and service-connector gateway",
+        lifespan=lifespan,
+        responses=_ERRORS,
+        # Starlette's redirect to the other spelling of a path builds its Location from the
+        # request's Host header (an open redirect to any host a caller names): a path is
+        # served only as written; the other spelling is a 404 route_not_found.
+        redirect_slashes=False,
+    )
+    install_error_handlers(app)
+    for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
+        app.include_router(module.router)
+    app.state.metrics = Metrics()
+    app.add_middleware(AuditTrail)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.state.limiter = Limiter()
+    app.add_middleware(
+        RequestGuard,
+        max_body=settings.max_body_bytes,
+        max_headers=settings.max_header_bytes,
+        limiter=app.state.limiter,
+        address_limit=Limit(settings.rate_per_address, settings.burst_per_address),
+        trusted_proxies=settings.proxy_networks,
+    )  # outermost: ids first
+    return app

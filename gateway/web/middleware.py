@@ -1,0 +1,306 @@
+"""Pure-ASGI middleware in front of every route: request ids, body size and media type.
+
+Written against the raw ASGI interface (not BaseHTTPMiddleware) so it costs
+little on the hot path and can stop an oversized body while it streams in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import (
+    BadRequest,
+    CredgateError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from gateway.web.errors import HeadersTooLarge, error_response
+from gateway.requestid import new_request_id, reset_request_id, set_request_id
+
+_BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+# The two exceptions to JSON bodies: the OAuth2 token endpoint takes forms (RFC 6749),
+# policies may be written in YAML.
+_OTHER_MEDIA = {
+    "/v1/auth/token": (b"application/x-www-form-urlencoded",),
+    "/v1/auth/revoke": (b"application/x-www-form-urlencoded",),  # RFC 7009
+    "/v1/policies/": (b"application/yaml", b"application/x-yaml", b"text/yaml"),
+}
+
+
+def _acceptable(path: str, content_type: bytes | None) -> bool:
+    if _is_json(content_type):
+        return True
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return any(path.startswith(prefix) and media in types for prefix, types in _OTHER_MEDIA.items())
+
+
+_MAX_HOPS = 32
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An X-Forwarded-For entry's address (``1.2.3.4``, ``1.2.3.4:80``, ``::1``, ``[::1]:80``), or None."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def client_address(scope: Scope, trusted: tuple = ()) -> str:
+    """The address a request comes from, for rate limits and the audit trail.
+
+    The connection's peer, unless the peer is one of the ``trusted`` proxy networks
+    (``CREDGATE_TRUSTED_PROXIES``, none by default). Then ``X-Forwarded-For`` is read
+    from the right (each proxy appends the address it was connected from), past every
+    trusted proxy, to the first address that is not one: the right-most untrusted
+    address, the one a trusted proxy saw. Entries to its left were written by the
+    caller and are never believed. An entry that is not an IP address ends the walk at
+    the last trusted hop."""
+    peer = scope.get("client")
+    host = str(peer[0]) if peer else "unknown"
+    if not trusted:
+        return host
+    ip = _ip(host)
+    if ip is None or not any(ip in net for net in trusted):
+        return host
+    hops: list[str] = []
+    for k, v in scope.get("headers", ()):
+        if k == b"x-forwarded-for":
+            hops.extend(v.decode("latin-1").split(","))
+    for entry in reversed(hops[-_MAX_HOPS:]):
+        hop = _ip(entry)
+        if hop is None:
+            break
+        host = str(hop)
+        if not any(hop in net for net in trusted):
+            break
+    return host
+
+
+
+
+class RequestGuard:
+    """Assign a request id; refuse bodies over ``max_body`` (413) and non-JSON bodies (415)."""
+
+    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int = 16384, limiter=None,
+                 address_limit=None, trusted_proxies=()) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.max_headers = max_headers
+        self.limiter = limiter
+        self.address_limit = address_limit
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Every later reader of scope["client"] (the address rate limit, the audit event)
+        # sees the resolved caller, never an address a caller merely claims.
+        peer = scope.get("client")
+        scope["client"] = (client_address(scope, self.trusted_proxies), peer[1] if peer else 0)
+        incoming = _header(scope, b"x-request-id")
+        rid = new_request_id(incoming.decode("latin-1") if incoming else None)
+        token = set_request_id(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            error = self._check(scope)
+            if error is not None:
+                await self._reject(error, scope, receive, send_with_id)
+                return
+            await self._guarded(scope, receive, send_with_id)
+        finally:
+            reset_request_id(token)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Count body bytes as they stream in; past the limit, answer 413 ourselves,
+        tell the app the client went away, and drop whatever it tries to send."""
+        seen = 0
+        rejected = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    rejected = True
+                    if not started:
+                        await self._reject(
+                            PayloadTooLarge(f"The request body is larger than {self.max_body} bytes."),
+                            scope, receive, send,
+                        )
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if rejected:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    def _check(self, scope: Scope) -> CredgateError | None:
+        if sum(len(k) + len(v) for k, v in scope.get("headers", ())) > self.max_headers:
+            return HeadersTooLarge(f"The request headers are larger than {self.max_headers} bytes.")
+        if self.limiter is not None and scope["path"] not in ("/healthz", "/readyz"):
+            client = scope.get("client") or ("unknown", 0)
+            try:
+                self.limiter.check(("addr", client[0]), self.address_limit, "from this address")
+            except CredgateError as exc:
+                return exc
+        if _CONTROL.search(scope["path"]):
+            return BadRequest("The URL path contains control characters.", code="invalid_path")
+        method = scope["method"].encode()
+        length = _header(scope, b"content-length")
+        chunked = (_header(scope, b"transfer-encoding") or b"").lower() == b"chunked"
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_body:
+                return PayloadTooLarge(f"The request body is larger than {self.max_body} bytes.")
+        else:
+            n = 0
+        if method in _BODY_METHODS and (n > 0 or chunked) and not _acceptable(scope["path"], _header(scope, b"content-type")):
+            return UnsupportedMediaType("Request bodies must be JSON (Content-Type: application/json).")
+        return None
+
+    async def _reject(self, error: CredgateError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(error)
+        if getattr(error, "retry_after", None):
+            response.headers["retry-after"] = str(error.retry_after)
+        # Close the connection rather than read an unwanted (maybe huge) body.
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+
+
+# Requests under /v1/ are audited, but for these read-only discovery endpoints.
+_NOT_AUDITED = {"/v1/jwks", "/v1/auth/login-config", "/v1/auth/whoami"}
+
+
+class AuditTrail:
+    """Records one audit event per audited request, *before* its response starts.
+
+    If the event can't be recorded and the request was fail-closed (it hands out
+    a credential, a secret or a token, or changes authority), the response is
+    replaced by 503 ``audit_unavailable`` and a credential issued for it is
+    revoked: nothing leaves the gateway unrecorded. Changes of authority were
+    also recorded before the route ran (gateway/web/deps.py ``requires``). Leases a
+    request ended in bulk (``audit.note(ended_leases=...)``) get one event each.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/") or path in _NOT_AUDITED:
+            await self.app(scope, receive, send)
+            return
+        from gateway.audit import trail as audit
+
+        ctx, token = audit.begin()
+        if path in audit.FAIL_CLOSED_PATHS:
+            ctx["fail_closed"] = True
+        replaced = False
+
+        async def audited_send(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                runtime = getattr(scope["app"].state, "runtime", None)
+                if runtime is not None:
+                    events = [_event(scope, ctx, status)] + _ended_leases(scope, ctx)
+                    try:
+                        await runtime.audit.record_many(
+                            events, fail_closed=bool(ctx.get("fail_closed")) and status < 400,
+                            # the request-phase event already waited for the sinks in vain
+                            wait_seconds=0 if ctx.get("audit_failed") else None,
+                        )
+                    except audit.AuditUnavailable:
+                        replaced = True
+                        lease_id = ctx.get("lease_id")
+                        if lease_id:
+                            await runtime.credentials.revoke(await runtime.leases.mark_revoking(lease_ids=[lease_id]))
+                        # What the caller got instead, for the store at least (the sinks are down).
+                        await runtime.audit.record(_event(scope, {**ctx, "error": "audit_unavailable"}, 503),
+                                                   fail_closed=False, wait_seconds=0)
+                        await self._unavailable(scope, receive, send)
+                        return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited_send)
+        finally:
+            audit.end(token)
+
+    async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway.errors import Unavailable
+
+        err = Unavailable("The audit trail can't be written; the request was refused and nothing was handed out.",
+                          code="audit_unavailable")
+        response = error_response(err)
+        response.headers["retry-after"] = "5"
+        await response(scope, receive, send)
+
+
+def _event(scope: Scope, ctx: dict, status: int | None) -> dict:
+    """The request's event (its fields are bounded where it is recorded: AuditLog.record)."""
+    from gateway.audit.trail import request_event
+
+    return request_event(scope, ctx, status)
+
+
+def _ended_leases(scope: Scope, ctx: dict) -> list[dict]:
+    """One event per lease a bulk or run revocation ended: the caller, the lease, the request."""
+    from gateway.audit.trail import request_event
+
+    out = []
+    for lease_id in dict.fromkeys(ctx.get("ended_leases") or ()):
+        event = request_event(scope, {**ctx, "lease_id": lease_id, "details": {"via": ctx.get("action")}}, None)
+        event.update(action="leases:revoke", outcome="lease ended")
+        out.append(event)
+    return out
