@@ -2,7 +2,10 @@
 
 Issuance, in order (see connectors/base.py for the connector's side):
 
-1. check the resource against the connector's patterns and decide the TTL;
+1. :meth:`Credentials.plan`: check the resource against the connector's patterns
+   and decide the TTL, once, into an :class:`~gateway.issuing.plan.IssuePlan`
+   that everything below derives from (the lease row, the connector's
+   ``IssueRequest``, the response);
 2. replay if the Idempotency-Key was seen before;
 3. read the connector's material, ``plan`` the revoke state, and commit a
    ``pending`` lease holding it, *before* the target is touched;
@@ -16,7 +19,6 @@ Issuance, in order (see connectors/base.py for the connector's side):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import random
@@ -27,7 +29,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from connectors.base import IssueRequest, Revocability, TargetError, safe_vendor_error
+from connectors.base import Revocability, TargetError, safe_vendor_error
 from gateway.identity.principal import Principal
 from gateway.plugins.connectors import Catalog
 from gateway.crypto.envelope import Envelope
@@ -47,21 +49,10 @@ from gateway.plugins.registry import connector_class
 from gateway.store import Store
 from gateway.store.models import ConnectorRow, LeaseRow, utcnow
 from gateway.store.sealed import lease_context
+from gateway.issuing.plan import IssueParams, IssuePlan
 from gateway.issuing.wrapping import WrapTokens
 
 log = logging.getLogger("credgate.credentials")
-
-
-@dataclass(frozen=True)
-class IssueParams:
-    connector: str
-    resource: str
-    ttl_seconds: int | None = None
-    wrap: bool = False
-    wrap_ttl_seconds: int | None = None
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -142,7 +133,7 @@ class Credentials:
 
     # --- issue -------------------------------------------------------------
 
-    async def issue(
+    async def plan(
         self,
         principal: Principal,
         params: IssueParams,
@@ -151,7 +142,11 @@ class Credentials:
         run_id: str | None = None,
         policy_max: timedelta | None = None,
         decided_by: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> IssuePlan:
+        """Decide an issuance (after the policy decision): the connector, the resource (its
+        grammar and the connector's patterns, checked here and only here), wrapping and the TTL.
+        Errors, in order: 404 connector_not_found, 400 invalid_resource, 403
+        resource_not_allowed, 400 wrap_required, the TTL's own."""
         row = await self._catalog.get(params.connector)
         self._catalog.check_resource(row, params.resource)
         cls = connector_class(row.type)
@@ -160,53 +155,42 @@ class Credentials:
                 f"Connector type {row.type} hands out long-lived material only wrapped: send \"wrap\": true.",
                 code="wrap_required",
             )
-        decision = ttl_for(row, params.ttl_seconds, policy_max=policy_max, run_max=run_cap(principal))
-        request_hash = params.digest()
-        if idempotency_key:
-            existing = await self.leases.find_idempotent(principal.owner, idempotency_key)
-            if existing is not None:
-                return self._replay(existing, request_hash, decision)
-
-        connector = await self._catalog.instance(row)
-        connector.validate_resource(params.resource)
-        lease_id = new_lease_id()
-        now = utcnow()
-        expires_at = now + decision.ttl
-        revoke_state = connector.plan(lease_id, params.resource)
-        lease = LeaseRow(
-            id=lease_id,
-            connector=row.name,
-            connector_type=row.type,
+        return IssuePlan(
+            row=row,
+            connector_type=cls,
             resource=params.resource,
-            principal=principal.owner,
+            ttl=ttl_for(row, params.ttl_seconds, policy_max=policy_max, run_max=run_cap(principal)),
+            wrap=params.wrap,
+            wrap_ttl=timedelta(seconds=params.wrap_ttl_seconds) if params.wrap_ttl_seconds else None,
+            owner=principal.owner,
             run_id=run_id,
-            state=PENDING,
-            revocability=str(cls.revocability),
-            renewable=cls.renewable,
-            wrapped=params.wrap,
-            issued_at=now,
-            expires_at=expires_at,
-            max_expires_at=now + decision.cap,  # renewals never take it past the caps applied now
-            revoke_state=revoke_state,
             idempotency_key=idempotency_key,
-            request_hash=request_hash,
-            attempts=0,
-            updated_at=now,
+            request_hash=params.digest(),
+            decided_by=decided_by,
         )
-        if not cls.creates_at_target:
+
+    async def issue(self, plan: IssuePlan) -> dict[str, Any]:
+        """Carry out a plan (see the module docstring for the order); the response body."""
+        if plan.idempotency_key:
+            existing = await self.leases.find_idempotent(plan.owner, plan.idempotency_key)
+            if existing is not None:
+                return self._replay(existing, plan)
+
+        connector = await self._catalog.instance(plan.row)
+        connector.validate_resource(plan.resource)  # the connector's own grammar (e.g. "db/schema")
+        lease_id = new_lease_id()
+        lease = plan.lease(lease_id, utcnow(), connector.plan(lease_id, plan.resource))
+        if not plan.creates_at_target:
             # Nothing comes into being anywhere but in this response: no intent to record
             # first. The lease, made active, and its wrap token are one transaction.
-            return await self._issue_locally(connector, lease, params, decision)
-        replayed = await self._record_new(lease, decision)
+            return await self._issue_locally(connector, lease, plan)
+        replayed = await self._record_new(lease, plan)
         if replayed is not None:
             return replayed
 
         try:
             issued = await asyncio.wait_for(
-                connector.issue(
-                    IssueRequest(lease_id, params.resource, decision.ttl, expires_at, revoke_state, self.policy.timeout)
-                ),
-                timeout=self.policy.timeout,
+                connector.issue(plan.request(lease, self.policy.timeout)), timeout=self.policy.timeout
             )
         except BaseException as exc:
             await self._abort(lease_id, exc)
@@ -217,10 +201,10 @@ class Credentials:
             if isinstance(exc, Exception):
                 raise TargetError(f"The target refused the request ({safe_vendor_error(exc)}).") from None
             raise
-        lease.expires_at = expires_at = min(issued.expires_at, expires_at)
-        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
+        lease.expires_at = expires_at = min(issued.expires_at, lease.expires_at)
+        secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
-        if idempotency_key:
+        if plan.idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
 
         def activate(s: Any) -> bool:
@@ -238,27 +222,23 @@ class Credentials:
             # The reaper judged this issuance dead and is revoking it: never hand it out.
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
-        return self._body(lease, decision, secret_part)
+        return self._body(lease, plan.ttl, secret_part)
 
-    async def _issue_locally(
-        self, connector: Any, lease: LeaseRow, params: IssueParams, decision: TTLDecision
-    ) -> dict[str, Any]:
+    async def _issue_locally(self, connector: Any, lease: LeaseRow, plan: IssuePlan) -> dict[str, Any]:
         """Issuance for a connector that creates nothing at a target (``creates_at_target`` False)."""
-        issued = await connector.issue(
-            IssueRequest(lease.id, params.resource, decision.ttl, lease.expires_at, lease.revoke_state, self.policy.timeout)
-        )
+        issued = await connector.issue(plan.request(lease, self.policy.timeout))
         lease.expires_at = min(issued.expires_at, lease.expires_at)
         lease.state = ACTIVE
-        secret_part, wrap_row = self._hand_out(lease, params, decision, issued.credential)
+        secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
         if lease.idempotency_key:
             sealed = self._sealed_response(lease.id, secret_part)
             lease.kek_version, lease.wrapped_dek, lease.ciphertext = (
                 sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
             )
-        replayed = await self._record_new(lease, decision, wrap_row)
-        return replayed if replayed is not None else self._body(lease, decision, secret_part)
+        replayed = await self._record_new(lease, plan, wrap_row)
+        return replayed if replayed is not None else self._body(lease, plan.ttl, secret_part)
 
-    async def _record_new(self, lease: LeaseRow, decision: TTLDecision, wrap_row: Any = None) -> dict[str, Any] | None:
+    async def _record_new(self, lease: LeaseRow, plan: IssuePlan, wrap_row: Any = None) -> dict[str, Any] | None:
         """Insert a new lease (and its wrap token) through the group commit. None once recorded; the
         earlier response if a concurrent request with the same Idempotency-Key won the insert."""
 
@@ -270,21 +250,19 @@ class Credentials:
         try:
             await self._store.grouped(record)
         except IntegrityError:
-            existing = await self.leases.find_idempotent(lease.principal, lease.idempotency_key or "")
+            existing = await self.leases.find_idempotent(plan.owner, plan.idempotency_key or "")
             if existing is None:
                 raise
-            return self._replay(existing, lease.request_hash, decision)
+            return self._replay(existing, plan)
         return None
 
-    def _hand_out(
-        self, lease: LeaseRow, params: IssueParams, decision: TTLDecision, credential: dict[str, str]
-    ) -> tuple[dict[str, Any], Any]:
+    def _hand_out(self, lease: LeaseRow, plan: IssuePlan, credential: dict[str, str]) -> tuple[dict[str, Any], Any]:
         """The response's secret part: the credential, or a wrap token for it (and its unsaved row)."""
-        if not params.wrap:
+        if not plan.wrap:
             return {"credential": credential}, None
-        wrap_ttl = timedelta(seconds=params.wrap_ttl_seconds) if params.wrap_ttl_seconds else decision.ttl
+        wrap_ttl = plan.wrap_ttl or plan.ttl.ttl
         wrap_expires = min(lease.issued_at + wrap_ttl, lease.expires_at)
-        body = self._body(lease, decision, {"credential": credential})
+        body = self._body(lease, plan.ttl, {"credential": credential})
         token, wrap_row = self._wraps.new(lease.id, _jsonable(body), wrap_expires)
         return {"wrap_token": token, "wrap_expires_at": wrap_expires.isoformat()}, wrap_row
 
@@ -311,8 +289,8 @@ class Credentials:
         body.update(secret_part)
         return body
 
-    def _replay(self, existing: LeaseRow, request_hash: str, decision: TTLDecision) -> dict[str, Any]:
-        if existing.request_hash != request_hash:
+    def _replay(self, existing: LeaseRow, plan: IssuePlan) -> dict[str, Any]:
+        if existing.request_hash != plan.request_hash:
             raise Conflict(
                 "This Idempotency-Key was used for a different request.", code="idempotency_key_reused"
             )
@@ -321,7 +299,7 @@ class Credentials:
         if existing.state != ACTIVE or existing.sealed is None:
             raise Gone(f"Lease {existing.id} issued for this Idempotency-Key has ended ({existing.state}).", code="lease_ended")
         secret_part = json.loads(self._envelope.open(existing.sealed, lease_context(existing.id)))
-        body = self._body(existing, decision, secret_part)
+        body = self._body(existing, plan.ttl, secret_part)
         body["replayed"] = True
         return body
 

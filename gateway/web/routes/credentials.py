@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header
 
 from gateway.audit import trail as audit
 from gateway.identity.principal import Principal
-from gateway.issuing.service import IssueParams
+from gateway.issuing.plan import IssueParams
 from gateway.web.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, Gone, NotFound, Unauthenticated
 from gateway.runtime import Runtime
@@ -28,10 +28,11 @@ async def issue_for(
     decision = principal.require(action, body.connector, body.resource)
     audit.note(rule=decision.rule)
     started = time.perf_counter()
-    out = await runtime.credentials.issue(
+    plan = await runtime.credentials.plan(
         principal, IssueParams(**body.model_dump()), idempotency_key=idempotency_key, run_id=run_id,
         policy_max=decision.max_ttl, decided_by=decision.rule,
     )
+    out = await runtime.credentials.issue(plan)
     audit.note(lease_id=out["lease_id"], details={"replayed": out.get("replayed", False)})
     if runtime.metrics is not None:
         runtime.metrics.issue_seconds.labels(out["connector_type"]).observe(time.perf_counter() - started)
