@@ -1,27 +1,78 @@
 """The SecretBackend protocol: what a store of long-lived secret material offers.
 
+This module is the whole contract a backend author needs: what the gateway
+constructs and calls, what a backend declares, which errors it may raise, and
+the helpers (:class:`BackendBase`, :func:`run_sync`) it may use.
+
 A backend is a named mount of one backend *type* (``local``, and later
 ``vault``, ``aws``, ``gcp``, ``azure``). The gateway validates paths and
 authorises the caller before it calls a backend; a backend only stores and
-fetches. Contract for implementers:
+fetches.
+
+Writing one
+-----------
+
+1. Subclass :class:`BackendBase` in ``backends/<type>.py``; declare ``type``,
+   ``config_model`` (a pydantic model; ``SecretStr`` fields are sealed and shown
+   masked) and ``capabilities`` (:class:`BackendCapabilities`).
+2. Register it in ``gateway/plugins/registry.py`` (``BACKEND_TYPES``) with the
+   pip extra that brings its SDK; ``tests/contract/test_protocols.py`` checks its
+   shape and ``tests/contract/test_secret_backend.py`` its behaviour.
+3. Implement the methods of :class:`SecretBackend`; override
+   :meth:`BackendBase.sanitize` for your SDK's exceptions.
+
+Construction and lifecycle
+--------------------------
+
+The gateway (:mod:`gateway.plugins.backends`, the mounts) builds a backend as
+``cls(name, config, context)``: ``name`` the mount's name, ``config`` an
+instance of ``cls.config_model`` (validated, secrets revealed), ``context`` a
+:class:`BackendContext` (exactly: the gateway's ``store``, its ``envelope``
+cipher, and ``metadata_cache``, which is None unless ``capabilities.cacheable``).
+The constructor does no I/O. The mounts then await ``start()`` (begin
+background work, open a client); when the mount's configuration changes or it
+is removed, or at shutdown, they await ``aclose()``. Both default to no-ops in
+:class:`BackendBase`. Calls may still be in flight on a backend being closed.
+
+Contract
+--------
 
 - ``path`` is already validated: segments of ``[A-Za-z0-9._-]`` joined by
   ``/``, no ``.``/``..``, no empty segment.
 - A secret is a map of string keys to string values with integer versions
   starting at 1. ``put`` writes a new version and returns its metadata.
-- Errors are raised as :mod:`gateway.errors` classes with a stable code
-  (``secret_not_found``, ``secret_deleted``, ``version_not_found``,
-  ``backend_unavailable``...). A vendor SDK's exception is translated inside
-  the backend's module and never chained into a message: its text can quote
-  a request, a token or a value.
 - ``SecretValue`` never prints its data (``repr`` is redacted), so a value
   can't reach a log line by accident.
 - ``check`` reports reachability and permissions without revealing anything.
-- Every method is safe to call concurrently; ``aclose`` releases clients.
+- Every method is safe to call concurrently. Every call to a remote store has a
+  timeout; a synchronous SDK runs through :func:`run_sync`, never directly in a
+  coroutine (it would block the event loop).
+- Vendor SDK imports stay inside the backend's module (inside methods, so the
+  type is listable without its SDK).
 
-A backend class is constructed by the registry as ``cls(name, config, context)``
-where ``config`` is an instance of ``cls.config_model`` and ``context`` is a
-:class:`BackendContext`. Vendor SDK imports stay inside the backend's module.
+Errors a backend may raise (all from :mod:`gateway.errors`, re-exported here)
+------------------------------------------------------------------------------
+
+Anything else escaping a method is reported by its ``sanitize``d form only.
+
+- :class:`NotFound` (404): ``secret_not_found`` (no such path),
+  ``secret_deleted`` (soft-deleted: ``get``/``metadata``/``delete``),
+  ``version_not_found`` (``get`` of a version that does not exist or was
+  destroyed).
+- :class:`Conflict` (409): ``cas_mismatch`` (``put`` with ``cas`` not equal to
+  the current version); for a type lacking a capability: ``backend_read_only`` (a write to a ``read_only`` backend),
+  ``not_supported`` (an operation the capabilities say it lacks: ``restore``
+  without ``soft_delete``, ``cas`` without ``check_and_set``).
+- :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
+  "target_timeout"`` for a deadline): the store did not answer.
+- :class:`TargetError` (502 ``target_error``; ``code="backend_unavailable"``,
+  ``target_auth_failed``, ``target_permission_denied``): the store answered and
+  failed.
+- :class:`ValidationFailed` (422): the configuration can't work (constructor).
+
+A vendor SDK's exception is translated inside the backend's module, with a
+sentence of its own plus at most ``sanitize(exc)``, and never chained into a
+message (raise ``from None``): its text can quote a request, a token or a value.
 """
 
 from __future__ import annotations
@@ -29,14 +80,51 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
+
+from connectors.base import generic_sanitize, run_sync
+from gateway.errors import (  # the plugin-facing errors a backend raises (see "Errors" above)
+    Conflict,
+    CredgateError,
+    NotFound,
+    TargetError,
+    TargetUnreachable,
+    ValidationFailed,
+)
 
 if TYPE_CHECKING:
     from gateway.store.cache import Cache
     from gateway.crypto.envelope import Envelope
     from gateway.store import Store
+
+__all__ = [
+    "Conflict", "CredgateError", "NotFound", "TargetError", "TargetUnreachable", "ValidationFailed",
+    "BackendBase", "BackendCapabilities", "BackendContext", "Health", "Page", "SecretBackend",
+    "SecretMetadata", "SecretValue", "VersionInfo", "generic_sanitize", "run_sync",
+]
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend type can do, as data the gateway decides by (never by type name).
+
+    - ``versions``: it keeps numbered versions (``get(path, version)``, metadata lists them).
+    - ``soft_delete``: ``delete`` without ``destroy`` is recoverable with ``restore``.
+    - ``check_and_set``: ``put(..., cas=N)`` is honoured atomically.
+    - ``cacheable``: every write goes through the gateway (no one changes the store behind
+      its back), so the mounts lend it ``context.metadata_cache``. A vendor secret manager
+      that others can write to is not cacheable.
+    - ``read_only``: the gateway only reads it; ``put``/``delete``/``restore`` raise
+      Conflict ``backend_read_only``.
+    """
+
+    versions: bool = True
+    soft_delete: bool = True
+    check_and_set: bool = True
+    cacheable: bool = False
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,11 +132,11 @@ class BackendContext:
     """What the gateway lends a backend: its store, its envelope cipher, and a
     metadata cache keyed by ``(backend name, path)``.
 
-    Only a backend whose every write goes through the gateway (``local``) may
-    use the cache: it drops an entry on every replica by noting the change
-    (``gateway.store.changes.note(session, "secret", "backend/path")``) in the write's
-    transaction. A backend that can change behind the gateway's back (a vendor
-    secret manager) must not cache.
+    ``metadata_cache`` is given only to a backend whose ``capabilities.cacheable``
+    is True (every write goes through the gateway): it drops an entry on every
+    replica by noting the change
+    (``gateway.store.changes.note(session, "secret", "backend/path")``) in the
+    write's transaction.
     """
 
     store: Store
@@ -115,7 +203,22 @@ class Page:
 class SecretBackend(Protocol):
     type: ClassVar[str]
     config_model: ClassVar[type[BaseModel]]
+    capabilities: ClassVar[BackendCapabilities]
     name: str
+
+    def __init__(self, name: str, config: Any, context: BackendContext) -> None:
+        """See "Construction and lifecycle" in the module docstring. No I/O."""
+        ...
+
+    async def start(self) -> None:
+        """Begin background work, once, after construction (default: nothing)."""
+        ...
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """What may be shown of an exception this type's SDK raised: its class name and a
+        vendor error code, never its message."""
+        ...
 
     async def get(self, path: str, version: int | None = None) -> SecretValue:
         """Return one version (default: current). Raises NotFound if absent or deleted."""
@@ -154,4 +257,32 @@ class SecretBackend(Protocol):
         """Reachability and permissions, never values."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Stop background work and release clients (default: nothing)."""
+        ...
+
+
+class BackendBase:
+    """The base every backend shares: the constructor (keeps ``name``, ``config`` and
+    ``context``), the no-op lifecycle and the generic sanitizer. Subclasses call
+    ``super().__init__`` and declare ``type``, ``config_model`` and ``capabilities``."""
+
+    type: ClassVar[str]
+    config_model: ClassVar[type[BaseModel]]
+    capabilities: ClassVar[BackendCapabilities]
+
+    def __init__(self, name: str, config: Any, context: BackendContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """The generic fallback (:func:`generic_sanitize`); a backend with an SDK overrides it."""
+        return generic_sanitize(exc)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-from backends.base import BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
+from backends.base import BackendBase, BackendCapabilities, BackendContext, Health, Page, SecretMetadata, SecretValue, VersionInfo
 from gateway.store import changes
 from gateway.errors import Conflict, NotFound
 from gateway.store.database import insert_if_absent
@@ -31,15 +31,19 @@ class LocalConfig(BaseModel):
 
 
 
-class LocalBackend:
+class LocalBackend(BackendBase):
     type: ClassVar[str] = "local"
     config_model: ClassVar[type[BaseModel]] = LocalConfig
+    # Every write goes through the gateway, so its metadata may be cached.
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
+        versions=True, soft_delete=True, check_and_set=True, cacheable=True, read_only=False
+    )
 
-    def __init__(self, name: str, config: LocalConfig, ctx: BackendContext) -> None:
-        self.name = name
-        self._store = ctx.store
-        self._envelope = ctx.envelope
-        self._cache = ctx.metadata_cache
+    def __init__(self, name: str, config: LocalConfig, context: BackendContext) -> None:
+        super().__init__(name, config, context)
+        self._store = context.store
+        self._envelope = context.envelope
+        self._cache = context.metadata_cache
 
     def _ref(self, path: str) -> str:
         return f"{self.name}/{path}"
@@ -186,6 +190,3 @@ class LocalBackend:
     async def check(self) -> Health:
         await self._store.ping()
         return Health(True, "the gateway's own store is reachable", {"secrets": str(await self.count())})
-
-    async def aclose(self) -> None:
-        return None

@@ -43,14 +43,17 @@ from connectors.base import (
     IssueRequest,
     Issued,
     ResourceNotSupported,
+    ConnectorCapabilities,
+    NotRenewable,
     Revocability,
     TargetError,
     TargetUnreachable,
     TTLLimits,
     Verification,
-    safe_vendor_error,
+    generic_sanitize,
+    run_sync,
 )
-from gateway.errors import Conflict, ValidationFailed
+from gateway.errors import ValidationFailed
 
 __all__ = [
     "AWSConnector",
@@ -216,7 +219,7 @@ def _error(exc: BaseException, doing: str, hint: str = "") -> TargetError:
         ReadTimeoutError,
     )
 
-    what = safe_vendor_error(exc)
+    what = AWSConnector.sanitize(exc)
     unreachable = (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)
     if isinstance(exc, unreachable + (asyncio.TimeoutError, OSError)):
         return TargetUnreachable(f"AWS could not be reached while {doing} ({what}).")
@@ -240,14 +243,12 @@ class AWSConnector(ConnectorBase):
     )
     config_model: ClassVar[type[BaseModel]] = AWSConfig
     resource_types: ClassVar[tuple[str, ...]] = ("s3-bucket", GENERIC)
-    revocability: ClassVar[Revocability] = Revocability.EXPIRY_ONLY
-    renewable: ClassVar[bool] = False
+    capabilities: ClassVar[ConnectorCapabilities] = ConnectorCapabilities(Revocability.EXPIRY_ONLY, renewable=False)
     # STS allows 36 h for federation and session tokens; 12 h (AssumeRole's cap) for all.
     ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(hours=1), min=timedelta(seconds=900), max=timedelta(hours=12))
-    wrap_only: ClassVar[bool] = False
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        super().__init__(config, auth_method, material)
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        super().__init__(config, auth_method, material, name=name)
         self.config: AWSConfig
         self._material: AWSKeysMaterial
         self.credential_type: CredentialType = self.config.credential_type or DEFAULT_CREDENTIAL_TYPE[auth_method]  # type: ignore[assignment]
@@ -261,6 +262,14 @@ class AWSConnector(ConnectorBase):
             raise ValidationFailed("Auth method iam-role needs config.role_arn.", code="invalid_connector_config")
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """A botocore error as its class and AWS error code (``response["Error"]["Code"]``),
+        never its message: AWS quotes request parameters there (an ARN, a policy, a key id)."""
+        response = getattr(exc, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        return f"{type(exc).__name__} ({code})" if code is not None else generic_sanitize(exc)
 
     def __repr__(self) -> str:
         return f"<AWSConnector {self.credential_type} {self.config.region}>"
@@ -312,7 +321,7 @@ class AWSConnector(ConnectorBase):
 
     async def _call(self, doing: str, timeout: float, fn: Callable[[], _T], hint: str = "") -> _T:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn), timeout)
+            return await run_sync(fn, timeout=timeout)
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - every botocore failure is mapped, never quoted
@@ -373,7 +382,7 @@ class AWSConnector(ConnectorBase):
         return Issued(credential=credential, expires_at=expires_at)
 
     async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
-        raise Conflict("AWS STS credentials can't be extended; request a new lease.", code="not_renewable")
+        raise NotRenewable("AWS STS credentials can't be extended; request a new lease.")
 
     async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
         """Nothing to do: STS credentials end at their expiry."""

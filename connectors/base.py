@@ -1,37 +1,110 @@
 """The ServiceConnector protocol: how long-lived material becomes a short-lived credential.
 
+This module is the whole contract a connector author needs: what the gateway
+constructs and calls, what a connector declares, which errors it may raise, and
+the helpers (:class:`ConnectorBase`, :func:`run_sync`, :func:`coerce`,
+:func:`role_name`, :func:`privileges_for`) it may use.
+
 A connector *type* (``postgres``, ``mysql``, ``redis``, ``aws``, ``static``)
 is a class; a *connector* is a configured instance of it: its non-secret
 ``config``, one of its ``auth_methods``, and the ``material`` (a map of
 strings read from a backend secret at the moment it is needed). The gateway
 owns leases, TTLs, policy and audit; a connector only talks to its target.
 
-The order of an issuance, and why:
+Writing one
+-----------
 
-1. ``plan(lease_id, resource)`` returns the **revoke state**: everything
-   ``revoke`` will need (e.g. the deterministic role name ``cg_<lease>``).
-   It is pure (no I/O) and the gateway commits it in a ``pending`` lease row
-   *before* anything exists at the target.
-2. ``issue(request)`` creates the credential at the target under exactly the
+1. Subclass :class:`ConnectorBase` in ``connectors/<type>.py`` and declare the
+   class attributes of :class:`ServiceConnector`: ``type``, ``auth_methods``,
+   ``config_model``, ``resource_types``, ``ttl`` and ``capabilities``
+   (:class:`ConnectorCapabilities`, data the gateway decides by).
+2. Register it in ``gateway/plugins/registry.py`` (``CONNECTOR_TYPES``), with
+   the pip extra that brings its SDK; ``tests/contract/test_protocols.py``
+   then checks its shape.
+3. Implement the methods below; override :meth:`ConnectorBase.sanitize` to
+   reduce your SDK's exceptions to what may be shown.
+
+Construction and lifecycle
+--------------------------
+
+The gateway builds an instance as ``cls(config, auth_method, material,
+name=NAME)``: ``config`` an instance of ``config_model`` (validated),
+``auth_method`` one key of ``auth_methods``, ``material`` an instance of that
+auth method's model (validated; its ``SecretStr`` fields hold the secret
+values), ``name`` the configured connector's name (for messages only). That is
+all a connector is given: no store, no envelope, no other secret. It raises
+:class:`ValidationFailed` (or a plain ``ValueError`` with a sentence of its
+own) if the combination can't work. The constructor does no I/O.
+
+An instance is rebuilt whenever its row or material changes, so it must not
+hold state that outlives it. After building one the gateway awaits
+``start()`` (begin background work, warm a client); it awaits ``aclose()``
+when the instance is dropped (replaced by a newer one, or at shutdown). Both
+default to no-ops in :class:`ConnectorBase`. Calls may still be in flight on an
+instance being closed: ``aclose`` must let them finish or fail cleanly.
+
+The order of an issuance, and why
+---------------------------------
+
+1. ``validate_resource(resource)`` names its resource type (pure).
+2. ``plan(lease_id, resource)`` returns the **revoke state**: everything
+   ``revoke`` will need (e.g. the deterministic role name ``cg_<lease>``, from
+   :func:`role_name`). It is pure (no I/O) and the gateway commits it in a
+   ``pending`` lease row *before* anything exists at the target.
+3. ``issue(request)`` creates the credential at the target under exactly the
    planned names, and returns it with its expiry.
-3. ``revoke(revoke_state)`` removes it. It must be **idempotent**: a user or
+4. ``renew(revoke_state, expires_at)`` moves the target's own expiry. A type
+   whose ``capabilities.renewable`` is False is never asked by the gateway, but
+   its ``renew`` must still raise :class:`NotRenewable` (409 ``not_renewable``),
+   never return silently.
+5. ``revoke(revoke_state)`` removes it. It must be **idempotent**: a user or
    role already gone counts as success, so a pending lease left by a crash
-   between 1 and 2 can be revoked blindly by its planned name, as often as
-   needed.
+   between 2 and 3 can be revoked blindly by its planned name, as often as
+   needed. Called only when ``capabilities.revocability`` is ``revocable``.
 
-Rules for implementers:
+Errors a connector may raise (all from :mod:`gateway.errors`, re-exported here)
+--------------------------------------------------------------------------------
+
+Anything else escaping a method is reduced to ``sanitize(exc)`` and reported as
+a 502 ``target_error``; raise these instead:
+
+- :class:`ResourceNotSupported` (400 ``resource_not_supported``): the resource
+  string is not one this type understands (wrong shape, unknown resource
+  type, a privilege that can't apply to it). From ``validate_resource``,
+  ``plan``, ``list_resources``; before any I/O.
+- :class:`ValidationFailed` (422, ``invalid_connector_config``): config and
+  auth method don't fit together (from the constructor).
+- :class:`ResourceRejected` (409 ``target_rejected_resource``, with
+  ``resource`` and ``reason`` ``not_found``/``not_grantable``): the target
+  refused *this resource* (it does not exist there, or may not be granted).
+  Only when nothing was left at the target.
+- :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
+  "target_timeout"`` for a deadline): the target did not answer.
+- :class:`TargetError` (502 ``target_error``): the target answered and
+  failed. Stable codes used today: ``target_auth_failed`` (the material was
+  refused), ``target_permission_denied`` (the login lacks a privilege),
+  ``credential_exists`` (the planned name is taken), ``material_incomplete``,
+  ``invalid_revoke_state``, ``sessions_still_open``, ``missing_dependency``.
+- :class:`NotRenewable` (409 ``not_renewable``): from ``renew`` of a
+  credential that can't be extended.
+- :class:`NotFound` / :class:`Conflict`: not raised by connectors today;
+  prefer the classes above.
+
+Rules for implementers
+----------------------
 
 - Vendor SDKs are imported inside methods (never at module import), so the
   type's metadata is listable without its SDK installed.
 - Never put material, passwords or tokens in an exception message or a log
-  line; raise :class:`TargetError` with a sentence of your own. Vendor error
-  text can quote a statement or a credential: at most its class name and a
-  vendor error *code* may be kept (see :func:`safe_vendor_error`).
+  line; raise one of the errors above with a sentence of your own. Vendor
+  error text can quote a statement or a credential: at most its class name and
+  a vendor error *code* may be kept, which is what your ``sanitize`` returns.
+  Raise outside the ``except`` block (or ``from None``) so the vendor
+  exception is not chained.
 - Every call to a target has a timeout (``timeout_seconds`` in the request or
-  the connector's own default).
-- A target refusing the *resource* (it doesn't exist there, or may not be
-  granted) is :class:`ResourceRejected` (409), not a plain ``TargetError``
-  (502): the caller asked for something the target can't give.
+  the connector's own default). A synchronous SDK runs through
+  :func:`run_sync`, never directly in a coroutine: it would block the event
+  loop for every other request.
 - Material the auth method's model can't check (a ``static`` connector's
   configured keys) is reported by :meth:`ConnectorBase.missing_keys`, so the
   gateway refuses a connector when it is added, not at first use.
@@ -40,18 +113,23 @@ Rules for implementers:
 
 from __future__ import annotations
 
+import asyncio
+import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.errors import (  # the plugin-facing errors a connector raises (see gateway/errors.py)
+from gateway.errors import (  # the plugin-facing errors a connector raises (see "Errors" above)
     BadRequest,
+    Conflict,
     CredgateError,
+    NotFound,
+    NotRenewable,
     ResourceNotSupported,
     ResourceRejected,
     TargetError,
@@ -60,6 +138,16 @@ from gateway.errors import (  # the plugin-facing errors a connector raises (see
     field_errors,
 )
 
+__all__ = [
+    "BadRequest", "Conflict", "CredgateError", "NotFound", "NotRenewable", "ResourceNotSupported",
+    "ResourceRejected", "TargetError", "TargetUnreachable", "ValidationFailed",
+    "ConnectorBase", "ConnectorCapabilities", "IssueRequest", "Issued", "RESOURCE", "Revocability",
+    "ServiceConnector", "TTLLimits", "Verification", "as_utc", "coerce", "generic_sanitize",
+    "privileges_for", "role_name", "run_sync",
+]
+
+_T = TypeVar("_T")
+
 
 class Revocability(StrEnum):
     REVOCABLE = "revocable"  # the gateway can remove it at the target (drop the role)
@@ -67,20 +155,57 @@ class Revocability(StrEnum):
     EPOCH = "epoch"  # the target denies everything issued before a time
 
 
-def safe_vendor_error(exc: BaseException) -> str:
-    """A vendor exception reduced to what is safe to show: its class and its error code.
+@dataclass(frozen=True)
+class ConnectorCapabilities:
+    """What a connector type can do, as data the gateway decides by (never by type name).
 
-    Never the message: drivers quote statements (``CREATE ROLE ... PASSWORD '...'``)
-    and cloud SDKs quote request parameters there.
+    - ``revocability``: ``revocable`` (the gateway calls ``revoke`` when a lease ends),
+      ``expiry-only`` (it never does: the credential is waited out) or ``epoch``.
+      Recorded on each lease.
+    - ``renewable``: the gateway accepts ``POST /v1/leases/{id}/renew`` and calls
+      ``renew``; False answers 409 ``not_renewable`` without calling it.
+    - ``wrap_only``: credentials are only ever handed out through a single-use wrap
+      token (a request without ``--wrap`` is refused, 400 ``wrap_required``).
+    - ``creates_at_target``: False only if ``issue`` creates nothing anywhere (it
+      hands out material it already has); the gateway then records the lease once,
+      active, instead of pending-then-active around the call, and never revokes.
     """
-    code: object = getattr(exc, "sqlstate", None)
-    if code is None:
-        response = getattr(exc, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-    if code is None and exc.args and isinstance(exc.args[0], int):
-        code = exc.args[0]  # PyMySQL and redis-style (errno, message) tuples
-    return type(exc).__name__ + (f" ({code})" if code is not None else "")
+
+    revocability: Revocability
+    renewable: bool
+    wrap_only: bool = False
+    creates_at_target: bool = True
+
+
+def generic_sanitize(exc: BaseException) -> str:
+    """The fallback sanitizer: the exception's class name, plus the errno of an ``OSError``
+    (a number, never text). Knows no vendor; each connector's ``sanitize`` adds its own codes."""
+    name = type(exc).__name__
+    if isinstance(exc, OSError) and isinstance(exc.errno, int):
+        return f"{name} ({exc.errno})"
+    return name
+
+
+async def run_sync(fn: Callable[..., _T], *args: Any, timeout: float) -> _T:
+    """Call a synchronous (blocking) SDK function without blocking the event loop:
+    ``fn(*args)`` runs in a worker thread (:func:`asyncio.to_thread`) under ``timeout``
+    seconds. On timeout raises :class:`TimeoutError` (``asyncio.TimeoutError``) to the
+    caller, which maps it to :class:`TargetUnreachable` (``code="target_timeout"``).
+    The thread itself can't be cancelled: give the SDK its own connect/read timeouts
+    too, so an abandoned call ends on its own. Exceptions from ``fn`` propagate as is."""
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+
+
+def privileges_for(config: Any, resource: str) -> list[str]:
+    """The privileges a per-resource connector grants on ``resource``: the first of
+    ``config.resource_privileges`` (fnmatch pattern -> privileges) whose pattern matches,
+    else ``config.privileges``; duplicates dropped, order kept."""
+    chosen = config.privileges
+    for pattern, privileges in config.resource_privileges.items():
+        if fnmatch.fnmatchcase(resource, pattern):
+            chosen = privileges
+            break
+    return list(dict.fromkeys(chosen))
 
 
 @dataclass(frozen=True)
@@ -122,42 +247,75 @@ class TTLLimits:
 
 @runtime_checkable
 class ServiceConnector(Protocol):
+    """What the gateway calls. Declared as class attributes: ``type``, ``auth_methods``,
+    ``config_model``, ``resource_types``, ``ttl``, ``capabilities``. ``revocability``,
+    ``renewable``, ``wrap_only`` and ``creates_at_target`` are read-only mirrors of
+    ``capabilities`` that :class:`ConnectorBase` sets; declare them only there."""
+
     type: ClassVar[str]
     # auth method name -> pydantic model of the *material* it needs from the backend secret
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]]
     config_model: ClassVar[type[BaseModel]]  # non-secret settings (host, port, region, grants...)
-    resource_types: ClassVar[Sequence[str]]
-    revocability: ClassVar[Revocability]
-    renewable: ClassVar[bool]
-    ttl: ClassVar[TTLLimits]
-    wrap_only: ClassVar[bool]  # True: credentials are only ever handed out through a wrap token
-    # False only if ``issue`` creates nothing anywhere (it hands out material it already has): then
-    # the gateway records the lease once, active, instead of pending-then-active around the call.
-    creates_at_target: ClassVar[bool]
+    resource_types: ClassVar[Sequence[str]]  # what validate_resource returns and list_resources takes
+    ttl: ClassVar[TTLLimits]  # the type's own limits; a connector's configured TTLs sit inside them
+    capabilities: ClassVar[ConnectorCapabilities]
+    revocability: ClassVar[Revocability]  # = capabilities.revocability
+    renewable: ClassVar[bool]  # = capabilities.renewable
+    wrap_only: ClassVar[bool]  # = capabilities.wrap_only
+    creates_at_target: ClassVar[bool]  # = capabilities.creates_at_target
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None: ...
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        """See "Construction and lifecycle" in the module docstring. No I/O."""
+        ...
+
+    async def start(self) -> None:
+        """Begin background work, once, after construction (default: nothing)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work and release clients when the instance is dropped (default: nothing)."""
+        ...
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """What may be shown of an exception this type's SDK raised: its class name and a
+        vendor error *code* (SQLSTATE, AWS error code, errno), never its message. The gateway
+        records it for any non-credgate exception that escapes a method."""
+        ...
 
     def validate_resource(self, resource: str) -> str:
-        """Return the resource type of ``resource`` or raise ResourceNotSupported."""
+        """Return the resource type of ``resource`` or raise ResourceNotSupported. Pure."""
         ...
 
     def plan(self, lease_id: str, resource: str) -> dict[str, Any]:
-        """The revoke state for a lease, decided before anything is created. Pure."""
+        """The revoke state for a lease (JSON-serialisable), decided before anything is created.
+        Pure. Raises ResourceNotSupported like ``validate_resource``."""
         ...
 
-    async def issue(self, req: IssueRequest) -> Issued: ...
+    async def issue(self, req: IssueRequest) -> Issued:
+        """Create the credential under the planned names (``req.revoke_state``). Raises
+        ResourceRejected, TargetUnreachable or TargetError; the gateway then revokes the
+        planned names (when revocable) before answering."""
+        ...
 
     async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
-        """Move the target's own expiry to ``expires_at``; return the expiry now in force."""
+        """Move the target's own expiry to ``expires_at``; return the expiry now in force.
+        A credential that can't be extended raises NotRenewable (409 ``not_renewable``)."""
         ...
 
     async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
-        """Remove the credential; already gone is success."""
+        """Remove the credential; already gone is success. Raises TargetUnreachable or
+        TargetError when it could not be sure it is gone (the gateway retries with backoff)."""
         ...
 
-    async def verify(self) -> Verification: ...
+    async def verify(self) -> Verification:
+        """Whether the material works against the target, as data (a failure is
+        ``ok=False`` with a sentence, not an exception)."""
+        ...
 
-    async def list_resources(self, resource_type: str) -> list[str]: ...
+    async def list_resources(self, resource_type: str) -> list[str]:
+        """Resources of one type the material can see. ResourceNotSupported for an unknown type."""
+        ...
 
 
 def coerce(model: type[BaseModel], value: Any, what: str) -> Any:
@@ -181,25 +339,53 @@ def as_utc(when: datetime) -> datetime:
 
 
 class ConnectorBase:
-    """The constructor every connector shares: the auth method must be one of
-    the type's, and config and material are validated against their models
-    (errors name fields, never values). Subclasses call it, then add their own."""
+    """The base every connector shares: the constructor (the auth method must be one of
+    the type's; config and material are validated against their models, errors name
+    fields, never values), the no-op lifecycle, the generic sanitizer, and the mirrors of
+    ``capabilities``. Subclasses call ``super().__init__``, then add their own."""
 
     type: ClassVar[str]
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]]
     config_model: ClassVar[type[BaseModel]]
-    creates_at_target: ClassVar[bool] = True
+    resource_types: ClassVar[Sequence[str]]
+    ttl: ClassVar[TTLLimits]
+    capabilities: ClassVar[ConnectorCapabilities]
+    revocability: ClassVar[Revocability]
+    renewable: ClassVar[bool]
+    wrap_only: ClassVar[bool]
+    creates_at_target: ClassVar[bool]
 
-    def __init__(self, config: Any, auth_method: str, material: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        caps = cls.__dict__.get("capabilities")
+        if caps is not None:  # the mirrors follow the one declaration
+            cls.revocability = caps.revocability
+            cls.renewable = caps.renewable
+            cls.wrap_only = caps.wrap_only
+            cls.creates_at_target = caps.creates_at_target
+
+    def __init__(self, config: Any, auth_method: str, material: Any, *, name: str = "") -> None:
         if auth_method not in self.auth_methods:
             raise ValidationFailed(
                 f"Connector type {self.type} has no auth method {auth_method!r}; "
                 f"it has: {', '.join(sorted(self.auth_methods))}.",
                 code="unknown_auth_method",
             )
+        self.name = name
         self.auth_method = auth_method
         self.config = coerce(self.config_model, config, f"{self.type} config")
         self._material = coerce(self.auth_methods[auth_method], material, f"{self.type} material")
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """The generic fallback (:func:`generic_sanitize`); a connector with an SDK overrides it."""
+        return generic_sanitize(exc)
 
     def missing_keys(self) -> list[str]:
         """Names of keys the configuration needs from the material that it lacks (never

@@ -31,7 +31,6 @@ wildcards); they are escaped so ``shop_eu`` does not also grant ``shopXeu``.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import re
 import secrets
 import time
@@ -49,13 +48,16 @@ from connectors.base import (
     Issued,
     ResourceNotSupported,
     ResourceRejected,
+    ConnectorCapabilities,
     Revocability,
     TargetError,
     TargetUnreachable,
     TTLLimits,
     Verification,
+    generic_sanitize,
+    privileges_for,
     role_name,
-    safe_vendor_error,
+    run_sync,
 )
 
 if TYPE_CHECKING:
@@ -124,15 +126,13 @@ class MySQLConnector(ConnectorBase):
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = {"password": MySQLPasswordMaterial}
     config_model: ClassVar[type[BaseModel]] = MySQLConfig
     resource_types: ClassVar[tuple[str, ...]] = ("database", "table")
-    revocability: ClassVar[Revocability] = Revocability.REVOCABLE
-    renewable: ClassVar[bool] = True
+    capabilities: ClassVar[ConnectorCapabilities] = ConnectorCapabilities(Revocability.REVOCABLE, renewable=True)
     ttl: ClassVar[TTLLimits] = TTLLimits(
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
-    wrap_only: ClassVar[bool] = False
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        super().__init__(config, auth_method, material)
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        super().__init__(config, auth_method, material, name=name)
         self.config: MySQLConfig
         self._material: MySQLPasswordMaterial
 
@@ -145,7 +145,7 @@ class MySQLConnector(ConnectorBase):
                 "A mysql resource is DATABASE or DATABASE/TABLE, each 1-64 letters, digits, '_' or '-'."
             )
         if len(parts) == 2:
-            extra = sorted(set(self.privileges_for(resource)) - TABLE_PRIVILEGES)
+            extra = sorted(set(privileges_for(self.config, resource)) - TABLE_PRIVILEGES)
             if extra:
                 raise ResourceNotSupported(
                     f"Privilege {', '.join(extra)} cannot be granted on a table; use a database resource."
@@ -158,14 +158,18 @@ class MySQLConnector(ConnectorBase):
         database, _, table = resource.partition("/")
         return {"user": role_name(lease_id), "host": self.config.user_host, "database": database, "table": table or None}
 
-    def privileges_for(self, resource: str) -> list[str]:
-        """The privileges granted for ``resource``: the first matching ``resource_privileges`` pattern, else ``privileges``."""
-        chosen = self.config.privileges
-        for pattern, privileges in self.config.resource_privileges.items():
-            if fnmatch.fnmatchcase(resource, pattern):
-                chosen = privileges
-                break
-        return list(dict.fromkeys(chosen))
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """A PyMySQL error as its class, SQLSTATE and MySQL error number (never its message,
+        which quotes the statement). PyMySQL 1.1+ sets ``sqlstate`` on server errors, and
+        SQLSTATEs like HY000 say little, so the error number (``args[0]``) is kept too."""
+        errno = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate is not None:
+            return f"{type(exc).__name__} ({sqlstate})" + (f" [error {errno}]" if errno is not None else "")
+        if errno is not None:
+            return f"{type(exc).__name__} ({errno})"
+        return generic_sanitize(exc)
 
     # -- target calls ------------------------------------------------------
 
@@ -176,7 +180,7 @@ class MySQLConnector(ConnectorBase):
         table = req.revoke_state.get("table")
         if not isinstance(database, str) or not NAME.match(database) or (table is not None and not NAME.match(str(table))):
             raise TargetError("The lease's revoke state names an invalid database or table.", code="invalid_revoke_state")
-        privileges = self.privileges_for(req.resource)
+        privileges = privileges_for(self.config, req.resource)
         password = secrets.token_urlsafe(24)
         target = f"{_ident(database)}.{_ident(table)}" if table else f"{_db_pattern(database)}.*"
         account = f"{_ident(user)}@{_ident(host)}"
@@ -371,7 +375,7 @@ class MySQLConnector(ConnectorBase):
 
         failure: TargetError | None = None
         try:
-            return await asyncio.wait_for(asyncio.to_thread(run), timeout + self.config.connect_timeout)
+            return await run_sync(run, timeout=timeout + self.config.connect_timeout)
         except TargetError as exc:
             failure = exc
         except asyncio.TimeoutError:
@@ -379,23 +383,13 @@ class MySQLConnector(ConnectorBase):
         except pymysql.err.MySQLError as exc:
             failure = _translate(exc, doing)
         except Exception as exc:  # noqa: BLE001 - every vendor error becomes our own sentence
-            failure = TargetError(f"MySQL failed to {doing} ({_safe(exc)}).")
+            failure = TargetError(f"MySQL failed to {doing} ({MySQLConnector.sanitize(exc)}).")
         raise failure  # outside the except blocks: no vendor exception in __context__
-
-
-def _safe(exc: BaseException) -> str:
-    """``safe_vendor_error`` plus the MySQL error number: PyMySQL 1.1+ sets ``sqlstate`` on
-    server errors, which ``safe_vendor_error`` prefers, and SQLSTATEs like HY000 say little."""
-    safe = safe_vendor_error(exc)
-    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-    if code is not None and getattr(exc, "sqlstate", None) is not None:
-        safe += f" [error {code}]"
-    return safe
 
 
 def _translate(exc: BaseException, doing: str) -> TargetError:
     """A PyMySQL error as our own sentence with its class, SQLSTATE and error number (never its message)."""
-    safe = _safe(exc)
+    safe = MySQLConnector.sanitize(exc)
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
     if code == ER_ACCESS_DENIED:
         return TargetError(f"MySQL rejected the admin credentials ({safe}).", code="target_auth_failed")

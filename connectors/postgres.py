@@ -40,7 +40,6 @@ this works for roles the admin created, which hold ADMIN OPTION for it).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import re
 import secrets
 from collections.abc import Mapping
@@ -57,13 +56,15 @@ from connectors.base import (
     Issued,
     ResourceNotSupported,
     ResourceRejected,
+    ConnectorCapabilities,
     Revocability,
     TargetError,
     TargetUnreachable,
     TTLLimits,
     Verification,
+    generic_sanitize,
+    privileges_for,
     role_name,
-    safe_vendor_error,
 )
 
 if TYPE_CHECKING:
@@ -117,15 +118,13 @@ class PostgresConnector(ConnectorBase):
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = {"password": PostgresPasswordMaterial}
     config_model: ClassVar[type[BaseModel]] = PostgresConfig
     resource_types: ClassVar[tuple[str, ...]] = ("database", "schema")
-    revocability: ClassVar[Revocability] = Revocability.REVOCABLE
-    renewable: ClassVar[bool] = True
+    capabilities: ClassVar[ConnectorCapabilities] = ConnectorCapabilities(Revocability.REVOCABLE, renewable=True)
     ttl: ClassVar[TTLLimits] = TTLLimits(
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
-    wrap_only: ClassVar[bool] = False
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        super().__init__(config, auth_method, material)
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        super().__init__(config, auth_method, material, name=name)
         self.config: PostgresConfig
         config = self.config
         self._dsn = self._material.dsn
@@ -151,14 +150,12 @@ class PostgresConnector(ConnectorBase):
         database, _, schema = resource.partition("/")
         return {"role": role_name(lease_id), "database": database, "schema": schema or None}
 
-    def privileges_for(self, resource: str) -> list[str]:
-        """The privileges granted for ``resource``: the first matching ``resource_privileges`` pattern, else ``privileges``."""
-        chosen = self.config.privileges
-        for pattern, privileges in self.config.resource_privileges.items():
-            if fnmatch.fnmatchcase(resource, pattern):
-                chosen = privileges
-                break
-        return list(dict.fromkeys(chosen))
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """A psycopg error as its class and SQLSTATE (psycopg quotes the statement in its
+        message, and a failed ``CREATE ROLE`` statement holds a password verifier)."""
+        code = getattr(exc, "sqlstate", None)
+        return f"{type(exc).__name__} ({code})" if code is not None else generic_sanitize(exc)
 
     # -- target calls ------------------------------------------------------
 
@@ -171,7 +168,7 @@ class PostgresConnector(ConnectorBase):
         schema = req.revoke_state.get("schema") or "public"
         if not IDENTIFIER.match(database) or not IDENTIFIER.match(schema):
             raise TargetError("The lease's revoke state names an invalid database or schema.", code="invalid_revoke_state")
-        privileges = self.privileges_for(req.resource)
+        privileges = privileges_for(self.config, req.resource)
         expires_at = as_utc(req.expires_at)
         password = secrets.token_urlsafe(24)
         failure: TargetError | None = None
@@ -224,13 +221,13 @@ class PostgresConnector(ConnectorBase):
             failure = exc
         except errors.DuplicateObject as exc:
             failure = TargetError(
-                f"Role {role} already exists at the target; a lease id is never reused ({safe_vendor_error(exc)}).",
+                f"Role {role} already exists at the target; a lease id is never reused ({PostgresConnector.sanitize(exc)}).",
                 code="credential_exists",
             )
         except errors.InvalidSchemaName as exc:
             failure = ResourceRejected(
                 f"Schema {schema} does not exist in database {database}; nothing was created "
-                f"({safe_vendor_error(exc)}).",
+                f"({PostgresConnector.sanitize(exc)}).",
                 resource=req.resource,
                 reason="not_found",
             )
@@ -308,7 +305,7 @@ class PostgresConnector(ConnectorBase):
         except TargetError as exc:
             failure = f"Could not verify the PostgreSQL connector: {exc.message}"
         except Exception as exc:  # noqa: BLE001
-            failure = f"Could not verify the PostgreSQL connector ({safe_vendor_error(exc)})."
+            failure = f"Could not verify the PostgreSQL connector ({PostgresConnector.sanitize(exc)})."
         if failure is not None:
             return Verification(ok=False, message=failure)
         reachable = {"database": databases, "schema": schemas}
@@ -476,7 +473,7 @@ class _NotGranted(Exception):
 
 def _connect_error(exc: BaseException, dbname: str | None) -> TargetError:
     """Classify a failed connection. The vendor message is read, never repeated."""
-    safe = safe_vendor_error(exc)
+    safe = PostgresConnector.sanitize(exc)
     text = str(exc)
     if "password authentication failed" in text or "no password supplied" in text:
         return TargetError(f"PostgreSQL rejected the admin credentials ({safe}).", code="target_auth_failed")
@@ -496,7 +493,7 @@ def _translate(exc: BaseException, doing: str, gone_code: str | None = None) -> 
     """A vendor error after connecting, as our own sentence with its class and SQLSTATE."""
     from psycopg import errors
 
-    safe = safe_vendor_error(exc)
+    safe = PostgresConnector.sanitize(exc)
     if isinstance(exc, errors.InsufficientPrivilege):
         return TargetError(
             f"PostgreSQL refused to {doing}: the admin role lacks a privilege ({safe}).", code="target_permission_denied"

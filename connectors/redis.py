@@ -48,13 +48,14 @@ from connectors.base import (
     IssueRequest,
     Issued,
     ResourceNotSupported,
+    ConnectorCapabilities,
     Revocability,
     TargetError,
     TargetUnreachable,
     TTLLimits,
     Verification,
     role_name,
-    safe_vendor_error,
+    generic_sanitize,
 )
 
 __all__ = ["RedisConnector", "RedisConfig", "RedisPasswordMaterial", "KEYSPACE"]
@@ -196,7 +197,7 @@ def _error(exc: BaseException, doing: str) -> TargetError:
     """A Redis (or socket) failure as a credgate error; never the vendor's text."""
     from redis import exceptions as rx
 
-    what = safe_vendor_error(exc)
+    what = RedisConnector.sanitize(exc)
     if isinstance(exc, rx.AuthenticationError):
         return TargetError(f"Redis refused the connector's login while {doing} ({what}).", code="target_auth_failed")
     if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError)):
@@ -223,18 +224,23 @@ class RedisConnector(ConnectorBase):
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = MappingProxyType({"password": RedisPasswordMaterial})
     config_model: ClassVar[type[BaseModel]] = RedisConfig
     resource_types: ClassVar[tuple[str, ...]] = ("keyspace",)
-    revocability: ClassVar[Revocability] = Revocability.REVOCABLE
-    renewable: ClassVar[bool] = True  # the reaper enforces expiry; renew only checks the user exists
+    # renewable: the reaper enforces expiry; renew only checks the user exists
+    capabilities: ClassVar[ConnectorCapabilities] = ConnectorCapabilities(Revocability.REVOCABLE, renewable=True)
     ttl: ClassVar[TTLLimits] = TTLLimits(
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
-    wrap_only: ClassVar[bool] = False
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        super().__init__(config, auth_method, material)
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        super().__init__(config, auth_method, material, name=name)
         self.config: RedisConfig
         self._material: RedisPasswordMaterial
         self._target = _parse_url(self._material.url.get_secret_value())
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:
+        """A redis-py error as its class name only (plus an errno for a socket error): redis
+        errors carry no codes, and their messages can quote a key, an ACL rule or a password."""
+        return generic_sanitize(exc)
 
     def __repr__(self) -> str:
         return f"<RedisConnector {self._target.url_host}:{self._target.port}/{self._target.db}>"

@@ -23,15 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
     ConnectorBase,
+    ConnectorCapabilities,
     IssueRequest,
     Issued,
+    NotRenewable,
     ResourceNotSupported,
     Revocability,
     TargetError,
     TTLLimits,
     Verification,
 )
-from gateway.errors import Conflict
 
 __all__ = ["StaticConnector", "StaticConfig", "StaticMaterial", "LABEL"]
 
@@ -75,14 +76,14 @@ class StaticConnector(ConnectorBase):
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = MappingProxyType({"static": StaticMaterial})
     config_model: ClassVar[type[BaseModel]] = StaticConfig
     resource_types: ClassVar[tuple[str, ...]] = ("static",)
-    revocability: ClassVar[Revocability] = Revocability.EXPIRY_ONLY
-    renewable: ClassVar[bool] = False
+    # creates_at_target False: it hands out the backend secret's values as they are
+    capabilities: ClassVar[ConnectorCapabilities] = ConnectorCapabilities(
+        Revocability.EXPIRY_ONLY, renewable=False, wrap_only=True, creates_at_target=False
+    )
     ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(minutes=5), min=timedelta(seconds=1), max=timedelta(hours=1))
-    wrap_only: ClassVar[bool] = True
-    creates_at_target: ClassVar[bool] = False  # it hands out the backend secret's values as they are
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel) -> None:
-        super().__init__(config, auth_method, material)
+    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+        super().__init__(config, auth_method, material, name=name)
         self.config: StaticConfig
         self._material: StaticMaterial
 
@@ -127,7 +128,7 @@ class StaticConnector(ConnectorBase):
         return Issued(credential=credential, expires_at=req.expires_at)
 
     async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
-        raise Conflict("Static credentials can't be renewed; they are only handed out once.", code="not_renewable")
+        raise NotRenewable("Static credentials can't be renewed; they are only handed out once.")
 
     async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
         """Nothing to remove at any target."""

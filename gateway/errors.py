@@ -16,6 +16,7 @@ carry a secret value.
     ├── NotFound                      secret_not_found, ...   (404)
     ├── MethodNotAllowed              method_not_allowed      (405)
     ├── Conflict                      backend_in_use, ...     (409)
+    │   └── NotRenewable              not_renewable           (409: a connector's renew can't extend it)
     ├── Gone                          wrap_token_used, ...    (410)
     ├── PayloadTooLarge               body_too_large          (413)
     ├── UnsupportedMediaType          unsupported_media_type  (415)
@@ -92,6 +93,13 @@ class MethodNotAllowed(CredgateError):
 class Conflict(CredgateError):
     status = 409
     code = "conflict"
+
+
+class NotRenewable(Conflict):
+    """A connector's ``renew`` can't extend this credential (its type is not renewable, or
+    the target can't move its expiry): the caller must issue a new one."""
+
+    code = "not_renewable"
 
 
 class Gone(CredgateError):

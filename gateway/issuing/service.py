@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from connectors.base import Revocability, TargetError, safe_vendor_error
+from connectors.base import Revocability, TargetError, generic_sanitize
 from gateway.identity.principal import Principal
 from gateway.plugins.connectors import Catalog
 from gateway.crypto.envelope import Envelope
@@ -62,13 +62,20 @@ class RevokePolicy:
     backoff_cap: float = 300.0
 
 
-def describe(exc: BaseException) -> str:
-    """What may be recorded about a failure: our own sentence, or the vendor's class and code."""
+def describe(exc: BaseException, connector_type: str | None = None) -> str:
+    """What may be recorded about a failure: our own sentence, or the vendor's class and code
+    as the connector type's own ``sanitize`` gives them (the generic class name without one)."""
     if isinstance(exc, CredgateError):
         return f"{exc.code}: {exc.message}"[:300]
     if isinstance(exc, asyncio.TimeoutError):
         return "timeout: the target did not answer in time"
-    return safe_vendor_error(exc)[:300]
+    sanitize = generic_sanitize
+    if connector_type is not None:
+        try:
+            sanitize = connector_class(connector_type).sanitize
+        except CredgateError:  # unknown type or its SDK missing: the generic form
+            pass
+    return sanitize(exc)[:300]
 
 
 def run_cap(principal: Principal) -> timedelta | None:
@@ -193,13 +200,13 @@ class Credentials:
                 connector.issue(plan.request(lease, self.policy.timeout)), timeout=self.policy.timeout
             )
         except BaseException as exc:
-            await self._abort(lease_id, exc)
+            await self._abort(lease_id, exc, plan.row.type)
             if isinstance(exc, CredgateError):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
                 raise TargetError("The target did not answer in time.", code="target_timeout") from None
             if isinstance(exc, Exception):
-                raise TargetError(f"The target refused the request ({safe_vendor_error(exc)}).") from None
+                raise TargetError(f"The target refused the request ({describe(exc, plan.row.type)}).") from None
             raise
         lease.expires_at = expires_at = min(issued.expires_at, lease.expires_at)
         secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
@@ -303,9 +310,11 @@ class Credentials:
         body["replayed"] = True
         return body
 
-    async def _abort(self, lease_id: str, exc: BaseException) -> None:
+    async def _abort(self, lease_id: str, exc: BaseException, connector_type: str | None = None) -> None:
         """Issuance failed: whatever may exist under the planned names is revoked now."""
-        await self.leases.transition(lease_id, (PENDING,), REVOKING, next_attempt_at=utcnow(), last_error=describe(exc))
+        await self.leases.transition(
+            lease_id, (PENDING,), REVOKING, next_attempt_at=utcnow(), last_error=describe(exc, connector_type)
+        )
         try:
             await self.attempt_revoke(await self.leases.get(lease_id))
         except Exception:  # the reaper will retry
@@ -345,7 +354,7 @@ class Credentials:
         except CredgateError:
             raise
         except Exception as exc:
-            raise TargetError(f"The target refused the renewal ({describe(exc)}).") from None
+            raise TargetError(f"The target refused the renewal ({describe(exc, row.type)}).") from None
         done = await self.leases.transition(
             lease_id, (ACTIVE,), ACTIVE, expires_at=min(new_expiry, wanted), max_expires_at=until
         )
@@ -383,9 +392,9 @@ class Credentials:
                 delay *= random.uniform(0.8, 1.2)
                 await self.leases.transition(
                     lease.id, (REVOKING,), REVOKING,
-                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay), last_error=describe(exc),
+                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay), last_error=describe(exc, lease.connector_type),
                 )
-                log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc))
+                log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc, lease.connector_type))
                 return False
         # False here means another replica (or the reaper) recorded the same revocation first.
         await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=now, last_error=None)

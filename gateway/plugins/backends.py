@@ -6,7 +6,11 @@ copy (``SecretStr`` fields masked) is kept for display.
 A live backend is reused without reading its row while the change feed is
 live; a change to the backend, made on any replica, marks it stale
 (:mod:`gateway.store.changes`). The mounts also own the secret-metadata cache lent
-to backends (see :class:`backends.base.BackendContext`).
+to backends whose capabilities say ``cacheable`` (see :class:`backends.base.BackendContext`).
+
+Lifecycle: a backend is built as ``cls(name, config, context)`` and its ``start()``
+awaited before it serves; ``aclose()`` is awaited when it is replaced (its row
+changed), removed, or at shutdown.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
 from gateway.store.sealed import backend_config_context
 
-BUILTIN = "local"
+BUILTIN = "local"  # the built-in mount's name
+BUILTIN_TYPE = "local"  # and its type: the gateway's own store
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,7 @@ class Mounts:
     async def ensure_builtin(self) -> None:
         async with self._store.write() as s:
             if await s.get(BackendRow, BUILTIN) is None:
-                s.add(BackendRow(name=BUILTIN, type="local", config_public={}, builtin=True))
+                s.add(BackendRow(name=BUILTIN, type=BUILTIN_TYPE, config_public={}, builtin=True))
 
     async def list(self) -> list[MountInfo]:
         async with self._store.read() as s:
@@ -132,7 +137,9 @@ class Mounts:
             cls = backend_class(row.type)
             raw = self._envelope.open(row.sealed, backend_config_context(name)) if row.sealed else b"{}"
             config = cls.config_model.model_validate(json.loads(raw))
-            backend = cls(name, config, BackendContext(self._store, self._envelope, self.metadata))
+            cache = self.metadata if cls.capabilities.cacheable else None
+            backend = cls(name, config, BackendContext(self._store, self._envelope, cache))
+            await backend.start()
             old = self._live.pop(name, None)
             self._live[name] = (row.updated_at, backend)
             self._mark_fresh(name, generation)

@@ -12,6 +12,13 @@ connector, its secret or its backend changes through the gateway
 (:mod:`gateway.store.changes`); the time limit bounds a change made behind the
 gateway's back (in a vendor's secret manager).
 
+Lifecycle: a live connector is built as ``cls(config, auth_method, material, name=NAME)``
+and its ``start()`` awaited before it serves; it is reused while its material (the same
+cached, validated object) is, and its ``aclose()`` is awaited when it is dropped: replaced
+by an instance built on newer material, its connector changed or removed, or at
+:meth:`Catalog.aclose`. What a type can do is read from its ``capabilities``, never from
+its name.
+
 Binding a connector to a secret hands that secret's material to whoever may
 use the connector (a ``static`` connector hands it out as it is), and a
 connector's secret decides where its credentials point. So
@@ -23,7 +30,9 @@ needs ``connectors:manage`` on each of them.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,6 +51,8 @@ from gateway.plugins.backends import Mounts
 from gateway.plugins.registry import CONNECTOR_TYPES, connector_class
 from gateway.store import Store
 from gateway.store.models import ConnectorRow, utcnow
+
+log = logging.getLogger("credgate.connectors")
 
 CONNECTOR_NAME = paths.BACKEND_NAME  # same grammar as backend names
 
@@ -69,9 +80,9 @@ def type_info(type_name: str) -> dict[str, Any]:
         "auth_methods": {name: model.model_json_schema() for name, model in cls.auth_methods.items()},
         "config_schema": cls.config_model.model_json_schema(),
         "resource_types": list(cls.resource_types),
-        "revocability": str(cls.revocability),
-        "renewable": cls.renewable,
-        "wrap_only": cls.wrap_only,
+        "revocability": str(cls.capabilities.revocability),
+        "renewable": cls.capabilities.renewable,
+        "wrap_only": cls.capabilities.wrap_only,
         "default_ttl_seconds": int(cls.ttl.default.total_seconds()),
         "min_ttl_seconds": int(cls.ttl.min.total_seconds()),
         "max_ttl_seconds": int(cls.ttl.max.total_seconds()),
@@ -122,7 +133,7 @@ def validate_material(cls: Any, auth_method: str, data: Any, ref: str) -> BaseMo
 
 def _construct(cls: Any, name: str, config: Any, auth_method: str, material: Any) -> ServiceConnector:
     try:
-        return cls(config, auth_method, material)
+        return cls(config, auth_method, material, name=name)
     except ValueError as exc:
         # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
         # error quotes its input, which may be material) is reduced to its type.
@@ -151,12 +162,17 @@ class Catalog:
         self.material: Cache[tuple[str, Any], _Material] | None = (
             Cache("connector_material", feed, ttl=material_seconds) if material_seconds > 0 else None
         )
+        # name -> (the material it was built on, the started instance)
+        self._live: dict[str, tuple[_Material, ServiceConnector]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         feed.subscribe("connector", self._connector_changed)
         feed.subscribe("secret", self._secret_changed)
         feed.subscribe("backend", self._backend_changed)
 
     def _connector_changed(self, name: str | None) -> None:
         self.rows.invalidate(name)
+        for dropped in [n for n in self._live if name is None or n == name]:
+            self._drop(self._live.pop(dropped)[1])
         if self.material is not None:
             self.material.invalidate_where(lambda key, _m: name is None or key[0] == name)
 
@@ -325,7 +341,40 @@ class Catalog:
             loaded = await self._read_material(row)
         else:
             loaded = await self.material.get((row.name, row.updated_at), lambda: self._read_material(row))
-        return _construct(cls, row.name, loaded.config, row.auth_method, loaded.material)
+        live = self._live.get(row.name)
+        if live is not None and live[0] is loaded:
+            return live[1]
+        connector = _construct(cls, row.name, loaded.config, row.auth_method, loaded.material)
+        await connector.start()
+        old = self._live.get(row.name)
+        self._live[row.name] = (loaded, connector)
+        if old is not None and old[1] is not connector:
+            self._drop(old[1])
+        return connector
+
+    def _drop(self, connector: ServiceConnector) -> None:
+        """Close a connector no longer handed out (calls in flight on it may finish)."""
+        try:
+            task = asyncio.get_running_loop().create_task(self._close(connector))
+        except RuntimeError:  # no loop: nothing was started on one either
+            return
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(connector: ServiceConnector) -> None:
+        try:
+            await connector.aclose()
+        except Exception as exc:  # noqa: BLE001 - a failed close is logged by its sanitised class only
+            log.warning("closing connector %s failed: %s", getattr(connector, "name", "?"), type(connector).sanitize(exc))
+
+    async def aclose(self) -> None:
+        """Close every live connector (at shutdown)."""
+        live, self._live = list(self._live.values()), {}
+        for _, connector in live:
+            await self._close(connector)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _secret_data(self, name: str, backend_name: str, path: str) -> Any:
         backend = await self._mounts.get(backend_name)

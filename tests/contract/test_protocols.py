@@ -1,0 +1,114 @@
+"""Every registered backend and connector type has the shape its protocol module
+(backends/base.py, connectors/base.py) says: the constructor, the lifecycle, declared
+capabilities, and a sanitizer of its own when it brings an SDK. A new plugin that forgets
+one of them fails here, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from backends.base import BackendBase, BackendCapabilities
+from connectors.base import ConnectorBase, ConnectorCapabilities, Revocability, TTLLimits, generic_sanitize
+from gateway.plugins.registry import BACKEND_TYPES, CONNECTOR_TYPES, backend_class, connector_class
+
+CANARY = "hunter2-CANARY-5b1e"
+
+
+class _VendorError(Exception):
+    """Shaped like the SDK errors the sanitizers know (a SQLSTATE, an AWS response, an errno)."""
+
+    sqlstate = "42501"
+    response = {"Error": {"Code": "AccessDenied", "Message": CANARY}}
+
+
+def _params(fn: Any) -> list[tuple[str, Any]]:
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("type_name", sorted(BACKEND_TYPES))
+def test_backend_type_satisfies_the_protocol(type_name: str) -> None:
+    cls = backend_class(type_name)
+    assert issubclass(cls, BackendBase), f"{type_name}: subclass backends.base.BackendBase"
+    assert cls.type == type_name
+    assert issubclass(cls.config_model, BaseModel)
+    assert "capabilities" in vars(cls), f"{type_name}: declare capabilities = BackendCapabilities(...)"
+    assert isinstance(cls.capabilities, BackendCapabilities)
+    assert [n for n, _ in _params(cls.__init__)] == ["self", "name", "config", "context"], type_name
+    for method in ("start", "aclose", "get", "metadata", "put", "delete", "restore", "list", "count", "check"):
+        assert inspect.iscoroutinefunction(getattr(cls, method)), f"{type_name}.{method} must be async"
+    _assert_sanitizer(cls, type_name, BACKEND_TYPES[type_name][1], BackendBase)
+
+
+@pytest.mark.parametrize("type_name", sorted(CONNECTOR_TYPES))
+def test_connector_type_satisfies_the_protocol(type_name: str) -> None:
+    cls = connector_class(type_name)
+    assert issubclass(cls, ConnectorBase), f"{type_name}: subclass connectors.base.ConnectorBase"
+    assert cls.type == type_name
+    assert issubclass(cls.config_model, BaseModel)
+    assert isinstance(cls.auth_methods, Mapping) and cls.auth_methods
+    assert all(issubclass(m, BaseModel) for m in cls.auth_methods.values())
+    assert cls.resource_types and all(isinstance(t, str) for t in cls.resource_types)
+    assert isinstance(cls.ttl, TTLLimits) and timedelta(0) < cls.ttl.min <= cls.ttl.default <= cls.ttl.max
+    assert "capabilities" in vars(cls), f"{type_name}: declare capabilities = ConnectorCapabilities(...)"
+    caps = cls.capabilities
+    assert isinstance(caps, ConnectorCapabilities) and isinstance(caps.revocability, Revocability)
+    # the mirrors the gateway and older callers read follow the one declaration
+    assert (cls.revocability, cls.renewable, cls.wrap_only, cls.creates_at_target) == (
+        caps.revocability, caps.renewable, caps.wrap_only, caps.creates_at_target
+    )
+    params = _params(cls.__init__)
+    assert [n for n, _ in params[:4]] == ["self", "config", "auth_method", "material"], type_name
+    assert ("name", inspect.Parameter.KEYWORD_ONLY) in params, f"{type_name}: take name= (keyword) and pass it on"
+    for method in ("start", "aclose", "issue", "renew", "revoke", "verify", "list_resources"):
+        assert inspect.iscoroutinefunction(getattr(cls, method)), f"{type_name}.{method} must be async"
+    for method in ("validate_resource", "plan"):
+        assert not inspect.iscoroutinefunction(getattr(cls, method)), f"{type_name}.{method} is pure, not async"
+    _assert_sanitizer(cls, type_name, CONNECTOR_TYPES[type_name][1], ConnectorBase)
+
+
+def _assert_sanitizer(cls: Any, type_name: str, extra: str | None, base: type) -> None:
+    if extra is not None:  # it brings a vendor SDK: it must say what of that SDK's errors may be shown
+        assert "sanitize" in vars(cls), f"{type_name}: define sanitize(exc) for its SDK's exceptions"
+    for exc in (_VendorError(f"CREATE ROLE x PASSWORD '{CANARY}'"), OSError(111, CANARY), ValueError(CANARY)):
+        shown = cls.sanitize(exc)
+        assert isinstance(shown, str) and shown.startswith(type(exc).__name__)
+        assert CANARY not in shown
+
+
+def test_capabilities_are_frozen_data() -> None:
+    for caps_type in (BackendCapabilities, ConnectorCapabilities):
+        assert dataclasses.is_dataclass(caps_type) and caps_type.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_a_connector_that_forgets_its_capabilities_fails() -> None:
+    class Forgetful(ConnectorBase):
+        type = "forgetful"
+
+    assert "capabilities" not in vars(Forgetful)
+    with pytest.raises(AttributeError):
+        Forgetful.capabilities  # noqa: B018
+
+
+def test_generic_sanitizer_keeps_class_and_errno_only() -> None:
+    assert generic_sanitize(ValueError(CANARY)) == "ValueError"
+    assert generic_sanitize(ConnectionRefusedError(111, CANARY)) == "ConnectionRefusedError (111)"
+
+
+async def test_run_sync_runs_off_the_loop_under_a_timeout() -> None:
+    import asyncio
+    import threading
+    import time
+
+    from connectors.base import run_sync
+
+    loop_thread = threading.get_ident()
+    assert await run_sync(lambda a, b: (a + b, threading.get_ident() != loop_thread), 1, 2, timeout=5) == (3, True)
+    with pytest.raises(asyncio.TimeoutError):
+        await run_sync(time.sleep, 0.5, timeout=0.05)
