@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import func, insert, select, text
 
+from gateway.audit.search import Filter, Page, search
+
 GENESIS = "0" * 64
 FIELDS = (
     "seq", "time", "request_id", "issuer", "subject", "action", "target", "decision", "rule", "outcome",
@@ -737,6 +739,10 @@ class AuditLog:
         seqs = [int(c["seq"]) for c in checkpoints if self._authentic_checkpoint(c)]
         seqs += [int(e["seq"]) for e in events if self._authentic_event(e)]
         return max(seqs, default=0)
+
+    async def search(self, where: Filter, limit: int = 100) -> Page:
+        """The stored events matching ``where``, oldest first (:func:`gateway.audit.search.search`)."""
+        return await search(self._store, where, limit)
 
     async def verify(self, against: list[Mapping[str, Any]] | None = None, against_name: str = "FILE") -> dict[str, Any]:
         """Walk the chain and the checkpoints; name every problem, the first one first.

@@ -23,22 +23,25 @@ from typing import Any
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.store import changes
 from gateway.identity.principal import hash_token
 from gateway.paths import CLIENT_ID
-from gateway.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from gateway.errors import BadRequest, Conflict, Unauthenticated
 from gateway.identity.issuers import utc_from_ts
 from gateway.identity.jose import ASYMMETRIC, check_audience, check_times, peek
 from gateway.store import Store
-from gateway.store.models import ClientRow, UsedJtiRow, utcnow
+from gateway.identity.replay import use_once
+from gateway.store.models import ClientRow, utcnow
+from gateway.store.rows import read_or_404, revoke_row
 
 SECRET_PREFIX = "cgs_"
 MAX_ASSERTION_LIFETIME = 300
 ASSERTION_LEEWAY = 30
 MAX_JTI = 128
+
+Client = ClientRow  # what this service returns: an OAuth2 client as stored
 
 
 def valid_client_id(value: object) -> bool:
@@ -82,25 +85,16 @@ class Clients:
         return row, secret
 
     async def get(self, client_id: str) -> ClientRow:
-        async with self._store.read() as s:
-            row = await s.get(ClientRow, client_id)
-        if row is None:
-            raise NotFound(f"Client {client_id!r} does not exist.", code="client_not_found")
-        return row
+        return await read_or_404(self._store, ClientRow, client_id, "Client", "client_not_found")
 
     async def list(self) -> list[ClientRow]:
         async with self._store.read() as s:
             return list((await s.execute(select(ClientRow).order_by(ClientRow.client_id))).scalars())
 
     async def revoke(self, client_id: str) -> ClientRow:
-        async with self._store.write() as s:
-            row = await s.get(ClientRow, client_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"Client {client_id!r} does not exist.", code="client_not_found")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                await changes.note(s, "client", client_id)
-            return row
+        row = await revoke_row(self._store, ClientRow, client_id, topic="client", what="Client", code="client_not_found")
+        assert row is not None
+        return row
 
     async def _active(self, client_id: str) -> ClientRow:
         if not valid_client_id(client_id):
@@ -146,12 +140,7 @@ class Clients:
             check_times(claims, ASSERTION_LEEWAY)
         except Unauthenticated as exc:
             raise InvalidClient(f"The client assertion is not acceptable ({exc.code}).") from None
-        now = utcnow()
-        try:
-            async with self._store.write() as s:
-                await s.execute(delete(UsedJtiRow).where(UsedJtiRow.expires_at < now))
-                # Remembered as long as the assertion could be accepted: until exp plus the leeway.
-                s.add(UsedJtiRow(jti=f"{client_id}:{jti}", expires_at=utc_from_ts(exp + ASSERTION_LEEWAY + 1)))
-        except IntegrityError:
-            raise InvalidClient("This client assertion was already used.") from None
+        # Remembered as long as the assertion could be accepted: until exp plus the leeway.
+        if not await use_once(self._store, f"{client_id}:{jti}", utc_from_ts(exp + ASSERTION_LEEWAY + 1)):
+            raise InvalidClient("This client assertion was already used.")
         return row

@@ -31,11 +31,15 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
-from gateway.errors import NotFound, Unauthenticated, Unavailable
+from gateway.errors import Conflict, Unauthenticated, Unavailable
 from gateway.identity.jose import check_audience, check_times, token_error
-from gateway.store import Store
-from gateway.store.models import IssuerRow
+from gateway.store import Store, changes
+from gateway.store.models import IssuerRow, utcnow
+from gateway.store.rows import delete_row, read_or_404
+
+Issuer = IssuerRow  # what this service returns: a trusted issuer as stored
 
 JWKS_TTL_SECONDS = 300.0
 JWKS_REFETCH_SECONDS = 30.0
@@ -74,11 +78,36 @@ class TrustedIssuers:
             return (await s.execute(select(IssuerRow).where(IssuerRow.issuer_url == url))).scalar_one_or_none()
 
     async def get(self, name: str) -> IssuerRow:
+        return await read_or_404(self._store, IssuerRow, name, "Issuer", "issuer_not_found")
+
+    async def list(self) -> list[IssuerRow]:
         async with self._store.read() as s:
-            row = await s.get(IssuerRow, name)
-        if row is None:
-            raise NotFound(f"Issuer {name!r} does not exist.", code="issuer_not_found")
-        return row
+            return list((await s.execute(select(IssuerRow).order_by(IssuerRow.name))).scalars())
+
+    async def put(self, name: str, fields: dict[str, Any]) -> tuple[IssuerRow, bool]:
+        """Create or replace issuer ``name`` with ``fields`` (its columns); True if created.
+        Every replica forgets its cached JWK set (the ``issuer`` change). 409
+        ``issuer_url_in_use`` if another issuer has the same ``issuer_url``."""
+        try:
+            async with self._store.write() as s:
+                row = await s.get(IssuerRow, name, with_for_update=True)
+                created = row is None
+                if row is None:
+                    row = IssuerRow(name=name, created_at=utcnow())
+                    s.add(row)
+                for field, value in fields.items():
+                    setattr(row, field, value)
+                row.updated_at = utcnow()
+                await changes.note(s, "issuer", name)
+        except IntegrityError:
+            raise Conflict(f"Another issuer already uses {fields.get('issuer_url')}.", code="issuer_url_in_use") from None
+        self.forget(name)
+        return row, created
+
+    async def delete(self, name: str) -> None:
+        """Stop trusting issuer ``name`` (404 ``issuer_not_found``); every replica forgets it."""
+        await delete_row(self._store, IssuerRow, name, topic="issuer", what="Issuer", code="issuer_not_found")
+        self.forget(name)
 
     def forget(self, name: str) -> None:
         self._jwks.pop(name, None)

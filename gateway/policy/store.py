@@ -17,13 +17,16 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gateway.store import changes
-from gateway.errors import BadRequest, NotFound, validate_model
+from gateway.errors import BadRequest, validate_model
 from gateway.policy.rules import PolicyDocument, PolicySet
 from gateway.store import Store
 from gateway.store.models import PolicyRow, utcnow
+from gateway.store.rows import delete_row, read_or_404
 
 REFRESH_SECONDS = 0.5
 NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+
+Policy = PolicyRow  # what this service returns: a policy document as stored
 
 
 def parse_document(data: Any) -> PolicyDocument:
@@ -96,21 +99,12 @@ class Policies:
         return row, created
 
     async def get(self, name: str) -> PolicyRow:
-        async with self._store.read() as s:
-            row = await s.get(PolicyRow, name)
-        if row is None:
-            raise NotFound(f"Policy {name!r} does not exist.", code="policy_not_found")
-        return row
+        return await read_or_404(self._store, PolicyRow, name, "Policy", "policy_not_found")
 
     async def list(self) -> list[PolicyRow]:
         async with self._store.read() as s:
             return list((await s.execute(select(PolicyRow).order_by(PolicyRow.name))).scalars())
 
     async def delete(self, name: str) -> None:
-        async with self._store.write() as s:
-            row = await s.get(PolicyRow, name, with_for_update=True)
-            if row is None:
-                raise NotFound(f"Policy {name!r} does not exist.", code="policy_not_found")
-            await s.delete(row)
-            await changes.note(s, "policy", name)
+        await delete_row(self._store, PolicyRow, name, topic="policy", what="Policy", code="policy_not_found")
         await self.refresh()

@@ -5,11 +5,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select
 
+from gateway.audit.search import Filter
 from gateway.identity.principal import Principal
 from gateway.web.deps import RuntimeDep, requires
-from gateway.store.models import AuditEventRow
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -123,31 +122,11 @@ async def query(
     after: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
-    q = select(AuditEventRow)
-    for column, value in ((AuditEventRow.subject, subject), (AuditEventRow.action, action),
-                          (AuditEventRow.lease_id, lease_id), (AuditEventRow.decision, decision)):
-        if value is not None:
-            q = q.where(column == value)
-    if since is not None:
-        q = q.where(AuditEventRow.time >= since)
-    if until is not None:
-        q = q.where(AuditEventRow.time < until)
-    if after is not None:
-        q = q.where(AuditEventRow.seq > after)
-    q = q.order_by(AuditEventRow.seq)
-    items: list[AuditEvent] = []
-    last = None
-    async with runtime.store.read() as s:
-        for row in (await s.execute(q)).scalars():
-            last = row.seq
-            if connector is not None and (row.details or {}).get("connector") != connector:
-                continue
-            items.append(AuditEvent.model_validate(row, from_attributes=True))
-            if len(items) > limit:
-                break
-    more = len(items) > limit
-    items = items[:limit]
-    return AuditPage(items=items, next_after=items[-1].seq if more and items else (None if not more else last))
+    where = Filter(since=since, until=until, subject=subject, action=action, connector=connector,
+                   lease_id=lease_id, decision=decision, after=after)
+    page = await runtime.audit.search(where, limit)
+    return AuditPage(items=[AuditEvent.model_validate(row, from_attributes=True) for row in page.items],
+                     next_after=page.next_after)
 
 
 @router.get("/verify", summary="Walk the keyed chain and the checkpoints; name every bad, missing or uncovered event")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -16,12 +16,12 @@ from gateway.web.schemas import (
     ResourceList,
     VerificationOut,
 )
-from gateway.store.models import ConnectorRow
 
 router = APIRouter(tags=["connectors"])
 
 
-def _out(row: ConnectorRow) -> ConnectorOut:
+def _out(row: Any) -> ConnectorOut:
+    """A connector as the catalog returns it (never its material)."""
     return ConnectorOut(
         name=row.name,
         type=row.type,

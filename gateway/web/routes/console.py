@@ -52,15 +52,13 @@ from urllib.parse import urlencode
 import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
-from sqlalchemy import delete
-from sqlalchemy.exc import IntegrityError
 
 from gateway.web.deps import RuntimeDep
 from gateway.errors import BadRequest, NotFound, Unauthenticated, Unavailable
-from gateway.identity.issuers import check_audience, check_times, utc_from_ts
+from gateway.identity.issuers import Issuer, check_audience, check_times, utc_from_ts
+from gateway.identity.replay import use_once
 from gateway.web.routes.identity import MAX_EXCHANGED_TTL
 from gateway.runtime import Runtime
-from gateway.store.models import IssuerRow, UsedJtiRow, utcnow
 
 router = APIRouter(tags=["identity"])
 
@@ -86,7 +84,7 @@ def _http() -> httpx.AsyncClient:
                              headers={"Accept": "application/json", "User-Agent": "credgate"})
 
 
-async def _login_issuer(runtime: Runtime) -> IssuerRow:
+async def _login_issuer(runtime: Runtime) -> Issuer:
     settings = runtime.settings
     if not settings.login_issuer or not settings.login_client_id:
         raise NotFound("Sign-in is not configured (CREDGATE_LOGIN_ISSUER, CREDGATE_LOGIN_CLIENT_ID).",
@@ -94,7 +92,7 @@ async def _login_issuer(runtime: Runtime) -> IssuerRow:
     return await runtime.issuers.get(settings.login_issuer)
 
 
-async def _endpoints(row: IssuerRow) -> dict[str, Any]:
+async def _endpoints(row: Issuer) -> dict[str, Any]:
     """The IdP's discovery document (cached for a few minutes), checked for the fields we use."""
     cached = _discovery.get(row.issuer_url)
     if cached and time.monotonic() - cached[1] < DISCOVERY_TTL:
@@ -160,7 +158,7 @@ def _state_invalid(why: str) -> BadRequest:
     return BadRequest(f"{why} Start the sign-in again.", code="login_state_invalid")
 
 
-async def _login_claims(runtime: Runtime, cookie: str | None, row: IssuerRow) -> dict[str, Any]:
+async def _login_claims(runtime: Runtime, cookie: str | None, row: Issuer) -> dict[str, Any]:
     if not cookie:
         raise _state_invalid("No sign-in is in progress in this browser (the login cookie is missing or expired).")
     try:
@@ -179,13 +177,8 @@ async def _login_claims(runtime: Runtime, cookie: str | None, row: IssuerRow) ->
 
 async def _consume(runtime: Runtime, claims: dict[str, Any]) -> None:
     """One callback per login cookie, across replicas (the store is shared)."""
-    now = utcnow()
-    try:
-        async with runtime.store.write() as s:
-            await s.execute(delete(UsedJtiRow).where(UsedJtiRow.expires_at < now))
-            s.add(UsedJtiRow(jti=f"console:{claims['jti']}"[:200], expires_at=utc_from_ts(int(claims["exp"]) + 60)))
-    except IntegrityError:
-        raise BadRequest("This sign-in was already completed. Start the sign-in again.", code="login_state_used") from None
+    if not await use_once(runtime.store, f"console:{claims['jti']}"[:200], utc_from_ts(int(claims["exp"]) + 60)):
+        raise BadRequest("This sign-in was already completed. Start the sign-in again.", code="login_state_used")
 
 
 async def _redeem(runtime: Runtime, doc: dict[str, Any], code: str, verifier: str) -> str:

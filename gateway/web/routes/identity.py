@@ -22,20 +22,16 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from gateway.audit import trail as audit
-from gateway.store import changes
 from gateway.identity.principal import GATEWAY, TOKEN_PREFIX, Principal
-from gateway.identity.clients import CLIENT_ID, Clients, valid_client_id
+from gateway.identity.clients import CLIENT_ID, Client, Clients, valid_client_id
 from gateway.web.deps import Authenticated, RuntimeDep, requires
-from gateway.errors import BadRequest, Conflict, CredgateError, Forbidden, NotFound
-from gateway.identity.issuers import utc_from_ts
+from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
+from gateway.identity.issuers import Issuer, utc_from_ts
 from gateway.identity.jose import ASYMMETRIC, peek
 from gateway.identity.issuer_check import check_issuer, require_usable
 from gateway.runtime import Runtime
-from gateway.store.models import ClientRow, IssuerRow, utcnow
 
 router = APIRouter(tags=["identity"])
 
@@ -85,7 +81,7 @@ class IssuerOut(IssuerPut):
     name: str
 
 
-def _issuer_out(row: IssuerRow) -> IssuerOut:
+def _issuer_out(row: Issuer) -> IssuerOut:
     return IssuerOut.model_construct(
         name=row.name, issuer_url=row.issuer_url, jwks_url=row.jwks_url, jwks=row.jwks, audiences=row.audiences,
         algorithms=row.algorithms, leeway_seconds=row.leeway_seconds, claim_mapping=row.claim_mapping,
@@ -105,20 +101,8 @@ async def put_issuer(
         raise BadRequest("'credgate' names the gateway itself.", code="invalid_issuer_name")
     if check:
         require_usable(await check_issuer(name, jwks_url=body.jwks_url, jwks=body.jwks, algorithms=body.algorithms))
-    try:
-        async with runtime.store.write() as s:
-            row = await s.get(IssuerRow, name, with_for_update=True)
-            response.status_code = 201 if row is None else 200
-            if row is None:
-                row = IssuerRow(name=name, created_at=utcnow())
-                s.add(row)
-            for field, value in body.model_dump().items():
-                setattr(row, field, value)
-            row.updated_at = utcnow()
-            await changes.note(s, "issuer", name)
-    except IntegrityError:
-        raise Conflict(f"Another issuer already uses {body.issuer_url}.", code="issuer_url_in_use") from None
-    runtime.issuers.forget(name)
+    row, created = await runtime.issuers.put(name, body.model_dump())
+    response.status_code = 201 if created else 200
     return _issuer_out(row)
 
 
@@ -128,9 +112,7 @@ class IssuerList(BaseModel):
 
 @router.get("/v1/issuers", summary="List trusted issuers")
 async def list_issuers(runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> IssuerList:
-    async with runtime.store.read() as s:
-        rows = (await s.execute(select(IssuerRow).order_by(IssuerRow.name))).scalars()
-        return IssuerList(items=[_issuer_out(r) for r in rows])
+    return IssuerList(items=[_issuer_out(r) for r in await runtime.issuers.list()])
 
 
 @router.get("/v1/issuers/{name}", summary="Show a trusted issuer")
@@ -168,13 +150,7 @@ async def check_issuer_keys(
 
 @router.delete("/v1/issuers/{name}", status_code=204, summary="Stop trusting an issuer")
 async def delete_issuer(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("issuers:manage")]) -> Response:
-    async with runtime.store.write() as s:
-        row = await s.get(IssuerRow, name, with_for_update=True)
-        if row is None:
-            raise NotFound(f"Issuer {name!r} does not exist.", code="issuer_not_found")
-        await s.delete(row)
-        await changes.note(s, "issuer", name)
-    runtime.issuers.forget(name)
+    await runtime.issuers.delete(name)
     return Response(status_code=204)
 
 
@@ -202,7 +178,7 @@ class ClientCreated(ClientOut):
     client_secret: str | None = Field(None, description="Shown once; only its hash is kept.")
 
 
-def _client_out(row: ClientRow) -> dict[str, Any]:
+def _client_out(row: Client) -> dict[str, Any]:
     return dict(
         client_id=row.client_id, roles=row.roles, token_ttl_seconds=row.token_ttl_seconds,
         auth_method="private_key_jwt" if row.jwks else "client_secret",
@@ -343,7 +319,7 @@ class ClientAuth:
         if self.method == "client_secret_post" and form_id is None:
             raise OAuthFailure(400, "invalid_request", "client_secret_post needs a client_id.")
 
-    async def authenticate(self, clients: Clients, endpoint: str) -> ClientRow | None:
+    async def authenticate(self, clients: Clients, endpoint: str) -> Client | None:
         """The authenticated client (401 ``invalid_client`` on failure); None if none was presented."""
         if self.method is None:
             return None

@@ -10,9 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.identity.principal import Principal
 from gateway.web.deps import RuntimeDep, requires
 from gateway.errors import BadRequest
-from gateway.policy.store import parse_document
+from gateway.policy.store import Policy, parse_document
 from gateway.policy.rules import Action, PolicyDocument, Subject
-from gateway.store.models import PolicyRow
 
 router = APIRouter(prefix="/v1/policies", tags=["policies"])
 
@@ -51,7 +50,7 @@ class ExplainOut(BaseModel):
     max_ttl_seconds: int | None
 
 
-def _out(row: PolicyRow) -> PolicyOut:
+def _out(row: Policy) -> PolicyOut:
     return PolicyOut(name=row.name, document=row.document, created_at=row.created_at, updated_at=row.updated_at)
 
 

@@ -1,0 +1,66 @@
+"""Reading the trail back: the audit events matching a filter, oldest first, a page at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+
+from gateway.store import Store
+from gateway.store.models import AuditEventRow
+
+AuditEvent = AuditEventRow  # what a search returns: one stored event, every chained field
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Every field is optional; given ones must all match. ``connector`` is the
+    ``details.connector`` of the event; ``after`` a sequence number (exclusive)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    subject: str | None = None
+    action: str | None = None
+    connector: str | None = None
+    lease_id: str | None = None
+    decision: str | None = None
+    after: int | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    """Up to ``limit`` events and where the next page starts (``after=next_after``);
+    ``next_after`` is None when nothing is left."""
+
+    items: list[AuditEvent] = field(default_factory=list)
+    next_after: int | None = None
+
+
+async def search(store: Store, where: Filter, limit: int) -> Page:
+    """The events matching ``where``, oldest first, at most ``limit`` of them."""
+    q = select(AuditEventRow)
+    for column, value in ((AuditEventRow.subject, where.subject), (AuditEventRow.action, where.action),
+                          (AuditEventRow.lease_id, where.lease_id), (AuditEventRow.decision, where.decision)):
+        if value is not None:
+            q = q.where(column == value)
+    if where.since is not None:
+        q = q.where(AuditEventRow.time >= where.since)
+    if where.until is not None:
+        q = q.where(AuditEventRow.time < where.until)
+    if where.after is not None:
+        q = q.where(AuditEventRow.seq > where.after)
+    q = q.order_by(AuditEventRow.seq)
+    items: list[AuditEvent] = []
+    last = None
+    async with store.read() as s:
+        for row in (await s.execute(q)).scalars():
+            last = row.seq
+            if where.connector is not None and (row.details or {}).get("connector") != where.connector:
+                continue
+            items.append(row)
+            if len(items) > limit:
+                break
+    more = len(items) > limit
+    items = items[:limit]
+    return Page(items, items[-1].seq if more and items else (None if not more else last))
