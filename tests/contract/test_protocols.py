@@ -112,3 +112,85 @@ async def test_run_sync_runs_off_the_loop_under_a_timeout() -> None:
     assert await run_sync(lambda a, b: (a + b, threading.get_ident() != loop_thread), 1, 2, timeout=5) == (3, True)
     with pytest.raises(asyncio.TimeoutError):
         await run_sync(time.sleep, 0.5, timeout=0.05)
+
+
+# --- the lifecycle, as the gateway drives it ------------------------------------------
+
+from backends.local import LocalBackend  # noqa: E402
+from connectors.static import StaticConnector  # noqa: E402
+
+EVENTS: list[tuple[str, str, Any]] = []
+
+
+class ProbeBackend(LocalBackend):
+    """A local backend that records its lifecycle and declares itself not cacheable."""
+
+    type = "probe"
+    capabilities = BackendCapabilities(cacheable=False)
+
+    async def start(self) -> None:
+        EVENTS.append(("start", self.name, self.context.metadata_cache))
+
+    async def aclose(self) -> None:
+        EVENTS.append(("aclose", self.name, None))
+
+
+async def test_mounts_start_a_backend_lend_the_cache_by_capability_and_close_it(gateway, monkeypatch) -> None:
+    import gateway.plugins.backends as mounts_module
+
+    real = mounts_module.backend_class
+    monkeypatch.setattr(mounts_module, "backend_class", lambda t: ProbeBackend if t == "probe" else real(t))
+    EVENTS.clear()
+    mounts = gateway.runtime.mounts
+    assert (await mounts.get("local")).context.metadata_cache is mounts.metadata  # local: cacheable
+    await mounts.put("p1", "probe", {})
+    first = await mounts.get("p1")
+    assert EVENTS == [("start", "p1", None)]  # started before use; not cacheable: no cache lent
+    await mounts.put("p1", "probe", {})  # a new configuration: rebuilt, the old one closed
+    assert await mounts.get("p1") is not first
+    assert EVENTS[1:] == [("start", "p1", None), ("aclose", "p1", None)]
+    await mounts.delete("p1")
+    assert EVENTS[-1] == ("aclose", "p1", None)
+
+
+async def test_catalog_starts_a_connector_reuses_it_and_closes_it_when_dropped(gateway, monkeypatch) -> None:
+    import asyncio
+
+    events: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        events.append(("start", id(self)))
+
+    async def aclose(self) -> None:
+        events.append(("aclose", id(self)))
+
+    monkeypatch.setattr(StaticConnector, "start", start)
+    monkeypatch.setattr(StaticConnector, "aclose", aclose)
+    c = gateway.client
+    assert (await c.put("/v1/secrets/local/vendors/k", json={"data": {"api_key": CANARY}})).status_code == 200
+    body = {"type": "static", "auth_method": "static", "secret": "local/vendors/k", "resources": ["default"]}
+    assert (await c.put("/v1/connectors/st", json=body)).status_code == 201
+    catalog = gateway.runtime.catalog
+    one = await catalog.instance(await catalog.get("st"))
+    assert one.name == "st" and events == [("start", id(one))]
+    if catalog.material is not None:  # reused while its cached material is current
+        assert await catalog.instance(await catalog.get("st")) is one
+    assert (await c.put("/v1/connectors/st", json={**body, "resources": ["default", "other"]})).status_code == 200
+    for _ in range(100):  # the change is heard through the feed; the old instance is closed
+        if ("aclose", id(one)) in events:
+            break
+        await asyncio.sleep(0.05)
+    assert ("aclose", id(one)) in events
+    two = await catalog.instance(await catalog.get("st"))
+    assert two is not one and events[-1] == ("start", id(two))
+    await catalog.aclose()
+    assert events[-1] == ("aclose", id(two))
+
+
+def test_describe_uses_the_connector_types_own_sanitizer() -> None:
+    from gateway.issuing.service import describe
+
+    exc = _VendorError(CANARY)
+    assert describe(exc, "postgres") == "_VendorError (42501)"
+    assert describe(exc, "aws") == "_VendorError (AccessDenied)"
+    assert describe(exc) == describe(exc, "static") == "_VendorError"
