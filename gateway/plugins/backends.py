@@ -62,6 +62,29 @@ def _reveal(value: Any) -> Any:
     return value
 
 
+_UNSUPPORTED = {
+    "check_and_set": "check-and-set writes (cas)",
+    "soft_delete": "soft delete and restore (destroy instead)",
+    "versions": "reading an older version",
+}
+
+
+def require(backend: SecretBackend, *needs: str) -> None:
+    """Refuse, before the backend is called, what its declared capabilities say it can't do:
+    ``write`` on a ``read_only`` backend is 409 ``backend_read_only``; ``check_and_set``,
+    ``soft_delete`` or ``versions`` it does not declare is 409 ``not_supported``."""
+    caps = type(backend).capabilities
+    for need in needs:
+        if need == "write":
+            if caps.read_only:
+                raise Conflict(f"Backend {backend.name!r} is read-only through credgate.", code="backend_read_only")
+        elif not getattr(caps, need):
+            raise Conflict(
+                f"Backend {backend.name!r} (type {backend.type}) does not support {_UNSUPPORTED[need]}.",
+                code="not_supported",
+            )
+
+
 def _validate_config(type_name: str, config: dict[str, Any]) -> BaseModel:
     return validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
 

@@ -194,3 +194,35 @@ def test_describe_uses_the_connector_types_own_sanitizer() -> None:
     assert describe(exc, "postgres") == "_VendorError (42501)"
     assert describe(exc, "aws") == "_VendorError (AccessDenied)"
     assert describe(exc) == describe(exc, "static") == "_VendorError"
+
+
+class ReadOnlyProbe(LocalBackend):
+    type = "probe-ro"
+    capabilities = BackendCapabilities(read_only=True)
+
+
+class PlainProbe(LocalBackend):
+    type = "probe-plain"
+    capabilities = BackendCapabilities(versions=False, soft_delete=False, check_and_set=False)
+
+
+async def test_secret_routes_refuse_what_a_backend_does_not_declare(gateway, monkeypatch) -> None:
+    import gateway.plugins.backends as mounts_module
+
+    probes = {"probe-ro": ReadOnlyProbe, "probe-plain": PlainProbe}
+    real = mounts_module.backend_class
+    monkeypatch.setattr(mounts_module, "backend_class", lambda t: probes.get(t) or real(t))
+    c = gateway.client
+    for name, kind in (("ro", "probe-ro"), ("plain", "probe-plain")):
+        await gateway.runtime.mounts.put(name, kind, {})
+
+    def code(r: Any) -> tuple[int, str]:
+        return r.status_code, r.json()["error"]["code"]
+
+    assert code(await c.put("/v1/secrets/ro/a", json={"data": {"k": "v"}})) == (409, "backend_read_only")
+    assert code(await c.delete("/v1/secrets/ro/a")) == (409, "backend_read_only")
+    assert (await c.put("/v1/secrets/plain/a", json={"data": {"k": "v"}})).status_code == 200
+    assert code(await c.put("/v1/secrets/plain/a", json={"data": {"k": "w"}, "cas": 1})) == (409, "not_supported")
+    assert code(await c.delete("/v1/secrets/plain/a")) == (409, "not_supported")
+    assert code(await c.post("/v1/secrets/plain/a:restore")) == (409, "not_supported")
+    assert (await c.delete("/v1/secrets/plain/a", params={"destroy": "true"})).status_code == 204

@@ -10,6 +10,7 @@ from backends.base import SecretMetadata
 from gateway.audit import trail as audit
 from gateway import paths
 from gateway.identity.principal import Principal
+from gateway.plugins.backends import require
 from gateway.web.deps import RuntimeDep, requires
 from gateway.errors import BadRequest, NotFound
 from gateway.web.schemas import SecretList, SecretOut, SecretPut, VersionOut
@@ -75,6 +76,7 @@ async def put_secret(
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)  # connector material: connectors:manage too
     store = await runtime.mounts.get(backend)
+    require(store, "write", *(["check_and_set"] if body.cas is not None else []))  # its declared capabilities
     meta = await store.put(path, body.data, author=principal.subject, cas=body.cas)
     return _out(meta)
 
@@ -109,6 +111,7 @@ async def delete_secret(
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)
     store = await runtime.mounts.get(backend)
+    require(store, "write", *([] if destroy else ["soft_delete"]))
     await store.delete(path, author=principal.subject, destroy=destroy)
     return Response(status_code=204)
 
@@ -119,4 +122,5 @@ async def restore_secret(backend: str, path: str, runtime: RuntimeDep, principal
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)
     store = await runtime.mounts.get(backend)
+    require(store, "write", "soft_delete")
     return _out(await store.restore(path))
