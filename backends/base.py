@@ -60,9 +60,10 @@ Anything else escaping a method is reported by its ``sanitize``d form only.
   ``version_not_found`` (``get`` of a version that does not exist or was
   destroyed).
 - :class:`Conflict` (409): ``cas_mismatch`` (``put`` with ``cas`` not equal to
-  the current version); for a type lacking a capability: ``backend_read_only`` (a write to a ``read_only`` backend),
-  ``not_supported`` (an operation the capabilities say it lacks: ``restore``
-  without ``soft_delete``, ``cas`` without ``check_and_set``).
+  the current version). What the capabilities say a type lacks is refused by
+  the gateway before the backend is called (``backend_read_only``,
+  ``not_supported``: :func:`gateway.plugins.backends.require`), so a backend
+  need not check it again.
 - :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
   "target_timeout"`` for a deadline): the store did not answer.
 - :class:`TargetError` (502 ``target_error``; ``code="backend_unavailable"``,
@@ -116,8 +117,9 @@ class BackendCapabilities:
     - ``cacheable``: every write goes through the gateway (no one changes the store behind
       its back), so the mounts lend it ``context.metadata_cache``. A vendor secret manager
       that others can write to is not cacheable.
-    - ``read_only``: the gateway only reads it; ``put``/``delete``/``restore`` raise
-      Conflict ``backend_read_only``.
+    - ``read_only``: the gateway only reads it; a write is refused before the backend is
+      called (409 ``backend_read_only``), as is ``cas`` without ``check_and_set`` or a soft
+      delete/restore without ``soft_delete`` (409 ``not_supported``).
     """
 
     versions: bool = True
