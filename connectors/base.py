@@ -72,8 +72,10 @@ a 502 ``target_error``; raise these instead:
   string is not one this type understands (wrong shape, unknown resource
   type, a privilege that can't apply to it). From ``validate_resource``,
   ``plan``, ``list_resources``; before any I/O.
-- :class:`ValidationFailed` (422, ``invalid_connector_config``): config and
-  auth method don't fit together (from the constructor).
+- :class:`ValidationFailed` (422, ``invalid_connector_config``, or
+  ``unknown_auth_method`` from :class:`ConnectorBase`): config, auth method and
+  material don't fit together (from the constructor). A plain ``ValueError``
+  with a sentence of your own becomes 422 ``connector_invalid``.
 - :class:`ResourceRejected` (409 ``target_rejected_resource``, with
   ``resource`` and ``reason`` ``not_found``/``not_grantable``): the target
   refused *this resource* (it does not exist there, or may not be granted).
@@ -81,10 +83,16 @@ a 502 ``target_error``; raise these instead:
 - :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
   "target_timeout"`` for a deadline): the target did not answer.
 - :class:`TargetError` (502 ``target_error``): the target answered and
-  failed. Stable codes used today: ``target_auth_failed`` (the material was
-  refused), ``target_permission_denied`` (the login lacks a privilege),
-  ``credential_exists`` (the planned name is taken), ``material_incomplete``,
-  ``invalid_revoke_state``, ``sessions_still_open``, ``missing_dependency``.
+  failed. Codes in use (reuse one that fits before inventing one):
+  ``target_auth_failed`` (the material was refused), ``target_permission_denied``
+  (the login lacks a privilege), ``target_timeout`` (a statement ran out of
+  time), ``credential_exists`` (``issue``: the planned name is taken),
+  ``credential_gone`` / ``credential_missing`` (``renew``: it is no longer
+  there), ``resource_not_found`` (an object under the resource is missing),
+  ``material_incomplete`` (the material lacks what the config names),
+  ``invalid_revoke_state`` (the revoke state names nothing this type plans),
+  ``sessions_still_open`` (``revoke`` could not end them),
+  ``missing_dependency`` (the SDK is not installed).
 - :class:`NotRenewable` (409 ``not_renewable``): from ``renew`` of a
   credential that can't be extended.
 - :class:`NotFound` / :class:`Conflict`: not raised by connectors today;
