@@ -26,7 +26,7 @@ from connectors.base import (
     TargetError,
     TargetUnreachable,
 )
-from gateway.errors import Conflict, ValidationFailed
+from gateway.errors import NotRenewable, ValidationFailed
 from tests.conftest import service_missing
 from tests.services.motoserver import MotoServer
 from tests.services.pgcluster import free_port
@@ -260,7 +260,7 @@ def test_plan_is_pure_and_names_the_session() -> None:
 async def test_renew_refused_and_revoke_is_a_noop() -> None:
     material = AWSKeysMaterial(aws_access_key_id="AKIAEXAMPLE", aws_secret_access_key="s")
     conn = AWSConnector(AWSConfig(), "secret-key", material)
-    with pytest.raises(Conflict) as info:
+    with pytest.raises(NotRenewable) as info:
         await conn.renew({"session_name": "x"}, datetime.now(UTC))
     assert info.value.code == "not_renewable" and info.value.status == 409
     assert await conn.revoke({"session_name": "x", "credential_type": "federation-token"}) is None
@@ -402,3 +402,11 @@ async def test_unreachable_endpoint(aws: Account) -> None:
     with pytest.raises(TargetUnreachable) as info:
         await conn.issue(lease(conn, "aws-generic", ttl=900))
     assert info.value.status == 503 and aws.secret not in info.value.message
+
+
+def test_sanitize_keeps_the_class_and_aws_error_code_never_the_message() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    exc = ClientError({"Error": {"Code": "AccessDenied", "Message": "arn:aws:iam::1:user/hunter2-canary"}}, "AssumeRole")
+    assert AWSConnector.sanitize(exc) == "ClientError (AccessDenied)"
+    assert AWSConnector.sanitize(EndpointConnectionError(endpoint_url="https://hunter2-canary")) == "EndpointConnectionError"

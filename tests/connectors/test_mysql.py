@@ -344,3 +344,14 @@ async def test_failed_create_user_never_shows_the_password(target: Target, monke
         assert info.value.__context__ is None
     finally:
         await conn.revoke(state)
+
+
+def test_sanitize_keeps_the_class_sqlstate_and_error_number_never_the_message() -> None:
+    import pymysql
+
+    denied = pymysql.err.OperationalError(1045, "Access denied for user 'admin' (using password: hunter2-canary)")
+    assert MySQLConnector.sanitize(denied) == "OperationalError (1045)"
+    server = pymysql.err.ProgrammingError(1146, "Table 'shop.hunter2-canary' doesn't exist")
+    server.sqlstate = "42S02"  # PyMySQL 1.1+ sets it on server errors
+    assert MySQLConnector.sanitize(server) == "ProgrammingError (42S02) [error 1146]"
+    assert MySQLConnector.sanitize(ValueError("hunter2-canary")) == "ValueError"

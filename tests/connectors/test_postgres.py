@@ -415,3 +415,11 @@ async def test_failed_create_role_never_shows_the_password(target: Target, monke
         assert canary not in target.cluster.log_file.read_text(errors="replace")
     finally:
         await conn.revoke(state)
+
+
+def test_sanitize_keeps_the_class_and_sqlstate_never_the_statement() -> None:
+    from psycopg import errors
+
+    exc = errors.InsufficientPrivilege("permission denied: CREATE ROLE cg_x PASSWORD 'hunter2-canary'")
+    assert PostgresConnector.sanitize(exc) == "InsufficientPrivilege (42501)"
+    assert PostgresConnector.sanitize(ConnectionRefusedError(111, "hunter2-canary")) == "ConnectionRefusedError (111)"

@@ -403,3 +403,10 @@ async def test_errors_never_carry_passwords(redis_url: str, scratch: Scratch) ->
     for text in texts:
         assert secret not in text
     assert secret not in repr(bad_login) and secret not in repr(dead)
+
+
+def test_sanitize_keeps_the_class_only() -> None:
+    from redis import exceptions as rx
+
+    assert RedisConnector.sanitize(rx.AuthenticationError("WRONGPASS hunter2-canary")) == "AuthenticationError"
+    assert RedisConnector.sanitize(rx.ResponseError("ERR key hunter2-canary")) == "ResponseError"

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from connectors.base import IssueRequest, ResourceNotSupported, Revocability, ServiceConnector, TargetError
 from connectors.static import StaticConfig, StaticConnector, StaticMaterial
-from gateway.errors import Conflict, ValidationFailed
+from gateway.errors import NotRenewable, ValidationFailed
 
 SECRETS = {"api_key": "sk-live-aaaaaaaaaaaaaaaa", "api_secret": "shh-bbbbbbbbbbbbbbbb", "region": "eu-west-1"}
 
@@ -134,7 +134,7 @@ async def test_verify_counts_keys_without_values() -> None:
 
 async def test_renew_refused_revoke_noop_and_resources() -> None:
     conn = connector()
-    with pytest.raises(Conflict) as info:
+    with pytest.raises(NotRenewable) as info:
         await conn.renew({}, datetime.now(UTC))
     assert info.value.code == "not_renewable"
     assert await conn.revoke({}) is None
