@@ -12,14 +12,16 @@ from it, so they can't disagree about the resource or the TTL.
 The shapes, in order: ``CredentialRequest`` (web schema) -> :class:`IssueParams`
 (what was asked; its digest is the Idempotency-Key's request hash) ->
 :class:`IssuePlan` (what was decided) -> ``IssueRequest`` (what the connector
-sees) -> ``Issued`` -> the response body -> ``CredentialOut``.
+sees; the plugin boundary) -> ``Issued`` (what it made) -> :class:`Issuance`
+(what is handed back, also what a wrap token or an Idempotency-Key replay
+gives) -> ``CredentialOut`` (web schema).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -105,3 +107,64 @@ class IssuePlan:
         return IssueRequest(
             lease.id, self.resource, self.ttl.ttl, lease.expires_at, lease.revoke_state, timeout_seconds
         )
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """What an issuance hands back: the route's ``CredentialOut``, field for field.
+
+    ``credential`` (or ``wrap_token``) is secret: it never shows in ``repr``.
+    """
+
+    lease_id: str
+    connector: str
+    connector_type: str
+    resource: str
+    issued_at: datetime
+    expires_at: datetime
+    ttl_seconds: int
+    ttl_capped: bool
+    renewable: bool
+    revocability: str
+    requested_ttl_seconds: int | None = None  # only when the request was capped
+    replayed: bool = False
+    credential: dict[str, str] | None = field(default=None, repr=False)
+    wrap_token: str | None = field(default=None, repr=False)
+    wrap_expires_at: datetime | None = None
+
+    @classmethod
+    def of(cls, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any], *, replayed: bool = False) -> Issuance:
+        """The response for ``lease``, its TTL ``decision`` and its secret part (``credential``, or
+        ``wrap_token`` and ``wrap_expires_at`` as sealed for a replay)."""
+        wrap_expires = secret_part.get("wrap_expires_at")
+        return cls(
+            lease_id=lease.id,
+            connector=lease.connector,
+            connector_type=lease.connector_type,
+            resource=lease.resource,
+            issued_at=lease.issued_at,
+            expires_at=lease.expires_at,
+            ttl_seconds=int((lease.expires_at - lease.issued_at).total_seconds()),
+            ttl_capped=decision.capped,
+            renewable=lease.renewable,
+            revocability=lease.revocability,
+            requested_ttl_seconds=(
+                int(decision.requested.total_seconds()) if decision.capped and decision.requested is not None else None
+            ),
+            replayed=replayed,
+            credential=secret_part.get("credential"),
+            wrap_token=secret_part.get("wrap_token"),
+            wrap_expires_at=datetime.fromisoformat(wrap_expires) if isinstance(wrap_expires, str) else wrap_expires,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The response's fields (for ``CredentialOut(**...)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def wire(self) -> dict[str, Any]:
+        """JSON-able, unset fields left out: what a wrap token unwraps to."""
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k, v in self.as_dict().items()
+            if v is not None and not (k == "replayed" and not v)
+        }

@@ -23,7 +23,7 @@ import json
 import logging
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import update
@@ -49,7 +49,7 @@ from gateway.plugins.registry import connector_class
 from gateway.store import Store
 from gateway.store.models import ConnectorRow, LeaseRow, utcnow
 from gateway.store.sealed import lease_context
-from gateway.issuing.plan import IssueParams, IssuePlan
+from gateway.issuing.plan import IssueParams, Issuance, IssuePlan
 from gateway.issuing.wrapping import WrapTokens
 
 log = logging.getLogger("credgate.credentials")
@@ -176,8 +176,8 @@ class Credentials:
             decided_by=decided_by,
         )
 
-    async def issue(self, plan: IssuePlan) -> dict[str, Any]:
-        """Carry out a plan (see the module docstring for the order); the response body."""
+    async def issue(self, plan: IssuePlan) -> Issuance:
+        """Carry out a plan (see the module docstring for the order); what is handed back."""
         if plan.idempotency_key:
             existing = await self.leases.find_idempotent(plan.owner, plan.idempotency_key)
             if existing is not None:
@@ -229,9 +229,9 @@ class Credentials:
             # The reaper judged this issuance dead and is revoking it: never hand it out.
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
-        return self._body(lease, plan.ttl, secret_part)
+        return Issuance.of(lease, plan.ttl, secret_part)
 
-    async def _issue_locally(self, connector: Any, lease: LeaseRow, plan: IssuePlan) -> dict[str, Any]:
+    async def _issue_locally(self, connector: Any, lease: LeaseRow, plan: IssuePlan) -> Issuance:
         """Issuance for a connector that creates nothing at a target (``creates_at_target`` False)."""
         issued = await connector.issue(plan.request(lease, self.policy.timeout))
         lease.expires_at = min(issued.expires_at, lease.expires_at)
@@ -243,9 +243,9 @@ class Credentials:
                 sealed["kek_version"], sealed["wrapped_dek"], sealed["ciphertext"]
             )
         replayed = await self._record_new(lease, plan, wrap_row)
-        return replayed if replayed is not None else self._body(lease, plan.ttl, secret_part)
+        return replayed if replayed is not None else Issuance.of(lease, plan.ttl, secret_part)
 
-    async def _record_new(self, lease: LeaseRow, plan: IssuePlan, wrap_row: Any = None) -> dict[str, Any] | None:
+    async def _record_new(self, lease: LeaseRow, plan: IssuePlan, wrap_row: Any = None) -> Issuance | None:
         """Insert a new lease (and its wrap token) through the group commit. None once recorded; the
         earlier response if a concurrent request with the same Idempotency-Key won the insert."""
 
@@ -269,8 +269,8 @@ class Credentials:
             return {"credential": credential}, None
         wrap_ttl = plan.wrap_ttl or plan.ttl.ttl
         wrap_expires = min(lease.issued_at + wrap_ttl, lease.expires_at)
-        body = self._body(lease, plan.ttl, {"credential": credential})
-        token, wrap_row = self._wraps.new(lease.id, _jsonable(body), wrap_expires)
+        body = Issuance.of(lease, plan.ttl, {"credential": credential}).wire()
+        token, wrap_row = self._wraps.new(lease.id, body, wrap_expires)
         return {"wrap_token": token, "wrap_expires_at": wrap_expires.isoformat()}, wrap_row
 
     def _sealed_response(self, lease_id: str, secret_part: dict[str, Any]) -> dict[str, Any]:
@@ -278,25 +278,7 @@ class Credentials:
         sealed = self._envelope.seal(json.dumps(secret_part).encode(), lease_context(lease_id))
         return {"kek_version": sealed.kek_version, "wrapped_dek": sealed.wrapped_dek, "ciphertext": sealed.ciphertext}
 
-    def _body(self, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any]) -> dict[str, Any]:
-        body = {
-            "lease_id": lease.id,
-            "connector": lease.connector,
-            "connector_type": lease.connector_type,
-            "resource": lease.resource,
-            "issued_at": lease.issued_at,
-            "expires_at": lease.expires_at,
-            "ttl_seconds": int((lease.expires_at - lease.issued_at).total_seconds()),
-            "ttl_capped": decision.capped,
-            "renewable": lease.renewable,
-            "revocability": lease.revocability,
-        }
-        if decision.capped and decision.requested is not None:
-            body["requested_ttl_seconds"] = int(decision.requested.total_seconds())
-        body.update(secret_part)
-        return body
-
-    def _replay(self, existing: LeaseRow, plan: IssuePlan) -> dict[str, Any]:
+    def _replay(self, existing: LeaseRow, plan: IssuePlan) -> Issuance:
         if existing.request_hash != plan.request_hash:
             raise Conflict(
                 "This Idempotency-Key was used for a different request.", code="idempotency_key_reused"
@@ -306,9 +288,7 @@ class Credentials:
         if existing.state != ACTIVE or existing.sealed is None:
             raise Gone(f"Lease {existing.id} issued for this Idempotency-Key has ended ({existing.state}).", code="lease_ended")
         secret_part = json.loads(self._envelope.open(existing.sealed, lease_context(existing.id)))
-        body = self._body(existing, plan.ttl, secret_part)
-        body["replayed"] = True
-        return body
+        return Issuance.of(existing, plan.ttl, secret_part, replayed=True)
 
     async def _abort(self, lease_id: str, exc: BaseException, connector_type: str | None = None) -> None:
         """Issuance failed: whatever may exist under the planned names is revoked now."""
@@ -410,6 +390,3 @@ class Credentials:
             raise Gone(f"The lease behind this wrap token has ended ({lease.state}).", code="wrap_token_revoked")
         return payload
 
-
-def _jsonable(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in body.items()}

@@ -33,10 +33,10 @@ async def issue_for(
         policy_max=decision.max_ttl, decided_by=decision.rule,
     )
     out = await runtime.credentials.issue(plan)
-    audit.note(lease_id=out["lease_id"], details={"replayed": out.get("replayed", False)})
+    audit.note(lease_id=out.lease_id, details={"replayed": out.replayed})
     if runtime.metrics is not None:
-        runtime.metrics.issue_seconds.labels(out["connector_type"]).observe(time.perf_counter() - started)
-    return CredentialOut(**out)
+        runtime.metrics.issue_seconds.labels(out.connector_type).observe(time.perf_counter() - started)
+    return CredentialOut(**out.as_dict())
 
 
 @router.post("/v1/credentials", summary="Issue a short-lived credential (or a wrap token for it)")
