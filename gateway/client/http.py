@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
-DEFAULT_ADDR = "http://127.0.0.1:8765"
+from gateway.client.errors import GatewayUnreachable, RequestFailed
+from gateway.client.urls import DEFAULT_ADDR, seg
 
-
-class RequestFailed(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class GatewayUnreachable(Exception):
-    pass
-
-
-def seg(value: str) -> str:
-    """Quote a value for a URL path, keeping '/' between segments."""
-    return quote(value, safe="/")
-
+__all__ = ["DEFAULT_ADDR", "Client", "GatewayUnreachable", "RequestFailed", "seg"]
 
 class Client:
     def __init__(self, addr: str | None = None, token: str | None = None, *, timeout: float = 30.0, verify: Any = True):

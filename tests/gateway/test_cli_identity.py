@@ -43,7 +43,8 @@ def test_issuer_add_list_show_rm(server: Server, tmp_path: Path) -> None:
                "--no-check",  # nothing serves that JWKS (tests/gateway/test_issuer_check.py checks)
                "--audience", "credgate-cli", "--map", "groups=groups", "--role-map", "credgate-admins=admin")
 
-    listed = server.cli("issuer", "list").stdout.splitlines()
+    header, *listed = server.cli("issuer", "list").stdout.splitlines()  # a table: its header, then a row per issuer
+    assert header.split() == ["NAME", "ISSUER", "URL", "AUDIENCES"]
     assert [line.split()[0] for line in listed] == ["idp", "k8s"]
     shown = server.cli("issuer", "show", "k8s").stdout
     assert "audiences:   credgate, credgate-dev" in shown and "leeway:      10s" in shown
@@ -146,7 +147,7 @@ def test_policy_put_from_yaml_explain_show_rm(server: Server, tmp_path: Path) ->
     g.write_text(json.dumps({"rules": [{"principals": {"subject": "auditor-*"}, "actions": ["audit:read"]}]}))
     server.cli("policy", "put", "audit", str(g))
 
-    assert [line.split()[0] for line in server.cli("policy", "list").stdout.splitlines()] == ["audit", "ml-read"]
+    assert [line.split()[0] for line in server.cli("policy", "list").stdout.splitlines()] == ["NAME", "audit", "ml-read"]
     shown = server.cli("policy", "show", "ml-read").stdout
     assert "ml-team reads analytics" in shown and "analytics/*" in shown and "max_ttl_seconds: 900" in shown
 

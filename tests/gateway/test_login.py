@@ -289,8 +289,8 @@ def test_device_polling_honours_slow_down_and_expiry(
 ) -> None:
     """Polls really reach the IdP back to back, so it answers slow_down; the CLI must
     then wait 5 s longer each time (RFC 8628 3.5), and give up when the code expires."""
-    from gateway.cli import main as cli
-    from gateway.cli.main import LoginFailed, _device_flow
+    from gateway.cli import login as cli
+    from gateway.cli.login import LoginFailed, _device_flow
 
     idp.register_client("cli-unit", public=True)
     config = {"issuer_url": idp.issuer, "client_id": "cli-unit", "scopes": "openid groups"}

@@ -1,0 +1,90 @@
+"""``credgate serve`` and ``credgate db``: the server-side commands. They read the settings,
+not the global --addr/--token, and import the server (``credgate[server]``) only when they run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gateway.cli.common import group, server_code
+
+app = group("The gateway's store.")
+
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="YAML settings file.", exists=False, dir_okay=False)
+]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Data directory.")]
+
+
+def serve(
+    dev: Annotated[bool, typer.Option("--dev", help="Development mode: create data dir, KEK and admin token.")] = False,
+    config: ConfigFile = None,
+    data_dir: DataDir = None,
+    host: Annotated[str | None, typer.Option("--host", help="Bind address [default: 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port [default: 8765].")] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this PEM certificate.")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="The PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option("--tls-client-ca", help="Verify client certificates against these PEM CAs.")
+    ] = None,
+    tls_require_client_cert: Annotated[
+        bool, typer.Option("--tls-require-client-cert", help="Refuse connections without a client certificate.")
+    ] = False,
+) -> None:
+    """Run the gateway."""
+    with server_code("serve"):
+        import uvicorn
+
+        from gateway.runtime import check_bootstrap_file, keyring_for
+        from gateway.settings import load_settings
+        from gateway.store.database import check_sole_use
+        from gateway.web.app import create_app
+        from gateway.web.logs import configure
+        from gateway.web.tls import uvicorn_options
+
+    settings = load_settings(
+        config, dev=dev or None, data_dir=data_dir, host=host, port=port, tls_cert_file=tls_cert,
+        tls_key_file=tls_key, tls_client_ca_file=tls_client_ca, tls_require_client_cert=tls_require_client_cert or None,
+    )
+    configure(settings.log_format, settings.log_level)
+    keyring_for(settings)  # fail fast, with one line, before the server starts
+    check_bootstrap_file(settings)  # the same for where a generated admin token would go
+    check_sole_use(settings.store_url)  # the same for a SQLite store another process serves
+    tls = uvicorn_options(settings)  # the same for certificate files
+    if settings.dev:
+        scheme = "https" if tls else "http"
+        typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on {scheme}://{settings.host}:{settings.port}")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+        # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
+        limit_concurrency=settings.max_concurrency,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        server_header=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
+        # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
+        proxy_headers=False,
+        **tls,
+    )
+
+
+@app.command("upgrade")
+def db_upgrade(config: ConfigFile = None, data_dir: DataDir = None) -> None:
+    """Apply the store's migrations up to the newest."""
+    with server_code("db upgrade"):
+        from gateway.settings import load_settings
+        from gateway.store.database import sync_url
+        from gateway.store.migrate import current, upgrade
+
+    settings = load_settings(config, data_dir=data_dir)
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    url = sync_url(settings.store_url)
+    upgrade(url)
+    typer.echo(f"store at revision {current(url)}")
