@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout: tests.services.waiting, shared with the tests
+
+from tests.services.waiting import clean_env, free_port, wait_until_serving  # noqa: E402
 PY = sys.executable
 CREDGATE = str(Path(PY).parent / "credgate")
 PG_BASE = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -46,39 +48,6 @@ N_EXPIRED = 10_000
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
-    env.update(extra)
-    return env
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def wait_ready(url: str, proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {out.read_text()[-3000:]}")
-        time.sleep(0.02)
-    raise RuntimeError(f"server did not answer {url} within {timeout}s: {out.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -105,7 +74,7 @@ class BareApp:
              "--loop", "uvloop", "--http", "httptools", "--workers", "1", "--no-access-log", "--log-level", "warning"],
             cwd=ROOT, stdout=self.out.open("w"), stderr=subprocess.STDOUT, env=clean_env(),
         )
-        wait_ready(f"{self.url}/ping", self.proc, self.out)
+        wait_until_serving(f"{self.url}/ping", self.proc, 120, log=self.out, name="bare app", interval=0.02)
 
     def stop(self) -> None:
         stop(self.proc)
@@ -147,7 +116,7 @@ class Gateway:
         self.out = self.work / f"serve-{int(time.time())}.out"
         t0 = time.monotonic()
         self.proc = subprocess.Popen([CREDGATE, "serve"], stdout=self.out.open("w"), stderr=subprocess.STDOUT, env=env)
-        wait_ready(f"{self.url}/readyz", self.proc, self.out)
+        wait_until_serving(f"{self.url}/readyz", self.proc, 120, log=self.out, name="credgate serve", interval=0.02)
         self.startup_seconds = time.monotonic() - t0
         self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=600)
         return self.startup_seconds

@@ -26,14 +26,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
 from gateway.audit import trail as audit
-from gateway.store import changes
-from gateway.errors import Forbidden, NotFound, Unauthenticated, ValidationFailed
+from gateway.errors import Forbidden, Unauthenticated, ValidationFailed
 from gateway.policy.rules import Decision, PolicySet, Subject, glob_regex
 from gateway.store import Store
 from gateway.store.models import AdminKeyRow, utcnow
+from gateway.store.rows import revoke_row
 
 Role = Literal["admin", "operator", "auditor"]
 TOKEN_PREFIX = "cgt_"
@@ -118,8 +119,11 @@ class Principal:
         return decision
 
 
-@dataclass(frozen=True)
-class AdminKeyInfo:
+class AdminKeyInfo(BaseModel):
+    """An admin key as the service returns it and the API shows it (``AdminKeyOut``):
+    never its token, nor the token's hash."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True)
     id: str
     name: str
     role: str
@@ -137,7 +141,7 @@ def new_token() -> str:
 
 
 def _info(row: AdminKeyRow) -> AdminKeyInfo:
-    return AdminKeyInfo(row.id, row.name, row.role, row.created_at, row.created_by, row.revoked_at)
+    return AdminKeyInfo.model_validate(row)
 
 
 class AdminKeys:
@@ -177,14 +181,9 @@ class AdminKeys:
             return [_info(r) for r in rows]
 
     async def revoke(self, key_id: str) -> AdminKeyInfo:
-        async with self._store.write() as s:
-            row = await s.get(AdminKeyRow, key_id, with_for_update=True)
-            if row is None:
-                raise NotFound(f"Admin key {key_id!r} does not exist.", code="admin_key_not_found")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                await changes.note(s, "admin_key", key_id)
-            return _info(row)
+        row = await revoke_row(self._store, AdminKeyRow, key_id, topic="admin_key", what="Admin key",
+                               code="admin_key_not_found")
+        return _info(row)
 
     async def authenticate(self, token: str) -> Principal:
         digest = hash_token(token)

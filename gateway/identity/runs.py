@@ -18,12 +18,12 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from gateway.store import changes
 from gateway.identity.principal import Principal, RunScope
 from gateway.store.cache import Cache
 from gateway.errors import Forbidden, Unauthenticated, ValidationFailed
 from gateway.store import Store
 from gateway.store.models import RunRow, utcnow
+from gateway.store.rows import revoke_row
 from gateway.identity.tokens import Tokens
 
 MAX_RUN_TOKEN_TTL = timedelta(hours=24)
@@ -85,11 +85,5 @@ class Runs:
             return await s.get(RunRow, run_id)
 
     async def mark_revoked(self, run_id: str) -> bool:
-        async with self._store.write() as s:
-            row = (await s.execute(select(RunRow).where(RunRow.run_id == run_id).with_for_update())).scalar_one_or_none()
-            if row is None:
-                return False
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                await changes.note(s, "run", run_id)
-            return True
+        """Revoke run ``run_id`` (once; every replica hears it); False if there is no such run."""
+        return await revoke_row(self._store, RunRow, run_id, topic="run") is not None

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, StringConstraints
 
+from gateway.identity.principal import AdminKeyInfo
+
 KeyName = Annotated[StrictStr, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
 Value = Annotated[StrictStr, StringConstraints(max_length=65536)]
 
@@ -109,13 +111,7 @@ class AdminKeyCreate(Input):
     role: Literal["admin", "operator", "auditor"] = "admin"
 
 
-class AdminKeyOut(BaseModel):
-    id: str
-    name: str
-    role: str
-    created_at: datetime
-    created_by: str | None
-    revoked_at: datetime | None
+AdminKeyOut = AdminKeyInfo  # one shape: what the service returns is what the API shows
 
 
 class AdminKeyCreated(AdminKeyOut):

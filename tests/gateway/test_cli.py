@@ -7,44 +7,17 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.services.waiting import clean_env, free_port, wait_until_serving  # noqa: F401 (imported from here by other suites)
+
 CREDGATE = str(Path(sys.executable).parent / "credgate")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
-    env.update(extra)
-    return env
-
-
-def wait_until_serving(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"credgate serve exited with {proc.returncode}")
-        time.sleep(0.1)
-    raise RuntimeError(f"credgate serve did not answer {url}")
 
 
 class Server:
