@@ -214,5 +214,6 @@ class Runtime:
         await self.reaper.stop()
         await self.audit.aclose()  # queued events land, the head is checkpointed
         await self.keys.aclose()
+        await self.catalog.aclose()  # connector instances it keeps (their admin connections)
         await self.mounts.aclose()
         await self.store.aclose()
