@@ -39,17 +39,17 @@ or ``idp_bad_response``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import re
 import secrets
 import time
 from datetime import timedelta
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 import httpx
+from authlib.common.security import generate_token
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 
@@ -73,10 +73,6 @@ EXCHANGED_CLAIMS = ("subject", "groups", "project", "run", "email")
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 
 _discovery: dict[str, tuple[dict[str, Any], float]] = {}
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _http() -> httpx.AsyncClient:
@@ -126,7 +122,7 @@ def _secure(runtime: Runtime) -> bool:
 async def console_login(runtime: RuntimeDep) -> RedirectResponse:
     row = await _login_issuer(runtime)
     doc = await _endpoints(row)
-    verifier = secrets.token_urlsafe(48)  # 64 characters of [A-Za-z0-9_-] (RFC 7636 4.1)
+    verifier = generate_token(64)  # 64 characters of [A-Za-z0-9] (RFC 7636 4.1)
     state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     now = int(time.time())
     cookie = runtime.tokens.signing.sign(
@@ -136,18 +132,11 @@ async def console_login(runtime: RuntimeDep) -> RedirectResponse:
         },
         typ=COOKIE_TYP,
     )
-    params = {
-        "response_type": "code",
-        "client_id": runtime.settings.login_client_id,
-        "redirect_uri": _redirect_uri(runtime),
-        "scope": runtime.settings.login_scopes,
-        "state": state,
-        "nonce": nonce,
-        "code_challenge": _b64url(hashlib.sha256(verifier.encode("ascii")).digest()),
-        "code_challenge_method": "S256",
-    }
-    endpoint = doc["authorization_endpoint"]
-    url = endpoint + ("&" if "?" in endpoint else "?") + urlencode(params)
+    url = prepare_grant_uri(
+        doc["authorization_endpoint"], runtime.settings.login_client_id, "code", redirect_uri=_redirect_uri(runtime),
+        scope=runtime.settings.login_scopes, state=state, nonce=nonce,
+        code_challenge=create_s256_code_challenge(verifier), code_challenge_method="S256",
+    )
     resp = RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
     resp.set_cookie(COOKIE, cookie, max_age=COOKIE_TTL, path=PREFIX, httponly=True, samesite="lax",
                     secure=_secure(runtime))
@@ -182,26 +171,29 @@ async def _consume(runtime: Runtime, claims: dict[str, Any]) -> None:
 
 
 async def _redeem(runtime: Runtime, doc: dict[str, Any], code: str, verifier: str) -> str:
-    form = {
-        "grant_type": "authorization_code", "code": code, "redirect_uri": _redirect_uri(runtime),
-        "client_id": runtime.settings.login_client_id or "", "code_verifier": verifier,
-    }
+    """Redeem the code with its ``code_verifier`` for the IdP's id_token (a public client:
+    ``client_id`` in the body, no secret)."""
+    body = prepare_token_request(
+        "authorization_code", code=code, redirect_uri=_redirect_uri(runtime),
+        client_id=runtime.settings.login_client_id or "", code_verifier=verifier,
+    )
     try:
         async with _http() as http:
-            resp = await http.post(doc["token_endpoint"], data=form)
+            resp = await http.post(doc["token_endpoint"], content=body,
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
     except httpx.HTTPError:
         raise Unavailable("The identity provider's token endpoint can't be reached.", code="idp_unavailable") from None
     try:
-        body = resp.json()
+        answer = resp.json()
     except ValueError:
-        body = None
-    if resp.status_code >= 500 or not isinstance(body, dict):
+        answer = None
+    if resp.status_code >= 500 or not isinstance(answer, dict):
         raise Unavailable("The identity provider's token endpoint did not answer usefully.", code="idp_bad_response")
     if resp.status_code != 200:
-        error = body.get("error")
+        error = answer.get("error")
         error = error if isinstance(error, str) and _ERROR_CODE.match(error) else f"HTTP {resp.status_code}"
         raise BadRequest(f"The identity provider refused the authorization code ({error}).", code="login_code_invalid")
-    id_token = body.get("id_token")
+    id_token = answer.get("id_token")
     if not isinstance(id_token, str) or not id_token:
         raise Unavailable("The identity provider sent no id_token (is 'openid' among the scopes?).",
                           code="idp_bad_response")
