@@ -2,7 +2,7 @@
 
 Owns: the request's audit context (:func:`trail.note`), events chained by an HMAC under a
 sealed per-deployment key, checkpoints (in the store and in every sink), the sinks (store,
-file, stdout), verification, and keyed hashes of sensitive identifiers.
+file, stdout), verification, search (:mod:`.search`), and keyed hashes of sensitive identifiers.
 
 May import: store, crypto, errors, requestid. Never identity, policy, issuing or web: the
 signing keys it may use to read legacy checkpoints are handed to it by the runtime.
