@@ -172,7 +172,9 @@ def hoist_globals(args: list[str]) -> list[str]:
             front.append(arg)
         elif name in _VALUED and "=" in arg and name.startswith("--"):
             front.append(arg)
-        elif arg in _VALUED and i + 1 < len(args):
+        elif arg in _VALUED:
+            if i + 1 == len(args):
+                raise UsageProblem(f"{arg} needs a value (see `credgate --help`)")
             front += [arg, args[i + 1]]
             i += 1
         elif arg.startswith("-o") and not arg.startswith("--") and len(arg) > 2:  # -ojson
@@ -219,8 +221,8 @@ def _is_configuration_error(exc: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
     try:
+        args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
         rv = app(args=args, prog_name="credgate", standalone_mode=False)
     except click_exc.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":

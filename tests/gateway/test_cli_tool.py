@@ -70,6 +70,7 @@ def test_root_help_lists_each_command_with_its_modules_own_help() -> None:
 
 
 def test_global_options_are_hoisted_from_anywhere_before_double_dash() -> None:
+    from gateway.cli.errors import UsageProblem
     from gateway.cli.main import hoist_globals
 
     assert hoist_globals(["secret", "get", "local/a", "--json", "--addr", "http://x", "--token=t", "-o", "yaml"]) == [
@@ -79,6 +80,8 @@ def test_global_options_are_hoisted_from_anywhere_before_double_dash() -> None:
     assert hoist_globals(["secret", "get", "local/a", "--version", "2"]) == ["secret", "get", "local/a", "--version", "2"]
     assert hoist_globals(["secret", "list", "--version"]) == ["--version", "secret", "list"]
     assert hoist_globals(["secret", "put", "local/a", "--", "--json"]) == ["secret", "put", "local/a", "--", "--json"]
+    with pytest.raises(UsageProblem, match="--addr needs a value"):
+        hoist_globals(["backend", "list", "--addr"])
 
 
 def test_version_before_or_after_the_command() -> None:
