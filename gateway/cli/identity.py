@@ -13,7 +13,7 @@ import typer
 from gateway.cli import crud
 from gateway.cli.common import UsageProblem, client, group, key_values, parse_duration, read_json_object
 from gateway.cli.cred import credential_format
-from gateway.cli.output import details, emit, table
+from gateway.cli.output import details, emit
 from gateway.client.urls import seg
 
 issuer_app = group("Trusted issuers: identity providers whose JWTs the gateway accepts.")
@@ -70,8 +70,8 @@ def issuer_add(
     else:
         assert jwks_file is not None
         body["jwks"] = read_json_object(jwks_file, JWKS)
-    for group, roles in key_values(role_map or [], "--role-map", "credgate-admins=admin"):
-        wanted = body["role_mapping"].setdefault(group, [])
+    for idp_group, roles in key_values(role_map or [], "--role-map", "credgate-admins=admin"):
+        wanted = body["role_mapping"].setdefault(idp_group, [])
         wanted.extend(r.strip() for r in roles.split(",") if r.strip() and r.strip() not in wanted)
     if algorithm:
         body["algorithms"] = algorithm

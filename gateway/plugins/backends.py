@@ -30,11 +30,12 @@ from gateway.store import changes
 from gateway import paths
 from gateway.store.cache import Cache
 from gateway.crypto.envelope import Envelope
-from gateway.errors import Conflict, CredgateError, NotFound, validate_model
+from gateway.errors import Conflict, CredgateError, validate_model
 from gateway.plugins.registry import backend_class
 from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
 from gateway.store.sealed import backend_config_context
+from gateway.store.rows import read_or_404
 
 BUILTIN = "local"  # the built-in mount's name
 BUILTIN_TYPE = "local"  # and its type: the gateway's own store
@@ -132,11 +133,7 @@ class Mounts:
             return [self._info(r) for r in rows]
 
     async def _row(self, name: str) -> BackendRow:
-        async with self._store.read() as s:
-            row = await s.get(BackendRow, name)
-        if row is None:
-            raise NotFound(f"Backend {name!r} does not exist.", code="backend_not_found")
-        return row
+        return await read_or_404(self._store, BackendRow, name, "Backend", "backend_not_found")
 
     async def info(self, name: str) -> MountInfo:
         return self._info(await self._row(paths.backend_name(name)))

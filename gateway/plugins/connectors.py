@@ -51,6 +51,7 @@ from gateway.plugins.backends import Mounts
 from gateway.plugins.registry import CONNECTOR_TYPES, connector_class
 from gateway.store import Store
 from gateway.store.models import ConnectorRow, utcnow
+from gateway.store.rows import delete_row, read_or_404
 
 log = logging.getLogger("credgate.connectors")
 
@@ -189,11 +190,7 @@ class Catalog:
         return await self.rows.get(name, lambda: self._load(name))
 
     async def _load(self, name: str) -> ConnectorRow:
-        async with self._store.read() as s:
-            row = await s.get(ConnectorRow, name)
-        if row is None:
-            raise NotFound(f"Connector {name!r} does not exist.", code="connector_not_found")
-        return row
+        return await read_or_404(self._store, ConnectorRow, name, "Connector", "connector_not_found")
 
     async def list(self) -> list[ConnectorRow]:
         async with self._store.read() as s:
@@ -317,12 +314,7 @@ class Catalog:
         return row, created
 
     async def delete(self, name: str) -> None:
-        async with self._store.write() as s:
-            row = await s.get(ConnectorRow, name, with_for_update=True)
-            if row is None:
-                raise NotFound(f"Connector {name!r} does not exist.", code="connector_not_found")
-            await s.delete(row)
-            await changes.note(s, "connector", name)
+        await delete_row(self._store, ConnectorRow, name, topic="connector", what="Connector", code="connector_not_found")
 
     @staticmethod
     def check_resource(row: ConnectorRow, resource: str) -> None:
