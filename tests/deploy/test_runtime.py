@@ -33,7 +33,7 @@ import pytest
 from gateway.crypto.keyring import new_key_file
 from tests.deploy.common import HEALTHCHECK, ROOT, UID
 from tests.deploy.test_dockerfile import env_of, final
-from tests.gateway.test_cli import clean_env, free_port, wait_until_serving
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")
 TOKEN = "cgt_deploy-runtime-test-admin-token-" + "d" * 16

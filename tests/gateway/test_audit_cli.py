@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.gateway.test_cli import CREDGATE, clean_env, free_port, stopped_gracefully, wait_until_serving
+from tests.gateway.test_cli import CREDGATE, stopped_gracefully
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 
 def serve(tmp_path: Path, *, with_sink: bool) -> tuple[subprocess.Popen, str, Path]:

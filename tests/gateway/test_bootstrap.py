@@ -15,7 +15,8 @@ import pytest
 from gateway.web.app import create_app
 from gateway.errors import ConfigurationError
 from gateway.settings import load_settings
-from tests.gateway.test_cli import CREDGATE, clean_env, free_port
+from tests.gateway.test_cli import CREDGATE
+from tests.services.waiting import clean_env, free_port
 
 pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 

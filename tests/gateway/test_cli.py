@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.waiting import clean_env, free_port, wait_until_serving  # noqa: F401 (imported from here by other suites)
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")
 

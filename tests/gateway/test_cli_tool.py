@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.gateway.test_cli import CREDGATE, Server, clean_env, free_port
+from tests.gateway.test_cli import CREDGATE, Server
+from tests.services.waiting import clean_env, free_port
 
 SERVER_MODULES = ("fastapi", "starlette", "sqlalchemy", "uvicorn", "alembic", "pydantic_settings")
 

@@ -15,7 +15,8 @@ import pytest
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
 from tests.conftest import Gateway
-from tests.gateway.test_cli import Server, free_port
+from tests.gateway.test_cli import Server
+from tests.services.waiting import free_port
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "rsa-1", "use": "sig"})
 EC = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "alg": "ES256"})

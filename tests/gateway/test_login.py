@@ -20,7 +20,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from tests.gateway.test_cli import CREDGATE, clean_env, free_port, wait_until_serving
+from tests.gateway.test_cli import CREDGATE
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 from tests.services.oidc_provider import OIDCProvider
 
 CLIENT_ID = "credgate-cli"

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.test_cli import CREDGATE, clean_env, free_port, wait_until_serving
+from tests.gateway.test_cli import CREDGATE
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 
 class Served:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from gateway.crypto.keyring import new_key_file
-from tests.gateway.test_cli import clean_env, free_port, wait_until_serving
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")
 TOKEN = "cgt_replica-test-admin-token-" + "r" * 20

@@ -29,7 +29,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.web import tls
 from gateway.errors import ConfigurationError
 from gateway.settings import load_settings
-from tests.gateway.test_cli import CREDGATE, clean_env, free_port
+from tests.gateway.test_cli import CREDGATE
+from tests.services.waiting import clean_env, free_port
 
 MAPPED = "CN=zenml-server,O=acme"  # -> client zenml-server (operator)
 UNMAPPED = "CN=stranger,O=acme"
