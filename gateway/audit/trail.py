@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import func, insert, select, text
 
 from gateway.audit.search import Filter, Page, search
+from gateway.tasks import cancel_and_wait
 
 GENESIS = "0" * 64
 FIELDS = (
@@ -515,13 +516,8 @@ class AuditLog:
 
     async def aclose(self) -> None:
         """Stop the timer, let queued events land, and checkpoint the head (at shutdown)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            try:
-                await self._timer
-            except asyncio.CancelledError:
-                pass
-            self._timer = None
+        await cancel_and_wait(self._timer)
+        self._timer = None
         if self._flusher is not None and not self._flusher.done():
             try:
                 await self._flusher

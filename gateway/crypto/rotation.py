@@ -32,6 +32,7 @@ from gateway.errors import ConfigurationError
 from gateway.store import Store
 from gateway.store.sealed_tables import SEALED
 from gateway.store.models import KekVersion, utcnow
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("credgate.rotation")
 
@@ -196,9 +197,4 @@ class KeyManager:
         return any(n for v, n in refs.items() if v != self._keyring.current_version)
 
     async def aclose(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)

@@ -33,6 +33,7 @@ from gateway.issuing.leases import ACTIVE, EXPIRED, PENDING, REVOKING, Leases
 from gateway.store import Store
 from gateway.store.models import utcnow
 from gateway.issuing.wrapping import WrapTokens
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("credgate.reaper")
 
@@ -164,13 +165,8 @@ class Reaper:
             self._task = asyncio.create_task(self.run(), name="credgate-reaper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._release()
 
 

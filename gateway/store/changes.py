@@ -37,6 +37,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from gateway.tasks import cancel_and_wait
+
 log = logging.getLogger("credgate.changes")
 
 CHANNEL = "credgate_changes"
@@ -176,9 +178,6 @@ class Changes:
             self.deliver(topic, key if isinstance(key, str) else None)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._listening = self._dialect != "postgresql"
