@@ -5,30 +5,17 @@ start (no server import), and messages in the CLI's words."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.gateway.test_cli import CREDGATE, Server
+from tests.gateway.test_cli import CREDGATE, Server, server  # noqa: F401 (server: the served-gateway fixture)
 from tests.services.waiting import clean_env, free_port
 
 SERVER_MODULES = ("fastapi", "starlette", "sqlalchemy", "uvicorn", "alembic", "pydantic_settings")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("cli-tool") / "data")
-    try:
-        yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait()
 
 
 def loaded_after(code: str) -> set[str]:
