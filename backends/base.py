@@ -28,7 +28,8 @@ The gateway (:mod:`gateway.plugins.backends`, the mounts) builds a backend as
 ``cls(name, config, context)``: ``name`` the mount's name, ``config`` an
 instance of ``cls.config_model`` (validated, secrets revealed), ``context`` a
 :class:`BackendContext` (exactly: the gateway's ``store``, its ``envelope``
-cipher, and ``metadata_cache``, which is None unless ``capabilities.cacheable``).
+cipher, and ``metadata_cache``, which is None unless ``capabilities.cacheable``, and
+``read_ref``, which reads a credential held in another backend: :class:`SecretRef`).
 The constructor does no I/O. The mounts then await ``start()`` (begin
 background work, open a client); when the mount's configuration changes or it
 is removed, or at shutdown, they await ``aclose()``. Both default to no-ops in
@@ -64,8 +65,10 @@ Anything else escaping a method is reported by its ``sanitize``d form only.
   the gateway before the backend is called (``backend_read_only``,
   ``not_supported``: :func:`gateway.plugins.backends.require`), so a backend
   need not check it again.
-- :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
-  "target_timeout"`` for a deadline): the store did not answer.
+- :class:`TargetUnreachable` (503): the store did not answer (connection refused,
+  DNS, TLS handshake, its own timeout). The mounts answer every one of these, and
+  a call that outlives ``CREDGATE_BACKEND_TIMEOUT_SECONDS``, as 503
+  ``backend_unavailable`` with ``Retry-After``; the gateway itself stays healthy.
 - :class:`TargetError` (502 ``target_error``; ``code="backend_unavailable"``,
   ``target_auth_failed``, ``target_permission_denied``): the store answered and
   failed.
@@ -78,12 +81,12 @@ message (raise ``from None``): its text can quote a request, a token or a value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.base import generic_sanitize, run_sync
 from gateway.errors import (  # the plugin-facing errors a backend raises (see "Errors" above)
@@ -103,7 +106,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Conflict", "CredgateError", "NotFound", "TargetError", "TargetUnreachable", "ValidationFailed",
     "BackendBase", "BackendCapabilities", "BackendContext", "Health", "Page", "SecretBackend",
-    "SecretMetadata", "SecretValue", "VersionInfo", "generic_sanitize", "run_sync",
+    "SecretMetadata", "SecretRef", "SecretValue", "VersionInfo", "generic_sanitize", "run_sync",
 ]
 
 
@@ -120,6 +123,11 @@ class BackendCapabilities:
     - ``read_only``: the gateway only reads it; a write is refused before the backend is
       called (409 ``backend_read_only``), as is ``cas`` without ``check_and_set`` or a soft
       delete/restore without ``soft_delete`` (409 ``not_supported``).
+    - ``max_value_bytes``: the largest version the store accepts, measured as the data's
+      compact JSON (``json.dumps(data, separators=(",", ":"), ensure_ascii=False)``) in
+      UTF-8 bytes, from the vendor's documented limit less what the backend adds around it.
+      A larger ``put`` is refused by the gateway before the backend is called (413
+      ``value_too_large``), so nothing is written.
     """
 
     versions: bool = True
@@ -127,6 +135,22 @@ class BackendCapabilities:
     check_and_set: bool = True
     cacheable: bool = False
     read_only: bool = False
+    max_value_bytes: int = 64 * 1024
+
+
+class SecretRef(BaseModel):
+    """A credential a backend's configuration keeps in *another* backend (an AppRole
+    secret id, AWS keys, a GCP service-account key, an Azure client secret): one ``key``
+    of the secret at ``backend``/``path``. Read with ``context.read_ref(ref)`` when needed
+    (at ``start()`` or on re-authentication), never stored in the backend's own config.
+    Whoever configures a backend with a reference must be allowed to reveal that secret
+    (the API checks ``secrets:reveal`` on it), and a backend can't reference itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(min_length=1, max_length=64)
+    path: str = Field(min_length=1, max_length=512)
+    key: str = Field(min_length=1, max_length=256)
 
 
 @dataclass(frozen=True)
@@ -144,6 +168,8 @@ class BackendContext:
     store: Store
     envelope: Envelope
     metadata_cache: Cache[tuple[str, str], SecretMetadata] | None = None
+    # Reads one key of a secret in another backend (see SecretRef); raises NotFound/TargetError.
+    read_ref: Callable[[SecretRef], Awaitable[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,9 +216,21 @@ class SecretValue:
 
 @dataclass(frozen=True)
 class Health:
+    """A backend's health, as data (never a value, a token or a vendor message).
+
+    ``problem`` names what is wrong when ``ok`` is False, one of:
+    ``unreachable`` (no answer), ``auth_refused`` (the store refused the backend's
+    credentials), ``permission_missing`` (authenticated, but list/read/write is denied:
+    ``details`` says which, e.g. ``{"list": "ok", "read": "ok", "write": "denied"}``),
+    ``expiring`` (its credentials run out soon and can't be renewed) or
+    ``misconfigured``. ``check()`` probes list, read and write where it can without
+    changing a secret a caller can see.
+    """
+
     ok: bool
     message: str
     details: dict[str, str] = field(default_factory=dict)
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +294,13 @@ class SecretBackend(Protocol):
         ...
 
     async def check(self) -> Health:
-        """Reachability and permissions, never values."""
+        """Reachability and permissions, never values (see :class:`Health` for ``problem``)."""
+        ...
+
+    def status(self) -> Health:
+        """What the backend's background work knows, without I/O (``/readyz`` asks every
+        live backend): e.g. a non-renewable token that expires soon is
+        ``Health(False, ..., problem="expiring")``. Default: ok."""
         ...
 
     async def aclose(self) -> None:
@@ -283,6 +327,9 @@ class BackendBase:
 
     async def aclose(self) -> None:
         return None
+
+    def status(self) -> Health:
+        return Health(True, "serving")
 
     @classmethod
     def sanitize(cls, exc: BaseException) -> str:

@@ -36,7 +36,8 @@ class LocalBackend(BackendBase):
     config_model: ClassVar[type[BaseModel]] = LocalConfig
     # Every write goes through the gateway, so its metadata may be cached.
     capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
-        versions=True, soft_delete=True, check_and_set=True, cacheable=True, read_only=False
+        versions=True, soft_delete=True, check_and_set=True, cacheable=True, read_only=False,
+        max_value_bytes=512 * 1024,  # half the default request body limit, so escaped JSON fits
     )
 
     def __init__(self, name: str, config: LocalConfig, context: BackendContext) -> None:

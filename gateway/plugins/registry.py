@@ -16,6 +16,10 @@ from gateway.errors import BadRequest
 # type name -> ("module:Class", pip extra that brings its SDK or None)
 BACKEND_TYPES: dict[str, tuple[str, str | None]] = {
     "local": ("backends.local:LocalBackend", None),
+    "vault": ("backends.vault:VaultBackend", "vault"),  # HashiCorp Vault / OpenBao, KV v2
+    "aws": ("backends.aws:AWSSecretsManagerBackend", "aws"),  # AWS Secrets Manager
+    "gcp": ("backends.gcp:GCPSecretManagerBackend", "gcp"),  # GCP Secret Manager
+    "azure": ("backends.azure:AzureKeyVaultBackend", "azure"),  # Azure Key Vault secrets
 }
 
 CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
