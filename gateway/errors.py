@@ -18,13 +18,13 @@ carry a secret value.
     ├── Conflict                      backend_in_use, ...     (409)
     │   └── NotRenewable              not_renewable           (409: a connector's renew can't extend it)
     ├── Gone                          wrap_token_used, ...    (410)
-    ├── PayloadTooLarge               body_too_large          (413)
+    ├── PayloadTooLarge               body_too_large, ...     (413)
     ├── UnsupportedMediaType          unsupported_media_type  (415)
     ├── ValidationFailed              validation_failed       (422; carries field paths)
     ├── TooManyRequests               rate_limited            (429)
     ├── Unavailable                   not_ready, ...          (503)
     ├── TargetError                   target_error            (502: a backend or target failed)
-    │   ├── TargetUnreachable         target_unreachable      (503: it did not answer)
+    │   ├── TargetUnreachable         target_unreachable, backend_unavailable (503: it did not answer)
     │   └── ResourceRejected          target_rejected_resource (409: it refused this resource)
     └── ConfigurationError            configuration_error     (not HTTP: refuses to start; CLI exit 2)
 
@@ -45,12 +45,15 @@ from gateway.requestid import current_request_id
 class CredgateError(Exception):
     status: int = 500
     code: str = "internal_error"
+    retry_after: int | None = None  # seconds: sent as Retry-After (every 503 has one)
 
-    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
         self.details = details
 
     def body(self) -> dict[str, Any]:
@@ -130,6 +133,7 @@ class TooManyRequests(CredgateError):
 class Unavailable(CredgateError):
     status = 503
     code = "unavailable"
+    retry_after = 5
 
 
 class TargetError(CredgateError):
@@ -144,6 +148,7 @@ class TargetUnreachable(TargetError):
 
     status = 503
     code = "target_unreachable"
+    retry_after = 5
 
 
 class ResourceRejected(TargetError):

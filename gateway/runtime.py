@@ -147,7 +147,7 @@ class Runtime:
             await asyncio.to_thread(store.upgrade)
             await store.changes.start()
             envelope = Envelope(keyring)
-            mounts = Mounts(store, envelope)
+            mounts = Mounts(store, envelope, timeout=settings.backend_timeout_seconds)
             catalog = Catalog(store, mounts, material_seconds=settings.material_cache_seconds)
             mounts.in_use_by = catalog.count_using_backend
             leases = Leases(store)

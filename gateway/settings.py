@@ -139,7 +139,10 @@ class Settings(BaseSettings):
     pending_timeout_seconds: float = Field(
         120.0, gt=0, description="A pending lease older than this is a crashed issuance: revoke by its plan."
     )
-    target_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of every call to a backend or target.")
+    target_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of every call to a connector's target.")
+    backend_timeout_seconds: float = Field(
+        10.0, gt=0, description="Deadline of every call to a secret backend (503 backend_unavailable past it)."
+    )
     revoke_backoff_base_seconds: float = Field(1.0, gt=0)
     revoke_backoff_cap_seconds: float = Field(300.0, gt=0)
     stuck_after_attempts: int = Field(5, ge=1, description="A revocation failing this often counts as stuck.")

@@ -11,13 +11,23 @@ to backends whose capabilities say ``cacheable`` (see :class:`backends.base.Back
 Lifecycle: a backend is built as ``cls(name, config, context)`` and its ``start()``
 awaited before it serves; ``aclose()`` is awaited when it is replaced (its row
 changed), removed, or at shutdown.
+
+Every backend is handed out wrapped in a :class:`Guarded`: the one place that puts a
+deadline on each call (``CREDGATE_BACKEND_TIMEOUT_SECONDS``), answers a store that did
+not answer as 503 ``backend_unavailable`` with ``Retry-After``, refuses a version larger
+than the type's ``max_value_bytes`` before anything is sent (413 ``value_too_large``),
+and reports an exception a backend failed to translate by its sanitised form only.
+A backend that fails to start is not kept: the next call tries again, so a store that
+comes back is used again without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,12 +35,21 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import select
 
-from backends.base import BackendContext, Health, SecretBackend
+from backends.base import BackendCapabilities, BackendContext, Health, Page, SecretBackend, SecretMetadata, SecretRef, SecretValue
 from gateway.store import changes
 from gateway import paths
 from gateway.store.cache import Cache
 from gateway.crypto.envelope import Envelope
-from gateway.errors import Conflict, CredgateError, validate_model
+from gateway.errors import (
+    Conflict,
+    CredgateError,
+    NotFound,
+    PayloadTooLarge,
+    TargetError,
+    TargetUnreachable,
+    ValidationFailed,
+    validate_model,
+)
 from gateway.plugins.registry import backend_class
 from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
@@ -39,6 +58,121 @@ from gateway.store.rows import read_or_404
 
 BUILTIN = "local"  # the built-in mount's name
 BUILTIN_TYPE = "local"  # and its type: the gateway's own store
+
+log = logging.getLogger("credgate.backends")
+
+# The mounts being started in this task: a backend whose configuration reads a credential
+# from another backend (SecretRef) starts that one first; a cycle is refused, not awaited.
+_starting: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("credgate_backends_starting", default=())
+
+
+def value_size(data: Mapping[str, str]) -> int:
+    """A version's size as ``max_value_bytes`` measures it: compact JSON, UTF-8 bytes."""
+    return len(json.dumps(dict(data), separators=(",", ":"), ensure_ascii=False).encode())
+
+
+class Guarded:
+    """A live backend as the rest of the gateway sees it (see the module docstring).
+
+    Implements :class:`backends.base.SecretBackend` by delegation; anything else (its
+    ``context``, ``config``) is read from the backend itself.
+    """
+
+    def __init__(self, backend: SecretBackend, timeout: float) -> None:
+        self.inner = backend
+        self.name = backend.name
+        self.type = backend.type
+        self.config_model = backend.config_model
+        self.capabilities: BackendCapabilities = type(backend).capabilities
+        self._timeout = timeout
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    def __repr__(self) -> str:
+        return f"Guarded({self.type}:{self.name})"
+
+    def unavailable(self, why: str) -> TargetUnreachable:
+        return TargetUnreachable(f"Backend {self.name!r} is unavailable: {why}", code="backend_unavailable")
+
+    async def _call(self, doing: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(call, self._timeout)
+        except TimeoutError:
+            raise self.unavailable(f"it did not answer within {self._timeout:g} s ({doing}).") from None
+        except TargetUnreachable as exc:
+            raise self.unavailable(exc.message) from None
+        except CredgateError:
+            raise
+        except Exception as exc:  # a vendor error the backend did not translate: its sanitised form only
+            safe = type(self.inner).sanitize(exc)
+            log.warning("backend %s (%s) failed while %s: %s", self.name, self.type, doing, safe)
+            raise TargetError(f"Backend {self.name!r} failed while {doing} ({safe}).", code="backend_error") from None
+
+    @classmethod
+    def sanitize(cls, exc: BaseException) -> str:  # the protocol's; the inner type's is used above
+        from backends.base import generic_sanitize
+
+        return generic_sanitize(exc)
+
+    async def start(self) -> None:
+        await self._call("starting", self.inner.start())
+
+    async def aclose(self) -> None:
+        try:
+            await asyncio.wait_for(self.inner.aclose(), self._timeout)
+        except Exception as exc:  # closing must not fail a replacement or a shutdown
+            log.warning("backend %s did not close cleanly: %s", self.name, type(self.inner).sanitize(exc))
+
+    def status(self) -> Health:
+        try:
+            return self.inner.status()
+        except Exception as exc:
+            return Health(False, f"status failed ({type(self.inner).sanitize(exc)})", problem="misconfigured")
+
+    async def get(self, path: str, version: int | None = None) -> SecretValue:
+        return await self._call("reading a secret", self.inner.get(path, version))
+
+    async def metadata(self, path: str) -> SecretMetadata:
+        return await self._call("reading a secret's metadata", self.inner.metadata(path))
+
+    async def put(self, path: str, data: Mapping[str, str], *, author: str, cas: int | None = None) -> SecretMetadata:
+        limit = self.capabilities.max_value_bytes
+        size = value_size(data)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"The secret's data is {size} bytes as JSON; backend {self.name!r} (type {self.type}) "
+                f"takes at most {limit}.",
+                code="value_too_large",
+                limit=limit,
+            )
+        return await self._call("writing a secret", self.inner.put(path, data, author=author, cas=cas))
+
+    async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
+        return await self._call("deleting a secret", self.inner.delete(path, author=author, destroy=destroy))
+
+    async def restore(self, path: str) -> SecretMetadata:
+        return await self._call("restoring a secret", self.inner.restore(path))
+
+    async def list(
+        self, prefix: str = "", *, after: str | None = None, limit: int = 100, include_deleted: bool = False
+    ) -> Page:
+        return await self._call(
+            "listing secrets", self.inner.list(prefix, after=after, limit=limit, include_deleted=include_deleted)
+        )
+
+    async def count(self) -> int:
+        return await self._call("counting secrets", self.inner.count())
+
+    async def check(self) -> Health:
+        """Health as data: an unreachable backend is a report, not an error."""
+        try:
+            return await self._call("checking", self.inner.check())
+        except TargetUnreachable as exc:
+            return Health(False, exc.message, {"code": exc.code}, problem="unreachable")
+        except CredgateError as exc:
+            problem = {"target_auth_failed": "auth_refused", "target_permission_denied": "permission_missing"}
+            return Health(False, exc.message, {"code": exc.code}, problem=problem.get(exc.code, "misconfigured"))
 
 
 @dataclass(frozen=True)
@@ -74,7 +208,7 @@ def require(backend: SecretBackend, *needs: str) -> None:
     """Refuse, before the backend is called, what its declared capabilities say it can't do:
     ``write`` on a ``read_only`` backend is 409 ``backend_read_only``; ``check_and_set``,
     ``soft_delete`` or ``versions`` it does not declare is 409 ``not_supported``."""
-    caps = type(backend).capabilities
+    caps = backend.capabilities
     for need in needs:
         if need == "write":
             if caps.read_only:
@@ -91,12 +225,13 @@ def _validate_config(type_name: str, config: dict[str, Any]) -> BaseModel:
 
 
 class Mounts:
-    def __init__(self, store: Store, envelope: Envelope) -> None:
+    def __init__(self, store: Store, envelope: Envelope, *, timeout: float = 10.0) -> None:
         self._store = store
         self._envelope = envelope
-        self._live: dict[str, tuple[datetime, SecretBackend]] = {}
+        self._timeout = timeout
+        self._live: dict[str, tuple[datetime, Guarded]] = {}
         self._fresh: set[str] = set()  # live backends known current (cleared by the change feed)
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}  # one per mount: a slow start holds up only its own
         self._feed = store.changes
         self.metadata: Cache[tuple[str, str], Any] = Cache("secret_metadata", self._feed, max_entries=50_000)
         self._feed.subscribe("backend", self._backend_changed)
@@ -138,7 +273,24 @@ class Mounts:
     async def info(self, name: str) -> MountInfo:
         return self._info(await self._row(paths.backend_name(name)))
 
-    async def get(self, name: str) -> SecretBackend:
+    async def read_ref(self, owner: str, ref: SecretRef) -> str:
+        """One key of a secret in another backend, for ``owner``'s configuration."""
+        if ref.backend == owner:
+            raise ValidationFailed(f"Backend {owner!r} can't read its own credentials from itself.", code="backend_ref_cycle")
+        value = await (await self.get(ref.backend)).get(paths.secret_path(ref.path))
+        data = value.data
+        if ref.key not in data:
+            raise NotFound(
+                f"Secret {ref.backend}/{ref.path} has no key {ref.key!r} (backend {owner!r} needs it).",
+                code="secret_key_not_found",
+            )
+        return data[ref.key]
+
+    def live(self) -> dict[str, Guarded]:
+        """The backends started on this replica, by name (for ``/readyz``: their ``status()``)."""
+        return {name: backend for name, (_, backend) in self._live.items()}
+
+    async def get(self, name: str) -> Guarded:
         """The live backend for ``name``, rebuilt when its row changed (on any replica)."""
         cached = self._live.get(name)
         if cached and name in self._fresh and self._feed.live:
@@ -150,7 +302,11 @@ class Mounts:
         if cached and cached[0] == row.updated_at:
             self._mark_fresh(name, generation)
             return cached[1]
-        async with self._lock:
+        starting = _starting.get()
+        if name in starting:
+            chain = " -> ".join((*starting, name))
+            raise ValidationFailed(f"Backends read their credentials from each other in a cycle: {chain}.", code="backend_ref_cycle")
+        async with self._locks.setdefault(name, asyncio.Lock()):
             cached = self._live.get(name)
             if cached and cached[0] == row.updated_at:
                 return cached[1]
@@ -158,8 +314,16 @@ class Mounts:
             raw = self._envelope.open(row.sealed, backend_config_context(name)) if row.sealed else b"{}"
             config = cls.config_model.model_validate(json.loads(raw))
             cache = self.metadata if cls.capabilities.cacheable else None
-            backend = cls(name, config, BackendContext(self._store, self._envelope, cache))
-            await backend.start()
+
+            async def read_ref(ref: SecretRef, _owner: str = name) -> str:
+                return await self.read_ref(_owner, ref)
+
+            backend = Guarded(cls(name, config, BackendContext(self._store, self._envelope, cache, read_ref)), self._timeout)
+            token = _starting.set((*starting, name))
+            try:
+                await backend.start()  # a failure keeps nothing: the next call starts it again
+            finally:
+                _starting.reset(token)
             old = self._live.pop(name, None)
             self._live[name] = (row.updated_at, backend)
             self._mark_fresh(name, generation)
@@ -226,14 +390,15 @@ class Mounts:
             await live[1].aclose()
 
     async def check(self, name: str) -> Health:
-        """Reachability as data: an unreachable backend is a report, not an error."""
-        backend = await self.get(name)
+        """Reachability as data: an unreachable backend (or one that can't start) is a report, not an error."""
         try:
-            return await backend.check()
-        except CredgateError as exc:
-            return Health(False, exc.message, {"code": exc.code})
-        except Exception as exc:  # vendor SDK errors: report the type only, never the text
-            return Health(False, f"check failed ({type(exc).__name__})")
+            backend = await self.get(name)
+        except TargetUnreachable as exc:
+            return Health(False, exc.message, {"code": exc.code}, problem="unreachable")
+        except TargetError as exc:
+            problem = {"target_auth_failed": "auth_refused", "target_permission_denied": "permission_missing"}
+            return Health(False, exc.message, {"code": exc.code}, problem=problem.get(exc.code, "misconfigured"))
+        return await backend.check()
 
     async def aclose(self) -> None:
         for _, backend in self._live.values():

@@ -96,6 +96,8 @@ async def get_secret(
     if reveal:
         principal.require("secrets:reveal", resource=f"{backend}/{path}")
     store = await runtime.mounts.get(backend)
+    if version is not None:
+        require(store, "versions")
     meta = await store.metadata(path)
     out = _out(meta, version)
     if reveal:
