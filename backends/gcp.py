@@ -254,6 +254,23 @@ def _credentials(service_account: Any, info: dict[str, Any], scopes: list[str] |
         raise ValueError("the service-account key's private key can't be loaded") from None
 
 
+_STATUS_NAMES = frozenset({
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+})
+
+
+def _body_status(exc: Any) -> str | None:
+    """The ``error.status`` of a REST error body, if it is one of Google's status names (a fixed
+    vocabulary, so nothing of the message can come through)."""
+    try:
+        status = exc.response.json()["error"]["status"]
+    except Exception:  # noqa: BLE001 - no response, not JSON, no such field
+        return None
+    return status if status in _STATUS_NAMES else None
+
+
 def _parse_time(value: Any) -> datetime:
     """A proto-plus timestamp (a datetime subclass) or None, as an aware datetime."""
     if value is None:
@@ -349,7 +366,7 @@ class GCPSecretManagerBackend(BackendBase):
             return generic_sanitize(exc)
         if isinstance(exc, gx.GoogleAPICallError):
             parts = [str(exc.code)] if isinstance(exc.code, int) else []
-            status = getattr(exc.grpc_status_code, "name", None)
+            status = getattr(exc.grpc_status_code, "name", None) or _body_status(exc)
             if status:
                 parts.append(status)
             return f"{type(exc).__name__} ({' '.join(parts)})" if parts else type(exc).__name__
@@ -607,7 +624,8 @@ class GCPSecretManagerBackend(BackendBase):
     async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
         from google.api_core import exceptions as gx
 
-        if not destroy:
+        if not destroy:  # (the gateway refuses this first; called directly, a missing secret is still 404)
+            await self._secret(path, "deleting a secret")
             raise Conflict(
                 f"Backend {self.name!r} (type gcp) does not support soft delete; destroy the secret instead.",
                 code="not_supported",
@@ -627,6 +645,7 @@ class GCPSecretManagerBackend(BackendBase):
         raise Conflict(f"Secret {self._ref(path)} kept changing while it was being destroyed; try again.", code="conflict")
 
     async def restore(self, path: str) -> SecretMetadata:
+        await self._secret(path, "restoring a secret")
         raise Conflict(
             f"Backend {self.name!r} (type gcp) does not support soft delete and restore.", code="not_supported"
         )
