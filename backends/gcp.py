@@ -6,8 +6,8 @@ Configuration (``PUT /v1/backends/NAME`` with ``{"type": "gcp", "config": {...}}
     project                  "my-project"              the GCP project id (or number)
     name_prefix              "credgate-"               prepended to every secret id ("" = none)
     labels                   {"team": "a"}             added to every secret credgate creates
-    adopt_prefix             "legacy/"                 credgate paths under which secrets credgate did not
-                                                       create may be read, written and destroyed (default: none)
+    adopt_prefixes           ["legacy/"]               credgate path prefixes under which secrets credgate did
+                                                       not create may be read, written and destroyed (default: none)
     api_endpoint             "secretmanager.europe-west1.rep.googleapis.com", or "http://127.0.0.1:8085"
                                                        (default: Google's global endpoint; without a scheme: https)
     service_account_key_ref  {"backend": "local", "path": "gcp/sa", "key": "json"}
@@ -51,10 +51,13 @@ prefixes of one another.
 Ownership
 ---------
 Every secret credgate creates carries the label ``credgate-managed=true`` (plus ``labels``).
-``get``, ``metadata``, ``put`` and ``delete`` of an existing secret without it answer 409
-``secret_not_owned``, and ``list``/``count`` skip it, unless its path is under
-``adopt_prefix``. An adopted secret whose payload is not a JSON map of strings reads as
-``{"value": "<its UTF-8 text>"}``.
+An existing secret without it is refused unless its path is under one of ``adopt_prefixes``
+(as the ``aws`` backend does): ``get``, ``metadata`` and ``delete`` answer 404
+``secret_not_owned`` (it does not exist for this mount; the code tells an administrator why),
+``put`` 409 ``secret_not_owned`` (the name is taken), and ``list``/``count`` skip it. An
+adopted secret is used as it is (credgate does not label it): a payload that is a JSON object
+is its map (non-string values as their JSON text), any other text is ``{"value": <text>}``,
+and a payload that is not UTF-8 is refused (422 ``unsupported_value``).
 
 How the protocol maps onto Secret Manager
 -----------------------------------------
@@ -186,7 +189,7 @@ class GCPConfig(BaseModel):
     project: str = Field(pattern=r"^([a-z][a-z0-9-]{4,28}[a-z0-9]|[0-9]{1,20})$")
     name_prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]{0,100}$")
     labels: dict[str, str] = Field(default_factory=dict, max_length=63)
-    adopt_prefix: str | None = Field(None, min_length=1, max_length=512)
+    adopt_prefixes: list[str] = Field(default_factory=list, max_length=50)
     api_endpoint: str | None = Field(None, min_length=1, max_length=512)
     service_account_key_ref: SecretRef | None = None
     service_account_key: SecretStr | None = None
@@ -207,12 +210,13 @@ class GCPConfig(BaseModel):
                 raise ValueError(f"the label {OWNER_LABEL!r} is credgate's own")
         return labels
 
-    @field_validator("adopt_prefix")
+    @field_validator("adopt_prefixes")
     @classmethod
-    def _adopt(cls, prefix: str | None) -> str | None:
-        if prefix is not None and not _valid_path(prefix.rstrip("/")):
-            raise ValueError("adopt_prefix is a credgate path prefix: segments of A-Z, a-z, 0-9, '.', '_', '-'")
-        return prefix
+    def _adopt(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not _valid_path(prefix.rstrip("/")):
+                raise ValueError("each adopt prefix is a credgate path prefix: segments of A-Z, a-z, 0-9, '.', '_', '-'")
+        return prefixes
 
     @field_validator("service_account_key")
     @classmethod
@@ -468,23 +472,22 @@ class GCPSecretManagerBackend(BackendBase):
         return path if path is not None and _valid_path(path) else None
 
     def _adopted(self, path: str) -> bool:
-        adopt = self.config.adopt_prefix
-        return adopt is not None and path.startswith(adopt)
+        return any(path.startswith(p) for p in self.config.adopt_prefixes)
 
     def _owned(self, secret: Any, path: str) -> bool:
         return dict(secret.labels).get(OWNER_LABEL) == OWNER_VALUE or self._adopted(path)
 
-    def _not_owned(self, path: str) -> Conflict:
-        return Conflict(
+    def _not_owned(self, path: str, writing: bool) -> CredgateError:
+        msg = (
             f"Secret {self._ref(path)} exists in GCP Secret Manager but was not created by credgate (no "
-            f"{OWNER_LABEL} label); credgate leaves it alone unless the backend's adopt_prefix covers it.",
-            code="secret_not_owned",
+            f"{OWNER_LABEL} label); credgate leaves it alone unless the backend's adopt_prefixes cover it."
         )
+        return Conflict(msg, code="secret_not_owned") if writing else NotFound(msg, code="secret_not_owned")
 
     def _missing(self, path: str) -> NotFound:
         return NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
 
-    async def _secret(self, path: str, doing: str) -> Any:
+    async def _secret(self, path: str, doing: str, *, writing: bool = False) -> Any:
         """The Secret resource of an owned (or adopted) secret; NotFound / Conflict otherwise."""
         from google.api_core import exceptions as gx
 
@@ -493,7 +496,7 @@ class GCPSecretManagerBackend(BackendBase):
         except gx.NotFound:
             raise self._missing(path) from None
         if not self._owned(secret, path):
-            raise self._not_owned(path)
+            raise self._not_owned(path, writing)
         return secret
 
     # --- values -----------------------------------------------------------------------------
@@ -502,14 +505,19 @@ class GCPSecretManagerBackend(BackendBase):
         try:
             text = data.decode()
         except UnicodeDecodeError:
-            raise TargetError(f"Secret {self._ref(path)} holds binary data, not text.", code="target_error") from None
+            raise ValidationFailed(
+                f"Secret {self._ref(path)} holds binary data, which credgate can't read.", code="unsupported_value"
+            ) from None
         try:
             value = json.loads(text)
         except ValueError:
-            value = None
-        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            return value
-        return {"value": text}
+            return {"value": text}
+        if not isinstance(value, dict):
+            return {"value": text}
+        return {
+            str(k): v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+            for k, v in value.items()
+        }
 
     async def _gather(self, *calls: Any) -> list[Any]:
         """Run calls concurrently; every one finishes before the first error is raised."""
@@ -596,8 +604,10 @@ class GCPSecretManagerBackend(BackendBase):
             raise Conflict(f"Backend {self.name!r} (type gcp) does not support check-and-set writes.", code="not_supported")
         name = self._secret_name(path)
         try:
-            secret = await self._secret(path, "writing a secret")
-        except NotFound:
+            secret = await self._secret(path, "writing a secret", writing=True)
+        except NotFound as exc:
+            if exc.code != "secret_not_found":
+                raise
             body = {"replication": {"automatic": {}}, "labels": {**self.config.labels, OWNER_LABEL: OWNER_VALUE}}
             try:
                 secret = await self._call(
@@ -606,7 +616,7 @@ class GCPSecretManagerBackend(BackendBase):
                     idempotent=False, passthrough=(gx.Conflict,),
                 )
             except gx.Conflict:  # created meanwhile (another writer): check whose it is
-                secret = await self._secret(path, "writing a secret")
+                secret = await self._secret(path, "writing a secret", writing=True)
         payload = json.dumps(dict(data), separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
         try:
             added = await self._call(
@@ -651,7 +661,7 @@ class GCPSecretManagerBackend(BackendBase):
         )
 
     async def _all_paths(self, prefix: str, doing: str) -> list[str]:
-        terms = [] if self.config.adopt_prefix is not None else [f"labels.{OWNER_LABEL}={OWNER_VALUE}"]
+        terms = [] if self.config.adopt_prefixes else [f"labels.{OWNER_LABEL}={OWNER_VALUE}"]
         encoded = self.config.name_prefix + encode_path(prefix)
         if encoded:
             terms.append(f"name:{encoded}")

@@ -189,12 +189,12 @@ async def test_secrets_credgate_did_not_create_are_left_alone(standin, admin_key
     standin.plant(foreign, json.dumps({"k": CANARY}).encode(), labels={"owner": "someone-else"})
     backend = await _direct(_config(standin, prefix, admin_key))
     try:
-        for call in (
-            backend.get("foreign/x"), backend.metadata("foreign/x"),
-            backend.put("foreign/x", {"k": "overwritten"}, author="t"),
-            backend.delete("foreign/x", author="t", destroy=True),
+        for call, refused in (
+            (backend.get("foreign/x"), NotFound), (backend.metadata("foreign/x"), NotFound),
+            (backend.delete("foreign/x", author="t", destroy=True), NotFound),
+            (backend.put("foreign/x", {"k": "overwritten"}, author="t"), Conflict),  # the name is taken
         ):
-            with pytest.raises(Conflict) as e:
+            with pytest.raises(refused) as e:
                 await call
             assert e.value.code == "secret_not_owned" and CANARY not in str(e.value)
         assert (await backend.list("")).items == [] and await backend.count() == 0
@@ -209,15 +209,20 @@ async def test_secrets_credgate_did_not_create_are_left_alone(standin, admin_key
 async def test_an_adopt_prefix_opens_foreign_secrets_under_it(standin, admin_key, prefix) -> None:
     standin.plant(prefix + encode_path("legacy/json"), b'{"user":"app","password":"pw"}')
     standin.plant(prefix + encode_path("legacy/plain"), b"just-a-token")
+    standin.plant(prefix + encode_path("legacy/binary"), b"\xff\xfe")
     standin.plant(prefix + encode_path("other/x"), b"not adopted")
-    backend = await _direct(_config(standin, prefix, admin_key, adopt_prefix="legacy/"))
+    backend = await _direct(_config(standin, prefix, admin_key, adopt_prefixes=["legacy/"]))
     try:
         assert (await backend.get("legacy/json")).data == {"user": "app", "password": "pw"}
         assert (await backend.get("legacy/plain")).data == {"value": "just-a-token"}
-        assert (await backend.list("")).items == ["legacy/json", "legacy/plain"]
+        with pytest.raises(ValidationFailed) as e:
+            await backend.get("legacy/binary")
+        assert e.value.code == "unsupported_value"
+        assert (await backend.list("")).items == ["legacy/binary", "legacy/json", "legacy/plain"]
         assert (await backend.put("legacy/plain", {"value": "rotated"}, author="t")).current_version == 2
-        with pytest.raises(Conflict):
+        with pytest.raises(NotFound) as e:
             await backend.get("other/x")
+        assert e.value.code == "secret_not_owned"
         await backend.delete("legacy/json", author="t", destroy=True)
         assert standin.secret(prefix + encode_path("legacy/json")) is None
     finally:
