@@ -91,8 +91,8 @@ Ownership
   written and deleted. Its current foreign value reads as version 1 (a JSON object
   is its map, non-string values as their JSON text; any other string is
   ``{"value": <string>}``; a binary secret is refused, 422 ``unsupported_value``).
-  credgate's first write to it tags it, labels that foreign version
-  ``credgate-v1`` (so version 1 stays readable) and writes version 2.
+  credgate's first write to it copies that map as credgate's version 1 (the foreign
+  version itself is left as it is, deprecated), tags the secret and writes version 2.
 - A value written into an owned secret by someone else (``AWSCURRENT`` not one of
   credgate's versions) is refused on read (409 ``foreign_version``); credgate's
   next write supersedes it.
@@ -143,6 +143,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import secrets
 import threading
@@ -184,7 +185,6 @@ NAME_MAX = 512
 AUTHOR_MAX = 256
 _VERSION_PREFIX = "c7ed6a7e-0000-4000-8000-"
 _VERSION_RE = re.compile(r"^c7ed6a7e-0000-4000-8000-([0-9a-f]{12})$")
-_ADOPTED_V1_STAGE = "credgate-v1"
 _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _CHECK_SUFFIX = "credgate@check"  # '@' is never in a credgate path
 _MAX_COLLISIONS = 1_000
@@ -287,12 +287,27 @@ class _RoleRefused(Exception):
         self.code = code
 
 
+_XML_CODE = re.compile(r"<Code>([A-Za-z.]{1,64})</Code>")
+
+
 def _error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError. When the answer was an XML
+    ``ErrorResponse`` (moto answers auth failures of JSON services that way), botocore
+    can't parse it and leaves the HTTP status as the code and the XML as the message:
+    the ``<Code>`` element is then taken from it (only that token, never the message)."""
     response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        return str(code) if code is not None else None
-    return None
+    if not isinstance(response, dict):
+        return None
+    error = response.get("Error") or {}
+    code = error.get("Code")
+    if code is None:
+        return None
+    code = str(code)
+    if code.isdigit():
+        m = _XML_CODE.search(str(error.get("Message") or "")[:4096])
+        if m:
+            return m.group(1)
+    return code
 
 
 def _status(exc: BaseException) -> int:
@@ -300,6 +315,30 @@ def _status(exc: BaseException) -> int:
     if isinstance(response, dict):
         return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     return 0
+
+
+# botocore loggers whose DEBUG lines quote request bodies (a SecretString), response bodies,
+# canonical requests or signatures: their DEBUG records are dropped (see _quiet_botocore).
+_CHATTY_LOGGERS = (
+    "botocore.endpoint", "botocore.parsers", "botocore.auth", "botocore.handlers",
+    "botocore.awsrequest", "botocore.httpsession",
+)
+
+
+class _DropDebug(logging.Filter):
+    """Drops DEBUG records: on the loggers above they can carry a secret value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+def _quiet_botocore() -> None:
+    """Whatever level the process logs at, botocore's body- and signature-quoting DEBUG
+    lines never reach a handler (idempotent)."""
+    for name in _CHATTY_LOGGERS:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropDebug) for f in lg.filters):
+            lg.addFilter(_DropDebug())
 
 
 class _Described:
@@ -337,6 +376,8 @@ class AWSSecretsManagerBackend(BackendBase):
         self.config: AWSBackendConfig
         self.owner = config.owner_tag_value or name
         self._client: Any = None
+        self._role_creds: Any = None  # botocore refreshable credentials, with assume_role
+        self.role_refreshes = 0  # AssumeRole calls that succeeded
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # (secret name, version) -> (keys, author): versions are immutable, so this never goes stale.
         self._facts: OrderedDict[tuple[str, int], tuple[list[str], str | None]] = OrderedDict()
@@ -383,6 +424,7 @@ class AWSSecretsManagerBackend(BackendBase):
     def _make_client(self, keys: tuple[str, str, str | None] | None) -> Any:
         import botocore.session
 
+        _quiet_botocore()
         c = self.config
         base = botocore.session.Session()
         if keys is not None:
@@ -444,9 +486,8 @@ class AWSSecretsManagerBackend(BackendBase):
         advisory = min(15 * 60, role.duration_seconds // 5)
         creds._advisory_refresh_timeout = advisory
         creds._mandatory_refresh_timeout = max(30, advisory * 2 // 3)
+        self._role_creds = creds
         return creds
-
-    role_refreshes = 0  # how many AssumeRole calls succeeded (observability and tests)
 
     # -- errors --------------------------------------------------------------------
 
@@ -460,20 +501,16 @@ class AWSSecretsManagerBackend(BackendBase):
         return f"{type(exc).__name__} ({code})" if code is not None else generic_sanitize(exc)
 
     def _map(self, exc: BaseException, doing: str) -> CredgateError:
-        from botocore.exceptions import (
-            ClientError,
-            CredentialRetrievalError,
-            HTTPClientError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        from botocore.exceptions import ClientError, CredentialRetrievalError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import PartialCredentialsError
 
         what = self.sanitize(exc)
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             return TargetUnreachable(
                 f"AWS Secrets Manager did not answer in time while {doing}.", code="target_timeout"
             )
-        if isinstance(exc, (HTTPClientError, ConnectionError)):
+        if isinstance(exc, (HTTPClientError, BotoConnectionError, ConnectionError)):
             return TargetUnreachable(f"AWS Secrets Manager could not be reached while {doing} ({what}).")
         if isinstance(exc, (_RoleRefused, NoCredentialsError, PartialCredentialsError, CredentialRetrievalError)):
             return TargetError(
@@ -671,20 +708,19 @@ class AWSSecretsManagerBackend(BackendBase):
         owned = self._check_owned(d, path)
         if d.deleted_at is not None:
             raise self._deleted(path)
-        if version == 1 and (not owned or d.stage(_ADOPTED_V1_STAGE)):
-            return await self._adopted_v1(path, name, d)
+        if version == 1 and not owned and d.max_version() == 0:
+            return await self._adopted_v1(path, name)
         if code == "InvalidRequestException":
             raise TargetError(f"AWS Secrets Manager refused reading {self._ref(path)} (InvalidRequestException).")
         which = "current version" if version is None else f"version {version}"
         raise NotFound(f"Secret {self._ref(path)} has no {which}.", code="version_not_found")
 
-    async def _adopted_v1(self, path: str, name: str, d: _Described) -> SecretValue:
-        if d.stage(_ADOPTED_V1_STAGE):
-            raw = await self._get_raw(name, VersionStage=_ADOPTED_V1_STAGE)
-        elif d.max_version() == 0 and self._adoptable(path):
+    async def _adopted_v1(self, path: str, name: str) -> SecretValue:
+        """Version 1 of an adoptable secret credgate never wrote: its current foreign value."""
+        try:
             raw = await self._get_raw(name, VersionStage="AWSCURRENT")
-        else:
-            raise NotFound(f"Secret {self._ref(path)} has no version 1.", code="version_not_found")
+        except _Passthrough:
+            raise NotFound(f"Secret {self._ref(path)} has no version 1.", code="version_not_found") from None
         return SecretValue(path, 1, self._foreign(raw, path))
 
     async def _get_foreign(self, path: str, name: str, version: int | None, raw: Mapping[str, Any]) -> SecretValue:
@@ -692,10 +728,8 @@ class AWSSecretsManagerBackend(BackendBase):
         if d is None:
             raise NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
         owned = self._check_owned(d, path)
-        vid = raw.get("VersionId")
-        if version is None and (not owned or (vid is not None and vid == d.stage(_ADOPTED_V1_STAGE))):
-            # An adoptable secret credgate never wrote (its first write tags it), or one whose
-            # adoption stopped after labelling: its current value is version 1.
+        if version is None and not owned and d.max_version() == 0:
+            # An adoptable secret credgate never wrote (its first write tags it): version 1.
             return SecretValue(path, 1, self._foreign(raw, path))
         raise Conflict(
             f"The current value of {self._ref(path)} was written outside credgate; write a new version "
@@ -715,10 +749,8 @@ class AWSSecretsManagerBackend(BackendBase):
         listed = await self._versions(name)
         versions: dict[int, tuple[str, datetime]] = {}
         for v in listed:
-            vid, stages = v.get("VersionId") or "", v.get("VersionStages") or []
+            vid = v.get("VersionId") or ""
             n = version_of(vid)
-            if n is None and _ADOPTED_V1_STAGE in stages:
-                n = 1
             if n is not None:
                 versions[n] = (vid, v.get("CreatedDate") or d.created_at)
         current_vid = d.stage("AWSCURRENT")
@@ -728,7 +760,7 @@ class AWSSecretsManagerBackend(BackendBase):
         if written is not None:
             current = written
         elif current_vid is not None and current_vid == versions.get(1, ("",))[0]:
-            current = 1
+            current = 1  # adoptable, never written
         else:
             current = version_of(current_vid) or max(versions, default=0)
         facts = await self._facts_for(path, name, versions)
@@ -821,7 +853,7 @@ class AWSSecretsManagerBackend(BackendBase):
             if d.deleted_at is not None:  # writing to a soft-deleted secret restores it
                 await self._call("restoring a secret", lambda: self._sm.restore_secret(SecretId=name))
             if not owned:
-                await self._adopt(name, d, current)
+                await self._adopt(path, name, d, current)
                 current = max(current, 1)
             n = current + 1
             for _ in range(_MAX_COLLISIONS):
@@ -862,22 +894,17 @@ class AWSSecretsManagerBackend(BackendBase):
         """The highest credgate version when none carries AWSCURRENT/AWSPREVIOUS (foreign writes
         pushed them out): from ListSecretVersionIds, deprecated versions included."""
         versions = await self._versions(name)
-        found = [n for n in (version_of(v.get("VersionId")) for v in versions) if n is not None]
-        if any(_ADOPTED_V1_STAGE in (v.get("VersionStages") or []) for v in versions):
-            found.append(1)
-        return max(found, default=0)
+        return max((n for n in (version_of(v.get("VersionId")) for v in versions) if n is not None), default=0)
 
-    async def _adopt(self, name: str, d: _Described, current: int) -> None:
-        """Label an adopted secret's foreign current value ``credgate-v1`` (if credgate never wrote
-        it), then tag it: in this order, so an adoption cut short is simply done again."""
-        foreign = d.stage("AWSCURRENT")
-        if current == 0 and foreign and not d.stage(_ADOPTED_V1_STAGE):
-            await self._call(
-                "labelling an adopted secret's value",
-                lambda: self._sm.update_secret_version_stage(
-                    SecretId=name, VersionStage=_ADOPTED_V1_STAGE, MoveToVersionId=foreign
-                ),
-            )
+    async def _adopt(self, path: str, name: str, d: _Described, current: int) -> None:
+        """Adopt a foreign secret: if credgate never wrote it, its current value becomes credgate's
+        version 1 (a copy, in credgate's wrapper: staging labels can't be relied on to survive
+        later writes); then tag it. In this order, so an adoption cut short is simply done again."""
+        if current == 0 and d.stage("AWSCURRENT"):
+            raw = await self._get_raw(name, VersionStage="AWSCURRENT")
+            data = self._foreign(raw, path)
+            await self._put_version(name, 1, data, "adopted")
+            self._remember(name, 1, sorted(data), "adopted")
         tag = [{"Key": self.config.owner_tag_key, "Value": self.owner}]
         await self._call("tagging an adopted secret", lambda: self._sm.tag_resource(SecretId=name, Tags=tag))
 
