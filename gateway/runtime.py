@@ -19,9 +19,10 @@ from gateway.plugins.connectors import Catalog
 from gateway.identity.clients import Clients
 from gateway.issuing.service import Credentials, RevokePolicy
 from gateway.crypto.envelope import Envelope
-from gateway.errors import ConfigurationError
+from gateway.errors import ConfigurationError, CredgateError
 from gateway.identity.issuers import TrustedIssuers
 from gateway.crypto.keyring import KeyRing, load_keyring
+from gateway.crypto.kmsring import KmsKeyRing
 from gateway.issuing.leases import Leases
 from gateway.plugins.backends import Mounts
 from gateway.policy.store import Policies
@@ -37,8 +38,18 @@ from gateway.issuing.wrapping import WrapTokens
 log = logging.getLogger("credgate")
 
 
-def keyring_for(settings: Settings) -> KeyRing:
-    """Load (in dev mode: create) the KEK the settings point to, or raise ConfigurationError."""
+def keyring_for(settings: Settings, *, probe: bool = True) -> KeyRing:
+    """Load (in dev mode: create) the KEK the settings point to, or raise ConfigurationError.
+
+    A KEK held by a KMS (``kek_source`` aws-kms or vault-transit) is built without I/O and
+    loaded by :meth:`Runtime.start`; with ``probe`` (``credgate serve``, before the server
+    starts, outside any event loop) the KMS is asked once to wrap and unwrap a random
+    value, so an unreachable KMS, a wrong key or a refused permission is one line, exit 2."""
+    if settings.kek_source in ("aws-kms", "vault-transit"):
+        ring = KmsKeyRing(kek_source_for(settings), grace_seconds=settings.kek_kms_grace_seconds)
+        if probe:
+            asyncio.run(ring.probe())
+        return ring
     if settings.dev:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return load_keyring(
@@ -47,6 +58,35 @@ def keyring_for(settings: Settings) -> KeyRing:
         dev=settings.dev,
         dev_file=settings.dev_kek_file,
     )
+
+
+def kek_source_for(settings: Settings) -> Any:
+    """The KMS client (a :class:`kms.base.KekSource`) the ``kek_*`` settings describe."""
+    from gateway.plugins.registry import kek_source_class
+
+    name = settings.kek_source or ""
+    try:
+        cls = kek_source_class(name)
+    except CredgateError as exc:
+        raise ConfigurationError(f"kek_source={name}: {exc.message}") from None
+    if name == "aws-kms":
+        options: dict[str, Any] = dict(
+            key_id=settings.kek_aws_key_id, region=settings.kek_aws_region, endpoint_url=settings.kek_aws_endpoint_url
+        )
+    else:
+        options = dict(
+            url=settings.kek_vault_url, mount=settings.kek_vault_mount, key=settings.kek_vault_key,
+            token=settings.kek_vault_token, token_file=settings.kek_vault_token_file,
+            namespace=settings.kek_vault_namespace, ca_cert=settings.kek_vault_ca_cert,
+        )
+    try:
+        config = cls.config_model(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError; its messages never quote a token
+        errors = getattr(exc, "errors", lambda: [])()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise ConfigurationError(f"kek_source={name}: {where}: {first.get('msg', 'invalid')}") from None
+    return cls(config, timeout=settings.kek_kms_timeout_seconds)
 
 
 def check_bootstrap_file(settings: Settings) -> None:
@@ -140,12 +180,14 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
-        keyring = keyring_for(settings)
+        keyring = keyring_for(settings, probe=False)
         store = Store(settings.store_url, pool_size=settings.database_pool_size)
         try:
             store.claim_sole_use()
             await asyncio.to_thread(store.upgrade)
             await store.changes.start()
+            if isinstance(keyring, KmsKeyRing):
+                await keyring.open(store)  # ConfigurationError naming the source if the KMS can't unwrap
             envelope = Envelope(keyring)
             mounts = Mounts(store, envelope, timeout=settings.backend_timeout_seconds)
             catalog = Catalog(store, mounts, material_seconds=settings.material_cache_seconds)
@@ -203,9 +245,13 @@ class Runtime:
             if await rt.keys.needs_rewrap():
                 log.info("data keys under an older KEK version found; resuming re-wrap")
                 rt.keys.start_rewrap()
+            if isinstance(keyring, KmsKeyRing):
+                rt.keys.start_following(settings.kek_check_seconds)
             if settings.reaper_enabled:
                 rt.reaper.start()
         except BaseException:
+            if isinstance(keyring, KmsKeyRing):
+                await keyring.aclose()
             await store.aclose()
             raise
         return rt
@@ -214,6 +260,8 @@ class Runtime:
         await self.reaper.stop()
         await self.audit.aclose()  # queued events land, the head is checkpointed
         await self.keys.aclose()
+        if isinstance(self.keyring, KmsKeyRing):
+            await self.keyring.aclose()
         await self.catalog.aclose()  # connector instances it keeps (their admin connections)
         await self.mounts.aclose()
         await self.store.aclose()

@@ -71,6 +71,33 @@ class Settings(BaseSettings):
     # Key-encryption key: a file (never group/world readable) or the value itself.
     kek_file: Path | None = Field(None, description="File holding the versioned KEK (lines 'N:<base64 32 bytes>').")
     kek: SecretStr | None = Field(None, description="The versioned KEK itself, same format as the file.")
+    # Or a KEK held by a KMS (docs/kek.md): the KEK versions are stored wrapped by the KMS key.
+    kek_source: Literal["file", "env", "aws-kms", "vault-transit"] | None = Field(
+        None, description="Where the KEK is: file (kek_file), env (kek), aws-kms or vault-transit; "
+        "default: whichever of kek_file and kek is set (a file of the data dir in --dev).",
+    )
+    kek_aws_key_id: str | None = Field(None, description="aws-kms: key id, key ARN, alias/NAME or alias ARN.")
+    kek_aws_region: str | None = Field(None, description="aws-kms: the region (default: the AWS SDK's).")
+    kek_aws_endpoint_url: str | None = Field(None, description="aws-kms: another KMS endpoint (VPC, FIPS).")
+    kek_vault_url: str | None = Field(None, description="vault-transit: the Vault/OpenBao address.")
+    kek_vault_mount: str = Field("transit", description="vault-transit: where the transit engine is mounted.")
+    kek_vault_key: str | None = Field(None, description="vault-transit: the transit key's name.")
+    kek_vault_token: SecretStr | None = Field(None, description="vault-transit: the token (or kek_vault_token_file).")
+    kek_vault_token_file: Path | None = Field(
+        None, description="vault-transit: a file holding the token, re-read when it changes (a Vault Agent sink)."
+    )
+    kek_vault_namespace: str | None = Field(None, description="vault-transit: the Vault namespace.")
+    kek_vault_ca_cert: Path | None = Field(None, description="vault-transit: PEM CA bundle to verify the server.")
+    kek_kms_timeout_seconds: float = Field(5.0, gt=0, le=120, description="Deadline of every call to the KMS.")
+    kek_check_seconds: float = Field(
+        60.0, gt=0, le=86400, description="How often the KMS key's version is checked (a rotation there is "
+        "followed) and KEK versions made by other replicas are picked up.",
+    )
+    kek_kms_grace_seconds: float = Field(
+        0.0, ge=0, description="0: the unwrapped KEK is kept for the life of the process, like a KEK file. N: "
+        "once the KMS has not answered for N seconds, reads and writes of sealed data fail with 503 "
+        "kms_unavailable until it answers (the KMS as an off switch); N must exceed kek_check_seconds.",
+    )
 
     bootstrap_token: SecretStr | None = Field(
         None, description="Becomes the first admin token of an empty store: 'cgt_' and 28 or more characters of "
@@ -221,6 +248,42 @@ class Settings(BaseSettings):
         if self.tls_client_subjects and self.tls_client_ca_file is None:
             raise ValueError("tls_client_subjects needs tls_client_ca_file to verify client certificates against")
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).expanduser())
+        return self
+
+    @model_validator(mode="after")
+    def _kek_source(self) -> Settings:
+        aws = {"kek_aws_key_id", "kek_aws_region", "kek_aws_endpoint_url"}
+        vault = {"kek_vault_url", "kek_vault_key", "kek_vault_token", "kek_vault_token_file", "kek_vault_namespace",
+                 "kek_vault_ca_cert"}
+        source = self.kek_source
+        if source in ("aws-kms", "vault-transit"):
+            if self.kek_file is not None or self.kek is not None:
+                raise ValueError(f"kek_source={source} holds the KEK in the KMS: unset kek_file and kek")
+            own, other = (aws, vault) if source == "aws-kms" else (vault, aws)
+            needed = ["kek_aws_key_id"] if source == "aws-kms" else ["kek_vault_url", "kek_vault_key"]
+            missing = [name for name in needed if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"kek_source={source} needs {' and '.join(missing)}")
+            if source == "vault-transit" and (self.kek_vault_token is None) == (self.kek_vault_token_file is None):
+                raise ValueError("kek_source=vault-transit needs exactly one of kek_vault_token and kek_vault_token_file")
+            if self.kek_vault_url is not None and not re.match(r"^https?://", self.kek_vault_url):
+                raise ValueError("kek_vault_url must start with http:// or https://")
+            if self.kek_kms_grace_seconds and self.kek_kms_grace_seconds <= self.kek_check_seconds:
+                raise ValueError("kek_kms_grace_seconds must be 0 or longer than kek_check_seconds")
+        else:
+            own, other = set(), aws | vault
+            if source == "file" and self.kek is not None:
+                raise ValueError("kek_source=file reads kek_file: unset kek")
+            if source == "env" and (self.kek is None or self.kek_file is not None):
+                raise ValueError("kek_source=env needs kek (and no kek_file)")
+            if source == "file" and self.kek_file is None and not self.dev:
+                raise ValueError("kek_source=file needs kek_file")
+        stray = sorted(name for name in other - own if getattr(self, name) is not None)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} set, but kek_source is {source or 'not set'}")
+        for name in ("kek_vault_token_file", "kek_vault_ca_cert"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).expanduser())
         return self

@@ -23,7 +23,7 @@ def lint(tree: Path) -> subprocess.CompletedProcess[str]:
 
 
 def copy_tree(tmp_path: Path) -> Path:
-    for name in ("gateway", "backends", "connectors"):
+    for name in ("gateway", "backends", "connectors", "kms"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path

@@ -77,7 +77,7 @@ def light(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     # of an earlier build's leftovers in the wheel.
     source = tmp / "source"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("gateway", "backends", "connectors"):
+    for name in ("gateway", "backends", "connectors", "kms"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)

@@ -6,9 +6,9 @@ highest version is the one new data keys are wrapped with; older versions stay
 until nothing references them (see :mod:`gateway.crypto.rotation`).
 
 A :class:`KeyRing` never hands its key bytes out: callers ask it to wrap and
-unwrap data keys. That is the seam for a KMS-held KEK: a ``KmsKeyRing`` would
-implement :meth:`wrap`/:meth:`unwrap` as calls to the KMS and
-:meth:`add_version` as a key-version creation there.
+unwrap data keys. A KEK held by a KMS (``CREDGATE_KEK_SOURCE=aws-kms`` or
+``vault-transit``) is :class:`gateway.crypto.kmsring.KmsKeyRing`: the same local
+wrapping, with versions the KMS unwraps once each.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ class KeyRing(Protocol):
     def add_version(self) -> int: ...
 
     def reload(self) -> None: ...
+
+    async def load_new(self) -> None:
+        """Pick up versions added elsewhere (another replica, an edited file)."""
+        ...
+
+    async def create_version(self) -> int:
+        """Add a version and make it current (raises Conflict ``kek_read_only`` if the source can't)."""
+        ...
 
 
 def parse_keys(text: str, origin: str) -> dict[int, bytes]:
@@ -180,6 +188,12 @@ class LocalKeyRing:
         _atomic_write_private(self._path, text)
         self.reload()
         return version
+
+    async def load_new(self) -> None:
+        self.reload()
+
+    async def create_version(self) -> int:
+        return self.add_version()
 
 
 def _read_private_file(path: Path) -> str:

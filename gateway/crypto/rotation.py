@@ -63,7 +63,9 @@ class KeyManager:
         self._envelope = envelope
         self._batch = batch_size
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+        self.kms_error: str | None = None  # a KMS-held KEK: why the last look at the KMS failed
 
     async def sync(self) -> None:
         """At start-up: record new KEK versions and refuse a KEK that is not the store's."""
@@ -119,9 +121,9 @@ class KeyManager:
         """Make a newer KEK version current (adding one if the source is writable) and start re-wrapping."""
         async with self._store.read() as s:
             newest_known = (await s.execute(select(func.max(KekVersion.version)))).scalar_one() or 0
-        self._keyring.reload()
+        await self._keyring.load_new()
         if self._keyring.current_version <= newest_known:
-            self._keyring.add_version()  # raises kek_read_only if it can't
+            await self._keyring.create_version()  # raises kek_read_only (file) or kms_unavailable if it can't
         await self.sync()
         log.info("KEK version %d is now current; re-wrapping data keys", self._keyring.current_version)
         self.start_rewrap()
@@ -196,5 +198,57 @@ class KeyManager:
         refs = await self._references()
         return any(n for v, n in refs.items() if v != self._keyring.current_version)
 
+    # --- a KMS-held KEK (gateway/crypto/kmsring.py): following the KMS key ------------------
+
+    def start_following(self, every: float) -> None:
+        """Look at the KMS every ``every`` seconds (and at once when a wrap or unwrap needed
+        it): pick up KEK versions other replicas made, and follow a rotation of the KMS key."""
+        if self._follower is None or self._follower.done():
+            self._keyring.wake.set()  # type: ignore[attr-defined]  # a first look at once
+            self._follower = asyncio.create_task(self._follow_loop(every), name="credgate-kek-follow")
+
+    async def follow(self) -> bool:
+        """One look (see :meth:`start_following`); returns whether the current KEK version changed.
+        Raises KmsUnavailable when the KMS can't be reached."""
+        ring = self._keyring
+        before = ring.current_version
+        await ring.load_new()
+        if await ring.check_kms():  # type: ignore[attr-defined]
+            await self.rotate()
+            return True
+        if ring.current_version != before:  # another replica rotated: move what this one wrote meanwhile
+            self.start_rewrap()
+            return True
+        return False
+
+    async def _follow_loop(self, every: float) -> None:
+        wake: asyncio.Event = self._keyring.wake  # type: ignore[attr-defined]
+        retry = 0.0
+        while True:
+            if retry:  # after a failure: back off, however often requests wake us
+                await asyncio.sleep(retry)
+            else:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=every)
+                except TimeoutError:
+                    pass
+            wake.clear()
+            try:
+                await self.follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving; look again soon
+                code = getattr(exc, "code", type(exc).__name__)
+                if not retry:
+                    log.warning("the KMS holding the KEK can't be used (%s); retrying", code)
+                self.kms_error = code
+                retry = min(max(retry * 2, 0.25), every, 5.0)
+                continue
+            if retry:
+                log.info("the KMS holding the KEK answers again")
+            self.kms_error = None
+            retry = 0.0
+
     async def aclose(self) -> None:
+        await cancel_and_wait(self._follower)
         await cancel_and_wait(self._task)

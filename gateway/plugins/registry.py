@@ -31,6 +31,13 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
 }
 
 
+# KEK sources held by a KMS (CREDGATE_KEK_SOURCE); `file` and `env` are gateway.crypto.keyring's own.
+KEK_SOURCES: dict[str, tuple[str, str | None]] = {
+    "aws-kms": ("kms.aws:AwsKmsSource", "aws"),  # a customer-managed AWS KMS key
+    "vault-transit": ("kms.vault_transit:VaultTransitSource", "vault"),  # a Vault/OpenBao transit key
+}
+
+
 def _load(kind: str, table: dict[str, tuple[str, str | None]], type_name: str) -> Any:
     try:
         target, extra = table[type_name]
@@ -57,3 +64,7 @@ def backend_class(type_name: str) -> Any:
 
 def connector_class(type_name: str) -> Any:
     return _load("connector", CONNECTOR_TYPES, type_name)
+
+
+def kek_source_class(type_name: str) -> Any:
+    return _load("kek_source", KEK_SOURCES, type_name)

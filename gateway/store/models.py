@@ -84,6 +84,10 @@ class KekVersion(Base):
     state: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A KMS-held KEK (gateway/crypto/kmsring.py): the version's 32 bytes as the KMS wrapped
+    # them, and which version of the KMS key did. None for a KEK file or CREDGATE_KEK.
+    wrapped_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    kms_key_version: Mapped[str | None] = mapped_column(String(200))
 
 
 class BackendRow(SealedMixin, Base):
