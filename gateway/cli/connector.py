@@ -1,4 +1,4 @@
-"""``credgate connector``: types, add, list, show, verify, resources, rm."""
+"""``credgate connector``: types, add, list, show, verify, resources, rm, repoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.cli import crud
-from gateway.cli.common import client, group, parse_duration, parse_pairs, read_json_file, split_ref
+from gateway.cli.common import UsageProblem, client, group, parse_duration, parse_pairs, read_json_file, split_ref
 from gateway.cli.output import emit, table
 from gateway.client.urls import seg
 
@@ -102,3 +102,34 @@ def connector_rm(
 ) -> None:
     """Remove a connector (refused while it has live leases, unless --revoke-leases)."""
     crud.remove("/v1/connectors", "connector", name, params={"revoke_leases": revoke_leases or None})
+
+
+@app.command("repoint")
+def connector_repoint(
+    from_: Annotated[str, typer.Option("--from", metavar="BACKEND[/PREFIX]", help="Connectors drawing on secrets here...")],
+    to: Annotated[str, typer.Option("--to", metavar="BACKEND[/PREFIX]", help="...draw on the same paths here.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say which connectors would change; change none.")] = False,
+) -> None:
+    """Re-point every connector whose secret lies under --from to the same path under --to (after
+    `credgate secret migrate`). Each is replaced through the API, so the gateway checks
+    connectors:manage on it, secrets:bind on its new secret, and that the new secret holds what
+    the connector needs. Exit 1 if any connector could not be re-pointed (listed)."""
+    from gateway.cli import migrate as m
+
+    src, dst = m.parse_location(from_, "--from"), m.parse_location(to, "--to")
+    if src == dst:
+        raise UsageProblem("--from and --to are the same place")
+    with client() as c:
+        results = m.repoint(c, src, dst, dry_run)
+
+    def human(items: list[dict[str, Any]]) -> None:
+        if not items:
+            typer.echo(f"no connector draws on a secret under {src}")
+        for r in items:
+            what = {"repointed": "repointed", "would_repoint": "would repoint", "failed": "FAILED"}[r["status"]]
+            why = f": {r['error']['code']}: {r['error']['message']}" if r["error"] else ""
+            typer.echo(f"{what} {r['connector']}: {r['from']} -> {r['to']}{why}")
+
+    emit(results, human)
+    if any(r["status"] == "failed" for r in results):
+        raise typer.Exit(1)

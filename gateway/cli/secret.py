@@ -1,4 +1,4 @@
-"""``credgate secret``: put, get, list, rm, restore."""
+"""``credgate secret``: put, get, list, rm, restore, migrate (its engine: :mod:`gateway.cli.migrate`)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,97 @@ def secret_restore(ref: Ref) -> None:
     with client() as c:
         out = c.request("POST", f"/v1/secrets/{seg(backend)}/{seg(path)}:restore")
     emit(out, lambda o: typer.echo(f"restored {backend}/{path} at version {o['current_version']}"))
+
+
+@app.command("migrate")
+def secret_migrate(
+    from_: Annotated[str, typer.Option("--from", metavar="BACKEND[/PREFIX]", help="Copy the secrets under this folder.")],
+    to: Annotated[str, typer.Option("--to", metavar="BACKEND[/PREFIX]", help="To the same paths under this folder.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compare and say what would be copied; write nothing.")] = False,
+    all_versions: Annotated[bool, typer.Option(
+        "--all-versions", help="Copy every readable version, oldest first (default: the current version only).")] = False,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Where to write the JSON report [default: ./credgate-migrate-<UTC time>.json].",
+        show_default=False)] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=32, help="Secrets copied at once.")] = 8,
+) -> None:
+    """Copy every secret under --from to --to through the gateway, verify each copy by reading it
+    back, and write a report. Never deletes from the source. Interrupted (Ctrl-C, killed)? Run the
+    same command again: secrets already copied are compared and skipped, never written twice.
+    Needs secrets:read+reveal on the source and secrets:read+reveal+write on the destination.
+    Exit 0 when every secret is verified, 1 when some failed (listed), 2 on bad input.
+    Re-point connectors afterwards with `credgate connector repoint`."""
+    import threading
+    from datetime import UTC, datetime
+
+    from gateway.cli import migrate as m
+    from gateway.client.errors import RequestFailed
+
+    src, dst = m.parse_location(from_, "--from"), m.parse_location(to, "--to")
+    m.check_apart(src, dst)
+    path = (report or m.default_report_path()).absolute()
+    if path.is_dir() or not path.parent.is_dir():
+        raise UsageProblem(f"--report {path}: not a file in an existing directory")
+    stop = threading.Event()
+    with client() as c:
+        api = m.Api(c.addr, c.token, stop)
+    src_info, dst_info = api.backend(src.backend), api.backend(dst.backend)
+    caps = dst_info.get("capabilities") or {}
+    if caps.get("read_only"):
+        raise UsageProblem(f"backend {dst.backend!r} is read-only through credgate; choose another --to")
+    if all_versions:
+        for info in (src_info, dst_info):
+            if (info.get("capabilities") or {}).get("versions") is False:
+                raise UsageProblem(f"backend {info['name']!r} keeps no versions; migrate without --all-versions")
+    opts = m.Options(src, dst, all_versions=all_versions, dry_run=dry_run,
+                     cas=bool(caps.get("check_and_set")), dst_versions=caps.get("versions") is not False)
+    rels = api.list_all(src)
+    try:  # what is already there: secrets absent from it are written without a read first
+        present: set[str] | None = set(api.list_all(dst)) if rels else set()
+    except RequestFailed as exc:
+        if exc.status != 403:
+            raise
+        present = None  # may not list the destination: read each secret there instead
+    head = {"from": str(src), "to": str(dst), "dry_run": dry_run, "all_versions": all_versions,
+            "started_at": datetime.now(UTC).isoformat()}
+    rep = m.Report(path, head)
+    typer.echo(f"{'dry run: ' if dry_run else ''}{len(rels)} secret(s) under {src} -> {dst}; report: {path}", err=True)
+    result = m.migrate(api, opts, rels, rep, concurrency, present)
+    _migrate_summary(result, src, dst, path, dry_run)
+
+
+def _migrate_summary(result: Any, src: Any, dst: Any, path: Path, dry_run: bool) -> None:
+    from gateway.client.errors import RequestFailed
+
+    totals = result.report.totals()
+    failed = [o for o in result.report.outcomes.values() if o.status == "failed"]
+    summary = {"from": str(src), "to": str(dst), "report": str(path), "dry_run": dry_run, "totals": totals,
+               "interrupted": result.interrupted,
+               "failed": [{"source": o.source, "destination": o.destination, **(o.error or {})} for o in failed]}
+
+    def human(s: dict[str, Any]) -> None:
+        n = totals.get
+        if dry_run:
+            typer.echo(f"dry run {src} -> {dst}: {n('secrets')} secret(s): {n('would_copy', 0)} to copy "
+                       f"({n('versions_copied', 0)} version(s)), {n('would_skip', 0)} already there, "
+                       f"{n('failed', 0)} failed; nothing written (report: {path})")
+        else:
+            typer.echo(f"migrated {src} -> {dst}: {n('secrets')} secret(s): {n('copied', 0)} copied "
+                       f"({n('versions_copied', 0)} version(s)), {n('skipped', 0)} already there, "
+                       f"{n('failed', 0)} failed, {n('verified', 0)} verified (report: {path})")
+        for f in s["failed"][:50]:
+            typer.echo(f"  failed: {f['source']} -> {f['destination']}: {f['code']}: {f['message']}")
+        if len(s["failed"]) > 50:
+            typer.echo(f"  ... and {len(s['failed']) - 50} more (see the report)")
+
+    if result.fatal is not None:
+        raise RequestFailed(result.fatal.status, result.fatal.code,
+                            f"{result.fatal.message} (stopped; nothing more was written; report: {path})")
+    if result.interrupted:
+        left = totals.get("not_done", 0)
+        typer.echo(f"credgate: interrupted with {left} secret(s) not done; run the same command again to resume "
+                   f"(report: {path})", err=True)
+        raise typer.Exit(130)
+    emit(summary, human)
+    if failed or totals.get("not_done"):
+        raise typer.Exit(1)

@@ -63,6 +63,25 @@ class BackendPut(Input):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class HealthReport(BaseModel):
+    ok: bool
+    message: str
+    problem: str | None = Field(
+        None, description="unreachable | auth_refused | permission_missing | expiring | misconfigured (when not ok)."
+    )
+    details: dict[str, str] = Field(default_factory=dict)
+    checked_at: datetime | None = Field(None, description="When the check ran (absent for a status).")
+
+
+class BackendHealth(BaseModel):
+    status: HealthReport | None = Field(
+        None, description="The live backend's own view, without I/O (absent: not started on this replica)."
+    )
+    last_check: HealthReport | None = Field(
+        None, description="The last `POST /v1/backends/NAME/check` on this replica, if any."
+    )
+
+
 class BackendOut(BaseModel):
     name: str
     type: str
@@ -70,6 +89,8 @@ class BackendOut(BaseModel):
     builtin: bool
     created_at: datetime
     updated_at: datetime
+    capabilities: dict[str, Any] | None = Field(None, description="What the type can do (absent: type not installed).")
+    health: BackendHealth | None = None
 
 
 class BackendList(BaseModel):
@@ -81,6 +102,8 @@ class HealthOut(BaseModel):
     ok: bool
     message: str
     details: dict[str, str]
+    problem: str | None = None
+    checked_at: datetime | None = None
 
 
 # --- keys ------------------------------------------------------------------

@@ -1,52 +1,150 @@
+"""The backends API: register, list, show, check and remove secret backends.
+
+Health, cheaply: a backend as listed or shown carries ``health.status`` (the live
+backend's own ``status()``, no I/O; absent when it has not been started on this replica)
+and ``health.last_check`` (the last ``POST /v1/backends/NAME/check`` answered by this
+replica, and when). Listing never probes a store; only ``check`` does.
+
+A backend whose configuration holds a :class:`backends.base.SecretRef` (a credential kept
+in another backend) may be registered only by a caller allowed ``secrets:reveal`` on that
+``backend/path`` (403 otherwise, audited, nothing saved), and never by a reference to
+itself (422 ``backend_ref_cycle``).
+"""
+
 from __future__ import annotations
 
-from typing import Annotated
+import dataclasses
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
 
+from backends.base import Health, SecretRef
+from gateway import paths
+from gateway.errors import CredgateError, ValidationFailed, validate_model
 from gateway.identity.principal import Principal
-from gateway.web.deps import RuntimeDep, requires
 from gateway.plugins.backends import MountInfo
-from gateway.web.schemas import BackendList, BackendOut, BackendPut, HealthOut
+from gateway.plugins.registry import backend_class
+from gateway.web.deps import RuntimeDep, requires
+from gateway.web.schemas import BackendHealth, BackendList, BackendOut, BackendPut, HealthOut, HealthReport
 
 router = APIRouter(prefix="/v1/backends", tags=["backends"])
 
 
-def _out(info: MountInfo) -> BackendOut:
-    return BackendOut(**info.__dict__)
+def _checks(request: Request) -> dict[str, tuple[Health, datetime]]:
+    """The last check of each backend answered by this replica (kept on the app)."""
+    checks = getattr(request.app.state, "backend_checks", None)
+    if checks is None:
+        checks = request.app.state.backend_checks = {}
+    return checks
 
 
-@router.get("", summary="List backends")
-async def list_backends(runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> BackendList:
-    return BackendList(items=[_out(i) for i in await runtime.mounts.list()])
+def _report(h: Health, at: datetime | None = None) -> HealthReport:
+    return HealthReport(ok=h.ok, message=h.message, problem=h.problem, details=dict(h.details), checked_at=at)
 
 
-@router.get("/{name}", summary="Show a backend")
-async def get_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> BackendOut:
-    return _out(await runtime.mounts.info(name))
+def _capabilities(type_name: str) -> dict[str, Any] | None:
+    try:
+        return dataclasses.asdict(backend_class(type_name).capabilities)
+    except CredgateError:  # the type's package is not installed
+        return None
+
+
+def _out(info: MountInfo, runtime: Any, request: Request) -> BackendOut:
+    live = runtime.mounts.live().get(info.name)
+    checked = _checks(request).get(info.name)
+    health = BackendHealth(
+        status=_report(live.status()) if live is not None else None,
+        last_check=_report(*checked) if checked is not None else None,
+    )
+    return BackendOut(**info.__dict__, capabilities=_capabilities(info.type), health=health)
+
+
+@router.get("", summary="List backends, with their health as last known (no store is probed)")
+async def list_backends(
+    request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
+) -> BackendList:
+    return BackendList(items=[_out(i, runtime, request) for i in await runtime.mounts.list()])
+
+
+@router.get("/{name}", summary="Show a backend, with its health as last known (no store is probed)")
+async def get_backend(
+    name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
+) -> BackendOut:
+    return _out(await runtime.mounts.info(name), runtime, request)
+
+
+def secret_refs(value: Any) -> Iterator[SecretRef]:
+    """Every :class:`SecretRef` in a validated configuration (models, lists, dicts), depth first."""
+    if isinstance(value, SecretRef):
+        yield value
+    elif isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from secret_refs(getattr(value, field))
+        for extra in (value.model_extra or {}).values():
+            yield from secret_refs(extra)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from secret_refs(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from secret_refs(item)
+
+
+def authorize_refs(principal: Principal, name: str, type_name: str, config: dict[str, Any]) -> None:
+    """Whoever points a backend at a credential held in another backend must be allowed to
+    reveal it (the backend will read it on their behalf); a backend can't hold its own."""
+    model = validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
+    for ref in secret_refs(model):
+        if ref.backend == name:
+            raise ValidationFailed(
+                f"Backend {name!r} can't read its own credentials from itself ({ref.backend}/{ref.path}); "
+                "keep them in another backend.",
+                code="backend_ref_cycle",
+            )
+        paths.backend_name(ref.backend)
+        paths.secret_path(ref.path)
+        principal.require("secrets:reveal", resource=f"{ref.backend}/{ref.path}")  # 403 and audited if not
 
 
 @router.put(
     "/{name}",
     responses={201: {"model": BackendOut, "description": "Created"}}, summary="Create or replace a backend")
 async def put_backend(
-    name: str, body: BackendPut, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")], response: Response
+    name: str,
+    body: BackendPut,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("backends:manage")],
+    response: Response,
 ) -> BackendOut:
+    paths.backend_name(name)
     # A backend's configuration decides where the connectors drawing on it read their material:
     # replacing it needs connectors:manage on each of them, like rewriting the secret itself.
     await runtime.catalog.authorize_material(principal, name, None)
+    authorize_refs(principal, name, body.type, body.config)
     info, created = await runtime.mounts.put(name, body.type, body.config)
+    _checks(request).pop(name, None)  # a check of the old configuration says nothing of the new
     response.status_code = 201 if created else 200
-    return _out(info)
+    return _out(info, runtime, request)
 
 
 @router.delete("/{name}", status_code=204, summary="Remove a backend (refused while it holds secrets)")
-async def delete_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")]) -> Response:
+async def delete_backend(
+    name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")]
+) -> Response:
     await runtime.mounts.delete(name)
+    _checks(request).pop(name, None)
     return Response(status_code=204)
 
 
-@router.post("/{name}/check", summary="Check that a backend is reachable")
-async def check_backend(name: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]) -> HealthOut:
+@router.post("/{name}/check", summary="Check a backend now: reachable, credentials accepted, list/read/write allowed")
+async def check_backend(
+    name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
+) -> HealthOut:
     h = await runtime.mounts.check(name)
-    return HealthOut(backend=name, ok=h.ok, message=h.message, details=h.details)
+    at = datetime.now(UTC)
+    _checks(request)[name] = (h, at)
+    return HealthOut(backend=name, ok=h.ok, message=h.message, details=dict(h.details), problem=h.problem, checked_at=at)

@@ -22,7 +22,18 @@ async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/readyz", summary="The store is reachable and the KEK is loaded")
+def backend_statuses(runtime) -> dict[str, dict[str, object]]:
+    """Each backend started on this replica, by its own ``status()`` (no I/O): reported, never
+    a reason to be unready (the other backends still serve; a store that is down answers 503
+    ``backend_unavailable`` on its own requests)."""
+    out: dict[str, dict[str, object]] = {}
+    for name, backend in sorted(runtime.mounts.live().items()):
+        h = backend.status()
+        out[name] = {"ok": h.ok, "problem": h.problem, "message": h.message}
+    return out
+
+
+@router.get("/readyz", summary="The store is reachable and the KEK is loaded (backends are reported, not required)")
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks: dict[str, str] = {}
     reasons = []
@@ -44,11 +55,13 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         failing = [n for n, h in runtime.audit.health.items() if not h.ok]
         checks["audit"] = "unavailable"
         reasons.append("audit sink unavailable: " + ", ".join(failing))
+    backends = backend_statuses(runtime)
     if reasons:
         body = {
             "status": "not_ready",
             "checks": checks,
+            "backends": backends,
             "error": {"code": "not_ready", "message": "Not ready: " + "; ".join(reasons) + "."},
         }
         return JSONResponse(body, status_code=503)
-    return JSONResponse({"status": "ready", "checks": checks})
+    return JSONResponse({"status": "ready", "checks": checks, "backends": backends})
