@@ -101,6 +101,7 @@ from backends.base import (
     BackendCapabilities,
     BackendContext,
     Conflict,
+    CredgateError,
     Health,
     NotFound,
     Page,
@@ -109,7 +110,6 @@ from backends.base import (
     SecretValue,
     TargetError,
     TargetUnreachable,
-    ValidationFailed,
     VersionInfo,
     generic_sanitize,
     run_sync,
@@ -368,11 +368,11 @@ class VaultBackend(BackendBase):
         try:
             value = Path(path).read_text().strip()
         except OSError as exc:
-            raise ValidationFailed(
-                f"Backend {self.name!r} can't read its {what} file ({generic_sanitize(exc)}).", code="validation_failed"
+            raise TargetError(
+                f"Backend {self.name!r} can't read its {what} file ({generic_sanitize(exc)}).", code="target_auth_failed"
             ) from None
         if not value:
-            raise ValidationFailed(f"Backend {self.name!r}: its {what} file is empty.", code="validation_failed")
+            raise TargetError(f"Backend {self.name!r}: its {what} file is empty.", code="target_auth_failed")
         return value
 
     async def _login_material(self) -> tuple[str, str, dict[str, str]]:
@@ -383,13 +383,22 @@ class VaultBackend(BackendBase):
             if a.secret_id_file is not None:
                 secret_id = self._read_file(a.secret_id_file, "AppRole secret id")
             else:
+                ref = a.secret_id_ref
+                assert ref is not None
                 if self.context.read_ref is None:
-                    raise ValidationFailed(
+                    raise TargetError(
                         f"Backend {self.name!r} reads its AppRole secret id from another backend, "
-                        "but this gateway lends no reader.", code="validation_failed",
+                        "but this gateway lends no reader.", code="target_auth_failed",
                     )
-                assert a.secret_id_ref is not None
-                secret_id = await self.context.read_ref(a.secret_id_ref)
+                try:
+                    secret_id = await self.context.read_ref(ref)
+                except TargetUnreachable:
+                    raise
+                except CredgateError as exc:
+                    raise TargetError(
+                        f"Backend {self.name!r} can't read its AppRole secret id from "
+                        f"{ref.backend}/{ref.path} ({exc.code}).", code="target_auth_failed",
+                    ) from None
             return "approle", a.mount, {"role_id": a.role_id, "secret_id": secret_id}
         if auth.kubernetes is not None:
             k = auth.kubernetes
@@ -413,6 +422,8 @@ class VaultBackend(BackendBase):
                 err = TargetError(
                     f"Vault refused the backend's {method} login ({self.sanitize(exc)}).", code="target_auth_failed"
                 )
+            if isinstance(err, TargetError) and not isinstance(err, TargetUnreachable):
+                self._health = Health(False, err.message, problem="auth_refused")
             raise err from None
         auth = (result or {}).get("auth") or {}
         token = auth.get("client_token")
@@ -422,6 +433,7 @@ class VaultBackend(BackendBase):
         self._token = token
         self._token_deadline = time.monotonic() + ttl if ttl > 0 else None
         self.client.token = token
+        self._health = Health(True, "serving")
         log.info("backend %s logged in to Vault (%s, ttl %ss)", self.name, method, ttl)
 
     def _token_stale(self) -> bool:
@@ -788,6 +800,17 @@ class VaultBackend(BackendBase):
 
     # --- health ------------------------------------------------------------------------
 
+    def _mount_info_sync(self, probe: str) -> tuple[str, str] | None:
+        """(engine type, options.version) of the mount, from ``sys/internal/ui/mounts``
+        (readable with any access under the mount; in the ``default`` policy)."""
+        import hvac.exceptions
+
+        try:
+            data = self.client.adapter.get(f"/v1/sys/internal/ui/mounts/{self.config.mount_point}/{probe}")["data"]
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):
+            return None
+        return str(data.get("type") or ""), str((data.get("options") or {}).get("version") or "")
+
     def _capabilities_sync(self, paths: list[str]) -> dict[str, list[str]]:
         result = self.client.adapter.post("/v1/sys/capabilities-self", json={"paths": paths})
         data = result.get("data") or result
@@ -806,10 +829,24 @@ class VaultBackend(BackendBase):
         except TargetError as exc:
             problem = "auth_refused" if exc.code == "target_auth_failed" else "misconfigured"
             return Health(False, exc.message, details | {"auth": "refused"}, problem=problem)
-        except ValidationFailed as exc:
-            return Health(False, exc.message, details, problem="misconfigured")
         details |= {"reachable": "ok", "auth": "ok"}
         mount, prefix = self.config.mount_point, self.config.path_prefix
+        try:
+            engine = await self._call("reading the mount's type", self._mount_info_sync, f"{prefix}credgate-check-probe")
+        except TargetUnreachable as exc:
+            return Health(False, exc.message, details | {"reachable": "no"}, problem="unreachable")
+        except TargetError:
+            engine = None  # no access under the mount (or no such mount): the probes below say which
+        if engine is not None:
+            kind, version = engine
+            details["engine"] = f"{kind} v{version}" if version else kind
+            if kind != "kv" or version != "2":
+                return Health(
+                    False, f"The mount {mount}/ is not a KV version 2 engine ({details['engine']}).",
+                    details, problem="misconfigured",
+                )
+        else:
+            details["engine"] = "not visible"
         probe = f"{prefix}credgate-check-probe"
         paths = {
             "list": f"{mount}/metadata/{prefix}",
@@ -836,6 +873,8 @@ class VaultBackend(BackendBase):
                 False, f"Vault denies the backend {', '.join(missing)} under {mount}/{prefix}.",
                 details, problem="permission_missing",
             )
+        if engine is None:
+            return Health(False, f"Vault shows no secrets engine at {mount}/.", details, problem="misconfigured")
         status = self.status()
         if not status.ok:
             return Health(False, status.message, details | status.details, problem=status.problem)

@@ -192,6 +192,17 @@ async def test_bad_config_is_422(gateway: Gateway, openbao: OpenBao) -> None:
         assert r.status_code == 422, (config, r.text)
 
 
+async def test_check_finds_a_wrong_engine_or_mount(openbao: OpenBao, prefix: str) -> None:
+    openbao.client().sys.enable_secrets_engine("kv", path=f"kv1-{prefix}", options={"version": "1"})
+    root = {"url": openbao.url, "auth": {"token": {"token": openbao.root_token}}}
+    health = await direct(root | {"mount_point": f"kv1-{prefix}"}).check()
+    assert health.ok is False and health.problem == "misconfigured" and health.details["engine"] == "kv v1"
+    health = await direct(root | {"mount_point": f"missing-{prefix}"}).check()
+    assert health.ok is False and health.problem == "misconfigured"
+    health = await direct(root).check()
+    assert health.ok is True and health.details["engine"] == "kv v2"
+
+
 # --- token auth: renewal and expiry ----------------------------------------------------
 
 
@@ -284,6 +295,19 @@ async def test_approle_secret_id_from_the_local_backend(gateway: Gateway, openba
     assert r.status_code == 200, r.text
     got = (await gateway.client.get("/v1/secrets/viaref/x", params={"reveal": "true"})).json()
     assert got["data"] == {"k": "v"}
+
+
+async def test_missing_credentials_are_auth_failures(gateway: Gateway, openbao: OpenBao, prefix: str, tmp_path: Path) -> None:
+    role_id, _ = approle(openbao, prefix)
+    ref = {"backend": "local", "path": "vault/nothing-here", "key": "secret_id"}
+    await register(gateway, "noref", {"url": openbao.url, "auth": {"approle": {"role_id": role_id, "secret_id_ref": ref}}})
+    r = await gateway.client.get("/v1/secrets/noref/x")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "target_auth_failed", r.text
+    await register(gateway, "nofile", {"url": openbao.url, "auth": {"kubernetes": {"role": "r", "token_file": str(tmp_path / "none")}}})
+    r = await gateway.client.get("/v1/secrets/nofile/x")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "target_auth_failed", r.text
+    check = (await gateway.client.post("/v1/backends/nofile/check")).json()
+    assert check["ok"] is False and check["problem"] == "auth_refused"
 
 
 async def test_approle_secret_id_ref_read_through_the_context(openbao: OpenBao, prefix: str) -> None:
