@@ -16,6 +16,7 @@ Configuration (``PUT /v1/backends/NAME`` with ``{"type": "gcp", "config": {...}}
                                                        masked); a ref is preferred
     token_uri                "https://oauth2.example/token"   overrides the key's token_uri (auth_flow "token")
     auth_flow                "self_signed_jwt" | "token"
+    ownership_cache_seconds  30                        how long a replica trusts an ownership check (0: every call)
     timeout_seconds          10                        each SDK call (connect and read)
     retries                  2                         extra attempts of an idempotent read that failed transiently
 
@@ -79,10 +80,24 @@ How the protocol maps onto Secret Manager
 
 Cost
 ----
-``get``: ``GetSecret`` (ownership) and ``AccessSecretVersion`` in parallel (one round trip).
-``metadata``: ``GetSecret`` and ``ListSecretVersions`` in parallel, then one access of the
-current version (its key names). ``put``: ``GetSecret`` (+ ``CreateSecret`` the first time),
-``AddSecretVersion``, ``ListSecretVersions``. ``list``: Secret Manager has no ordered prefix
+Each replica remembers, per secret id, a passed ownership check (its label; the secret's
+``createTime`` and etag) for ``ownership_cache_seconds`` (30 s; 10,000 ids), and the key names
+of each version it has seen (a version's data never changes; keyed by the secret's
+``createTime``, so a re-created secret is new). A remembered check is dropped on any 404 or
+unreadable version, and by ``destroy``; ``destroy`` always checks afresh (its etag guards the
+delete). So a secret re-created *without* the label by someone else is refused at most
+``ownership_cache_seconds`` late (0 closes that window at one ``GetSecret`` per call; note that
+anyone who can do that can also add versions to credgate's own secrets).
+
+- ``get``: ``AccessSecretVersion`` (one call) while the ownership check is remembered;
+  otherwise ``GetSecret`` and ``AccessSecretVersion`` in parallel (one round trip; the value
+  is dropped unseen if the secret is not credgate's).
+- ``metadata``: ``ListSecretVersions`` (plus ``GetSecret`` in parallel when not remembered),
+  plus one access of the current version the first time its key names are needed.
+  The API's read (metadata, then get) is thus two round trips once warm.
+- ``put``: ``AddSecretVersion`` then ``ListSecretVersions`` (``GetSecret`` first when not
+  remembered, ``CreateSecret`` the first time).
+- ``list``: Secret Manager has no ordered prefix
 query (and the encoding does not keep lexical order), so every page lists all the mount's
 secrets (server-side filter: the ownership label and ``name:<encoded prefix>``, 25,000 per
 page), decodes, sorts and slices: O(secrets under the prefix) per page. ``count`` lists them
@@ -114,7 +129,9 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
@@ -147,6 +164,7 @@ MAX_ID = 255
 PAGE_SIZE = 25_000  # Secret Manager's largest page
 PROBE_SUFFIX = "_credgate-probe"  # "_c" is no escape: never a credgate path
 
+_CACHE_ENTRIES = 10_000
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _ESCAPE = {"_": "__", ".": "_d", "/": "_s"}
 _UNESCAPE = {"_": "_", "d": ".", "s": "/"}
@@ -181,6 +199,14 @@ def _valid_path(path: str) -> bool:
     return bool(path) and all(s not in (".", "..") and _SEGMENT.match(s) for s in path.split("/"))
 
 
+@dataclass(frozen=True)
+class _Owned:
+    """What an ownership check learnt of a secret: when it was created (which incarnation) and its etag."""
+
+    created_at: datetime
+    etag: str
+
+
 class GCPConfig(BaseModel):
     """See the module docstring."""
 
@@ -195,6 +221,7 @@ class GCPConfig(BaseModel):
     service_account_key: SecretStr | None = None
     token_uri: str | None = Field(None, pattern=r"^https?://\S+$", max_length=512)
     auth_flow: Literal["self_signed_jwt", "token"] = "self_signed_jwt"
+    ownership_cache_seconds: float = Field(30.0, ge=0, le=3600)
     timeout_seconds: float = Field(10.0, gt=0, le=120)
     retries: int = Field(2, ge=0, le=5)
 
@@ -301,6 +328,8 @@ class GCPSecretManagerBackend(BackendBase):
         super().__init__(name, config, context)
         self._client: Any = None
         self._parent = f"projects/{config.project}"
+        self._owners: OrderedDict[str, tuple[float, _Owned]] = OrderedDict()  # secret id -> (until, owner check)
+        self._keys: OrderedDict[tuple[str, datetime, int], list[str]] = OrderedDict()  # a version's key names
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -487,17 +516,46 @@ class GCPSecretManagerBackend(BackendBase):
     def _missing(self, path: str) -> NotFound:
         return NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
 
-    async def _secret(self, path: str, doing: str, *, writing: bool = False) -> Any:
-        """The Secret resource of an owned (or adopted) secret; NotFound / Conflict otherwise."""
+    # --- what this replica remembers (see "Cost") ---------------------------------------------
+
+    def _cached_owner(self, sid: str) -> _Owned | None:
+        hit = self._owners.get(sid)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def _remember_owner(self, sid: str, owned: _Owned) -> None:
+        ttl = self.config.ownership_cache_seconds
+        if ttl > 0:
+            self._owners[sid] = (time.monotonic() + ttl, owned)
+            self._owners.move_to_end(sid)
+            while len(self._owners) > _CACHE_ENTRIES:
+                self._owners.popitem(last=False)
+
+    def _forget_owner(self, sid: str) -> None:
+        self._owners.pop(sid, None)
+
+    def _remember_keys(self, sid: str, owned: _Owned, version: int, keys: list[str]) -> None:
+        self._keys[(sid, owned.created_at, version)] = keys
+        while len(self._keys) > _CACHE_ENTRIES:
+            self._keys.popitem(last=False)
+
+    async def _secret(self, path: str, doing: str, *, writing: bool = False) -> _Owned:
+        """Read the Secret resource and check it is owned (or adopted): NotFound / Conflict otherwise."""
         from google.api_core import exceptions as gx
 
+        sid = self._secret_id(path)
         try:
             secret = await self._call(doing, "get_secret", {"name": self._secret_name(path)}, passthrough=(gx.NotFound,))
         except gx.NotFound:
+            self._forget_owner(sid)
             raise self._missing(path) from None
         if not self._owned(secret, path):
+            self._forget_owner(sid)
             raise self._not_owned(path, writing)
-        return secret
+        owned = _Owned(_parse_time(secret.create_time), secret.etag)
+        self._remember_owner(sid, owned)
+        return owned
 
     # --- values -----------------------------------------------------------------------------
 
@@ -524,19 +582,33 @@ class GCPSecretManagerBackend(BackendBase):
         results = await asyncio.gather(*calls, return_exceptions=True)
         return list(results)
 
+    def _value(self, path: str, sid: str, owned: _Owned, access: Any) -> SecretValue:
+        number = _version_number(access.name)
+        data = self._decode_payload(path, access.payload.data)
+        self._remember_keys(sid, owned, number, sorted(data))
+        return SecretValue(path, number, data)
+
     async def get(self, path: str, version: int | None = None) -> SecretValue:
         from google.api_core import exceptions as gx
 
-        name = self._secret_name(path)
+        unreadable = (gx.NotFound, gx.BadRequest, gx.FailedPrecondition)
+        sid, name = self._secret_id(path), self._secret_name(path)
         ref = "latest" if version is None else str(version)
+        request = {"name": f"{name}/versions/{ref}"}
+        owned = self._cached_owner(sid)
+        if owned is not None:  # the hot path: one call
+            try:
+                access = await self._call("reading a secret", "access_secret_version", request, passthrough=unreadable)
+                return self._value(path, sid, owned, access)
+            except unreadable:
+                self._forget_owner(sid)  # look again: a missing secret and a missing version differ
         secret, access = await self._gather(
             self._secret(path, "reading a secret"),
-            self._call("reading a secret", "access_secret_version", {"name": f"{name}/versions/{ref}"},
-                       passthrough=(gx.NotFound, gx.BadRequest, gx.FailedPrecondition)),
+            self._call("reading a secret", "access_secret_version", request, passthrough=unreadable),
         )
         if isinstance(secret, BaseException):
-            raise secret
-        if isinstance(access, (gx.NotFound, gx.BadRequest, gx.FailedPrecondition)):
+            raise secret  # the value read alongside, if any, is dropped unseen
+        if isinstance(access, unreadable):
             if version is None and isinstance(access, gx.NotFound):
                 raise NotFound(f"Secret {self._ref(path)} has no versions.", code="secret_not_found")
             want = "its latest version" if version is None else f"version {version}"
@@ -546,7 +618,7 @@ class GCPSecretManagerBackend(BackendBase):
             )
         if isinstance(access, BaseException):
             raise access
-        return SecretValue(path, _version_number(access.name), self._decode_payload(path, access.payload.data))
+        return self._value(path, sid, secret, access)
 
     async def _versions(self, path: str, doing: str) -> list[Any]:
         from google.api_core import exceptions as gx
@@ -557,43 +629,74 @@ class GCPSecretManagerBackend(BackendBase):
                 passthrough=(gx.NotFound,),
             )
         except gx.NotFound:
+            self._forget_owner(self._secret_id(path))
             raise self._missing(path) from None
         from google.cloud.secretmanager_v1 import SecretVersion
 
         enabled = [v for v in found if v.state == SecretVersion.State.ENABLED]
         return sorted(enabled, key=lambda v: _version_number(v.name))
 
-    def _metadata(self, path: str, secret: Any, versions: list[Any], current: int, keys: list[str]) -> SecretMetadata:
+    def _metadata(self, path: str, owned: _Owned, versions: list[Any], current: int, keys: list[str]) -> SecretMetadata:
         infos = [
             VersionInfo(_version_number(v.name), keys if _version_number(v.name) == current else [],
                         _parse_time(v.create_time), None)
             for v in versions
         ]
-        updated = next((i.created_at for i in infos if i.version == current), _parse_time(secret.create_time))
+        updated = next((i.created_at for i in infos if i.version == current), owned.created_at)
         return SecretMetadata(
             backend=self.name, path=path, current_version=current, keys=keys,
-            created_at=_parse_time(secret.create_time), updated_at=updated, deleted_at=None, versions=infos,
+            created_at=owned.created_at, updated_at=updated, deleted_at=None, versions=infos,
         )
 
     async def metadata(self, path: str) -> SecretMetadata:
         from google.api_core import exceptions as gx
 
-        secret, versions = await self._gather(self._secret(path, "reading metadata"), self._versions(path, "reading metadata"))
-        for result in (secret, versions):
-            if isinstance(result, BaseException):
-                raise result
+        sid = self._secret_id(path)
+        owned = self._cached_owner(sid)
+        if owned is not None:
+            versions = await self._versions(path, "reading metadata")
+        else:
+            owned, versions = await self._gather(
+                self._secret(path, "reading metadata"), self._versions(path, "reading metadata")
+            )
+            for result in (owned, versions):
+                if isinstance(result, BaseException):
+                    raise result
         if not versions:
             raise NotFound(f"Secret {self._ref(path)} has no enabled version.", code="secret_not_found")
         current = _version_number(versions[-1].name)
+        keys = self._keys.get((sid, owned.created_at, current))
+        if keys is None:
+            try:
+                access = await self._call(
+                    "reading metadata", "access_secret_version", {"name": versions[-1].name},
+                    passthrough=(gx.NotFound, gx.BadRequest, gx.FailedPrecondition),
+                )
+                keys = sorted(self._value(path, sid, owned, access).data)
+            except (gx.NotFound, gx.BadRequest, gx.FailedPrecondition):
+                keys = []  # disabled or destroyed between the two calls
+        return self._metadata(path, owned, versions, current, keys)
+
+    async def _owner_or_create(self, path: str) -> _Owned:
+        from google.api_core import exceptions as gx
+
         try:
-            access = await self._call(
-                "reading metadata", "access_secret_version", {"name": versions[-1].name},
-                passthrough=(gx.NotFound, gx.BadRequest, gx.FailedPrecondition),
+            return await self._secret(path, "writing a secret", writing=True)
+        except NotFound as exc:
+            if exc.code != "secret_not_found":
+                raise
+        body = {"replication": {"automatic": {}}, "labels": {**self.config.labels, OWNER_LABEL: OWNER_VALUE}}
+        try:
+            secret = await self._call(
+                "creating a secret", "create_secret",
+                {"parent": self._parent, "secret_id": self._secret_id(path), "secret": body},
+                idempotent=False, passthrough=(gx.Conflict,),
             )
-            keys = sorted(self._decode_payload(path, access.payload.data))
-        except (gx.NotFound, gx.BadRequest, gx.FailedPrecondition):
-            keys = []  # disabled or destroyed between the two calls
-        return self._metadata(path, secret, versions, current, keys)
+        except gx.Conflict:  # created meanwhile (another writer): check whose it is
+            return await self._secret(path, "writing a secret", writing=True)
+        owned = _Owned(_parse_time(secret.create_time), secret.etag)
+        self._remember_owner(self._secret_id(path), owned)
+        return owned
 
     async def put(
         self, path: str, data: Mapping[str, str], *, author: str, cas: int | None = None
@@ -602,34 +705,30 @@ class GCPSecretManagerBackend(BackendBase):
 
         if cas is not None:
             raise Conflict(f"Backend {self.name!r} (type gcp) does not support check-and-set writes.", code="not_supported")
-        name = self._secret_name(path)
-        try:
-            secret = await self._secret(path, "writing a secret", writing=True)
-        except NotFound as exc:
-            if exc.code != "secret_not_found":
-                raise
-            body = {"replication": {"automatic": {}}, "labels": {**self.config.labels, OWNER_LABEL: OWNER_VALUE}}
-            try:
-                secret = await self._call(
-                    "creating a secret", "create_secret",
-                    {"parent": self._parent, "secret_id": self._secret_id(path), "secret": body},
-                    idempotent=False, passthrough=(gx.Conflict,),
-                )
-            except gx.Conflict:  # created meanwhile (another writer): check whose it is
-                secret = await self._secret(path, "writing a secret", writing=True)
+        sid, name = self._secret_id(path), self._secret_name(path)
         payload = json.dumps(dict(data), separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
-        try:
-            added = await self._call(
-                "writing a secret", "add_secret_version", {"parent": name, "payload": {"data": payload}},
-                idempotent=False, passthrough=(gx.NotFound,),
-            )
-        except gx.NotFound:  # destroyed between the two calls
-            raise self._missing(path) from None
+        owned = self._cached_owner(sid)
+        for attempt in range(2):
+            if owned is None:
+                owned = await self._owner_or_create(path)
+            try:
+                added = await self._call(
+                    "writing a secret", "add_secret_version", {"parent": name, "payload": {"data": payload}},
+                    idempotent=False, passthrough=(gx.NotFound,),
+                )
+                break
+            except gx.NotFound:  # destroyed since it was checked (or remembered): once more from the top
+                self._forget_owner(sid)
+                owned = None
+                if attempt:
+                    raise self._missing(path) from None
+        assert owned is not None
         current = _version_number(added.name)
+        self._remember_keys(sid, owned, current, sorted(data))
         versions = await self._versions(path, "writing a secret")
         if all(_version_number(v.name) != current for v in versions):
             versions = sorted([*versions, added], key=lambda v: _version_number(v.name))
-        return self._metadata(path, secret, versions, current, sorted(data))
+        return self._metadata(path, owned, versions, current, sorted(data))
 
     async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
         from google.api_core import exceptions as gx
@@ -640,11 +739,13 @@ class GCPSecretManagerBackend(BackendBase):
                 f"Backend {self.name!r} (type gcp) does not support soft delete; destroy the secret instead.",
                 code="not_supported",
             )
+        sid = self._secret_id(path)
         for _ in range(3):
-            secret = await self._secret(path, "destroying a secret")
+            owned = await self._secret(path, "destroying a secret")  # always fresh: its etag guards the delete
+            self._forget_owner(sid)
             try:
                 await self._call(
-                    "destroying a secret", "delete_secret", {"name": self._secret_name(path), "etag": secret.etag},
+                    "destroying a secret", "delete_secret", {"name": self._secret_name(path), "etag": owned.etag},
                     passthrough=(gx.NotFound, gx.Conflict),
                 )
                 return

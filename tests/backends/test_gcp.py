@@ -508,3 +508,27 @@ async def test_sdk_errors_from_the_store_are_sanitised_with_their_status(standin
                                    "secret": {"replication": {"automatic": {}}}})
     assert CANARY in str(e.value)  # Google's own message quotes names...
     assert GCPSecretManagerBackend.sanitize(e.value) == "Forbidden (403 PERMISSION_DENIED)"  # ...ours never
+
+
+async def test_a_remembered_ownership_check_makes_a_read_one_call_and_zero_turns_it_off(standin, admin_key, prefix) -> None:
+    sdk = _sdk(standin, admin_key)
+    backend = await _direct(_config(standin, prefix, admin_key))
+    try:
+        await backend.put("o/s", {"k": "v"}, author="t")
+        before = dict(standin.calls)
+        assert (await backend.get("o/s")).data == {"k": "v"}
+        assert (await backend.metadata("o/s")).keys == ["k"]
+        delta = {k: v - before.get(k, 0) for k, v in standin.calls.items() if v != before.get(k, 0)}
+        assert delta == {"versions.access": 1, "versions.list": 1}  # no GetSecret, keys remembered
+    finally:
+        await backend.aclose()
+    strict = await _direct(_config(standin, prefix, admin_key, ownership_cache_seconds=0))
+    try:
+        assert (await strict.get("o/s")).data == {"k": "v"}
+        name = standin.secret(prefix + "o_ss")["name"]  # type: ignore[index]
+        sdk.update_secret(request={"secret": {"name": name, "labels": {}}, "update_mask": {"paths": ["labels"]}})
+        with pytest.raises(NotFound) as e:  # someone took the label off: refused at once
+            await strict.get("o/s")
+        assert e.value.code == "secret_not_owned"
+    finally:
+        await strict.aclose()
