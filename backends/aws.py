@@ -59,12 +59,15 @@ that made it). So:
   moto, unlike AWS, checks tokens without a lock of its own);
 - ``check_and_set`` is atomic: ``cas=c`` writes only with the token for c+1, and a
   collision there is 409 ``cas_mismatch`` (nobody else can have made c+1 twice);
-- no staging labels are used for versions (Secrets Manager allows only 20 labels
-  per secret). Versions lose ``AWSCURRENT``/``AWSPREVIOUS`` as newer ones arrive and
-  become "deprecated"; they stay readable by ``VersionId`` until Secrets Manager
-  removes them: it keeps about 100 versions and removes deprecated ones beyond
-  that (never versions younger than 24 hours). A removed version reads as 404
-  ``version_not_found`` and disappears from ``metadata().versions``.
+- no staging labels are used for versions (AWS caps the labels on a secret).
+  Versions lose ``AWSCURRENT``/``AWSPREVIOUS`` as newer ones arrive and become
+  unlabelled ("deprecated"); they stay readable by ``VersionId`` until Secrets
+  Manager removes them: it removes unlabelled versions beyond 100, but never one
+  younger than 24 hours. A removed version reads as 404 ``version_not_found`` and
+  disappears from ``metadata().versions``. AWS advises against writing one secret
+  more than once every 10 minutes, sustained: past about 100 versions younger than a
+  day, ``PutSecretValue`` fails (``LimitExceededException``: 502
+  ``target_quota_exceeded``).
 - ``metadata()`` is ``DescribeSecret`` + ``ListSecretVersionIds``; each version's key
   names and author come from its value, read once per process and remembered
   (versions are immutable), so the first ``metadata()`` of a secret with many
@@ -394,11 +397,19 @@ class AWSSecretsManagerBackend(BackendBase):
                     code="secret_ref_unavailable",
                 )
             k = self.config.keys
-            keys = (
-                await self.context.read_ref(k.access_key_id),
-                await self.context.read_ref(k.secret_access_key),
-                await self.context.read_ref(k.session_token) if k.session_token else None,
-            )
+            refs = [k.access_key_id, k.secret_access_key, *([k.session_token] if k.session_token else [])]
+            got: list[str] = []
+            for ref in refs:
+                try:
+                    got.append(await self.context.read_ref(ref))
+                except (TargetUnreachable, ValidationFailed):
+                    raise
+                except CredgateError as exc:  # not the caller's path: the credentials can't be read
+                    raise TargetError(
+                        f"Backend {self.name!r} could not read its AWS keys from {ref.backend}/{ref.path} ({exc.code}).",
+                        code="target_auth_failed",
+                    ) from None
+            keys = (got[0], got[1], got[2] if len(got) > 2 else None)
         self._client = await self._call("connecting", lambda: self._make_client(keys))
 
     async def aclose(self) -> None:
@@ -527,6 +538,12 @@ class AWSSecretsManagerBackend(BackendBase):
                 return TargetError(
                     f"AWS denied backend {self.name!r} permission for {doing} ({what}).",
                     code="target_permission_denied",
+                )
+            if code == "LimitExceededException":
+                return TargetError(
+                    f"AWS Secrets Manager refused {doing}: a quota is reached ({what}); a secret keeps at most "
+                    f"about 100 versions younger than 24 hours.",
+                    code="target_quota_exceeded",
                 )
             if code in _THROTTLE_CODES:
                 return TargetUnreachable(f"AWS Secrets Manager is throttling {doing} ({what}).", code="target_throttled")

@@ -405,6 +405,11 @@ async def test_keys_held_in_the_local_backend(gateway: Gateway, moto_auth: dict[
     assert r.status_code == 502 and r.json()["error"]["code"] == "target_auth_failed"
     health = (await gateway.client.post("/v1/backends/awsbad/check")).json()
     assert health["ok"] is False
+    # Keys that are not there: the backend's credentials fail, not the caller's path.
+    cfg = _config(server, keys=keys("aws/missing"))
+    assert (await gateway.client.put("/v1/backends/awsnokeys", json={"type": "aws", "config": cfg})).status_code == 201
+    r2 = await gateway.client.get("/v1/secrets/awsnokeys/x")
+    assert r2.status_code == 502 and r2.json()["error"]["code"] == "target_auth_failed"
     for text in (r.text, json.dumps(health), *(rec.getMessage() for rec in caplog.records)):
         assert "CANARY" not in text and ro["SecretAccessKey"] not in text and "<Message>" not in text
 
