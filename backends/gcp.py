@@ -121,12 +121,18 @@ Errors
 Messages are the backend's own sentences plus at most :meth:`GCPSecretManagerBackend.sanitize`
 (the exception's class, HTTP status and gRPC status name, never Google's text, which quotes
 resource names and URLs).
+
+Logs: the SDK logs each request and response *with its payload* (a value, base64) at DEBUG
+(in the record's ``extra``), and google-auth its token exchanges; the backend holds those
+loggers at INFO (``_QUIET_LOGGERS``) so no root or ``GOOGLE_SDK_PYTHON_LOGGING_SCOPE`` DEBUG
+setting turns them on. urllib3's DEBUG lines name URLs (secret ids, i.e. paths), never values.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -165,6 +171,14 @@ PAGE_SIZE = 25_000  # Secret Manager's largest page
 PROBE_SUFFIX = "_credgate-probe"  # "_c" is no escape: never a credgate path
 
 _CACHE_ENTRIES = 10_000
+# The SDK's DEBUG records carry request and response payloads (a value, base64) in their
+# ``extra``, and google-auth's the token exchange: held at INFO, whatever the root level.
+_QUIET_LOGGERS = (
+    "google.cloud.secretmanager_v1.services.secret_manager_service.client",
+    "google.cloud.secretmanager_v1.services.secret_manager_service.transports.rest",
+    "google.auth.transport.requests",
+    "google.oauth2._client",
+)
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _ESCAPE = {"_": "__", ".": "_d", "/": "_s"}
 _UNESCAPE = {"_": "_", "d": ".", "s": "/"}
@@ -359,6 +373,8 @@ class GCPSecretManagerBackend(BackendBase):
         from google.api_core.client_options import ClientOptions
         from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 
+        for logger in _QUIET_LOGGERS:
+            logging.getLogger(logger).setLevel(logging.INFO)
         cfg = self.config
         options = ClientOptions(api_endpoint=cfg.api_endpoint) if cfg.api_endpoint else None
         if info is None:

@@ -532,3 +532,25 @@ async def test_a_remembered_ownership_check_makes_a_read_one_call_and_zero_turns
         assert e.value.code == "secret_not_owned"
     finally:
         await strict.aclose()
+
+
+async def test_sdk_debug_logging_never_carries_a_value(standin, admin_key, prefix, caplog) -> None:
+    google = logging.getLogger("google")
+    saved = (google.level, google.propagate)
+    google.setLevel(logging.DEBUG)
+    google.propagate = True  # as an operator debugging the SDK would set it
+    caplog.set_level(logging.DEBUG)
+    try:
+        for flow in ("self_signed_jwt", "token"):
+            backend = await _direct(_config(standin, prefix, admin_key, auth_flow=flow))
+            try:
+                await backend.put(f"log/{flow}", {"k": CANARY}, author="t")
+                assert (await backend.get(f"log/{flow}")).data == {"k": CANARY}
+            finally:
+                await backend.aclose()
+    finally:
+        google.setLevel(saved[0])
+        google.propagate = saved[1]
+    payload = base64.b64encode(json.dumps({"k": CANARY}, separators=(",", ":")).encode()).decode()
+    everything = " ".join(repr(vars(r)) for r in caplog.records)
+    assert CANARY not in everything and payload not in everything and "ya29." not in everything
