@@ -18,9 +18,9 @@ Configuration (:class:`AzureBackendConfig`, unknown fields refused with 422)
     ``send_certificate_chain`` for subject-name/issuer authentication;
   - ``workload_identity``: ``tenant_id``, ``client_id``, ``token_file`` (the federated
     token file, e.g. ``AZURE_FEDERATED_TOKEN_FILE`` of AKS workload identity). The file is
-    read whenever a new access token is needed and re-read as soon as it changed (its
-    mtime/size/inode), so a rotated token is used at once (azure-identity's own
-    ``WorkloadIdentityCredential`` keeps a read for 10 minutes);
+    read at every token request (about once an hour: access tokens are cached until near
+    their expiry), so a rotated token is used at once (azure-identity's own
+    ``WorkloadIdentityCredential`` keeps what it read for 10 minutes);
   - ``ambient``: ``DefaultAzureCredential`` (environment, managed identity, Azure CLI...;
     ``managed_identity_client_id`` for a user-assigned identity), without interactive ones.
 
@@ -352,6 +352,16 @@ class _TokenFileError(Exception):
     """The federated token file could not be read (carries no path or content)."""
 
 
+def _root(exc: BaseException) -> BaseException:
+    """What an azure-identity ``ClientAuthenticationError`` wraps (it raises one ``from`` any
+    failure of a token request, a refused connection included), else the exception itself."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 5 and type(exc).__name__ == "ClientAuthenticationError":
+        exc = exc.__cause__
+        seen += 1
+    return exc
+
+
 def _status(exc: BaseException) -> int:
     status = getattr(exc, "status_code", None)
     return int(status) if isinstance(status, int) else 0
@@ -402,8 +412,6 @@ class AzureKeyVaultBackend(BackendBase):
         self._ids: OrderedDict[tuple[str, int], str] = OrderedDict()
         self._keys: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
         self._memo_lock = threading.Lock()
-        self._token: tuple[tuple[int, int, int], str] | None = None
-        self._token_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -486,7 +494,6 @@ class AzureKeyVaultBackend(BackendBase):
             extra = {"managed_identity_client_id": auth.managed_identity_client_id} if auth.managed_identity_client_id else {}
             if "authority" in kw:
                 kw["authority"] = "https://" + kw["authority"]
-            kw.pop("disable_instance_discovery", None)
             credential = DefaultAzureCredential(exclude_interactive_browser_credential=True, **extra, **kw)
         client = SecretClient(
             self.config.vault_url, credential, verify_challenge_resource=self.config.verify_challenge_resource,
@@ -495,22 +502,17 @@ class AzureKeyVaultBackend(BackendBase):
         return credential, client
 
     def _federated_token(self) -> str:
-        """The federated token, re-read whenever the file changed (rotation)."""
+        """The federated token, read from the file at every token request (rare: access
+        tokens are cached until near their expiry), so a rotated file is used at once."""
         assert isinstance(self.config.auth, WorkloadIdentityAuth)
-        path = self.config.auth.token_file
-        with self._token_lock:
-            try:
-                st = os.stat(path)
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-                if self._token is None or self._token[0] != stamp:
-                    with open(path, encoding="utf-8") as f:
-                        token = f.read().strip()
-                    if not token:
-                        raise _TokenFileError("empty")
-                    self._token = (stamp, token)
-            except (OSError, UnicodeDecodeError):
-                raise _TokenFileError("unreadable") from None
-            return self._token[1]
+        try:
+            with open(self.config.auth.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            raise _TokenFileError("unreadable") from None
+        if not token:
+            raise _TokenFileError("empty")
+        return token
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -536,6 +538,9 @@ class AzureKeyVaultBackend(BackendBase):
         error codes and an AADSTS number: never its message (it quotes names, ids and URLs)."""
         if isinstance(exc, _TokenFileError):
             return "federated token file unreadable"
+        root = _root(exc)
+        if root is not exc:  # an azure-identity wrapper: say what it wraps, by class and codes
+            return f"{type(exc).__name__} from {cls.sanitize(root)}"
         parts: list[str] = []
         if _status(exc):
             parts.append(str(_status(exc)))
@@ -557,6 +562,9 @@ class AzureKeyVaultBackend(BackendBase):
         )
 
         what = self.sanitize(exc)
+        root = _root(exc)
+        if root is not exc and isinstance(root, (ServiceRequestError, ServiceResponseError, OSError)):
+            return TargetUnreachable(f"The Entra authority could not be reached while {doing} ({what}).")
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
             return TargetUnreachable(f"Azure Key Vault did not answer in time while {doing}.", code="target_timeout")
         if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
@@ -974,6 +982,8 @@ class AzureKeyVaultBackend(BackendBase):
             except (ServiceRequestError, ServiceResponseError):
                 raise
             except ClientAuthenticationError as exc:
+                if isinstance(_root(exc), (ServiceRequestError, ServiceResponseError, OSError)):
+                    raise
                 return Health(
                     False, f"Azure refused backend {self.name!r}'s credentials ({self.sanitize(exc)}).",
                     {"auth": "refused"}, problem="auth_refused",

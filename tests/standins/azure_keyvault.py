@@ -39,7 +39,9 @@ Authentication and authorisation, verified, never assumed:
   ``WWW-Authenticate: Bearer authorization="https://login.microsoftonline.com/{tenant}",
   resource="https://vault.azure.net"`` (the SDK's first request of each client is such an
   unauthenticated probe). A token must be one this stand-in issued (RS256 signature), for
-  the audience ``https://vault.azure.net``, of the vault's tenant, not expired.
+  the audience ``https://vault.azure.net``, of the vault's tenant, not expired (with five
+  minutes of clock skew, as Azure; ``token_lifetime=0`` makes clients fetch a new token for
+  every call, which tests of credential rotation use).
 - The Entra endpoints, on the same server: ``GET /{tenant}/v2.0/.well-known/openid-configuration``,
   ``GET /{tenant}/discovery/v2.0/keys`` and ``POST /{tenant}/oauth2/v2.0/token`` with
   ``grant_type=client_credentials`` and ``scope=https://vault.azure.net/.default``,
@@ -102,6 +104,7 @@ ALL_PERMISSIONS = frozenset({"get", "list", "set", "delete", "recover", "purge"}
 READ_PERMISSIONS = frozenset({"get", "list"})
 MAX_VALUE_BYTES = 25 * 1024
 RECOVERABLE_DAYS = 90
+CLOCK_SKEW = 300  # seconds of clock skew Entra-issued tokens are accepted with, as Azure does
 _NAME = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
 _API_VERSION = re.compile(r"^(7\.\d+|20\d\d-\d\d-\d\d)(-preview(\.\d+)?)?$")
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -511,7 +514,7 @@ class AzureKeyVaultStandIn:
         try:
             claims = jwt.decode(
                 token, self._signing_key.public_key(), algorithms=["RS256"], audience=[VAULT_RESOURCE, VAULT_RESOURCE + "/"],
-                options={"require": ["exp", "aud", "iss", "tid"]},
+                options={"require": ["exp", "aud", "iss", "tid"]}, leeway=CLOCK_SKEW,
             )
         except jwt.ExpiredSignatureError:
             raise KeyVaultError(401, "Unauthorized", "AKV10020: Invalid token: token expired.", headers=self._challenge()) from None
