@@ -428,8 +428,9 @@ async def test_namespace_header(openbao: OpenBao, prefix: str) -> None:
 # --- OpenBao going away and coming back ----------------------------------------------------
 
 
-async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gateway, prefix: str, caplog) -> None:
-    bao = OpenBao().start()
+async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gateway, prefix: str, tmp_path: Path, caplog) -> None:
+    """A persistent (raft) OpenBao: stopped, then restarted sealed, then unsealed, on one port."""
+    bao = OpenBao(storage_dir=tmp_path / "raft").start()
     try:
         config = token_config(bao, prefix, token=bao.root_token) | {"timeout": 2}
         await register(gateway, "gone", config)
@@ -443,9 +444,18 @@ async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gatew
             assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
             check = (await gateway.client.post("/v1/backends/gone/check")).json()
             assert check["ok"] is False and check["problem"] == "unreachable"
+
+            bao.start(unseal=False)  # back on the same port, but sealed: Vault answers 503
+            r = await gateway.client.put("/v1/secrets/gone/new", json={"data": {"k": CANARY}})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable", r.text
+            assert "Retry-After" in r.headers and CANARY not in r.text
+            check = (await gateway.client.post("/v1/backends/gone/check")).json()
+            assert check["ok"] is False and check["problem"] == "unreachable"
         assert CANARY not in caplog.text and bao.root_token not in caplog.text
-        # Another server on the same port (a dev server: in memory, so it starts empty).
-        bao.start()
+
+        bao.unseal()
+        got = await gateway.client.get("/v1/secrets/gone/kept", params={"reveal": "true"})
+        assert got.status_code == 200 and got.json()["data"] == {"k": "v1"}  # recovered, data intact
         r = await gateway.client.get("/v1/secrets/gone/new")
         assert r.status_code == 404 and r.json()["error"]["code"] == "secret_not_found"  # no partial write
         r = await gateway.client.put("/v1/secrets/gone/new", json={"data": {"k": "again"}})

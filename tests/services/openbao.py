@@ -24,6 +24,13 @@ API (keep it small; other helpers import it)::
 ``OpenBao(port=N)`` listens on a chosen port (e.g. to replace a stopped server).
 The dev server's data lives in memory: a restarted server is empty (same root token).
 
+``OpenBao(storage_dir=path)`` runs a non-dev server with ``storage "raft"`` in ``path``
+(OpenBao 2.x has no ``file`` storage)
+instead: the first start initialises it (one unseal key: ``bao.unseal_key``; the root
+token it generates replaces ``root_token``), unseals it and mounts KV v2 at ``secret/``.
+Data survives :meth:`stop`/:meth:`start`; ``start(unseal=False)`` leaves a restarted
+server sealed (it answers 503) until :meth:`unseal`.
+
 Pytest: ``from tests.services.openbao import openbao  # noqa: F401`` in a test module
 gives a session-scoped ``openbao`` fixture (one server per module that imports it,
 per xdist worker), skipped (or failed under CREDGATE_REQUIRE_SERVICES=1) when the
@@ -66,8 +73,13 @@ class OpenBao(ManagedService):
 
     host = "127.0.0.1"
 
-    def __init__(self, *, port: int | None = None, root_token: str | None = None, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self, *, port: int | None = None, root_token: str | None = None, start_timeout: float = 20.0,
+        storage_dir: str | Path | None = None,
+    ) -> None:
         self.root_token = root_token or "root-" + secrets.token_hex(12)
+        self.storage_dir = Path(storage_dir) if storage_dir is not None else None
+        self.unseal_key: str | None = None
         self.start_timeout = start_timeout
         self.port: int = port or 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -86,11 +98,12 @@ class OpenBao(ManagedService):
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> OpenBao:
+    def start(self, *, unseal: bool = True) -> OpenBao:
         """Start a dev server and wait until ``/v1/sys/health`` answers; returns ``self``.
         Without a fixed port it picks a free one (and retries on a lost race)."""
         if self.running:
             return self
+        self._unseal_at_start = unseal
         reuse = bool(self.port)  # a fixed port, or the one a stopped server had
         attempts = 1 if reuse else 3
         for attempt in range(attempts):
@@ -115,15 +128,27 @@ class OpenBao(ManagedService):
             if not k.startswith(("VAULT_", "BAO_")) and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
         }
         env.update(HOME=self._home.name, NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
-        self._proc = subprocess.Popen(
-            [
+        if self.storage_dir is None:
+            command = [
                 bao_binary(), "server", "-dev",
                 f"-dev-root-token-id={self.root_token}",
                 f"-dev-listen-address={self.host}:{self.port}",
                 "-dev-no-store-token",
                 "-log-level=warn",
-            ],
-            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            ]
+        else:
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
+            config = Path(self._home.name, "server.hcl")
+            cluster = free_port()
+            config.write_text(
+                f'storage "raft" {{\n  path = "{self.storage_dir}"\n  node_id = "credgate-test"\n  performance_multiplier = 1\n}}\n'
+                f'listener "tcp" {{\n  address = "{self.host}:{self.port}"\n'
+                f'  cluster_address = "{self.host}:{cluster}"\n  tls_disable = true\n}}\n'
+                f'api_addr = "{self.url}"\ncluster_addr = "https://{self.host}:{cluster}"\n'
+            )
+            command = [bao_binary(), "server", f"-config={config}", "-log-level=warn"]
+        self._proc = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout
@@ -135,10 +160,43 @@ class OpenBao(ManagedService):
                     r = http.get(f"{self.url}/v1/sys/health")
                     if r.status_code == 200:
                         return
+                    if self.storage_dir is not None and r.status_code in (501, 503):
+                        initialised = http.get(f"{self.url}/v1/sys/init").json()["initialized"]
+                        self._init_and_unseal(http, not initialised)
+                        return
                 except httpx.TransportError:
                     pass
                 time.sleep(0.05)
         raise RuntimeError(f"bao server did not answer on {self.url} within {self.start_timeout:g}s:\n{self._log_tail()}")
+
+    def _init_and_unseal(self, http: httpx.Client, uninitialised: bool) -> None:
+        if uninitialised:
+            # raft bootstraps during init: well over the polling client's 2 s
+            r = http.put(f"{self.url}/v1/sys/init", json={"secret_shares": 1, "secret_threshold": 1}, timeout=60)
+            r.raise_for_status()
+            self.unseal_key = r.json()["keys_base64"][0]
+            self.root_token = r.json()["root_token"]
+        if uninitialised or self._unseal_at_start:
+            self.unseal()
+        if uninitialised:
+            r = http.post(
+                f"{self.url}/v1/sys/mounts/secret", headers={"X-Vault-Token": self.root_token},
+                json={"type": "kv", "options": {"version": "2"}}, timeout=30,
+            )
+            r.raise_for_status()
+
+    def unseal(self) -> None:
+        """Unseal a ``storage_dir`` server (after ``start(unseal=False)``); waits until it serves."""
+        if self.unseal_key is None:
+            raise RuntimeError("no unseal key: not a storage_dir server, or never initialised")
+        deadline = time.monotonic() + self.start_timeout
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            http.put(f"{self.url}/v1/sys/unseal", json={"key": self.unseal_key}, timeout=60).raise_for_status()
+            while time.monotonic() < deadline:
+                if http.get(f"{self.url}/v1/sys/health").status_code == 200:
+                    return
+                time.sleep(0.05)
+        raise RuntimeError(f"bao server at {self.url} did not become active after unsealing")
 
     def _log_tail(self, limit: int = 3000) -> str:
         if self._log is None:
