@@ -1080,4 +1080,5 @@ class AWSSecretsManagerBackend(BackendBase):
                 False, f"AWS Secrets Manager denies backend {self.name!r}: {', '.join(denied)}.", details,
                 problem="permission_missing",
             )
-        return Health(True, f"AWS Secrets Manager answers in {self.config.region} and permits list, read and write.", details)
+        probed = ", ".join(k for k in ("list", "read", "write") if details.get(k) == "ok")
+        return Health(True, f"AWS Secrets Manager answers in {self.config.region} and permits {probed}.", details)
