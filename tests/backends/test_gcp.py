@@ -554,3 +554,55 @@ async def test_sdk_debug_logging_never_carries_a_value(standin, admin_key, prefi
     payload = base64.b64encode(json.dumps({"k": CANARY}, separators=(",", ":")).encode()).decode()
     everything = " ".join(repr(vars(r)) for r in caplog.records)
     assert CANARY not in everything and payload not in everything and "ya29." not in everything
+
+
+def _jwt(key: dict[str, str], claims: dict[str, Any], alg: str = "RS256") -> str:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    head = b64(json.dumps({"alg": alg, "typ": "JWT", "kid": key["private_key_id"]}).encode())
+    body = b64(json.dumps(claims).encode())
+    private = serialization.load_pem_private_key(key["private_key"].encode(), None)
+    signature = private.sign(f"{head}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr,call-arg]
+    return f"{head}.{body}.{b64(signature)}"
+
+
+def test_the_stand_in_verifies_what_it_is_given(standin, admin_key) -> None:
+    """The stand-in itself: signatures, iss/sub, aud, exp and scope are checked, as Google does."""
+    import time
+
+    import httpx
+
+    email, now = admin_key["client_email"], int(time.time())
+    api = f"{standin.endpoint}/v1/projects/{standin.project}/secrets"
+    good = {"iss": email, "sub": email, "aud": "https://secretmanager.googleapis.com/", "iat": now, "exp": now + 600}
+    with httpx.Client(trust_env=False, timeout=5) as http:
+        def call(token: str) -> httpx.Response:
+            return http.get(api, headers={"Authorization": f"Bearer {token}"})
+
+        assert call(_jwt(admin_key, good)).status_code == 200
+        for bad in (
+            {**good, "exp": now - 120},  # expired
+            {**good, "aud": "https://other.googleapis.com/"},  # someone else's audience
+            {**good, "sub": "other@x.iam.gserviceaccount.com"},  # sub is not iss
+            {**good, "iss": "unknown@x.iam.gserviceaccount.com", "sub": "unknown@x.iam.gserviceaccount.com"},
+            {**good, "exp": now + 7200},  # longer than an hour
+        ):
+            r = call(_jwt(admin_key, bad))
+            assert r.status_code == 401 and r.json()["error"]["status"] == "UNAUTHENTICATED"
+        forged = _jwt(admin_key, good)
+        assert call(forged[:-4] + ("AAAA" if not forged.endswith("AAAA") else "BBBB")).status_code == 401
+        assert call("not-a-token").status_code == 401 and http.get(api).status_code == 401
+
+        grant = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer"}
+        assertion = {**good, "aud": "https://oauth2.googleapis.com/token", "scope": "https://www.googleapis.com/auth/cloud-platform"}
+        r = http.post(standin.token_uri, data={**grant, "assertion": _jwt(admin_key, assertion)})
+        assert r.status_code == 200 and r.json()["token_type"] == "Bearer"
+        assert call(r.json()["access_token"]).status_code == 200
+        for bad in ({**assertion, "scope": ""}, {**assertion, "aud": "https://secretmanager.googleapis.com/"}, {**assertion, "exp": now - 120}):
+            r = http.post(standin.token_uri, data={**grant, "assertion": _jwt(admin_key, bad)})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+        assert http.post(standin.token_uri, data={"grant_type": "password"}).json()["error"] == "unsupported_grant_type"
