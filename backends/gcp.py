@@ -29,7 +29,7 @@ Auth
   ``context.read_ref``). With ``auth_flow="self_signed_jwt"`` (the default, what Google's SDK
   does for service-account keys) each call carries a JWT signed with the key, audience
   ``https://secretmanager.googleapis.com/``; no token endpoint is called. With
-  ``auth_flow="token"`` the key is exchanged at its ``token_uri`` (or ``token_uri``) for an
+  ``auth_flow="token"`` the key is exchanged at its ``token_uri`` (or the config's) for an
   OAuth2 access token (JWT-bearer grant, scope cloud-platform), refreshed by google-auth.
   Exactly one of the two key fields may be set.
 
@@ -97,11 +97,11 @@ anyone who can do that can also add versions to credgate's own secrets).
   The API's read (metadata, then get) is thus two round trips once warm.
 - ``put``: ``AddSecretVersion`` then ``ListSecretVersions`` (``GetSecret`` first when not
   remembered, ``CreateSecret`` the first time).
-- ``list``: Secret Manager has no ordered prefix
-query (and the encoding does not keep lexical order), so every page lists all the mount's
-secrets (server-side filter: the ownership label and ``name:<encoded prefix>``, 25,000 per
-page), decodes, sorts and slices: O(secrets under the prefix) per page. ``count`` lists them
-all.
+- ``list``: Secret Manager has no ordered prefix query (and the encoding does not keep
+  lexical order), so every page lists all the mount's secrets under the prefix (server-side
+  filter: the ownership label and ``name:<encoded prefix>``, 25,000 per page), decodes, sorts
+  and slices: O(secrets under the prefix) per page, whatever ``limit`` is. ``count`` lists
+  them all.
 
 Size limit
 ----------
