@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -62,6 +63,7 @@ _CODES = {
     "KMSInvalidStateException": ("kms_key_disabled", "the key is not in a usable state (pending deletion or import)"),
     "InvalidKeyUsageException": ("kms_key_disabled", "the key is not a symmetric encryption key"),
     "AccessDeniedException": ("target_permission_denied", "the caller may not use the key"),
+    "AccessDenied": ("target_permission_denied", "the caller may not use the key"),
     "InvalidCiphertextException": ("kms_decrypt_failed", "a wrapped KEK version does not open under this key and context"),
     "IncorrectKeyException": ("kms_decrypt_failed", "a wrapped KEK version was made by another key"),
 }
@@ -205,10 +207,21 @@ class _Refused(Exception):
         self.why = why
 
 
+_XML_CODE = re.compile(r"<Code>([A-Za-z][A-Za-z0-9.]{0,63})</Code>")
+
+
 def _aws_code(exc: BaseException) -> str | None:
+    """The AWS error code: a word, never the message. An XML error body answered to a JSON
+    request (IAM's refusals as moto sends them) leaves botocore with the HTTP status as the
+    code: the word is then taken from the body's <Code> element."""
     response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if isinstance(code, str) and code.isascii() and len(code) <= 64:
-            return code
+    if not isinstance(response, dict):
+        return None
+    error = response.get("Error", {})
+    code = error.get("Code")
+    if isinstance(code, str) and code.isdigit():
+        m = _XML_CODE.search(str(error.get("Message", "")))
+        return m.group(1) if m else code
+    if isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9.]{1,64}", code):
+        return code
     return None

@@ -218,7 +218,8 @@ class VaultTransitSource(KmsSourceBase):
             return TargetError(f"{self.description}: the token was refused ({doing}; {safe}).",
                                code="target_auth_failed")
         if isinstance(exc, hx.Forbidden):
-            return TargetError(f"{self.description}: the token may not use the key ({doing}; {safe}).",
+            return TargetError(f"{self.description}: the token may not use the key (or, to a token limited to "
+                               f"other keys, it does not exist) ({doing}; {safe}).",
                                code="target_permission_denied")
         if isinstance(exc, hx.InvalidPath):
             return TargetError(f"{self.description}: the transit key (or mount) does not exist ({doing}; {safe}).",

@@ -219,6 +219,7 @@ class KmsKeyRing:
             self._stored[r.version] = _Stored(r.fingerprint, r.wrapped_key, r.kms_key_version or "")
         newest = max(self._stored, default=0)
         failed: CredgateError | None = None
+        unwrapped = False
         for version in sorted(self._stored, reverse=True):
             if version in self._keys:
                 continue
@@ -241,7 +242,9 @@ class KmsKeyRing:
                     "was written with (fingerprint mismatch); refusing to use it"
                 )
             self._keys[version] = key
-        self._confirm()
+            unwrapped = True
+        if unwrapped:
+            self._confirm()
         if failed is not None:
             self.last_error = failed.code
 

@@ -216,10 +216,10 @@ class KeyManager:
         if await ring.check_kms():  # type: ignore[attr-defined]
             await self.rotate()
             return True
-        if ring.current_version != before:  # another replica rotated: move what this one wrote meanwhile
+        if not self.rotating and await self.needs_rewrap():
+            # Another replica rotated: move what this one wrote under the older version meanwhile.
             self.start_rewrap()
-            return True
-        return False
+        return ring.current_version != before
 
     async def _follow_loop(self, every: float) -> None:
         wake: asyncio.Event = self._keyring.wake  # type: ignore[attr-defined]
