@@ -1,0 +1,391 @@
+"""`credgate secret migrate` and `credgate connector repoint` (issue 12, item 7), run as the
+real `credgate` command in subprocesses against a real gateway served by uvicorn on a free
+port (in a thread of this process, so the tests can add a backend type and read the store).
+
+The destination is a second mount of type `local` (its own secrets, apart from `local`'s),
+and `small`: a local-type mount whose declared max_value_bytes is 2 KiB, to show a
+destination that refuses one secret (413 value_too_large) while the rest go through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from backends.base import BackendCapabilities
+from backends.local import LocalBackend
+from tests.services.waiting import clean_env, free_port
+
+CREDGATE = str(Path(sys.executable).parent / "credgate")
+ADMIN_TOKEN = "cgt_test-migrate-admin-" + "m" * 24
+CANARY = "CANARY-migrate-value-"
+
+
+class SmallLocal(LocalBackend):
+    """A local-type backend that declares a 2 KiB limit: the gateway refuses bigger writes (413)."""
+
+    type: ClassVar[str] = "small"
+    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
+        versions=True, soft_delete=True, check_and_set=True, cacheable=True, max_value_bytes=2048,
+    )
+
+
+class ServedGateway:
+    """The gateway's app under uvicorn in a thread, on a free 127.0.0.1 port."""
+
+    def __init__(self, tmp: Path) -> None:
+        import uvicorn
+
+        from gateway.crypto.keyring import new_key_file
+        from gateway.settings import load_settings
+        from gateway.web.app import create_app
+
+        new_key_file(tmp / "kek")
+        settings = load_settings(
+            data_dir=tmp / "data", database_url=f"sqlite:///{tmp / 'store.db'}", kek_file=tmp / "kek",
+            bootstrap_token=ADMIN_TOKEN, reaper_enabled=False, rate_per_address=0, rate_per_principal=0,
+        )
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.addr = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.05)
+        self.http = httpx.Client(base_url=self.addr, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def run(self, coro: Awaitable[Any]) -> Any:
+        """Run a coroutine on the server's loop (to read or seed the store directly)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def cli(self, *args: str, token: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        env = clean_env(CREDGATE_ADDR=self.addr, CREDGATE_TOKEN=token or ADMIN_TOKEN)
+        return subprocess.run([CREDGATE, *args], capture_output=True, text=True, env=env, timeout=120, cwd=cwd)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGateway]:
+    from gateway.plugins.registry import BACKEND_TYPES
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(BACKEND_TYPES, "small", (f"{__name__}:SmallLocal", None))
+        served = ServedGateway(tmp_path_factory.mktemp("migrate"))
+        try:
+            for name, type_ in (("team", "local"), ("tiny", "small")):
+                assert served.http.put(f"/v1/backends/{name}", json={"type": type_}).status_code == 201
+            yield served
+        finally:
+            served.stop()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def put(gw: ServedGateway, ref: str, data: dict[str, str]) -> dict[str, Any]:
+    r = gw.http.put(f"/v1/secrets/{ref}", json={"data": data})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def reveal(gw: ServedGateway, ref: str, version: int | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"reveal": "true"}
+    if version is not None:
+        params["version"] = version
+    r = gw.http.get(f"/v1/secrets/{ref}", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def listed(gw: ServedGateway, backend: str, prefix: str) -> list[str]:
+    r = gw.http.get(f"/v1/secrets/{backend}", params={"prefix": prefix, "limit": 1000})
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def versions_by_path(gw: ServedGateway, backend: str, prefix: str) -> dict[str, list[int]]:
+    """Every version the store holds for each secret under the prefix (read from the store)."""
+    from sqlalchemy import select
+
+    from gateway.store.models import SecretRow, SecretVersionRow
+
+    async def read() -> dict[str, list[int]]:
+        async with gw.runtime.store.read() as s:
+            rows = await s.execute(
+                select(SecretRow.path, SecretVersionRow.version)
+                .join(SecretVersionRow, SecretVersionRow.secret_id == SecretRow.id)
+                .where(SecretRow.backend == backend, SecretRow.path.startswith(prefix))
+                .order_by(SecretRow.path, SecretVersionRow.version)
+            )
+            out: dict[str, list[int]] = {}
+            for path, version in rows:
+                out.setdefault(path, []).append(version)
+            return out
+
+    return gw.run(read())
+
+
+def seed(gw: ServedGateway, backend: str, secrets: dict[str, dict[str, str]]) -> None:
+    """Many secrets at once, straight into the local store in one transaction (as the local
+    backend writes them: one sealed version each); the API path is what the migration tests."""
+    import json as _json
+
+    from gateway.store import changes
+    from gateway.store.models import SecretRow, SecretVersionRow, utcnow
+    from gateway.store.sealed import secret_context
+
+    envelope = gw.runtime.mounts._envelope
+
+    async def write() -> None:
+        now = utcnow()
+        async with gw.runtime.store.write() as s:
+            for path, data in secrets.items():
+                row = SecretRow(backend=backend, path=path, current_version=1, created_at=now, updated_at=now)
+                ver = SecretVersionRow(version=1, keys=sorted(data), created_at=now, created_by="test")
+                ver.sealed = envelope.seal(_json.dumps(data, separators=(",", ":"), sort_keys=True).encode(),
+                                           secret_context(backend, path, 1))
+                row.versions.append(ver)
+                s.add(row)
+            await changes.note(s, "backend", backend)
+
+    gw.run(write())
+
+
+def report_of(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    m = re.search(r"report: (\S+\.json)\)?", res.stdout + res.stderr)
+    assert m, (res.stdout, res.stderr)
+    return json.loads(Path(m.group(1)).read_text())
+
+
+# --- the 1,000 secrets, interrupted and resumed -----------------------------------------------
+
+
+def test_thousand_secrets_killed_halfway_then_resumed_end_present_once_and_verified(gw: ServedGateway, tmp_path: Path) -> None:
+    started = time.monotonic()
+    total = 1000
+    seed(gw, "local", {f"k/s{i:04d}": {"user": f"u{i}", "password": f"{CANARY}{i}"} for i in range(total)})
+    report = tmp_path / "report.json"
+    env = clean_env(CREDGATE_ADDR=gw.addr, CREDGATE_TOKEN=ADMIN_TOKEN)
+    proc = subprocess.Popen(
+        [CREDGATE, "secret", "migrate", "--from", "local/k", "--to", "team/k", "--report", str(report),
+         "--concurrency", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    lines = []
+    assert proc.stderr is not None
+    for line in proc.stderr:  # plain progress lines (stderr is not a terminal): "migrate: N/1000 done (...)"
+        lines.append(line)
+        m = re.match(r"migrate: (\d+)/1000 done", line)
+        if m and int(m.group(1)) >= total // 2:
+            proc.kill()  # SIGKILL: no chance to record anything more
+            break
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, lines
+    assert lines[0].startswith(f"1000 secret(s) under local/k/ -> team/k/; report: {report}")
+    assert any(re.search(r"/s, \d+ left", ln) for ln in lines)  # rate and what is left
+    halfway = set(listed(gw, "team", "k/"))
+    assert total // 2 <= len(halfway) < total
+    killed_at = time.monotonic()
+
+    res = gw.cli("secret", "migrate", "--from", "local/k", "--to", "team/k", "--report", str(report))
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    out = json.loads(report.read_text())
+    assert out["complete"] is True and out["totals"]["secrets"] == total and out["totals"]["verified"] == total
+    statuses = {s["source"]: s["status"] for s in out["secrets"]}
+    assert {statuses[f"local/k/{p[2:]}"] for p in halfway} == {"skipped"}  # nothing written twice
+    # (writes in flight when the client died may have landed after the listing above: skipped too)
+    assert out["totals"]["skipped"] >= len(halfway) and out["totals"]["copied"] == total - out["totals"]["skipped"]
+    assert f"{total} verified" in res.stdout and CANARY not in res.stdout + res.stderr
+
+    # Every secret present once: exactly one version each at the destination, equal to the source.
+    assert versions_by_path(gw, "team", "k/") == {f"k/s{i:04d}": [1] for i in range(total)}
+    for i in (0, 499, 500, 999):
+        assert reveal(gw, f"team/k/s{i:04d}")["data"] == {"user": f"u{i}", "password": f"{CANARY}{i}"}
+    # The source is untouched.
+    assert versions_by_path(gw, "local", "k/") == {f"k/s{i:04d}": [1] for i in range(total)}
+    sys.stderr.write(f"1,000 secrets: {killed_at - started:.1f} s to the kill, {time.monotonic() - killed_at:.1f} s to resume\n")
+
+
+# --- the rest ----------------------------------------------------------------------------------
+
+
+def test_dry_run_writes_nothing(gw: ServedGateway, tmp_path: Path) -> None:
+    for i in range(3):
+        put(gw, f"local/dry/s{i}", {"k": f"{CANARY}{i}"})
+    put(gw, "team/dry/s0", {"k": f"{CANARY}0"})  # already there: would be skipped
+    res = gw.cli("secret", "migrate", "--from", "local/dry", "--to", "team/dry", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "2 to copy" in res.stdout and "1 already there" in res.stdout and "nothing written" in res.stdout
+    assert listed(gw, "team", "dry/") == ["dry/s0"] and versions_by_path(gw, "team", "dry/") == {"dry/s0": [1]}
+    # the default report is a file in the current directory, and says so
+    written = list(tmp_path.glob("credgate-migrate-*.json"))
+    assert len(written) == 1 and str(written[0]) in res.stdout
+    rep = json.loads(written[0].read_text())
+    assert {s["source"]: s["status"] for s in rep["secrets"]} == {
+        "local/dry/s0": "would_skip", "local/dry/s1": "would_copy", "local/dry/s2": "would_copy"}
+    assert CANARY not in written[0].read_text()
+
+
+def test_all_versions_keep_their_order_and_a_rerun_adds_nothing(gw: ServedGateway, tmp_path: Path) -> None:
+    history = [{"k": "one"}, {"k": "two"}, {"k": "one"}]  # a value that comes back is still its own version
+    for data in history:
+        put(gw, "local/av/a", data)
+    put(gw, "local/av/b", {"k": "only"})
+    args = ["secret", "migrate", "--from", "local/av", "--to", "team/av", "--all-versions", "--report",
+            str(tmp_path / "r.json")]
+    res = gw.cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert [reveal(gw, "team/av/a", v)["data"] for v in (1, 2, 3)] == history
+    assert versions_by_path(gw, "team", "av/") == {"av/a": [1, 2, 3], "av/b": [1]}
+    a = next(s for s in json.loads((tmp_path / "r.json").read_text())["secrets"] if s["source"] == "local/av/a")
+    assert a["versions_copied"] == [1, 2, 3] and a["destination_versions"] == [1, 2, 3] and a["verified"]
+
+    assert gw.cli(*args).returncode == 0
+    assert versions_by_path(gw, "team", "av/") == {"av/a": [1, 2, 3], "av/b": [1]}  # nothing duplicated
+
+    # A new source version, and a crash right after writing the first version of a new secret
+    # (written, never recorded): the next run appends only what is missing.
+    put(gw, "local/av/a", {"k": "four"})
+    for data in ({"k": "c1"}, {"k": "c2"}):
+        put(gw, "local/av/c", data)
+    put(gw, "team/av/c", {"k": "c1"})
+    res = gw.cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert versions_by_path(gw, "team", "av/") == {"av/a": [1, 2, 3, 4], "av/b": [1], "av/c": [1, 2]}
+    assert reveal(gw, "team/av/a", 4)["data"] == {"k": "four"} and reveal(gw, "team/av/c", 2)["data"] == {"k": "c2"}
+    rep = {s["source"]: s for s in json.loads((tmp_path / "r.json").read_text())["secrets"]}
+    assert (rep["local/av/a"]["versions_skipped"], rep["local/av/a"]["versions_copied"]) == ([1, 2, 3], [4])
+    assert (rep["local/av/c"]["versions_skipped"], rep["local/av/c"]["versions_copied"]) == ([1], [2])
+
+
+def test_a_refused_secret_is_reported_and_the_rest_continue(gw: ServedGateway, tmp_path: Path) -> None:
+    put(gw, "local/big/a", {"k": "small"})
+    put(gw, "local/big/b", {"k": CANARY + "x" * 4000})  # > the 2 KiB `tiny` takes
+    put(gw, "local/big/c", {"k": "small too"})
+    res = gw.cli("secret", "migrate", "--from", "local/big", "--to", "tiny/big", "--report", str(tmp_path / "r.json"))
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "2 copied" in res.stdout and "1 failed" in res.stdout
+    assert re.search(r"failed: local/big/b -> tiny/big/b: value_too_large: ", res.stdout)
+    assert CANARY not in res.stdout + res.stderr + (tmp_path / "r.json").read_text()
+    rep = {s["source"]: s for s in json.loads((tmp_path / "r.json").read_text())["secrets"]}
+    assert rep["local/big/b"]["error"]["code"] == "value_too_large" and not rep["local/big/b"]["verified"]
+    assert rep["local/big/a"]["verified"] and rep["local/big/c"]["verified"]
+    assert listed(gw, "tiny", "big/") == ["big/a", "big/c"]
+
+
+def test_a_caller_without_reveal_on_the_source_gets_one_clean_error_and_nothing_is_written(
+    gw: ServedGateway, tmp_path: Path
+) -> None:
+    for i in range(3):
+        put(gw, f"local/authz/s{i}", {"k": f"{CANARY}{i}"})
+    operator = gw.http.post("/v1/admin-keys", json={"name": "migrator", "role": "operator"}).json()["token"]
+    res = gw.cli("secret", "migrate", "--from", "local/authz", "--to", "team/authz", "--report",
+                 str(tmp_path / "r.json"), token=operator)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("credgate: permission_denied: admin_key:migrator may not secrets:reveal"), res.stderr
+    assert res.stderr.count("permission_denied") == 1 and "Traceback" not in res.stderr
+    assert listed(gw, "team", "authz/") == []
+    events = gw.http.get("/v1/audit", params={"action": "secrets:reveal", "decision": "deny", "limit": 1000}).json()
+    assert any(e["subject"] == "admin_key:migrator" for e in events["items"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--from", "local/app", "--to", "local/app/copy"], "overlap"),
+    (["--from", "local/app", "--to", "nowhere/app"], "there is no backend 'nowhere'"),
+    (["--from", "local/../x", "--to", "team/x"], "--from: "),
+    (["--from", "local/a"], "Missing option '--to'"),
+])
+def test_bad_input_is_exit_2_in_one_line(gw: ServedGateway, args: list[str], says: str) -> None:
+    res = gw.cli("secret", "migrate", *args)
+    assert res.returncode == 2 and says in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_connectors_repointed_and_still_issuing(gw: ServedGateway, tmp_path: Path) -> None:
+    put(gw, "local/svc/wandb", {"api_key": CANARY + "wandb"})
+    put(gw, "local/other/keep", {"api_key": CANARY + "other"})
+    for name, secret in (("wandb", "local/svc/wandb"), ("keep", "local/other/keep")):
+        r = gw.http.put(f"/v1/connectors/{name}", json={"type": "static", "auth_method": "static", "secret": secret,
+                                                       "resources": ["default"]})
+        assert r.status_code == 201, r.text
+    assert gw.cli("secret", "migrate", "--from", "local/svc", "--to", "team/svc", "--report",
+                  str(tmp_path / "r.json")).returncode == 0
+
+    dry = gw.cli("connector", "repoint", "--from", "local/svc", "--to", "team/svc", "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.strip() == "would repoint wandb: local/svc/wandb -> team/svc/wandb"
+    assert gw.http.get("/v1/connectors/wandb").json()["secret"] == "local/svc/wandb"
+    res = gw.cli("connector", "repoint", "--from", "local/svc", "--to", "team/svc", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [{"connector": "wandb", "from": "local/svc/wandb", "to": "team/svc/wandb",
+                                       "status": "repointed", "error": None}]
+    assert gw.http.get("/v1/connectors/wandb").json()["secret"] == "team/svc/wandb"
+    assert gw.http.get("/v1/connectors/keep").json()["secret"] == "local/other/keep"  # outside --from: untouched
+
+    # It draws on the new location now: the old secret can go, and it still issues.
+    assert gw.http.delete("/v1/secrets/local/svc/wandb", params={"destroy": "true"}).status_code == 204
+    issued = gw.http.post("/v1/credentials", json={"connector": "wandb", "resource": "default", "wrap": True})
+    assert issued.status_code == 200, issued.text
+    unwrapped = httpx.post(f"{gw.addr}/v1/unwrap", json={"wrap_token": issued.json()["wrap_token"]})
+    assert unwrapped.status_code == 200 and unwrapped.json()["credential"] == {"api_key": CANARY + "wandb"}
+
+    # A destination without the secret: the gateway refuses, the command says which and exits 1.
+    put(gw, "local/lone/x", {"api_key": "v"})
+    assert gw.http.put("/v1/connectors/lone", json={"type": "static", "auth_method": "static",
+                                                    "secret": "local/lone/x", "resources": ["default"]}).status_code == 201
+    res = gw.cli("connector", "repoint", "--from", "local/lone", "--to", "team/lone")
+    assert res.returncode == 1 and "FAILED lone: local/lone/x -> team/lone/x: connector_material_missing" in res.stdout
+    assert gw.http.get("/v1/connectors/lone").json()["secret"] == "local/lone/x"
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(gw: ServedGateway, tmp_path: Path) -> None:
+    seed(gw, "local", {f"int/s{i:03d}": {"k": f"v{i}"} for i in range(60)})
+    report = tmp_path / "r.json"
+    env = clean_env(CREDGATE_ADDR=gw.addr, CREDGATE_TOKEN=ADMIN_TOKEN)
+    proc = subprocess.Popen([CREDGATE, "secret", "migrate", "--from", "local/int", "--to", "team/int", "--report",
+                             str(report), "--concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if re.match(r"migrate: \d+/60 done", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted with" in err and "run the same command again to resume" in err
+    rep = json.loads(report.read_text())
+    assert rep["interrupted"] is True and rep["complete"] is False
+    done = {s["source"] for s in rep["secrets"] if s["status"] == "copied"}
+    assert done and rep["totals"].get("not_done", 0) > 0
+    assert gw.cli("secret", "migrate", "--from", "local/int", "--to", "team/int", "--report", str(report)).returncode == 0
+    assert versions_by_path(gw, "team", "int/") == {f"int/s{i:03d}": [1] for i in range(60)}
