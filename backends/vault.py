@@ -353,6 +353,7 @@ class VaultBackend(BackendBase):
         session.mount("https://", adapter)
         tls = self.config.tls
         verify: bool | str = tls.ca_cert if (tls.ca_cert and tls.verify) else tls.verify
+        session.verify = verify  # hvac takes a given session's own verify, not its argument
         return hvac.Client(
             url=self.config.url, namespace=self.config.namespace, verify=verify,
             timeout=self.config.timeout, session=session,
@@ -362,6 +363,8 @@ class VaultBackend(BackendBase):
     def client(self) -> Any:
         if self._client is None:
             self._client = self._make_client()
+            if self._token is not None:
+                self._client.token = self._token
         return self._client
 
     def _read_file(self, path: str, what: str) -> str:

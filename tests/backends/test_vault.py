@@ -203,6 +203,19 @@ async def test_check_finds_a_wrong_engine_or_mount(openbao: OpenBao, prefix: str
     assert health.ok is True and health.details["engine"] == "kv v2"
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # verify=False, on purpose
+async def test_tls_with_a_ca_file(prefix: str) -> None:
+    with OpenBao(tls=True) as bao:
+        config = {"url": bao.url, "path_prefix": prefix, "auth": {"token": {"token": bao.root_token}}, "timeout": 3}
+        back = direct(config | {"tls": {"ca_cert": bao.ca_cert}})
+        await back.put("t", {"k": "v"}, author="t")
+        assert (await back.get("t")).data == {"k": "v"}
+        with pytest.raises(TargetUnreachable) as e:  # the system CAs don't know the dev CA
+            await direct(config).get("t")
+        assert "SSLError" in e.value.message
+        assert (await direct(config | {"tls": {"verify": False}}).get("t")).data == {"k": "v"}
+
+
 # --- token auth: renewal and expiry ----------------------------------------------------
 
 

@@ -8,7 +8,8 @@ at the bottom.
 API (keep it small; other helpers import it)::
 
     bao = OpenBao().start()          # or: with OpenBao() as bao: ...
-    bao.url, bao.host, bao.port      # http://127.0.0.1:<free port>
+    bao.url, bao.host, bao.port      # http://127.0.0.1:<free port> (https with tls=True)
+    bao.ca_cert                      # tls=True: the generated CA's PEM file, else None
     bao.address                      # (host, port)
     bao.root_token                   # the dev root token
     bao.client(token=None, namespace=None)   # an hvac.Client (root token by default)
@@ -75,11 +76,14 @@ class OpenBao(ManagedService):
 
     def __init__(
         self, *, port: int | None = None, root_token: str | None = None, start_timeout: float = 20.0,
-        storage_dir: str | Path | None = None,
+        storage_dir: str | Path | None = None, tls: bool = False,
     ) -> None:
         self.root_token = root_token or "root-" + secrets.token_hex(12)
         self.storage_dir = Path(storage_dir) if storage_dir is not None else None
         self.unseal_key: str | None = None
+        self.tls = tls
+        if tls and storage_dir is not None:
+            raise ValueError("tls is for the dev server only")
         self.start_timeout = start_timeout
         self.port: int = port or 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -88,7 +92,14 @@ class OpenBao(ManagedService):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_cert(self) -> str | None:
+        """With ``tls=True``: the PEM file of the CA the dev server generated (new at each start)."""
+        if not self.tls or self._home is None:
+            return None
+        return str(Path(self._home.name, "tls", "vault-ca.pem"))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -136,6 +147,9 @@ class OpenBao(ManagedService):
                 "-dev-no-store-token",
                 "-log-level=warn",
             ]
+            if self.tls:
+                Path(self._home.name, "tls").mkdir()
+                command += ["-dev-tls", f"-dev-tls-cert-dir={Path(self._home.name, 'tls')}"]
         else:
             self.storage_dir.mkdir(parents=True, exist_ok=True)
             config = Path(self._home.name, "server.hcl")
@@ -152,7 +166,7 @@ class OpenBao(ManagedService):
             start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout
-        with httpx.Client(timeout=2.0, trust_env=False) as http:
+        with httpx.Client(timeout=2.0, trust_env=False, verify=False) as http:  # the CA appears once it serves
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"bao server exited with {self._proc.returncode}:\n{self._log_tail()}")
@@ -236,6 +250,7 @@ class OpenBao(ManagedService):
         """An ``hvac.Client`` on this server (the root token unless ``token`` is given)."""
         import hvac
 
+        kwargs.setdefault("verify", self.ca_cert if self.tls else True)
         return hvac.Client(url=self.url, token=token or self.root_token, namespace=namespace, timeout=10, **kwargs)
 
     def write_policy(self, name: str, hcl: str) -> None:
