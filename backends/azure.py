@@ -1025,7 +1025,13 @@ class AzureKeyVaultBackend(BackendBase):
         # The lock is released when the thread ends, not when the caller stops waiting: a
         # write abandoned by a timeout can't race the next writer of the path.
         thread = asyncio.ensure_future(asyncio.to_thread(self._put_sync, path, name, value, keys, author))
-        thread.add_done_callback(lambda _f, _lock=lock: _lock.release())
+
+        def done(f: asyncio.Future[int], _lock: asyncio.Lock = lock) -> None:
+            _lock.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: a write its caller gave up on ends quietly
+
+        thread.add_done_callback(done)
         try:
             n = await asyncio.wait_for(asyncio.shield(thread), self.config.call_timeout)
         except CredgateError:
