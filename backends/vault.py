@@ -18,6 +18,10 @@ Configuration (``PUT /v1/backends/NAME`` with ``{"type": "vault", "config": {...
 
 Auth
 ----
+Whatever the method, the Vault token needs OpenBao/Vault's ``default`` policy (token
+``lookup-self``/``renew-self`` and ``sys/capabilities-self``): a 403 is told apart by
+looking the token up (it fails: expired or revoked; it works: a policy denial).
+
 - ``token``: used as given. A background task (``start()``/``aclose()``) looks the token up
   and renews a renewable one at half its TTL. A token that can't be renewed (not renewable,
   or capped by its max TTL) and runs out within ``expiry_warning_seconds`` makes
@@ -295,6 +299,7 @@ class VaultBackend(BackendBase):
         self._login_lock = asyncio.Lock()
         self._keys: OrderedDict[tuple[str, int, str], list[str]] = OrderedDict()
         self._renewer: asyncio.Task[None] | None = None
+        self._authors_denied = False  # set when Vault refuses the custom_metadata patch
         # What the renewer knows (token auth): for status(), without I/O.
         self._health = Health(True, "serving")
 
@@ -434,7 +439,8 @@ class VaultBackend(BackendBase):
             raise TargetError(f"Vault's {method} login returned no token.", code="target_auth_failed")
         ttl = int(auth.get("lease_duration") or 0)
         self._token = token
-        self._token_deadline = time.monotonic() + ttl if ttl > 0 else None
+        # log in again a little before the end: 10 % of the TTL, at most 30 s
+        self._token_deadline = time.monotonic() + ttl - min(30.0, ttl * 0.1) if ttl > 0 else None
         self.client.token = token
         self._health = Health(True, "serving")
         log.info("backend %s logged in to Vault (%s, ttl %ss)", self.name, method, ttl)
@@ -444,8 +450,7 @@ class VaultBackend(BackendBase):
             return True
         if self._token_deadline is None:
             return False
-        # re-login a little before the end (10 % of what is left at most 30 s)
-        return time.monotonic() > self._token_deadline - 5
+        return time.monotonic() > self._token_deadline
 
     async def _ensure_token(self, *, force: bool = False, seen: str | None = None) -> None:
         if self.config.auth.token is not None:
@@ -637,14 +642,16 @@ class VaultBackend(BackendBase):
 
     async def _record_author(self, full: str, version: int, author: str) -> None:
         """Best effort: credgate's author of ``version`` in custom_metadata (see the docstring)."""
-        if not author or len(author) > 512:
+        if not author or len(author) > 512 or self._authors_denied:
             return
         custom: dict[str, str | None] = {f"{_AUTHOR_KEY}{version}": author}
         if version > _AUTHORS_KEPT:
             custom[f"{_AUTHOR_KEY}{version - _AUTHORS_KEPT}"] = None
         try:
             await self._call("recording the author", self._patch_custom_sync, full, custom)
-        except TargetError as exc:
+        except TargetError as exc:  # the version is written: never fail the put for this
+            if exc.code == "target_permission_denied":
+                self._authors_denied = True  # no `patch` on the metadata path: stop asking
             log.info("backend %s: author of a version not recorded (%s)", self.name, exc.code)
 
     async def put(
@@ -662,12 +669,23 @@ class VaultBackend(BackendBase):
                 raise Conflict(f"Secret {self._ref(path)} is not at version {cas}.", code="cas_mismatch") from None
             raise self._translate(exc, "writing a secret") from None
         version = int(written["version"])
-        self._remember_keys(path, version, written.get("created_time") or "", sorted(values))
+        created = written.get("created_time") or ""
+        self._remember_keys(path, version, created, sorted(values))
         await self._record_author(full, version, author)
-        meta = await self._meta(path)
-        if meta is None:  # destroyed by someone else right after the write
-            raise NotFound(f"Secret {self._ref(path)} does not exist.", code="secret_not_found")
-        return await self._to_metadata(path, meta, current=version)
+        # The version is written: if the metadata can't be read now, answer with what the
+        # write itself returned rather than an error that would invite a duplicate write.
+        try:
+            meta = await self._meta(path)
+            if meta is not None:
+                return await self._to_metadata(path, meta, current=version)
+        except TargetError as exc:
+            log.info("backend %s: metadata after a write unreadable (%s)", self.name, exc.code)
+        when = _parse_time(created) or datetime.now(UTC)
+        return SecretMetadata(
+            backend=self.name, path=path, current_version=version, keys=sorted(values),
+            created_at=when, updated_at=when, deleted_at=None,
+            versions=[VersionInfo(version, sorted(values), when, author)],
+        )
 
     async def _call_raw_write(self, full: str, values: dict[str, str], cas: int | None) -> dict[str, Any]:
         """The write, with a 400 passed through (check-and-set) and the rest as in _call."""

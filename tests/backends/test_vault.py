@@ -159,6 +159,16 @@ async def test_path_prefix_isolation(openbao: OpenBao) -> None:
     assert health.details["write"] == "denied" and health.details["auth"] == "ok"
 
 
+async def test_without_patch_on_metadata_authors_are_none_and_writes_still_work(openbao: OpenBao, prefix: str) -> None:
+    no_patch = _POLICY.format(p=prefix).replace(', "patch"', "")
+    openbao.write_policy(f"np-{prefix}", no_patch)
+    back = direct(token_config(openbao, prefix, openbao.create_token([f"np-{prefix}", "default"])))
+    m1 = await back.put("a", {"k": "1"}, author="alice")
+    m2 = await back.put("a", {"k": "2"}, author="alice")
+    assert m2.current_version == 2 and [v.created_by for v in m2.versions] == [None, None]
+    assert m1.current_version == 1 and back._authors_denied is True  # asked once, then not again
+
+
 async def test_listing_is_recursive_lexical_and_paged(openbao: OpenBao, prefix: str) -> None:
     back = direct(token_config(openbao, prefix))
     names = ["b", "a", "a-b", "a/x", "a/y/z", "a0", "c.d", "z"]
