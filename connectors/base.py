@@ -122,9 +122,11 @@ Rules for implementers
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fnmatch
 import re
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -194,14 +196,32 @@ def generic_sanitize(exc: BaseException) -> str:
     return name
 
 
-async def run_sync(fn: Callable[..., _T], *args: Any, timeout: float) -> _T:
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+POOL_THREADS = 8  # per pool: a store that hangs holds at most this many threads
+
+
+def _pool(name: str) -> ThreadPoolExecutor:
+    pool = _POOLS.get(name)
+    if pool is None:
+        pool = _POOLS.setdefault(name, ThreadPoolExecutor(POOL_THREADS, thread_name_prefix=f"credgate-{name}"))
+    return pool
+
+
+async def run_sync(fn: Callable[..., _T], *args: Any, timeout: float, pool: str = "plugins") -> _T:
     """Call a synchronous (blocking) SDK function without blocking the event loop:
-    ``fn(*args)`` runs in a worker thread (:func:`asyncio.to_thread`) under ``timeout``
-    seconds. On timeout raises :class:`TimeoutError` (``asyncio.TimeoutError``) to the
-    caller, which maps it to :class:`TargetUnreachable` (``code="target_timeout"``).
-    The thread itself can't be cancelled: give the SDK its own connect/read timeouts
-    too, so an abandoned call ends on its own. Exceptions from ``fn`` propagate as is."""
-    return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+    ``fn(*args)`` runs in a worker thread under ``timeout`` seconds. On timeout raises
+    :class:`TimeoutError` (``asyncio.TimeoutError``) to the caller, which maps it to
+    :class:`TargetUnreachable` (``code="target_timeout"``). The thread itself can't be
+    cancelled: give the SDK its own connect/read timeouts too, so an abandoned call ends
+    on its own. Exceptions from ``fn`` propagate as is.
+
+    The threads are not asyncio's default pool (which the gateway's own work uses), and
+    ``pool`` names a bounded pool of its own (e.g. ``f"backend:{self.name}"``): a store that
+    hangs fills only its pool; further calls to it queue there and time out, while every
+    other backend, connector and the gateway itself go on."""
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    return await asyncio.wait_for(loop.run_in_executor(_pool(pool), ctx.run, fn, *args), timeout)
 
 
 def privileges_for(config: Any, resource: str) -> list[str]:

@@ -103,15 +103,22 @@ class TcpProxy:
             self.set_mode("pass")
 
     def stop(self) -> None:
-        def shutdown() -> None:
+        async def shutdown() -> None:
+            self._server.close()
             for w in list(self._conns):
                 _reset(w)
-            self._server.close()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self._loop.stop()
 
         if self._loop.is_running():
-            self._loop.call_soon_threadsafe(shutdown)
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
             self._thread.join(5)
+            if not self._loop.is_running():
+                self._loop.close()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
