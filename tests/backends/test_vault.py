@@ -488,6 +488,20 @@ async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gatew
         bao.stop()
 
 
+async def test_max_value_bytes_fits_raft_storage_in_the_worst_case(tmp_path: Path, prefix: str) -> None:
+    """A version at max_value_bytes made only of characters Go's JSON encoder escapes to six
+    bytes (``<``) still fits raft's default 1 MiB entry (Vault re-encodes the data)."""
+    from gateway.plugins.backends import value_size
+
+    limit = VaultBackend.capabilities.max_value_bytes
+    data = {"k": "<" * (limit - len('{"k":""}'))}
+    assert value_size(data) == limit
+    with OpenBao(storage_dir=tmp_path / "raft") as bao:
+        back = direct({"url": bao.url, "path_prefix": prefix, "auth": {"token": {"token": bao.root_token}}})
+        await back.put("big", data, author="t")
+        assert (await back.get("big")).data == data
+
+
 async def test_unreachable_direct_is_target_unreachable(prefix: str) -> None:
     from tests.services.waiting import free_port
 
