@@ -69,8 +69,10 @@ Size limit
 (listener ``max_request_size``), but KV v2 keeps each version as one storage entry, and
 integrated storage (raft) refuses entries over ``max_entry_size``, 1 MiB by default (Consul
 storage, Vault only: 512 KiB). Vault re-encodes the data as JSON with Go's HTML-safe
-escaping, where ``<``, ``>``, ``&`` and control characters take 6 bytes each: 128 KiB of the
-gateway's compact UTF-8 JSON stays under 1 MiB stored even in that worst case.
+escaping, where ``<``, ``>`` and ``&`` take 6 bytes each (control characters already count 6
+in the gateway's measure): 128 KiB of the gateway's compact UTF-8 JSON stays under 1 MiB
+stored even in that worst case. Measured on OpenBao 2.7 with raft: 128 KiB of ``<`` is
+kept, 176 KiB of ``<`` is refused ("value being too large"); behind Consul, expect less.
 
 Errors
 ------
@@ -80,7 +82,15 @@ Errors
 - 403 with a token that no longer looks itself up, or a failed login (400/403 from
   ``auth/*/login``), 401 -> ``TargetError(code="target_auth_failed")``.
 - 403 with a live token -> ``TargetError(code="target_permission_denied")``.
+- a credential file that can't be read, or a ``secret_id_ref`` that can't be read ->
+  ``target_auth_failed`` (never a 404/422 about the caller's own path).
 - anything else -> ``TargetError(code="target_error")``.
+Reads and writes after a version is written never fail the write: recording the author and
+reading the metadata back degrade (``created_by`` None, or only the new version listed).
+``check()`` reports ``engine`` (``sys/internal/ui/mounts``: not KV v2, or no mount, is
+``misconfigured``) and the ``list``/``read``/``write``/``delete`` capabilities of the token
+under the prefix (``sys/capabilities-self``, nothing written).
+
 Messages are the backend's own sentences plus at most :meth:`VaultBackend.sanitize`
 (the hvac exception's class name and its HTTP status, never Vault's text).
 """
