@@ -1,18 +1,19 @@
 """`credgate secret migrate` and `credgate connector repoint` (issue 12, item 7), run as the
 real `credgate` command in subprocesses against a real gateway served by uvicorn on a free
-port (in a thread of this process, so the tests can add a backend type and read the store).
+port (in a thread of this process, so the tests can read and seed its store).
 
-The destination is a second mount of type `local` (its own secrets, apart from `local`'s),
-and `small`: a local-type mount whose declared max_value_bytes is 2 KiB, to show a
-destination that refuses one secret (413 value_too_large) while the rest go through.
+Destinations: `team`, a second mount of type `local` (its own secrets, apart from
+`local`'s), and `vlt`, a `vault` mount on a real OpenBao dev server (the issue's
+scenario: 1,000 secrets from local to vault, interrupted and resumed; and a real size
+limit, 128 KiB, that refuses one secret while the rest go through).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -20,13 +21,12 @@ import threading
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
 
-from backends.base import BackendCapabilities
-from backends.local import LocalBackend
+from tests.services.openbao import OpenBao, openbao  # noqa: F401 - the fixture
 from tests.services.waiting import clean_env, free_port
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")
@@ -34,19 +34,10 @@ ADMIN_TOKEN = "cgt_test-migrate-admin-" + "m" * 24
 CANARY = "CANARY-migrate-value-"
 
 
-class SmallLocal(LocalBackend):
-    """A local-type backend that declares a 2 KiB limit: the gateway refuses bigger writes (413)."""
-
-    type: ClassVar[str] = "small"
-    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
-        versions=True, soft_delete=True, check_and_set=True, cacheable=True, max_value_bytes=2048,
-    )
-
-
 class ServedGateway:
     """The gateway's app under uvicorn in a thread, on a free 127.0.0.1 port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, database_url: str | None = None) -> None:
         import uvicorn
 
         from gateway.crypto.keyring import new_key_file
@@ -55,7 +46,7 @@ class ServedGateway:
 
         new_key_file(tmp / "kek")
         settings = load_settings(
-            data_dir=tmp / "data", database_url=f"sqlite:///{tmp / 'store.db'}", kek_file=tmp / "kek",
+            data_dir=tmp / "data", database_url=database_url or f"sqlite:///{tmp / 'store.db'}", kek_file=tmp / "kek",
             bootstrap_token=ADMIN_TOKEN, reaper_enabled=False, rate_per_address=0, rate_per_principal=0,
         )
         self.app = create_app(settings)
@@ -96,18 +87,22 @@ class ServedGateway:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGateway]:
-    from gateway.plugins.registry import BACKEND_TYPES
+def vault_prefix() -> str:
+    return "c" + secrets.token_hex(6)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(BACKEND_TYPES, "small", (f"{__name__}:SmallLocal", None))
-        served = ServedGateway(tmp_path_factory.mktemp("migrate"))
-        try:
-            for name, type_ in (("team", "local"), ("tiny", "small")):
-                assert served.http.put(f"/v1/backends/{name}", json={"type": type_}).status_code == 201
-            yield served
-        finally:
-            served.stop()
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, openbao: OpenBao, vault_prefix: str) -> Iterator[ServedGateway]:
+    served = ServedGateway(tmp_path_factory.mktemp("migrate"))
+    try:
+        vault = {"url": openbao.url, "path_prefix": vault_prefix, "timeout": 10,
+                 "auth": {"token": {"token": openbao.root_token}}}
+        for name, type_, config in (("team", "local", {}), ("vlt", "vault", vault)):
+            r = served.http.put(f"/v1/backends/{name}", json={"type": type_, "config": config})
+            assert r.status_code == 201, r.text
+        yield served
+    finally:
+        served.stop()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -156,6 +151,27 @@ def versions_by_path(gw: ServedGateway, backend: str, prefix: str) -> dict[str, 
     return gw.run(read())
 
 
+def vault_versions(bao: OpenBao, prefix: str, folder: str) -> dict[str, list[int]]:
+    """Every version OpenBao holds for each secret under ``folder`` (read from OpenBao itself)."""
+    kv = bao.client().secrets.kv.v2
+    out: dict[str, list[int]] = {}
+
+    def walk(sub: str) -> None:
+        try:
+            keys = kv.list_secrets(path=f"{prefix}/{sub}", mount_point="secret")["data"]["keys"]
+        except Exception:  # noqa: BLE001 - hvac's InvalidPath: nothing there
+            return
+        for key in keys:
+            if key.endswith("/"):
+                walk(sub + key)
+            else:
+                meta = kv.read_secret_metadata(path=f"{prefix}/{sub}{key}", mount_point="secret")["data"]
+                out[sub + key] = sorted(int(v) for v in meta["versions"])
+
+    walk(folder)
+    return out
+
+
 def seed(gw: ServedGateway, backend: str, secrets: dict[str, dict[str, str]]) -> None:
     """Many secrets at once, straight into the local store in one transaction (as the local
     backend writes them: one sealed version each); the API path is what the migration tests."""
@@ -191,15 +207,16 @@ def report_of(res: subprocess.CompletedProcess[str]) -> dict[str, Any]:
 # --- the 1,000 secrets, interrupted and resumed -----------------------------------------------
 
 
-def test_thousand_secrets_killed_halfway_then_resumed_end_present_once_and_verified(gw: ServedGateway, tmp_path: Path) -> None:
+def test_thousand_secrets_local_to_vault_killed_halfway_then_resumed_end_present_once_and_verified(
+    gw: ServedGateway, openbao: OpenBao, vault_prefix: str, tmp_path: Path
+) -> None:
     started = time.monotonic()
     total = 1000
     seed(gw, "local", {f"k/s{i:04d}": {"user": f"u{i}", "password": f"{CANARY}{i}"} for i in range(total)})
     report = tmp_path / "report.json"
     env = clean_env(CREDGATE_ADDR=gw.addr, CREDGATE_TOKEN=ADMIN_TOKEN)
     proc = subprocess.Popen(
-        [CREDGATE, "secret", "migrate", "--from", "local/k", "--to", "team/k", "--report", str(report),
-         "--concurrency", "8"],
+        [CREDGATE, "secret", "migrate", "--from", "local/k", "--to", "vlt/k", "--report", str(report)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     lines = []
@@ -212,29 +229,31 @@ def test_thousand_secrets_killed_halfway_then_resumed_end_present_once_and_verif
             break
     proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, lines
-    assert lines[0].startswith(f"1000 secret(s) under local/k/ -> team/k/; report: {report}")
-    assert any(re.search(r"/s, \d+ left", ln) for ln in lines)  # rate and what is left
-    halfway = set(listed(gw, "team", "k/"))
+    assert lines[0].startswith(f"1000 secret(s) under local/k/ -> vlt/k/; report: {report}")
+    assert any(re.search(r"\d+/1000 done \(\d+ copied\), [0-9.]+/s, \d+ left", ln) for ln in lines)  # count, rate, left
+    halfway = set(listed(gw, "vlt", "k/"))
     assert total // 2 <= len(halfway) < total
     killed_at = time.monotonic()
 
-    res = gw.cli("secret", "migrate", "--from", "local/k", "--to", "team/k", "--report", str(report))
+    res = gw.cli("secret", "migrate", "--from", "local/k", "--to", "vlt/k", "--report", str(report))
     assert res.returncode == 0, (res.stdout, res.stderr)
+    resumed_at = time.monotonic()
     out = json.loads(report.read_text())
     assert out["complete"] is True and out["totals"]["secrets"] == total and out["totals"]["verified"] == total
     statuses = {s["source"]: s["status"] for s in out["secrets"]}
-    assert {statuses[f"local/k/{p[2:]}"] for p in halfway} == {"skipped"}  # nothing written twice
+    assert {statuses[f"local/{p}"] for p in halfway} == {"skipped"}  # nothing written twice
     # (writes in flight when the client died may have landed after the listing above: skipped too)
     assert out["totals"]["skipped"] >= len(halfway) and out["totals"]["copied"] == total - out["totals"]["skipped"]
     assert f"{total} verified" in res.stdout and CANARY not in res.stdout + res.stderr
 
-    # Every secret present once: exactly one version each at the destination, equal to the source.
-    assert versions_by_path(gw, "team", "k/") == {f"k/s{i:04d}": [1] for i in range(total)}
+    # Every secret present once: exactly one version each in OpenBao, equal to the source.
+    assert vault_versions(openbao, vault_prefix, "k/") == {f"k/s{i:04d}": [1] for i in range(total)}
     for i in (0, 499, 500, 999):
-        assert reveal(gw, f"team/k/s{i:04d}")["data"] == {"user": f"u{i}", "password": f"{CANARY}{i}"}
+        assert reveal(gw, f"vlt/k/s{i:04d}")["data"] == {"user": f"u{i}", "password": f"{CANARY}{i}"}
     # The source is untouched.
     assert versions_by_path(gw, "local", "k/") == {f"k/s{i:04d}": [1] for i in range(total)}
-    sys.stderr.write(f"1,000 secrets: {killed_at - started:.1f} s to the kill, {time.monotonic() - killed_at:.1f} s to resume\n")
+    sys.stderr.write(f"1,000 secrets local -> vault: {killed_at - started:.1f} s to the kill, "
+                     f"{resumed_at - killed_at:.1f} s to resume\n")
 
 
 # --- the rest ----------------------------------------------------------------------------------
@@ -291,17 +310,18 @@ def test_all_versions_keep_their_order_and_a_rerun_adds_nothing(gw: ServedGatewa
 
 def test_a_refused_secret_is_reported_and_the_rest_continue(gw: ServedGateway, tmp_path: Path) -> None:
     put(gw, "local/big/a", {"k": "small"})
-    put(gw, "local/big/b", {"k": CANARY + "x" * 4000})  # > the 2 KiB `tiny` takes
+    put(gw, "local/big/b", {f"k{i}": CANARY + "x" * 60000 for i in range(3)})  # ~180 KB: local takes it, vault (128 KiB) not
     put(gw, "local/big/c", {"k": "small too"})
-    res = gw.cli("secret", "migrate", "--from", "local/big", "--to", "tiny/big", "--report", str(tmp_path / "r.json"))
+    res = gw.cli("secret", "migrate", "--from", "local/big", "--to", "vlt/big", "--report", str(tmp_path / "r.json"))
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "2 copied" in res.stdout and "1 failed" in res.stdout
-    assert re.search(r"failed: local/big/b -> tiny/big/b: value_too_large: ", res.stdout)
+    assert re.search(r"failed: local/big/b -> vlt/big/b: value_too_large: .*takes at most 131072", res.stdout)
     assert CANARY not in res.stdout + res.stderr + (tmp_path / "r.json").read_text()
     rep = {s["source"]: s for s in json.loads((tmp_path / "r.json").read_text())["secrets"]}
     assert rep["local/big/b"]["error"]["code"] == "value_too_large" and not rep["local/big/b"]["verified"]
+    assert rep["local/big/b"]["status"] == "failed" and rep["local/big/b"]["destination_versions"] == []
     assert rep["local/big/a"]["verified"] and rep["local/big/c"]["verified"]
-    assert listed(gw, "tiny", "big/") == ["big/a", "big/c"]
+    assert listed(gw, "vlt", "big/") == ["big/a", "big/c"]
 
 
 def test_a_caller_without_reveal_on_the_source_gets_one_clean_error_and_nothing_is_written(
