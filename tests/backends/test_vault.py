@@ -488,6 +488,23 @@ async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gatew
         bao.stop()
 
 
+async def test_a_new_dev_server_on_the_same_port_is_used_again(gateway: Gateway, prefix: str) -> None:
+    bao = OpenBao().start()  # in memory: the new server starts empty, with the same root token
+    try:
+        await register(gateway, "dev", token_config(bao, prefix, token=bao.root_token) | {"timeout": 2})
+        assert (await gateway.client.put("/v1/secrets/dev/a", json={"data": {"k": "1"}})).status_code == 200
+        port = bao.port
+        bao.stop()
+        r = await gateway.client.put("/v1/secrets/dev/b", json={"data": {"k": CANARY}})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable" and "Retry-After" in r.headers
+        bao.start()
+        assert bao.port == port
+        r = await gateway.client.put("/v1/secrets/dev/b", json={"data": {"k": "2"}})
+        assert r.status_code == 200 and r.json()["version"] == 1
+    finally:
+        bao.stop()
+
+
 async def test_max_value_bytes_fits_raft_storage_in_the_worst_case(tmp_path: Path, prefix: str) -> None:
     """A version at max_value_bytes made only of characters Go's JSON encoder escapes to six
     bytes (``<``) still fits raft's default 1 MiB entry (Vault re-encodes the data)."""
