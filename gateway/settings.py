@@ -252,6 +252,14 @@ class Settings(BaseSettings):
                 setattr(self, name, getattr(self, name).expanduser())
         return self
 
+    @field_validator("kek_file", "kek", "kek_source", "kek_aws_key_id", "kek_aws_region", "kek_aws_endpoint_url",
+                     "kek_vault_url", "kek_vault_key", "kek_vault_token", "kek_vault_token_file", "kek_vault_namespace",
+                     "kek_vault_ca_cert", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # compose passes ${VAR:-} as an empty variable: the same as not setting it.
+        return None if isinstance(v, str) and not v.strip() else v
+
     @model_validator(mode="after")
     def _kek_source(self) -> Settings:
         aws = {"kek_aws_key_id", "kek_aws_region", "kek_aws_endpoint_url"}

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from gateway.settings import Settings
-from tests.deploy.common import COMPOSE, UID, drain_seconds, duration_seconds
+from tests.deploy.common import COMPOSE, DEPLOY, UID, drain_seconds, duration_seconds
 from tests.deploy.test_dockerfile import env_of, final
 
-VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
 ENV = {"CREDGATE_DB_PASSWORD": "pw-from-dot-env", "CREDGATE_BOOTSTRAP_TOKEN": "cgt_" + "b" * 40}
 
 
@@ -32,7 +32,8 @@ class Unset(Exception):
 
 
 def interpolate(node: Any, env: dict[str, str]) -> Any:
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error} and ${VAR?error}."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error} and
+    ${VAR:+replacement}/${VAR+replacement}."""
     if isinstance(node, dict):
         return {k: interpolate(v, env) for k, v in node.items()}
     if isinstance(node, list):
@@ -48,6 +49,8 @@ def interpolate(node: Any, env: dict[str, str]) -> Any:
             return arg
         if op in (":?", "?") and empty:
             raise Unset(f"{name}: {arg}")
+        if op in (":+", "+"):
+            return "" if empty else arg
         return value or ""
 
     return VAR.sub(one, node.replace("$$", "\0")).replace("\0", "$")
@@ -192,3 +195,63 @@ def test_the_bootstrap_token_is_chosen_never_printed() -> None:
     assert gw["environment"]["CREDGATE_BOOTSTRAP_TOKEN"] == ENV["CREDGATE_BOOTSTRAP_TOKEN"]
     assert "--dev" not in gw["command"] and "CREDGATE_DEV" not in gw["environment"]
     assert "logs credgate | grep" not in COMPOSE.read_text()
+
+
+# --- compose.kms.yaml: the KEK held by a KMS ------------------------------------------------
+
+COMPOSE_KMS = DEPLOY / "compose.kms.yaml"
+
+
+def merged(env: dict[str, str]) -> dict[str, Any]:
+    """compose.yaml with compose.kms.yaml over it, merged as compose merges: mappings key by
+    key (the override wins), a service's secrets by target."""
+    def merge(base: Any, over: Any, key: str = "") -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            out = dict(base)
+            for k, v in over.items():
+                out[k] = merge(base[k], v, k) if k in base else v
+            return out
+        if key == "secrets" and isinstance(base, list) and isinstance(over, list):
+            by_target = {item["target"]: item for item in base + over}
+            return list(by_target.values())
+        return over
+
+    return merge(interpolate(raw(), env), interpolate(yaml.safe_load(COMPOSE_KMS.read_text()), env))
+
+
+def gateway_settings(doc: dict[str, Any]) -> Settings:
+    env = doc["services"]["credgate"]["environment"]
+    names = {f"CREDGATE_{n.upper()}" for n in Settings.model_fields}
+    settings = {k.removeprefix("CREDGATE_").lower(): v for k, v in env.items() if k.startswith("CREDGATE_")}
+    assert set(k for k in env if k.startswith("CREDGATE_")) <= names
+    return Settings(**settings)
+
+
+def test_kms_override_is_valid_and_needs_a_source() -> None:
+    assert errors(yaml.safe_load(COMPOSE_KMS.read_text())) == []
+    with pytest.raises(Unset, match="CREDGATE_KEK_SOURCE"):
+        merged(ENV)
+    doc = merged(ENV | {"CREDGATE_KEK_SOURCE": "aws-kms", "CREDGATE_KEK_AWS_KEY_ID": "alias/credgate"})
+    assert errors(doc) == []
+
+
+def test_kms_override_aws_kms_settings_load() -> None:
+    doc = merged(ENV | {"CREDGATE_KEK_SOURCE": "aws-kms", "CREDGATE_KEK_AWS_KEY_ID": "alias/credgate",
+                        "CREDGATE_KEK_AWS_REGION": "eu-west-1"})
+    s = gateway_settings(doc)
+    assert s.kek_source == "aws-kms" and s.kek_aws_key_id == "alias/credgate" and s.kek_aws_region == "eu-west-1"
+    assert s.kek_file is None and s.kek_vault_token_file is None  # empty variables are unset settings
+    assert doc["secrets"]["kek"] == {"file": "/dev/null"}, "no ./kek needed"
+
+
+def test_kms_override_vault_transit_token_is_a_secret_file() -> None:
+    doc = merged(ENV | {"CREDGATE_KEK_SOURCE": "vault-transit", "CREDGATE_KEK_VAULT_URL": "https://vault:8200",
+                        "CREDGATE_KEK_VAULT_KEY": "credgate", "CREDGATE_KEK_VAULT_TOKEN_PATH": "./vault-token"})
+    s = gateway_settings(doc)
+    assert s.kek_source == "vault-transit" and s.kek_vault_mount == "transit" and s.kek_vault_key == "credgate"
+    gw = doc["services"]["credgate"]
+    assert {"source": "vault-token", "target": "vault-token"} in gw["secrets"]
+    assert str(s.kek_vault_token_file) == "/run/secrets/vault-token"
+    assert doc["secrets"]["vault-token"] == {"file": "./vault-token"}
+    assert "CREDGATE_KEK_VAULT_TOKEN" not in gw["environment"], "the token is never an environment variable"
+

@@ -8,7 +8,8 @@
   the chart supports and the newest the package knows. The ServiceMonitor is a CRD
   those schemas don't cover: its structure is checked here instead.
 - Value sets: the defaults, ci/all-features-values.yaml, ci/kek-env-mtls-values.yaml
-  and a single replica; plus values the chart must refuse (kms, missing KEK Secret,
+  a single replica, and a KEK in aws-kms or in vault-transit; plus values the chart must
+  refuse (a KMS source without its key, missing KEK Secret,
   SQLite, a typo, ...).
 - Beyond the schemas: the security properties, probes, graceful shutdown, the KEK file
   path (simulated with the init container's own command, then loaded by the gateway's
@@ -48,13 +49,25 @@ VALUE_FILES = {
     "all-features": "ci/all-features-values.yaml",
     "kek-env-mtls": "ci/kek-env-mtls-values.yaml",
     "single-replica": None,
+    "kek-aws-kms": None,
+    "kek-vault-transit": None,
 }
-EXTRA = {"single-replica": {"replicaCount": 1, "autoscaling": {"enabled": False}}}
+EXTRA = {
+    "single-replica": {"replicaCount": 1, "autoscaling": {"enabled": False}},
+    "kek-aws-kms": {"kek": {"source": "aws-kms", "aws": {"keyId": "alias/credgate", "region": "eu-west-1"}},
+                    "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/credgate"}}},
+    "kek-vault-transit": {"kek": {"source": "vault-transit", "vault": {
+        "url": "https://vault.example:8200", "key": "credgate", "namespace": "team-a",
+        "tokenSecret": "credgate-vault-token", "caSecret": "vault-ca"}}},
+}
 
 # Settings the chart sets from its own values (or never sets), not through `config`.
 CHART_MANAGED = {
     "data_dir", "database_url", "host", "port", "kek_file", "kek", "bootstrap_token", "bootstrap_token_file", "public_url",
     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_require_client_cert", "tls_client_subjects",
+    # the KEK's source and its options: kek.source, kek.aws, kek.vault (the token as a mounted file only)
+    "kek_source", "kek_aws_key_id", "kek_aws_region", "kek_aws_endpoint_url", "kek_vault_url", "kek_vault_mount",
+    "kek_vault_key", "kek_vault_token", "kek_vault_token_file", "kek_vault_namespace", "kek_vault_ca_cert",
 }
 NEVER_DEPLOYED = {"dev"}  # creates a KEK and a data dir on first start: development only
 FILE_ONLY = {"audit_sinks"}  # README: audit sinks are set in the config file only
@@ -446,11 +459,35 @@ def test_kek_from_the_environment() -> None:
     assert not {"kek", "kek-secret"} & {v["name"] for v in spec["volumes"]}
 
 
-def test_kms_is_a_documented_seam_that_refuses_to_render() -> None:
-    with pytest.raises(helm.HelmRenderError) as exc:
-        render({"kek": {"source": "kms"}, "kms": {"provider": "aws", "keyId": "arn:aws:kms:eu-west-1:1:key/x"}})
-    message = str(exc.value)
-    assert "kek.source=kms" in message and "CREDGATE_KEK_FILE" in message and "aws" in message
+def test_kek_in_aws_kms() -> None:
+    spec = pod_spec("kek-aws-kms")
+    env = env_map(gateway("kek-aws-kms"))
+    assert "initContainers" not in spec
+    assert {k: v["value"] for k, v in env.items() if k.startswith("CREDGATE_KEK")} == {
+        "CREDGATE_KEK_SOURCE": "aws-kms", "CREDGATE_KEK_AWS_KEY_ID": "alias/credgate",
+        "CREDGATE_KEK_AWS_REGION": "eu-west-1",
+    }
+    assert not {"kek", "kek-secret", "vault-token"} & {v["name"] for v in spec["volumes"]}
+    sa = one("kek-aws-kms", "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith("role/credgate")
+
+
+def test_kek_in_vault_transit_reads_its_token_from_a_mounted_secret() -> None:
+    spec = pod_spec("kek-vault-transit")
+    c = gateway("kek-vault-transit")
+    env = {k: v["value"] for k, v in env_map(c).items() if k.startswith("CREDGATE_KEK")}
+    assert env["CREDGATE_KEK_SOURCE"] == "vault-transit" and env["CREDGATE_KEK_VAULT_KEY"] == "credgate"
+    assert env["CREDGATE_KEK_VAULT_URL"] == "https://vault.example:8200" and env["CREDGATE_KEK_VAULT_MOUNT"] == "transit"
+    assert env["CREDGATE_KEK_VAULT_NAMESPACE"] == "team-a"
+    assert "CREDGATE_KEK_VAULT_TOKEN" not in env, "the token is never an environment variable"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert volumes["vault-token"]["secret"]["secretName"] == "credgate-vault-token"
+    assert "subPath" not in mounts["vault-token"], "a subPath mount would never see a rotated token"
+    assert Path(env["CREDGATE_KEK_VAULT_TOKEN_FILE"]).parent == Path(mounts["vault-token"]["mountPath"])
+    assert Path(env["CREDGATE_KEK_VAULT_CA_CERT"]).parent == Path(mounts["vault-ca"]["mountPath"])
+    assert volumes["vault-ca"]["secret"]["secretName"] == "vault-ca"
+    assert "initContainers" not in spec and not {"kek", "kek-secret"} & set(volumes)
 
 
 @pytest.mark.parametrize(
@@ -467,6 +504,12 @@ def test_kms_is_a_documented_seam_that_refuses_to_render() -> None:
         ({"config": {"dev": True}}, helm.HelmValuesError, "dev"),
         ({"config": {"database_url": "postgresql://x"}}, helm.HelmValuesError, "database_url"),
         ({"kek": {"source": "vault"}}, helm.HelmValuesError, "source"),
+        ({"kek": {"source": "kms"}}, helm.HelmValuesError, "source"),
+        ({"kek": {"source": "aws-kms"}}, helm.HelmRenderError, "kek.aws.keyId"),
+        ({"kek": {"source": "vault-transit", "vault": {"url": "https://v:8200", "key": "k"}}}, helm.HelmRenderError,
+         "kek.vault.tokenSecret"),
+        ({"kek": {"source": "vault-transit", "vault": {"url": "vault:8200"}}}, helm.HelmValuesError, "url"),
+        ({"kms": {"provider": "aws"}}, helm.HelmValuesError, "kms"),
         ({"image": {"digest": "sha256:short"}}, helm.HelmValuesError, "digest"),
     ],
 )
@@ -531,6 +574,11 @@ def test_rendered_settings_load_in_the_gateway(name: str, tmp_path: Path, monkey
         assert any(str(Path(s.audit_sinks[0]["path"]).parent) == m for m in mounts)
         annotations = one(name, "Deployment")["spec"]["template"]["metadata"]["annotations"]
         assert len(annotations["checksum/config"]) == 64, "pods roll when the config file changes"
+    if name == "kek-aws-kms":
+        assert s.kek_source == "aws-kms" and s.kek_aws_key_id == "alias/credgate" and s.kek_file is None
+    if name == "kek-vault-transit":
+        assert s.kek_source == "vault-transit" and s.kek_vault_token_file is not None
+        assert str(s.kek_vault_token_file.parent) in mounts and s.kek is None and s.kek_file is None
     if name == "kek-env-mtls":
         assert s.kek is not None and s.kek_file is None
         assert s.tls_require_client_cert and s.issuer_url.startswith("https://")

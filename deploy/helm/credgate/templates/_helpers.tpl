@@ -67,6 +67,8 @@ app.kubernetes.io/part-of: credgate
 {{/* Where the gateway's files are mounted (the image's HOME is /tmp). */}}
 {{- define "credgate.kekDir" -}}/var/run/credgate/kek{{- end }}
 {{- define "credgate.kekSecretDir" -}}/var/run/credgate/kek-secret{{- end }}
+{{- define "credgate.vaultTokenDir" -}}/var/run/credgate/vault-token{{- end }}
+{{- define "credgate.vaultCADir" -}}/etc/credgate/vault-ca{{- end }}
 {{- define "credgate.tlsDir" -}}/etc/credgate/tls{{- end }}
 {{- define "credgate.clientCADir" -}}/etc/credgate/client-ca{{- end }}
 {{- define "credgate.configDir" -}}/etc/credgate/config{{- end }}
@@ -75,11 +77,14 @@ app.kubernetes.io/part-of: credgate
 Refuse values the gateway cannot run with, with one clear message each.
 */}}
 {{- define "credgate.validate" -}}
-{{- if eq .Values.kek.source "kms" }}
-{{- fail (printf "kek.source=kms (kms.provider=%q): credgate cannot read its KEK from a KMS yet; it reads it only from a file (kek.source=file, CREDGATE_KEK_FILE) or from CREDGATE_KEK (kek.source=env). Keep the KEK in a Secret and set kek.source to file or env." .Values.kms.provider) }}
-{{- end }}
-{{- if and (ne .Values.kek.source "kms") (not .Values.kek.existingSecret) }}
+{{- if and (has .Values.kek.source (list "file" "env")) (not .Values.kek.existingSecret) }}
 {{- fail "kek.existingSecret is required: the name of the Secret holding the KEK (create it with `credgate keys generate --out kek` and `kubectl create secret generic NAME --from-file=kek=kek`)" }}
+{{- end }}
+{{- if and (eq .Values.kek.source "aws-kms") (not .Values.kek.aws.keyId) }}
+{{- fail "kek.source=aws-kms needs kek.aws.keyId: the KMS key (key id, key ARN, alias/NAME or alias ARN) that wraps the KEK" }}
+{{- end }}
+{{- if and (eq .Values.kek.source "vault-transit") (or (not .Values.kek.vault.url) (not .Values.kek.vault.key) (not .Values.kek.vault.tokenSecret)) }}
+{{- fail "kek.source=vault-transit needs kek.vault.url, kek.vault.key and kek.vault.tokenSecret (a Secret holding a token that may read, encrypt and decrypt with that transit key)" }}
 {{- end }}
 {{- if and (not .Values.database.existingSecret) (not .Values.database.url) }}
 {{- fail "set database.existingSecret (a Secret holding the PostgreSQL URL) or database.url: every replica must share one PostgreSQL database" }}
@@ -159,5 +164,5 @@ equal). Everything else (the KEK, the database URL, the bootstrap token, TLS fil
 the data dir) comes only from the chart's own values.
 */}}
 {{- define "credgate.settingsAllowlist" -}}
-login_issuer login_client_id login_scopes audit_wait_seconds audit_checkpoint_every rate_per_address burst_per_address rate_per_principal burst_per_principal rate_per_action max_header_bytes max_concurrency keep_alive_seconds log_format log_level max_body_bytes page_size_max reaper_enabled reaper_interval_seconds pending_timeout_seconds target_timeout_seconds revoke_backoff_base_seconds revoke_backoff_cap_seconds stuck_after_attempts material_cache_seconds database_pool_size run_token_max_ttl_seconds trusted_proxies audit_checkpoint_seconds
+login_issuer login_client_id login_scopes audit_wait_seconds audit_checkpoint_every rate_per_address burst_per_address rate_per_principal burst_per_principal rate_per_action max_header_bytes max_concurrency keep_alive_seconds log_format log_level max_body_bytes page_size_max reaper_enabled reaper_interval_seconds pending_timeout_seconds target_timeout_seconds revoke_backoff_base_seconds revoke_backoff_cap_seconds stuck_after_attempts material_cache_seconds database_pool_size run_token_max_ttl_seconds trusted_proxies audit_checkpoint_seconds kek_kms_timeout_seconds kek_check_seconds kek_kms_grace_seconds backend_timeout_seconds
 {{- end }}
