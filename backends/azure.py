@@ -727,12 +727,13 @@ class AzureKeyVaultBackend(BackendBase):
         except ResourceNotFoundError:
             return None
 
-    def _ours(self, versions: list[Any]) -> dict[int, Any]:
-        """credgate's numbered versions of this owner (enabled ones), the newest of a number winning."""
+    def _ours(self, versions: list[Any], *, enabled_only: bool = True) -> dict[int, Any]:
+        """credgate's numbered versions of this owner (by default the enabled ones: a disabled
+        version can't be read), the newest of a number winning."""
         out: dict[int, Any] = {}
         for p in sorted(versions, key=_created):
             n = self._number(p.tags)
-            if n is not None and self._owned(p.tags) and p.enabled is not False:
+            if n is not None and self._owned(p.tags) and (p.enabled is not False or not enabled_only):
                 out[n] = p
         return out
 
@@ -752,7 +753,7 @@ class AzureKeyVaultBackend(BackendBase):
                     raise self._not_owned(path)
             # An untagged (or disabled) current version: decide from the versions.
             versions = self._versions(name) or []
-            ours = self._ours(versions)
+            ours = self._ours(versions, enabled_only=False)
             if not ours:
                 if cur != "disabled" and self._adoptable(path):
                     return SecretValue(path, 1, self._data(cur.value, cur.properties.content_type, path))
@@ -782,10 +783,10 @@ class AzureKeyVaultBackend(BackendBase):
                 pass
             self._forget_ids(name)
         versions = self._versions(name)
-        if versions is None:
+        if not versions:
             raise self._absent(name, path)
         ours = self._ours(versions)
-        if not ours:
+        if not ours and not self._ours(versions, enabled_only=False):
             if self._adoptable(path) and version == 1 and not any(self.config.owner_tag_key in (p.tags or {}) for p in versions):
                 return self._get_sync(path, None)
             raise self._not_owned(path)
@@ -825,12 +826,14 @@ class AzureKeyVaultBackend(BackendBase):
     def _metadata_sync(self, path: str, *, upto: int | None = None) -> SecretMetadata:
         name = self._name(path)
         versions = self._versions(name)
-        if versions is None:
+        if not versions:
             raise self._absent(name, path)
         ours = self._ours(versions)
         if not ours:
-            latest = max(versions, key=_created, default=None)
-            if latest is not None and self.config.owner_tag_key not in (latest.tags or {}) and self._adoptable(path):
+            latest = max(versions, key=_created)
+            if self._ours(versions, enabled_only=False):
+                raise NotFound(f"Every version of secret {self._ref(path)} is disabled.", code="version_not_found")
+            if self.config.owner_tag_key not in (latest.tags or {}) and self._adoptable(path) and latest.enabled is not False:
                 ours = {1: latest}  # an adopted secret credgate never wrote: its current version is 1
             else:
                 raise self._not_owned(path)
@@ -871,9 +874,9 @@ class AzureKeyVaultBackend(BackendBase):
             elif self.config.owner_tag_key in tags:
                 raise self._not_owned(path, writing=True)
             else:
-                ours = self._ours(self._versions(name) or [])
+                ours = self._ours(self._versions(name) or [], enabled_only=False)
                 if ours:
-                    n = max(ours) + 1  # supersedes a foreign (or disabled) current version
+                    n = max(ours) + 1  # supersedes a foreign (or disabled) current version; numbers never reused
                 elif cur != "disabled" and self._adoptable(path):
                     # Adoption: the foreign current version becomes version 1, kept readable.
                     v1_keys = sorted(self._data(cur.value, cur.properties.content_type, path))
@@ -911,7 +914,7 @@ class AzureKeyVaultBackend(BackendBase):
             level = _level(deleted.properties)
         else:
             tags = {} if cur == "disabled" else (cur.properties.tags or {})
-            if not self._visible(tags, path) and not self._ours(self._versions(name) or []):
+            if not self._visible(tags, path) and not self._ours(self._versions(name) or [], enabled_only=False):
                 raise self._not_owned(path)
             level = "" if cur == "disabled" else _level(cur.properties)
             if destroy and level and "Purgeable" not in level:

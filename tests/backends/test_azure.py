@@ -195,6 +195,14 @@ async def test_versions_are_numbered_in_tags_and_old_ones_readable(kv, admin, pr
             await backend.get("app/db", 7)
         assert e.value.code == "version_not_found"
         assert 7 not in [v.version for v in (await backend.metadata("app/db")).versions]
+        # The current version disabled: unreadable, and the next write does not reuse its number.
+        vid = next(v["id"] for v in raw["versions"] if v["tags"]["credgate:version"] == "30")
+        _sdk(kv, admin).update_secret_properties(prefix + encode_path("app/db"), vid, enabled=False)
+        with pytest.raises(NotFound) as e:
+            await backend.get("app/db")
+        assert e.value.code == "version_not_found"
+        assert (await backend.put("app/db", {"n": "31"}, author="t")).current_version == 31
+        assert (await backend.get("app/db")).data == {"n": "31"}
     finally:
         await backend.aclose()
 
@@ -470,6 +478,40 @@ async def test_a_missing_permission_is_reported_by_check_and_refused_on_write(ga
     assert (await c.put("/v1/backends/none", json={"type": "azure", "config": _config(kv, prefix, _secret_auth(kv, nothing))})).status_code == 201
     body = (await c.post("/v1/backends/none/check")).json()
     assert body["problem"] == "permission_missing" and body["details"] == {"list": "denied", "read": "denied", "write": "denied"}
+
+
+def test_the_standin_refuses_like_entra_and_key_vault(kv, admin) -> None:
+    """The stand-in's refusals, as a client sees them on the wire (the shapes the SDKs parse)."""
+    import ssl
+
+    import httpx
+
+    token_url = f"https://{kv.authority}/{kv.tenant_id}/oauth2/v2.0/token"
+    form = {"grant_type": "client_credentials", "client_id": admin[0], "scope": "https://vault.azure.net/.default"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=kv.ca_file), timeout=5) as http:
+        r = http.post(token_url, data={**form, "client_secret": "wrong"})
+        body = r.json()
+        assert r.status_code == 401 and body["error"] == "invalid_client" and body["error_codes"] == [7000215]
+        assert body["error_description"].startswith("AADSTS7000215:") and "Trace ID:" in body["error_description"]
+        r = http.post(token_url, data={**form, "client_id": str(uuid.uuid4()), "client_secret": admin[1]})
+        assert r.status_code == 400 and r.json()["error_codes"] == [700016]
+        r = http.post(token_url, data={**form, "client_secret": admin[1], "scope": "https://storage.azure.com/.default"})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_scope"
+        ok = http.post(token_url, data={**form, "client_secret": admin[1]})
+        assert ok.status_code == 200 and ok.json()["token_type"] == "Bearer"
+        vault = f"{kv.vault_url}secrets/x/?api-version=7.5"
+        r = http.get(vault)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "Unauthorized"
+        assert r.headers["WWW-Authenticate"] == (
+            f'Bearer authorization="https://login.microsoftonline.com/{kv.tenant_id}", resource="https://vault.azure.net"'
+        )
+        token = ok.json()["access_token"]
+        forged = token[: token.rindex(".") + 1] + ("A" if token[-1] != "A" else "B") * 8
+        assert http.get(vault, headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+        r = http.get(vault, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "SecretNotFound"
+        r = http.get(f"{kv.vault_url}secrets/x/", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "BadParameter"  # no api-version
 
 
 # --- faults ------------------------------------------------------------------------------------------
