@@ -559,7 +559,7 @@ class AWSSecretsManagerBackend(BackendBase):
         ClientError whose code is in ``passthrough`` becomes :class:`_Passthrough` (its code
         only) for the caller to decide on; every other failure becomes a credgate error (``from None``)."""
         try:
-            return await run_sync(fn, timeout=self.config.call_timeout)
+            return await run_sync(fn, timeout=self.config.call_timeout, pool=f"backend:{self.name}")
         except CredgateError:
             raise
         except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped, never quoted

@@ -365,7 +365,7 @@ class GCPSecretManagerBackend(BackendBase):
         elif cfg.service_account_key is not None:
             info = _key_info(cfg.service_account_key.get_secret_value())
         try:
-            self._client = await run_sync(self._build_client, info, timeout=cfg.timeout_seconds + 5)
+            self._client = await run_sync(self._build_client, info, timeout=cfg.timeout_seconds + 5, pool=f"backend:{self.name}")
         except Exception as exc:  # noqa: BLE001 - translated, never chained
             raise self._translate(exc, "loading its credentials") from None
 
@@ -484,7 +484,7 @@ class GCPSecretManagerBackend(BackendBase):
 
         budget = attempts * cfg.timeout_seconds + 2.0 * attempts + 1.0
         try:
-            return await run_sync(work, timeout=budget)
+            return await run_sync(work, timeout=budget, pool=f"backend:{self.name}")
         except passthrough:
             raise
         except Exception as exc:  # noqa: BLE001 - translated, never chained
