@@ -448,6 +448,8 @@ class AzureKeyVaultBackend(BackendBase):
     async def start(self) -> None:
         auth = self.config.auth
         material: str | bytes | None = None
+        if self.config.ca_bundle and not os.access(self.config.ca_bundle, os.R_OK):
+            raise ValidationFailed(f"Backend {self.name!r}: its ca_bundle can't be read.", code="invalid_ca_bundle")
         if isinstance(auth, ClientSecretAuth):
             material = await self._material(auth.secret, "client secret")
         elif isinstance(auth, CertificateAuth):

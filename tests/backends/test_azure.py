@@ -593,6 +593,13 @@ async def test_bad_configuration_is_a_422(gateway: Gateway, kv, admin) -> None:
         assert admin[1] not in r.text
     r = await c.put("/v1/backends/ok", json={"type": "azure", "config": good})
     assert r.status_code == 201 and admin[1] not in r.text  # the inline secret is shown masked
+    # Caught at start, before any call: a CA file that is not there, a certificate that is not PEM.
+    assert (await c.put("/v1/backends/noca", json={"type": "azure", "config": {**good, "ca_bundle": "/nonexistent/ca.pem"}})).status_code == 201
+    assert _code(await c.get("/v1/secrets/noca/x")) == (422, "invalid_ca_bundle")
+    cert = {"method": "certificate", "tenant_id": kv.tenant_id, "client_id": admin[0], "certificate": CANARY}
+    assert (await c.put("/v1/backends/nopem", json={"type": "azure", "config": {**good, "auth": cert}})).status_code == 201
+    r = await c.get("/v1/secrets/nopem/x")
+    assert _code(r) == (422, "invalid_certificate") and CANARY not in r.text
 
 
 async def test_a_secret_ref_is_read_at_start(kv, admin, prefix) -> None:
