@@ -4,7 +4,7 @@
   ``credgate[test]`` needs (transitively); CI installs from it (README, "Test it").
 - pip-audit on the lock finds no known vulnerability, except those justified in
   SECURITY.md (each passed as ``--ignore-vuln`` in ``IGNORED_VULNS``).
-- bandit finds nothing of high severity in gateway/, backends/, connectors/.
+- bandit finds nothing of high severity in gateway/, backends/, connectors/, kms/.
 
 See SECURITY.md for how the lock is regenerated and what was accepted, and why.
 """
@@ -30,7 +30,7 @@ from tests.conftest import REQUIRE_SERVICES, service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "test.lock"
-PACKAGES = ("gateway", "backends", "connectors")
+PACKAGES = ("gateway", "backends", "connectors", "kms")
 PROJECT = "credgate"
 
 # pip-audit findings accepted in SECURITY.md ("Accepted pip-audit findings"), one

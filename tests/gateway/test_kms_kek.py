@@ -329,6 +329,25 @@ async def test_aws_kms_down_during_writes(aws_settings, moto_server, aws_key: st
     no_canary(logs)
 
 
+async def test_two_replicas_making_the_same_kek_version_agree(aws_settings, moto_server) -> None:
+    """Two replicas following the same KMS rotation at once: one version is made, the
+    other replica takes it (the store's primary key decides), nothing is lost."""
+    async with serving(aws_settings()) as gw:
+        rt = gw.runtime
+        assert (await put(gw, "x", CANARY)).status_code == 200
+        other = KmsKeyRing(kek_source_for(aws_settings(kek_aws_endpoint_url=moto_server.endpoint_url)))
+        await other.open(rt.store)
+        assert await other.create_version() == 2
+        # This replica has not looked at the store since: it also tries to make version 2.
+        assert rt.keyring.versions() == [1]
+        assert await rt.keyring.create_version() == 2  # the other's, unwrapped from the store
+        assert rt.keyring.fingerprint(2) == other.fingerprint(2)
+        assert [k.version for k in await kek_rows(gw)] == [1, 2]
+        await other.aclose()
+        assert (await put(gw, "y", CANARY)).status_code == 200
+        assert (await reveal(gw, "x")).json()["data"]["v"] == CANARY
+
+
 async def test_aws_kms_as_an_off_switch(aws_settings, kms_proxy: TcpProxy, logs) -> None:
     """kek_kms_grace_seconds: once the KMS has not answered for that long, sealed reads and
     writes stop (503 kms_unavailable, nothing written) until it answers again."""
