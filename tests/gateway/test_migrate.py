@@ -388,17 +388,19 @@ def test_connectors_repointed_and_still_issuing(gw: ServedGateway, tmp_path: Pat
     assert gw.http.get("/v1/connectors/lone").json()["secret"] == "local/lone/x"
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(gw: ServedGateway, tmp_path: Path) -> None:
-    seed(gw, "local", {f"int/s{i:03d}": {"k": f"v{i}"} for i in range(60)})
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(gw: ServedGateway, tmp_path: Path, sig: int) -> None:
+    folder = f"int{int(sig)}"
+    seed(gw, "local", {f"{folder}/s{i:03d}": {"k": f"v{i}"} for i in range(60)})
     report = tmp_path / "r.json"
     env = clean_env(CREDGATE_ADDR=gw.addr, CREDGATE_TOKEN=ADMIN_TOKEN)
-    proc = subprocess.Popen([CREDGATE, "secret", "migrate", "--from", "local/int", "--to", "team/int", "--report",
+    proc = subprocess.Popen([CREDGATE, "secret", "migrate", "--from", f"local/{folder}", "--to", f"team/{folder}", "--report",
                              str(report), "--concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
         if re.match(r"migrate: \d+/60 done", line):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -407,5 +409,6 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(gw: ServedGateway, tmp_path
     assert rep["interrupted"] is True and rep["complete"] is False
     done = {s["source"] for s in rep["secrets"] if s["status"] == "copied"}
     assert done and rep["totals"].get("not_done", 0) > 0
-    assert gw.cli("secret", "migrate", "--from", "local/int", "--to", "team/int", "--report", str(report)).returncode == 0
-    assert versions_by_path(gw, "team", "int/") == {f"int/s{i:03d}": [1] for i in range(60)}
+    again = gw.cli("secret", "migrate", "--from", f"local/{folder}", "--to", f"team/{folder}", "--report", str(report))
+    assert again.returncode == 0, again.stderr
+    assert versions_by_path(gw, "team", f"{folder}/") == {f"{folder}/s{i:03d}": [1] for i in range(60)}
