@@ -451,9 +451,17 @@ async def test_namespace_header(openbao: OpenBao, prefix: str) -> None:
 # --- OpenBao going away and coming back ----------------------------------------------------
 
 
-async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gateway, prefix: str, tmp_path: Path, caplog) -> None:
+@pytest.fixture(scope="module")
+def raft_bao(tmp_path_factory: pytest.TempPathFactory):
+    """A persistent OpenBao (raft storage, 1 MiB entries): its data outlives a restart."""
+    bao = OpenBao(storage_dir=tmp_path_factory.mktemp("raft")).start()
+    yield bao
+    bao.stop()
+
+
+async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gateway, raft_bao: OpenBao, prefix: str, caplog) -> None:
     """A persistent (raft) OpenBao: stopped, then restarted sealed, then unsealed, on one port."""
-    bao = OpenBao(storage_dir=tmp_path / "raft").start()
+    bao = raft_bao
     try:
         config = token_config(bao, prefix, token=bao.root_token) | {"timeout": 2}
         await register(gateway, "gone", config)
@@ -485,7 +493,10 @@ async def test_openbao_stopped_mid_run_then_back_on_the_same_port(gateway: Gatew
         assert r.status_code == 200 and r.json()["version"] == 1
         assert (await gateway.client.post("/v1/backends/gone/check")).json()["ok"] is True
     finally:
-        bao.stop()
+        if not bao.running:
+            bao.start()  # unsealed, for the other tests of the module
+        elif httpx.get(f"{bao.url}/v1/sys/health").status_code == 503:
+            bao.unseal()
 
 
 async def test_a_new_dev_server_on_the_same_port_is_used_again(gateway: Gateway, prefix: str) -> None:
@@ -505,7 +516,7 @@ async def test_a_new_dev_server_on_the_same_port_is_used_again(gateway: Gateway,
         bao.stop()
 
 
-async def test_max_value_bytes_fits_raft_storage_in_the_worst_case(tmp_path: Path, prefix: str) -> None:
+async def test_max_value_bytes_fits_raft_storage_in_the_worst_case(raft_bao: OpenBao, prefix: str) -> None:
     """A version at max_value_bytes made only of characters Go's JSON encoder escapes to six
     bytes (``<``) still fits raft's default 1 MiB entry (Vault re-encodes the data)."""
     from gateway.plugins.backends import value_size
@@ -513,10 +524,9 @@ async def test_max_value_bytes_fits_raft_storage_in_the_worst_case(tmp_path: Pat
     limit = VaultBackend.capabilities.max_value_bytes
     data = {"k": "<" * (limit - len('{"k":""}'))}
     assert value_size(data) == limit
-    with OpenBao(storage_dir=tmp_path / "raft") as bao:
-        back = direct({"url": bao.url, "path_prefix": prefix, "auth": {"token": {"token": bao.root_token}}})
-        await back.put("big", data, author="t")
-        assert (await back.get("big")).data == data
+    back = direct({"url": raft_bao.url, "path_prefix": prefix, "auth": {"token": {"token": raft_bao.root_token}}})
+    await back.put("big", data, author="t")
+    assert (await back.get("big")).data == data
 
 
 async def test_unreachable_direct_is_target_unreachable(prefix: str) -> None:
