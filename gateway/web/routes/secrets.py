@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from typing import Annotated
@@ -98,10 +99,14 @@ async def get_secret(
     store = await runtime.mounts.get(backend)
     if version is not None:
         require(store, "versions")
-    meta = await store.metadata(path)
-    out = _out(meta, version)
-    if reveal:
-        out.data = (await store.get(path, out.version)).data
+    if not reveal:
+        return _out(await store.metadata(path), version)
+    # Metadata and value at once: one backend round trip of latency, not two.
+    meta, value = await asyncio.gather(store.metadata(path), store.get(path, version))
+    if value.version != (version or meta.current_version):  # a write landed between the two reads
+        meta = await store.metadata(path)
+    out = _out(meta, value.version)
+    out.data = value.data
     return out
 
 
