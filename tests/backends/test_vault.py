@@ -188,6 +188,38 @@ async def test_listing_is_recursive_lexical_and_paged(openbao: OpenBao, prefix: 
     assert (await back.list("nothing/")).items == []
 
 
+async def test_what_others_do_in_vault_behind_credgates_back(openbao: OpenBao, prefix: str) -> None:
+    """Vault is not credgate's alone: destroyed, deleted and pruned versions, odd names and
+    non-string values written by others are reported honestly."""
+    back = direct(token_config(openbao, prefix))
+    kv = openbao.client().secrets.kv.v2
+    for i in (1, 2, 3):
+        await back.put("o/s", {"k": str(i)}, author="t")
+    kv.destroy_secret_versions(f"{prefix}/o/s", versions=[1])
+    kv.delete_secret_versions(f"{prefix}/o/s", versions=[2])
+    meta = await back.metadata("o/s")
+    assert [v.version for v in meta.versions] == [2, 3] and meta.deleted_at is None  # destroyed 1 is gone
+    assert [v.keys for v in meta.versions] == [[], ["k"]]  # 2 is deleted: its key names are not readable
+    for gone in (1, 2, 9):
+        with pytest.raises(NotFound) as e:
+            await back.get("o/s", gone)
+        assert e.value.code == "version_not_found"
+    assert (await back.get("o/s")).data == {"k": "3"}
+
+    kv.update_metadata(f"{prefix}/o/few", max_versions=2)
+    for i in (1, 2, 3):
+        await back.put("o/few", {"k": str(i)}, author="t")
+    assert [v.version for v in (await back.metadata("o/few")).versions] == [2, 3]  # Vault pruned 1
+    with pytest.raises(NotFound) as e:
+        await back.get("o/few", 1)
+    assert e.value.code == "version_not_found"
+
+    kv.create_or_update_secret(f"{prefix}/o/has space", secret={"k": "v"})
+    kv.create_or_update_secret(f"{prefix}/o/typed", secret={"n": 1, "b": True, "l": [1, "x"]})
+    assert (await back.list("o/")).items == ["o/few", "o/s", "o/typed"]  # not a credgate path: skipped
+    assert (await back.get("o/typed")).data == {"n": "1", "b": "true", "l": '[1, "x"]'}
+
+
 async def test_bad_config_is_422(gateway: Gateway, openbao: OpenBao) -> None:
     both = {"url": openbao.url, "auth": {"token": {"token": "x"}, "jwt": {"role": "r", "jwt_file": "/f"}}}
     for config in (
