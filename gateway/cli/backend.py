@@ -14,33 +14,8 @@ from gateway.client.urls import seg
 
 app = group("Register and check secret backends.")
 
-def _health_cell(b: dict[str, Any]) -> str:
-    """What the list knows without probing: the live backend's status, then its last check."""
-    health = b.get("health") or {}
-    status, last = health.get("status"), health.get("last_check")
-    if status and not status["ok"]:
-        return f"{status.get('problem') or 'unhealthy'} (status)"
-    if last:
-        return "ok (checked)" if last["ok"] else f"{last.get('problem') or 'failed'} (checked)"
-    return "ok (status)" if status else "-"
-
-
-crud.add_list(app, "/v1/backends", [("NAME", "name"), ("TYPE", "type"), ("BUILT-IN", "builtin"), ("HEALTH", _health_cell)],
-              "List registered backends (health as last known: `backend check NAME` probes).")
-
-
-@app.command("add")
-def backend_add(
-    name: str,
-    type_: Annotated[str, typer.Option("--type", help="Backend type, e.g. local.")],
-    settings: Annotated[list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", show_default=False)] = None,
-    config_file: Annotated[Path | None, typer.Option("--config-file", help="JSON object of settings.")] = None,
-) -> None:
-    """Register (or replace) a backend."""
-    config = read_json_file(config_file) if config_file else parse_pairs(settings or [], json_values=True)
-    with client() as c:
-        out = c.request("PUT", f"/v1/backends/{seg(name)}", json={"type": type_, "config": config})
-    emit(out, lambda o: typer.echo(f"backend {o['name']} ({o['type']}) saved"))
+crud.add_list(app, "/v1/backends", [("NAME", "name"), ("TYPE", "type"), ("BUILT-IN", "builtin")],
+              "List registered backends (-o json adds capabilities and health; `backend show NAME`).")
 
 
 # Health.problem (backends/base.py) in words.
@@ -60,9 +35,7 @@ def diagnosis(o: dict[str, Any]) -> str:
     problem = o.get("problem")
     words = PROBLEMS.get(problem or "", problem or "failed")
     if problem == "permission_missing":
-        denied = [op for op in ("list", "read", "write") if o.get("details", {}).get(op, "ok") != "ok"]
-        denied += [op for op, v in sorted(o.get("details", {}).items()) if op not in ("list", "read", "write", "code")
-                   and v in ("denied", "forbidden")]
+        denied = [op for op in ("list", "read", "write", "delete") if o.get("details", {}).get(op, "ok") != "ok"]
         if denied:
             words += " for " + "/".join(denied)
     return words

@@ -10,6 +10,8 @@ each backend type against its real server or stand-in).
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Iterator
 from typing import ClassVar, Literal
 
@@ -19,6 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from backends.base import Health, SecretRef, TargetError, TargetUnreachable
 from backends.local import LocalBackend
 from tests.conftest import Gateway
+from tests.services.openbao import OpenBao, openbao  # noqa: F401 - the fixture
+from tests.services.waiting import free_port
 
 CANARY = "CANARY-health-credential"
 
@@ -219,11 +223,50 @@ def test_backend_check_command(served, check: str, exit_code: int, says: str) ->
     assert res.stdout.splitlines()[0] == says
     if check == "permission_missing":
         assert "  write: denied" in res.stdout.splitlines()
-    listed = served.cli("backend", "list")
-    assert listed.returncode == 0 and "HEALTH" in listed.stdout
-    row = next(ln for ln in listed.stdout.splitlines() if ln.startswith(name + " "))
-    assert row.rstrip().endswith("ok (checked)" if check == "ok" else f"{check} (checked)")
+    listed = served.cli("backend", "list", "-o", "json")
+    assert listed.returncode == 0
+    health = next(b for b in json.loads(listed.stdout)["items"] if b["name"] == name)["health"]
+    assert health["last_check"]["ok"] is (check == "ok") and health["last_check"]["problem"] == (
+        None if check == "ok" else check)
     shown = served.cli("backend", "show", name)
     assert shown.returncode == 0, shown.stderr
     assert ("last check: ok at " if check == "ok" else "last check: ") in shown.stdout
     assert "status: ok (serving)" in shown.stdout
+
+
+# --- the same words for a real store: the vault backend against OpenBao ------------------------
+
+_READ_ONLY = """
+path "secret/data/{p}/*"     {{ capabilities = ["read"] }}
+path "secret/metadata/{p}/*" {{ capabilities = ["read", "list"] }}
+"""
+
+
+def test_backend_check_against_a_real_openbao(served, openbao: OpenBao) -> None:
+    prefix = "h" + secrets.token_hex(5)
+    openbao.write_policy(f"ro-{prefix}", _READ_ONLY.format(p=prefix))
+    read_only = openbao.create_token([f"ro-{prefix}", "default"])
+
+    def vault(name: str, url: str, token: str) -> None:
+        config = {"url": url, "path_prefix": prefix, "timeout": 3, "auth": {"token": {"token": token}}}
+        r = served.http.put(f"/v1/backends/{name}", json={"type": "vault", "config": config})
+        assert r.status_code in (200, 201), r.text
+
+    vault("v-ok", openbao.url, openbao.root_token)
+    vault("v-ro", openbao.url, read_only)
+    vault("v-badtoken", openbao.url, "s.not-a-token-" + secrets.token_hex(8))
+    vault("v-down", f"http://127.0.0.1:{free_port()}", openbao.root_token)
+
+    ok = served.cli("backend", "check", "v-ok")
+    assert ok.returncode == 0 and ok.stdout.startswith("v-ok: ok: "), ok.stdout
+    ro = served.cli("backend", "check", "v-ro")
+    assert ro.returncode == 1 and ro.stdout.startswith("v-ro: FAILED: permission missing for write"), ro.stdout
+    assert "  write: denied" in ro.stdout.splitlines() and "  read: ok" in ro.stdout.splitlines()
+    bad = served.cli("backend", "check", "v-badtoken")
+    assert bad.returncode == 1 and bad.stdout.startswith(
+        "v-badtoken: FAILED: auth refused: the store refused the backend's credentials"), bad.stdout
+    assert "not-a-token" not in bad.stdout + bad.stderr
+    down = served.cli("backend", "check", "v-down")
+    assert down.returncode == 1 and down.stdout.startswith("v-down: FAILED: unreachable: the store did not answer"), down.stdout
+    as_json = json.loads(served.cli("backend", "check", "v-ro", "-o", "json").stdout)
+    assert (as_json["ok"], as_json["problem"], as_json["details"]["write"]) == (False, "permission_missing", "denied")
