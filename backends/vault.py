@@ -433,7 +433,7 @@ class VaultBackend(BackendBase):
     async def _login(self) -> None:
         method, mount, params = await self._login_material()
         try:
-            result = await run_sync(self._do_login, mount, params, timeout=self.config.timeout)
+            result = await run_sync(self._do_login, mount, params, timeout=self.config.timeout, pool=f"backend:{self.name}")
         except Exception as exc:
             err = self._translate(exc, f"logging in ({method})")
             if _status_of(exc) in (400, 403):
@@ -477,7 +477,7 @@ class VaultBackend(BackendBase):
     # --- calling Vault -------------------------------------------------------------
 
     async def _raw(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await run_sync(fn, *args, timeout=self.config.timeout)
+        return await run_sync(fn, *args, timeout=self.config.timeout, pool=f"backend:{self.name}")
 
     async def _token_alive(self) -> bool:
         try:
