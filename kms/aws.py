@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 from collections.abc import Mapping
@@ -95,6 +96,7 @@ class AwsKmsSource(KmsSourceBase):
     def _kms(self) -> Any:
         with self._client_lock:
             if self._client is None:
+                _quiet_bodies()
                 import boto3
                 from botocore.config import Config
 
@@ -196,6 +198,22 @@ class AwsKmsSource(KmsSourceBase):
             gw_code, why = _CODES[code]
             return TargetError(f"{self.description}: {why} ({doing}; {safe}).", code=gw_code)
         return TargetError(f"{self.description}: the KMS call failed ({doing}; {safe}).", code="kms_error")
+
+
+class _NoBodies(logging.Filter):
+    """Drops botocore's DEBUG records: ``botocore.endpoint`` logs each request's body and
+    ``botocore.parsers`` each response's, which for KMS are KEK versions in plaintext
+    (and for Secrets Manager, secret values), whoever turns DEBUG on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+def _quiet_bodies() -> None:
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBodies) for f in logger.filters):
+            logger.addFilter(_NoBodies())
 
 
 class _Refused(Exception):

@@ -15,6 +15,7 @@ reach a log, an error body or an exception message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -204,6 +205,11 @@ async def test_aws_kms_store_rotation_and_restart(aws_settings, moto_server, aws
         assert status["current_version"] == 2 and status["rewrap_pending"] == 0
         assert {v["version"]: v["state"] for v in status["versions"]} == {1: "retired", 2: "current"}
         assert f"key version {aws_key}#2" in status["source"]
+
+    # Not a KEK version's bytes in any log, even at DEBUG (botocore logs request and response
+    # bodies there: kms/aws.py drops those records).
+    for key in rt.keyring._keys.values():
+        assert base64.b64encode(key).decode() not in logs.text and key.hex() not in logs.text
 
     # A restart: a new runtime on the same store unwraps each KEK version once and reads everything.
     async with serving(settings) as gw:
