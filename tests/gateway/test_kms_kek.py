@@ -41,7 +41,7 @@ from tests.conftest import ADMIN_TOKEN, Gateway
 from tests.services.motoserver import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY
 from tests.services.openbao import openbao  # noqa: F401 (the session fixture)
 from tests.services.tcpproxy import TcpProxy
-from tests.services.waiting import clean_env
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 CANARY = "canary-kms-7f3a9c"
 
@@ -262,6 +262,37 @@ def test_cli_serve_exits_2_in_one_line_when_the_kms_is_unreachable(tmp_path: Pat
     res = subprocess.run([str(credgate), "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "does not exist" in res.stderr
+
+
+def test_cli_serve_with_the_kek_in_aws_kms(tmp_path: Path, aws_key: str, moto_server) -> None:
+    """`credgate serve` as a user runs it: the KMS checked, the server ready, a secret
+    written and read through HTTP, the store's KEK version held wrapped by the KMS key."""
+    port = free_port()
+    env = clean_env(
+        CREDGATE_DATA_DIR=str(tmp_path / "data"), CREDGATE_DATABASE_URL=f"sqlite:///{tmp_path / 'store.db'}",
+        CREDGATE_PORT=str(port), CREDGATE_BOOTSTRAP_TOKEN=ADMIN_TOKEN, CREDGATE_KEK_SOURCE="aws-kms",
+        CREDGATE_KEK_AWS_KEY_ID=aws_key, CREDGATE_KEK_AWS_REGION=TEST_REGION,
+        CREDGATE_KEK_AWS_ENDPOINT_URL=moto_server.endpoint_url, AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET_KEY,
+    )
+    log = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("credgate")), "serve"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_until_serving(f"{url}/readyz", proc, log=log)
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        r = httpx.put(f"{url}/v1/secrets/local/app/db", json={"data": {"password": CANARY}}, headers=auth)
+        assert r.status_code == 200, r.text
+        r = httpx.get(f"{url}/v1/secrets/local/app/db", params={"reveal": "true"}, headers=auth)
+        assert r.json()["data"] == {"password": CANARY}
+        status = httpx.get(f"{url}/v1/keys/status", headers=auth).json()
+        assert status["source"].startswith(f"aws-kms key {aws_key}") and status["current_version"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert CANARY not in log.read_text()
 
 
 async def test_aws_wrong_key_disabled_key_and_denied_permission(aws_settings, moto_server, aws_key: str,
