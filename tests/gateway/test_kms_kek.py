@@ -366,6 +366,44 @@ async def test_aws_kms_down_during_writes(aws_settings, moto_server, aws_key: st
     no_canary(logs)
 
 
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+async def test_two_replicas_on_postgresql_one_cut_off_from_the_kms(aws_settings, moto_server, logs) -> None:
+    """Two gateways on one PostgreSQL store, each with its own way to the KMS. A rotates;
+    B, cut off from the KMS, sees the new KEK version in the store and refuses writes it
+    can't wrap under it (503, nothing written) instead of writing under the old one; when
+    its KMS comes back B unwraps the version by itself, writes go on, and each reads the
+    other's secrets."""
+    b_proxy = TcpProxy(("127.0.0.1", moto_server.port))
+    try:
+        async with serving(aws_settings(kek_check_seconds=0.2)) as a, serving(
+            aws_settings(kek_check_seconds=0.2, kek_aws_endpoint_url=f"http://127.0.0.1:{b_proxy.port}")
+        ) as b:
+            assert (await put(a, "from-a", CANARY)).status_code == 200
+            assert (await put(b, "from-b", CANARY)).status_code == 200
+            stored = await secret_versions(a)
+            with b_proxy.failing("refuse"):
+                r = await a.client.post("/v1/keys/rotate")
+                assert r.status_code == 202 and r.json()["current_version"] == 2
+                await until(lambda: b.runtime.keyring.current_version == 2)
+                w = await put(b, "during", CANARY)
+                assert w.status_code == 503 and w.json()["error"]["code"] == "kms_unavailable", w.text
+                assert int(w.headers["retry-after"]) > 0
+                assert await secret_versions(a) == stored
+                r = await reveal(a, "from-b")  # A serves on, KMS or not
+                assert r.status_code == 200 and r.json()["data"]["v"] == CANARY
+            await until(lambda: 2 in b.runtime.keyring.versions())
+            assert (await put(b, "during", CANARY)).status_code == 200
+            await settled(a, 2)
+            await settled(b, 2)
+            assert await versions_used(a) == {2}
+            for gw in (a, b):
+                for path in ("from-a", "from-b", "during"):
+                    assert (await reveal(gw, path)).json()["data"]["v"] == CANARY
+    finally:
+        b_proxy.stop()
+    no_canary(logs)
+
+
 async def test_two_replicas_making_the_same_kek_version_agree(aws_settings, moto_server) -> None:
     """Two replicas following the same KMS rotation at once: one version is made, the
     other replica takes it (the store's primary key decides), nothing is lost."""
