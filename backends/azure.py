@@ -78,8 +78,10 @@ Vault's own version ids (32 hex digits) are never shown.
   remembered in the process, so the next read of N is one request.
 - ``metadata()`` is the versions listing (plus one read of each version whose key names
   did not fit in the tag, remembered).
-- ``put`` reads the current version (its N), writes N+1 (``PUT /secrets/{name}``), then
-  lists the versions for the metadata it returns. Key Vault has no conditional write:
+- ``put`` lists the versions (N = the highest credgate number on any of them, disabled ones
+  included, so a number is never reused) and writes N+1 (``PUT /secrets/{name}``): two
+  requests, and the listing plus the write's answer are the metadata it returns. Key Vault
+  has no conditional write:
   writers of one path queue on a per-path lock inside one gateway process (held until the
   SDK call's thread ends, even when the caller gave up), so no number is lost or doubled
   there. Two gateway replicas writing the same path at the same moment can both write N+1
@@ -97,8 +99,9 @@ Ownership
 
 credgate writes the owner tag on every version it creates. A secret whose current version
 carries another value of the owner tag, or none (outside ``adopt_prefixes``), is not
-touched: 404 ``secret_not_owned`` on read/delete/restore, 409 ``secret_not_owned`` for a
-write that would take the name; ``list`` and ``count`` skip it. Under an ``adopt_prefixes``
+read, deleted or restored (404 ``secret_not_owned``), and ``list`` and ``count`` skip it; a
+write is refused (409 ``secret_not_owned``) unless one of the secret's versions is this
+owner's. Under an ``adopt_prefixes``
 prefix, a secret credgate never wrote reads as version 1 (a JSON object is its map,
 non-string values as their JSON text; any other text is ``{"value": <text>}``); credgate's
 first write tags that version as 1 (``PATCH``, so it stays readable) and writes version 2.
@@ -457,7 +460,9 @@ class AzureKeyVaultBackend(BackendBase):
                 material = (await self._material(auth.certificate, "certificate")).encode()
             else:
                 try:
-                    material = await run_sync(_read_file, auth.certificate_file, timeout=self.config.call_timeout)
+                    material = await run_sync(
+                        _read_file, auth.certificate_file, timeout=self.config.call_timeout, pool=f"backend:{self.name}"
+                    )
                 except OSError:
                     raise ValidationFailed(
                         f"Backend {self.name!r}: its certificate_file can't be read.", code="invalid_certificate"
@@ -597,7 +602,7 @@ class AzureKeyVaultBackend(BackendBase):
         """Run ``fn`` (blocking SDK calls) in a thread under ``call_timeout``; every SDK
         failure becomes a credgate error (``from None``); credgate errors pass as they are."""
         try:
-            return await run_sync(fn, timeout=self.config.call_timeout)
+            return await run_sync(fn, timeout=self.config.call_timeout, pool=f"backend:{self.name}")
         except CredgateError:
             raise
         except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped, never quoted
@@ -825,7 +830,7 @@ class AzureKeyVaultBackend(BackendBase):
                 self._keys.popitem(last=False)
         return keys
 
-    def _metadata_sync(self, path: str, *, upto: int | None = None) -> SecretMetadata:
+    def _metadata_sync(self, path: str) -> SecretMetadata:
         name = self._name(path)
         versions = self._versions(name)
         if not versions:
@@ -839,10 +844,12 @@ class AzureKeyVaultBackend(BackendBase):
                 ours = {1: latest}  # an adopted secret credgate never wrote: its current version is 1
             else:
                 raise self._not_owned(path)
+        return self._describe(path, name, ours)
+
+    def _describe(self, path: str, name: str, ours: dict[int, Any]) -> SecretMetadata:
+        """Metadata from numbered version properties (the newest number is the current one)."""
         infos = []
         for n in sorted(ours):
-            if upto is not None and n > upto:
-                continue
             p = ours[n]
             self._remember_id(name, n, p.version)
             infos.append(VersionInfo(n, self._keys_of(name, p, path), _created(p), (p.tags or {}).get(TAG_BY)))
@@ -861,31 +868,30 @@ class AzureKeyVaultBackend(BackendBase):
     def _recover_sync(self, name: str) -> None:
         self._kv.begin_recover_deleted_secret(name, _polling_interval=_POLL).result()
 
-    def _put_sync(self, path: str, name: str, value: str, keys: list[str], author: str, recovered: bool = False) -> int:
-        """Write the next version; returns its number (see "Values and versions")."""
+    def _put_sync(
+        self, path: str, name: str, value: str, keys: list[str], author: str, recovered: bool = False
+    ) -> SecretMetadata:
+        """Write the next version: list the versions (the current number and, with the
+        answer to the write, the metadata to return), then write N+1. Two requests."""
         from azure.core.exceptions import ResourceExistsError
 
-        cur = self._current(name)
-        if cur is None:
+        versions = self._versions(name) or []
+        mine = self._ours(versions, enabled_only=False)
+        adopted = False
+        if mine:
+            n = max(mine) + 1  # numbers are never reused, a disabled or foreign current version included
+        elif not versions:
             n = 1
+        elif any(self.config.owner_tag_key in (p.tags or {}) for p in versions) or not self._adoptable(path):
+            raise self._not_owned(path, writing=True)
         else:
-            tags = {} if cur == "disabled" else (cur.properties.tags or {})
-            number = self._number(tags)
-            if self._owned(tags) and number is not None:
-                n = number + 1
-            elif self.config.owner_tag_key in tags:
+            # Adoption: the foreign current version becomes version 1, kept readable.
+            cur = self._current(name)
+            if cur is None or cur == "disabled":
                 raise self._not_owned(path, writing=True)
-            else:
-                ours = self._ours(self._versions(name) or [], enabled_only=False)
-                if ours:
-                    n = max(ours) + 1  # supersedes a foreign (or disabled) current version; numbers never reused
-                elif cur != "disabled" and self._adoptable(path):
-                    # Adoption: the foreign current version becomes version 1, kept readable.
-                    v1_keys = sorted(self._data(cur.value, cur.properties.content_type, path))
-                    self._kv.update_secret_properties(name, cur.properties.version, tags=self._tags(1, v1_keys, "adopted"))
-                    n = 2
-                else:
-                    raise self._not_owned(path, writing=True)
+            v1_keys = sorted(self._data(cur.value, cur.properties.content_type, path))
+            self._kv.update_secret_properties(name, cur.properties.version, tags=self._tags(1, v1_keys, "adopted"))
+            n, adopted = 2, True
         try:
             got = self._kv.set_secret(name, value, content_type=CONTENT_TYPE, tags=self._tags(n, keys, author))
         except ResourceExistsError as exc:
@@ -899,8 +905,11 @@ class AzureKeyVaultBackend(BackendBase):
                 raise self._not_owned(path, writing=True) from None
             self._recover_sync(name)  # a write to a soft-deleted secret restores it first
             return self._put_sync(path, name, value, keys, author, recovered=True)
-        self._remember_id(name, n, got.properties.version)
-        return n
+        if adopted:
+            return self._metadata_sync(path)
+        ours = {k: v for k, v in self._ours(versions).items() if k < n}
+        ours[n] = got.properties
+        return self._describe(path, name, ours)
 
     def _delete_sync(self, path: str, destroy: bool) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -1027,30 +1036,39 @@ class AzureKeyVaultBackend(BackendBase):
         if lock is None:
             lock = self._locks.setdefault(name.lower(), asyncio.Lock())
         await lock.acquire()
-        # The lock is released when the thread ends, not when the caller stops waiting: a
-        # write abandoned by a timeout can't race the next writer of the path.
-        thread = asyncio.ensure_future(asyncio.to_thread(self._put_sync, path, name, value, keys, author))
+        # The lock is released when the SDK's thread ends, not when the caller stops waiting
+        # (the mounts' deadline): a write abandoned mid-flight can't race the next writer of
+        # the path. A write abandoned before its thread began never begins.
+        loop = asyncio.get_running_loop()
+        guard = threading.Lock()
+        state = {"started": False, "released": False}
 
-        def done(f: asyncio.Future[int], _lock: asyncio.Lock = lock) -> None:
-            _lock.release()
-            if not f.cancelled():
-                f.exception()  # retrieved: a write its caller gave up on ends quietly
+        def release_from_thread() -> None:
+            try:
+                loop.call_soon_threadsafe(lock.release)
+            except RuntimeError:  # the loop is gone (shutdown): nobody waits on the lock
+                pass
 
-        thread.add_done_callback(done)
+        def work() -> SecretMetadata:
+            with guard:
+                if state["released"]:
+                    raise asyncio.CancelledError  # abandoned while queued: write nothing
+                state["started"] = True
+            try:
+                return self._put_sync(path, name, value, keys, author)
+            finally:
+                with guard:
+                    state["released"] = True
+                release_from_thread()
+
         try:
-            n = await asyncio.wait_for(asyncio.shield(thread), self.config.call_timeout)
-        except CredgateError:
+            return await self._call("writing a secret", work)
+        except BaseException:
+            with guard:
+                if not state["started"] and not state["released"]:
+                    state["released"] = True
+                    lock.release()
             raise
-        except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped, never quoted
-            raise self._map(exc, "writing a secret") from None
-        meta = await self._call("reading a secret's metadata", lambda: self._metadata_sync(path, upto=n))
-        # What this write made, whatever others wrote since.
-        if meta.current_version != n:
-            meta = SecretMetadata(
-                backend=meta.backend, path=meta.path, current_version=n, keys=keys, created_at=meta.created_at,
-                updated_at=meta.updated_at, deleted_at=None, versions=meta.versions,
-            )
-        return meta
 
     async def delete(self, path: str, *, author: str, destroy: bool = False) -> None:
         self._name(path)
