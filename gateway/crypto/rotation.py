@@ -11,6 +11,12 @@ A KEK version whose references have dropped to zero is marked retired; it
 stays loadable (a backup of the store taken earlier still needs it) and
 ``credgate keys status`` says it may be removed from the KEK file.
 
+With a KEK held by a KMS (:mod:`gateway.crypto.kmsring`) the key manager also *follows*
+the KMS key (:meth:`KeyManager.start_following`): every ``kek_check_seconds`` it asks the
+KMS for the key's version and, when it moved, rotates as above under the new KMS key
+version; it picks up KEK versions other replicas made, and re-wraps what this replica
+wrote under an older one.
+
 Every table with sealed columns is listed in
 :data:`gateway.store.sealed_tables.SEALED`; a new one must be added there, or rotation
 would leave it behind (a test checks the list
