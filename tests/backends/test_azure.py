@@ -558,6 +558,26 @@ async def test_an_unreachable_authority_is_unreachable_not_an_auth_failure(kv, a
         await backend.aclose()
 
 
+async def test_a_slow_store_times_out_and_an_abandoned_write_still_holds_its_number(kv, admin, prefix) -> None:
+    backend = await _direct(_config(kv, prefix, _secret_auth(kv, admin), call_timeout=0.3))
+    try:
+        kv.delay = 0.5
+        try:
+            with pytest.raises(TargetUnreachable):
+                await backend.list("")
+            # A caller gives up on a write (the mounts' deadline); its request is on the wire.
+            with pytest.raises(TargetUnreachable):
+                await backend.put("slow", {"w": "first"}, author="t")
+        finally:
+            kv.delay = 0.0
+        # The next writer of the path waits for that write to end, then takes the next number.
+        meta = await backend.put("slow", {"w": "second"}, author="t")
+        assert meta.current_version == 2 and [v.version for v in meta.versions] == [1, 2]
+        assert (await backend.get("slow", 1)).data == {"w": "first"}
+    finally:
+        await backend.aclose()
+
+
 def test_sanitize_keeps_class_status_and_codes_never_the_message() -> None:
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 

@@ -74,6 +74,7 @@ Use::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -220,6 +221,7 @@ class AzureKeyVaultStandIn:
         self.vault_name = vault_name
         self.purge_protection = purge_protection
         self.token_lifetime = token_lifetime
+        self.delay = 0.0  # seconds every Key Vault call waits before it is handled (a slow vault)
         self.apps: dict[str, App] = {}
         self.issuers: dict[str, FederatedIssuer] = {}
         self.token_requests: list[tuple[str, str]] = []  # (client_id, how) of each token issued
@@ -754,6 +756,8 @@ class AzureKeyVaultStandIn:
         @api.api_route("/{rest:path}", methods=["GET", "PUT", "PATCH", "DELETE", "POST"])
         async def vault(rest: str, request: Request) -> Response:
             path = "/" + rest  # `GET /secrets/{name}/` (the SDK's "current version") keeps its empty version
+            if self.delay:
+                await asyncio.sleep(self.delay)
             try:
                 app = self._authenticate(request.headers.get("authorization"))
                 query = dict(request.query_params)
