@@ -89,6 +89,9 @@ Vault's own version ids (32 hex digits) are never shown.
   not offered (capabilities: False).
 - A disabled version (Key Vault's ``enabled=false``) reads as 404 ``version_not_found`` and
   is left out of the versions.
+- Key Vault finishes deletes, purges and recoveries asynchronously; a call on a name still in
+  transit (409 ``ObjectIsBeingDeleted``/``ObjectIsBeingRecovered``, e.g. a write right after a
+  destroy) is answered like an unavailable store (503 with ``Retry-After``): try again.
 
 Size limit: Key Vault documents a secret value of at most "25k bytes"; credgate takes the
 stricter reading, 25,000 bytes, and adds nothing around the data (the tags carry the rest),
@@ -199,6 +202,8 @@ _CHECK_SUFFIX = "-9check"  # '-9' is no escape: no credgate path encodes to it
 _IDS_MAX = 20_000
 _POLL = 0.5  # seconds between polls of a delete/recover
 
+# Key Vault deletes, purges and recovers asynchronously: a name in transit answers 409 with these.
+_BUSY = frozenset({"ObjectIsBeingDeleted", "ObjectIsBeingRecovered"})
 _ESCAPE = {"/": "-0", "-": "-1", ".": "-2", "_": "-3"}
 _UNESCAPE = {v[1]: k for k, v in _ESCAPE.items()}
 _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -591,6 +596,12 @@ class AzureKeyVaultBackend(BackendBase):
                 return NotFound(f"Azure Key Vault found nothing while {doing} ({what}).", code="secret_not_found")
             if status == 429:
                 return TargetUnreachable(f"Azure Key Vault is throttling {doing} ({what}).", code="target_throttled")
+            if status == 409 and _codes(exc)[1] in _BUSY:
+                return TargetUnreachable(
+                    f"Azure Key Vault is still finishing a delete, purge or recovery of this secret ({what}); "
+                    "try again in a few seconds.",
+                    code="target_busy",
+                )
             if status >= 500:
                 return TargetError(f"Azure Key Vault failed while {doing} ({what}).", code="backend_unavailable")
             return TargetError(f"Azure Key Vault refused {doing} ({what}).")

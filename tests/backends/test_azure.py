@@ -591,6 +591,19 @@ def test_sanitize_keeps_class_status_and_codes_never_the_message() -> None:
 
     exc = HttpResponseError(response=_Resp())  # type: ignore[arg-type]
     assert AzureKeyVaultBackend.sanitize(exc) == "HttpResponseError (409, Conflict, ObjectIsDeletedButRecoverable)"
+    config = AzureBackendConfig.model_validate(
+        {"vault_url": "https://v.vault.azure.net/", "auth": {"method": "ambient"}}
+    )
+    backend = AzureKeyVaultBackend("az", config, BackendContext(None, None))  # type: ignore[arg-type]
+    mapped = backend._map(exc, "writing a secret")
+    assert type(mapped) is TargetError and CANARY not in mapped.message
+
+    class _Busy(_Resp):
+        def text(self) -> str:
+            return json.dumps({"error": {"code": "Conflict", "message": CANARY, "innererror": {"code": "ObjectIsBeingDeleted"}}})
+
+    busy = backend._map(HttpResponseError(response=_Busy()), "writing a secret")  # type: ignore[arg-type]
+    assert isinstance(busy, TargetUnreachable) and busy.code == "target_busy" and CANARY not in busy.message
     auth = ClientAuthenticationError(message=f"Authentication failed: AADSTS7000215: {CANARY}\r\nTrace ID: x")
     assert AzureKeyVaultBackend.sanitize(auth) == "ClientAuthenticationError (AADSTS7000215)"
     assert AzureKeyVaultBackend.sanitize(ServiceRequestError(CANARY)) == "ServiceRequestError"
