@@ -122,7 +122,9 @@ again at version 1. Key Vault keeps a soft-deleted secret's name: a ``put`` to i
 it first (its versions come back) and then writes the next version, as the protocol asks.
 With purge protection on the vault (the secret's ``recoveryLevel`` lacks ``Purgeable``),
 ``destroy`` is refused before anything changes: 409 ``purge_forbidden`` (a soft delete
-still works; Key Vault purges it when retention ends). Deleting and recovering are
+still works; Key Vault purges it when retention ends). Without the ``purge`` permission, a
+destroy of a live secret leaves it soft-deleted and answers 502 ``target_permission_denied``
+(``check()`` does not probe purge). Deleting and recovering are
 long-running in Key Vault; the backend waits for them (polling every half second, within
 ``call_timeout``).
 

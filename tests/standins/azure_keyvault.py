@@ -57,6 +57,11 @@ Authentication and authorisation, verified, never assumed:
   secret permissions ``get list set delete recover purge``; a call without its permission
   is 403 ``Forbidden`` (inner error ``AccessDenied``).
 
+Test knobs (not Azure's): ``purge_protection``, ``token_lifetime``, ``delay`` (seconds every
+Key Vault call waits: a slow vault), ``seed()`` (write behind the API), ``raw_secret()`` and
+``names()`` (look behind the API), ``token_requests`` and ``refused`` (what Entra issued and
+refused).
+
 Not implemented: backup/restore, certificates and keys, RBAC role assignments, managed
 identities (IMDS), ``nbf``/``exp`` attribute enforcement, ``recoverableDays`` other than 90,
 automatic purge at the end of retention, asynchronous deletion.
