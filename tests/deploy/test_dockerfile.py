@@ -228,22 +228,28 @@ def needed(extras: set[str]) -> set[str]:
     return names
 
 
+IMAGE_BACKENDS = ("vault", "aws", "gcp", "azure")  # the image runs every backend type and KEK source
+
+
 def test_runtime_lock_is_hashed_complete_and_the_tested_versions() -> None:
     lock = DEPLOY / "requirements.lock"
     runtime = pins(lock)
     tested = pins(ROOT / "requirements" / "test.lock")
     header = lock.read_text().splitlines()[1]
-    assert "--extra server --extra postgres" in header, "the lock's header names the command that made it"
-    # Every requirement of credgate, its server and its postgres extra, in range.
+    assert "--extra server --extra postgres" + "".join(f" --extra {e}" for e in IMAGE_BACKENDS) in header, (
+        "the lock's header names the command that made it"
+    )
+    # Every requirement of credgate, its server, postgres and backend extras (the customer's
+    # own secret stores and KMS: vault, aws, gcp, azure), in range.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    for spec in project["dependencies"] + extras["server"] + extras["postgres"]:
+    for spec in project["dependencies"] + [s for e in ("server", "postgres", *IMAGE_BACKENDS) for s in extras[e]]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         assert name in runtime, f"{req} is not pinned in {lock.name}"
         assert req.specifier.contains(runtime[name], prereleases=True), f"{req} pinned at {runtime[name]}"
     # Transitively complete (the image installs with --no-deps).
-    missing = needed({"server", "postgres"}) - set(runtime)
+    missing = needed({"server", "postgres", *IMAGE_BACKENDS}) - set(runtime)
     assert not missing, f"{lock.name} misses {sorted(missing)}: regenerate it (deploy/README.md)"
     # The image runs the versions CI tests.
     drift = {n: f"{v} in the image, {tested[n]} tested" for n, v in runtime.items() if tested.get(n) != v}
