@@ -133,8 +133,16 @@ async def test_readyz_reports_each_live_backend_and_stays_ready(gateway: Gateway
     assert r.json()["checks"] == {"store": "ok", "kek": "ok", "audit": "ok"}
     assert r.json()["backends"]["p3"] == {
         "ok": False, "problem": "expiring", "message": "its token expires in 42 s and can't be renewed"}
-    assert r.json()["backends"]["p4"]["ok"] is True  # status() is what it knows without I/O
+    assert r.json()["backends"]["p4"] == {"ok": True, "problem": None, "message": "serving"}  # status(): no I/O
     assert ProbeBackend.checks == 0
+    # once checked, the last check is there too (still no probe on /readyz, still ready)
+    await gateway.client.post("/v1/backends/p4/check")
+    async with gateway.as_token(None) as anon:
+        r = await anon.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    last = r.json()["backends"]["p4"]["last_check"]
+    assert (last["ok"], last["problem"]) == (False, "unreachable") and last["checked_at"]
+    assert ProbeBackend.checks == 1
 
 
 # --- SecretRef in a backend's configuration ------------------------------------------------

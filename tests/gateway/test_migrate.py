@@ -254,6 +254,22 @@ def test_all_versions_keep_their_order_and_a_rerun_adds_nothing(gw: ServedGatewa
     assert (rep["local/av/c"]["versions_skipped"], rep["local/av/c"]["versions_copied"]) == ([1], [2])
 
 
+def test_a_destination_that_differs_or_is_soft_deleted_gets_one_new_version(gw: ServedGateway, tmp_path: Path) -> None:
+    put(gw, "local/upd/changed", {"k": "new"})
+    put(gw, "local/upd/gone", {"k": "back"})
+    put(gw, "team/upd/changed", {"k": "old"})
+    put(gw, "team/upd/gone", {"k": "old"})
+    assert gw.http.delete("/v1/secrets/team/upd/gone").status_code == 204  # soft-deleted at the destination
+    args = ["secret", "migrate", "--from", "local/upd", "--to", "team/upd", "--report", str(tmp_path / "r.json")]
+    res = gw.cli(*args)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "2 copied" in res.stdout
+    assert reveal(gw, "team/upd/changed")["data"] == {"k": "new"} and reveal(gw, "team/upd/gone")["data"] == {"k": "back"}
+    assert versions_by_path(gw, "team", "upd/") == {"upd/changed": [1, 2], "upd/gone": [1, 2]}
+    assert gw.cli(*args).returncode == 0
+    assert versions_by_path(gw, "team", "upd/") == {"upd/changed": [1, 2], "upd/gone": [1, 2]}
+
+
 def test_a_refused_secret_is_reported_and_the_rest_continue(gw: ServedGateway, tmp_path: Path) -> None:
     put(gw, "local/big/a", {"k": "small"})
     put(gw, "local/big/b", {f"k{i}": CANARY + "x" * 60000 for i in range(3)})  # ~180 KB: local takes it, vault (128 KiB) not

@@ -22,19 +22,24 @@ async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-def backend_statuses(runtime) -> dict[str, dict[str, object]]:
-    """Each backend started on this replica, by its own ``status()`` (no I/O): reported, never
-    a reason to be unready (the other backends still serve; a store that is down answers 503
+def backend_statuses(runtime, request: Request) -> dict[str, dict[str, object]]:
+    """Each backend started on this replica, by its own ``status()`` (no I/O), with the last
+    ``POST /v1/backends/NAME/check`` this replica answered, if any: reported, never a reason to
+    be unready (the other backends still serve; a store that is down answers 503
     ``backend_unavailable`` on its own requests)."""
+    checks = getattr(request.app.state, "backend_checks", None) or {}
     out: dict[str, dict[str, object]] = {}
     for name, backend in sorted(runtime.mounts.live().items()):
         h = backend.status()
         out[name] = {"ok": h.ok, "problem": h.problem, "message": h.message}
+        if name in checks:
+            last, at = checks[name]
+            out[name]["last_check"] = {"ok": last.ok, "problem": last.problem, "checked_at": at.isoformat()}
     return out
 
 
 @router.get("/readyz", summary="The store is reachable and the KEK is loaded (backends are reported, not required)")
-async def readyz(runtime: RuntimeDep) -> JSONResponse:
+async def readyz(request: Request, runtime: RuntimeDep) -> JSONResponse:
     checks: dict[str, str] = {}
     reasons = []
     try:
@@ -55,7 +60,7 @@ async def readyz(runtime: RuntimeDep) -> JSONResponse:
         failing = [n for n, h in runtime.audit.health.items() if not h.ok]
         checks["audit"] = "unavailable"
         reasons.append("audit sink unavailable: " + ", ".join(failing))
-    backends = backend_statuses(runtime)
+    backends = backend_statuses(runtime, request)
     if reasons:
         body = {
             "status": "not_ready",
