@@ -303,6 +303,26 @@ def test_a_caller_without_reveal_on_the_source_gets_one_clean_error_and_nothing_
     assert any(e["subject"] == "admin_key:migrator" for e in events["items"])
 
 
+def test_a_caller_without_write_on_the_destination_gets_one_clean_error(gw: ServedGateway, tmp_path: Path) -> None:
+    for i in range(3):
+        put(gw, f"local/nowrite/s{i}", {"k": f"{CANARY}{i}"})
+    token = gw.http.post("/v1/admin-keys", json={"name": "reader", "role": "auditor"}).json()["token"]
+    policy = {"rules": [{"principals": {"issuer": "credgate", "subject": "admin_key:reader"},
+                         "actions": ["secrets:read", "secrets:reveal"], "resources": ["local/nowrite/*", "team/nowrite/*"]}]}
+    assert gw.http.put("/v1/policies/reader", json=policy).status_code == 201
+    res = gw.cli("secret", "migrate", "--from", "local/nowrite", "--to", "team/nowrite", "--report",
+                 str(tmp_path / "r.json"), token=token)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("credgate: permission_denied: admin_key:reader may not secrets:write"), res.stderr
+    assert res.stderr.count("permission_denied") == 1 and CANARY not in res.stderr
+    assert listed(gw, "team", "nowrite/") == []
+    # with --dry-run it needs no write: it compares and says what it would do
+    dry = gw.cli("secret", "migrate", "--from", "local/nowrite", "--to", "team/nowrite", "--dry-run", "--report",
+                 str(tmp_path / "d.json"), token=token)
+    assert dry.returncode == 0 and "3 to copy" in dry.stdout, dry.stderr
+
+
 @pytest.mark.parametrize("args, says", [
     (["--from", "local/app", "--to", "local/app/copy"], "overlap"),
     (["--from", "local/app", "--to", "nowhere/app"], "there is no backend 'nowhere'"),
