@@ -55,6 +55,9 @@ class TcpProxy:
         self._loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # no Nagle/delayed-ACK stall on small requests (asyncio only sets it on IPPROTO_TCP sockets)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.mode == "refuse":
             _reset(writer)
             return
