@@ -111,6 +111,26 @@ def direct_reader(kind: str, server, config: dict, gw_work: Path) -> Callable[[]
             return json.loads(sm.access_secret_version(name=name).payload.data)
 
         return read
+    if kind == "azure":
+        import json
+
+        from azure.identity import ClientSecretCredential
+        from azure.keyvault.secrets import SecretClient
+
+        from backends.azure import encode_path
+
+        auth = config["auth"]
+        cred = ClientSecretCredential(auth["tenant_id"], auth["client_id"], auth["secret"],
+                                      authority=config["authority_host"], disable_instance_discovery=True,
+                                      connection_verify=config["ca_bundle"])
+        sc = SecretClient(config["vault_url"], cred, verify_challenge_resource=False,
+                          connection_verify=config["ca_bundle"])
+        name = config["name_prefix"] + encode_path(PATH)
+
+        def read() -> dict:
+            return json.loads(sc.get_secret(name).value)
+
+        return read
     raise SystemExit(f"no direct reader for {kind}")
 
 
