@@ -15,7 +15,21 @@ from gateway.client.urls import seg
 app = group("Register and check secret backends.")
 
 crud.add_list(app, "/v1/backends", [("NAME", "name"), ("TYPE", "type"), ("BUILT-IN", "builtin")],
-              "List registered backends (-o json adds capabilities and health; `backend show NAME`).")
+              "List registered backends.")
+
+
+@app.command("add")
+def backend_add(
+    name: str,
+    type_: Annotated[str, typer.Option("--type", help="Backend type, e.g. local.")],
+    settings: Annotated[list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", show_default=False)] = None,
+    config_file: Annotated[Path | None, typer.Option("--config-file", help="JSON object of settings.")] = None,
+) -> None:
+    """Register (or replace) a backend."""
+    config = read_json_file(config_file) if config_file else parse_pairs(settings or [], json_values=True)
+    with client() as c:
+        out = c.request("PUT", f"/v1/backends/{seg(name)}", json={"type": type_, "config": config})
+    emit(out, lambda o: typer.echo(f"backend {o['name']} ({o['type']}) saved"))
 
 
 # Health.problem (backends/base.py) in words.

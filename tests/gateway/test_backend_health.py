@@ -224,8 +224,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 ])
 def test_backend_check_command(served, check: str, exit_code: int, says: str) -> None:
     name = f"cli-{check}"
-    r = served.http.put(f"/v1/backends/{name}", json={"type": "probe", "config": {"check": check}})
-    assert r.status_code in (200, 201), r.text
+    added = served.cli("backend", "add", name, "--type", "probe", f"check={check}")
+    assert added.returncode == 0 and added.stdout == f"backend {name} (probe) saved\n", added.stderr
     res = served.cli("backend", "check", name)
     assert res.returncode == exit_code, (res.stdout, res.stderr)
     assert res.stdout.splitlines()[0] == says
