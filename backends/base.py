@@ -46,33 +46,49 @@ Contract
   can't reach a log line by accident.
 - ``check`` reports reachability and permissions without revealing anything.
 - Every method is safe to call concurrently. Every call to a remote store has a
-  timeout; a synchronous SDK runs through :func:`run_sync`, never directly in a
-  coroutine (it would block the event loop).
+  timeout; a synchronous SDK runs through :func:`run_sync` with
+  ``pool=f"backend:{self.name}"`` (a bounded thread pool of the mount's own, so a store
+  that hangs can't starve anything else), never directly in a coroutine (it would block
+  the event loop). Give the SDK its own connect/read timeouts and few retries too: the
+  mounts' deadline ends the caller's wait, not the thread.
+- Vendor SDKs log request and response bodies at DEBUG: hold those loggers above DEBUG
+  in the backend's module (see ``backends/aws.py``, ``backends/gcp.py``), so a value can't
+  reach a log at any level.
 - Vendor SDK imports stay inside the backend's module (inside methods, so the
   type is listable without its SDK).
 
 Errors a backend may raise (all from :mod:`gateway.errors`, re-exported here)
 ------------------------------------------------------------------------------
 
-Anything else escaping a method is reported by its ``sanitize``d form only.
+Anything else escaping a method is reported by its ``sanitize``d form only (502
+``backend_error``). The codes in use, by class:
 
-- :class:`NotFound` (404): ``secret_not_found`` (no such path),
-  ``secret_deleted`` (soft-deleted: ``get``/``metadata``/``delete``),
-  ``version_not_found`` (``get`` of a version that does not exist or was
-  destroyed).
-- :class:`Conflict` (409): ``cas_mismatch`` (``put`` with ``cas`` not equal to
-  the current version). What the capabilities say a type lacks is refused by
-  the gateway before the backend is called (``backend_read_only``,
-  ``not_supported``: :func:`gateway.plugins.backends.require`), so a backend
-  need not check it again.
-- :class:`TargetUnreachable` (503): the store did not answer (connection refused,
-  DNS, TLS handshake, its own timeout). The mounts answer every one of these, and
-  a call that outlives ``CREDGATE_BACKEND_TIMEOUT_SECONDS``, as 503
+- :class:`NotFound` (404): ``secret_not_found`` (no such path), ``secret_deleted``
+  (soft-deleted: ``get``/``metadata``), ``version_not_found`` (``get`` of a version that
+  does not exist, was destroyed, disabled or pruned by the store), ``secret_not_owned``
+  (the store holds a secret at that name that credgate did not create and may not adopt:
+  aws, gcp, azure; reads and deletes look as if it were absent).
+- :class:`Conflict` (409): ``cas_mismatch`` (``put`` with ``cas`` not equal to the
+  current version), ``secret_not_owned`` (a ``put`` onto a name credgate does not own),
+  ``foreign_version`` (the current version was written behind credgate's back in a shape
+  it can't read), ``purge_forbidden`` (destroy where the store's purge protection
+  forbids it), ``version_conflict``. What the capabilities say a type lacks is refused by
+  the gateway before the backend is called (``backend_read_only``, ``not_supported``:
+  :func:`gateway.plugins.backends.require`), and so is a value past ``max_value_bytes``
+  (413 ``value_too_large``), so a backend need not check them again.
+- :class:`ValidationFailed` (422): the configuration can't work (constructor, ``start``:
+  ``invalid_certificate``, ``invalid_ca_bundle``), or a path can't be named in this store
+  (``path_too_long``: the vendor's name limit once encoded) or a value can't be read as a
+  map of strings (``unsupported_value``).
+- :class:`TargetUnreachable` (503): the store did not answer (connection refused, DNS,
+  TLS handshake, its own timeout, sealed, throttled: ``target_unreachable``,
+  ``target_timeout``, ``target_throttled``, ``target_busy``). The mounts answer every one
+  of these, and a call that outlives ``CREDGATE_BACKEND_TIMEOUT_SECONDS``, as 503
   ``backend_unavailable`` with ``Retry-After``; the gateway itself stays healthy.
-- :class:`TargetError` (502 ``target_error``; ``code="backend_unavailable"``,
-  ``target_auth_failed``, ``target_permission_denied``): the store answered and
-  failed.
-- :class:`ValidationFailed` (422): the configuration can't work (constructor).
+- :class:`TargetError` (502): the store answered and failed: ``target_auth_failed`` (it
+  refused the backend's credentials; a :class:`SecretRef` that can't be read is
+  ``secret_ref_unavailable``), ``target_permission_denied``, ``target_quota_exceeded``,
+  ``target_error``.
 
 A vendor SDK's exception is translated inside the backend's module, with a
 sentence of its own plus at most ``sanitize(exc)``, and never chained into a
