@@ -254,6 +254,20 @@ def test_all_versions_keep_their_order_and_a_rerun_adds_nothing(gw: ServedGatewa
     assert (rep["local/av/c"]["versions_skipped"], rep["local/av/c"]["versions_copied"]) == ([1], [2])
 
 
+def test_all_versions_into_vault(gw: ServedGateway, openbao: OpenBao, vault_prefix: str, tmp_path: Path) -> None:
+    history = [{"k": "v1"}, {"k": "v2", "extra": "x"}, {"k": "v3"}]
+    for data in history:
+        put(gw, "local/avv/a", data)
+    args = ["secret", "migrate", "--from", "local/avv", "--to", "vlt/avv", "--all-versions", "--report",
+            str(tmp_path / "r.json")]
+    for _ in range(2):  # the second run finds everything there and writes nothing
+        res = gw.cli(*args)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert vault_versions(openbao, vault_prefix, "avv/") == {"avv/a": [1, 2, 3]}
+    assert [reveal(gw, "vlt/avv/a", v)["data"] for v in (1, 2, 3)] == history
+    assert "0 copied" in res.stdout and "1 already there" in res.stdout
+
+
 def test_a_destination_that_differs_or_is_soft_deleted_gets_one_new_version(gw: ServedGateway, tmp_path: Path) -> None:
     put(gw, "local/upd/changed", {"k": "new"})
     put(gw, "local/upd/gone", {"k": "back"})

@@ -58,6 +58,9 @@ def test_thousand_secrets_local_to_vault_killed_halfway_then_resumed_end_present
     assert any(re.search(r"\d+/1000 done \(\d+ copied\), [0-9.]+/s, \d+ left", ln) for ln in lines)  # count, rate, left
     halfway = set(listed(gw, "vlt", "k/"))
     assert total // 2 <= len(halfway) < total
+    partial = json.loads(report.read_text())  # as last written (every 2 s) before the kill
+    assert partial["complete"] is False and partial["totals"]["secrets"] == total
+    assert {s["destination"] for s in partial["secrets"] if s["status"] == "copied"} <= {f"vlt/{p}" for p in halfway}
     killed_at = time.monotonic()
 
     res = gw.cli("secret", "migrate", "--from", "local/k", "--to", "vlt/k", "--report", str(report))
