@@ -109,15 +109,21 @@ class Stopped(Exception):
 
 
 class Fatal(Exception):
-    """An error that stops the whole run (401; 403 before anything succeeded)."""
+    """An error that stops the whole run: 401; 403 before anything succeeded; the gateway
+    unreachable, or a backend still unavailable (503) or rate limiting (429) after retries
+    (the run is resumed later by running it again)."""
 
-    def __init__(self, error: RequestFailed) -> None:
+    def __init__(self, error: RequestFailed | GatewayUnreachable) -> None:
         super().__init__(str(error))
         self.error = error
 
 
 class Replan(Exception):
     """Compare this secret again from the start (a write's answer was lost, or cas moved)."""
+
+    def __init__(self, cause: RequestFailed | GatewayUnreachable | None = None) -> None:
+        super().__init__()
+        self.cause = cause
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -185,8 +191,10 @@ class Api:
         try:
             return self.c.request("PUT", f"/v1/secrets/{seg(loc.backend)}/{seg(path)}", json=body)
         except (RequestFailed, GatewayUnreachable) as exc:
-            if _is_transient(exc) or (isinstance(exc, RequestFailed) and exc.code == "cas_mismatch"):
-                raise Replan() from None  # it may have been written: compare again, never write blindly
+            if _is_transient(exc):
+                raise Replan(exc) from None  # it may have been written: compare again, never write blindly
+            if isinstance(exc, RequestFailed) and exc.code == "cas_mismatch":
+                raise Replan() from None
             raise
 
     def list_all(self, loc: Location) -> list[str]:
@@ -265,12 +273,15 @@ class Migrator:
         except BadRequest as exc:
             out.fail(exc.code, exc.message)
             return out
+        cause: RequestFailed | GatewayUnreachable | None = None
+        tried: set[int] = set()  # source versions whose write was sent (its answer may have been lost)
         for attempt in range(RETRIES):
             out = Outcome(out.source, out.destination)
             try:
-                (self._all if self.o.all_versions else self._latest)(rel, out, self._absent(rel, attempt))
-                return out
-            except Replan:
+                (self._all if self.o.all_versions else self._latest)(rel, out, self._absent(rel, attempt), tried)
+                return self._credit(out, tried)
+            except Replan as replan:
+                cause = replan.cause
                 try:
                     self.api._pause(attempt)
                 except Stopped:
@@ -278,18 +289,31 @@ class Migrator:
             except Stopped:
                 return out  # not_done (or partly done: the next run compares again)
             except RequestFailed as exc:
-                if exc.status == 401:
+                if exc.status == 401 or _is_transient(exc):  # transient: still failing after RETRIES
                     raise Fatal(exc) from None
                 out.fail(exc.code, exc.message)
                 return out
             except GatewayUnreachable as exc:
-                out.fail("gateway_unreachable", str(exc))
-                return out
-        out.fail("kept_changing", "The destination changed under every attempt to write it (another writer?), "
-                 "or the gateway kept failing; run again.")
+                raise Fatal(exc) from None
+        if cause is not None and _is_transient(cause):
+            raise Fatal(cause)
+        out.fail("kept_changing", "The destination changed under every attempt to write it (another writer?); "
+                 "run again.")
         return out
 
-    def _latest(self, rel: str, out: Outcome, absent: bool) -> None:
+    @staticmethod
+    def _credit(out: Outcome, tried: set[int]) -> Outcome:
+        """A version found already there that an earlier attempt of this run sent (its answer
+        lost) was copied by this run: report it so."""
+        landed = [v for v in out.versions_skipped if v in tried]
+        if landed:
+            out.versions_skipped = [v for v in out.versions_skipped if v not in tried]
+            out.versions_copied = sorted(out.versions_copied + landed)
+            if out.status == "skipped":
+                out.status = "copied"
+        return out
+
+    def _latest(self, rel: str, out: Outcome, absent: bool, tried: set[int]) -> None:
         src = self.api.secret(self.o.src, self.o.src.path(rel), reveal=True)
         if not isinstance(src, dict):
             raise RequestFailed(404, "secret_not_found", f"Secret {out.source} no longer exists.")
@@ -301,7 +325,7 @@ class Migrator:
         if self.o.dry_run:
             out.status = "would_copy"
             return
-        self._write(rel, src["data"], self._cas(dst), out)
+        self._write(rel, src["version"], src["data"], self._cas(dst), out, tried)
         out.status, out.verified = "copied", True
 
     def _cas(self, dst: Any) -> int | None:
@@ -312,8 +336,10 @@ class Migrator:
             return None
         return dst["current_version"] if isinstance(dst, dict) else 0
 
-    def _write(self, rel: str, data: dict[str, str], cas: int | None, out: Outcome) -> int:
+    def _write(self, rel: str, source_version: int, data: dict[str, str], cas: int | None, out: Outcome,
+               tried: set[int]) -> int:
         path = self.o.dst.path(rel)
+        tried.add(source_version)
         written = self.api.put(self.o.dst, path, data, cas)
         version = written["version"]
         back = self.api.secret(self.o.dst, path, reveal=True, version=version if self.o.dst_versions else None)
@@ -322,7 +348,7 @@ class Migrator:
         out.destination_versions.append(version)
         return version
 
-    def _all(self, rel: str, out: Outcome, absent: bool) -> None:
+    def _all(self, rel: str, out: Outcome, absent: bool, tried: set[int]) -> None:
         src_path, dst_path = self.o.src.path(rel), self.o.dst.path(rel)
         meta = self.api.secret(self.o.src, src_path, reveal=False)
         if not isinstance(meta, dict):
@@ -368,7 +394,7 @@ class Migrator:
         for v, data in source[k:]:
             if self.api.stop.is_set():
                 raise Stopped()
-            version = self._write(rel, data, cas, out)
+            version = self._write(rel, v, data, cas, out, tried)
             out.versions_copied.append(v)
             cas = version if self.o.cas else None
         assert out.versions_copied == copied
@@ -477,7 +503,7 @@ class Report:
 class Result:
     report: Report
     interrupted: bool = False
-    fatal: RequestFailed | None = None
+    fatal: RequestFailed | GatewayUnreachable | None = None
 
 
 def _stopping_on_sigterm() -> Callable[[], None]:

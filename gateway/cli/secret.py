@@ -174,7 +174,7 @@ def secret_migrate(
 
 
 def _migrate_summary(result: Any, src: Any, dst: Any, path: Path, dry_run: bool) -> None:
-    from gateway.client.errors import RequestFailed
+    from gateway.client.errors import GatewayUnreachable, RequestFailed
 
     totals = result.report.totals()
     failed = [o for o in result.report.outcomes.values() if o.status == "failed"]
@@ -197,9 +197,12 @@ def _migrate_summary(result: Any, src: Any, dst: Any, path: Path, dry_run: bool)
         if len(s["failed"]) > 50:
             typer.echo(f"  ... and {len(s['failed']) - 50} more (see the report)")
 
+    if isinstance(result.fatal, GatewayUnreachable):
+        raise GatewayUnreachable(f"{result.fatal} (stopped; run the same command again to resume; report: {path})")
     if result.fatal is not None:
+        again = " run the same command again to resume;" if result.fatal.status in (429, 502, 503, 504) else ""
         raise RequestFailed(result.fatal.status, result.fatal.code,
-                            f"{result.fatal.message} (stopped; nothing more was written; report: {path})")
+                            f"{result.fatal.message} (stopped: no further secret was started;{again} report: {path})")
     if result.interrupted:
         left = totals.get("not_done", 0)
         typer.echo(f"credgate: interrupted with {left} secret(s) not done; run the same command again to resume "

@@ -312,6 +312,7 @@ def test_a_caller_without_reveal_on_the_source_gets_one_clean_error_and_nothing_
     last = res.stderr.splitlines()[-1]
     assert last.startswith("credgate: permission_denied: admin_key:migrator may not secrets:reveal"), res.stderr
     assert res.stderr.count("permission_denied") == 1 and "Traceback" not in res.stderr
+    assert "no further secret was started" in last
     assert listed(gw, "team", "authz/") == []
     events = gw.http.get("/v1/audit", params={"action": "secrets:reveal", "decision": "deny", "limit": 1000}).json()
     assert any(e["subject"] == "admin_key:migrator" for e in events["items"])
@@ -335,6 +336,18 @@ def test_a_caller_without_write_on_the_destination_gets_one_clean_error(gw: Serv
     dry = gw.cli("secret", "migrate", "--from", "local/nowrite", "--to", "team/nowrite", "--dry-run", "--report",
                  str(tmp_path / "d.json"), token=token)
     assert dry.returncode == 0 and "3 to copy" in dry.stdout, dry.stderr
+
+
+def test_a_destination_that_is_down_stops_the_run_in_one_line(gw: ServedGateway, tmp_path: Path) -> None:
+    put(gw, "local/down/a", {"k": "v"})
+    config = {"url": f"http://127.0.0.1:{free_port()}", "timeout": 2, "auth": {"token": {"token": "t"}}}
+    assert gw.http.put("/v1/backends/vdown", json={"type": "vault", "config": config}).status_code == 201
+    started = time.monotonic()
+    res = gw.cli("secret", "migrate", "--from", "local/down", "--to", "vdown/down", "--report", str(tmp_path / "r.json"))
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("credgate: backend_unavailable: Backend 'vdown' is unavailable"), res.stderr
+    assert time.monotonic() - started < 30  # retried a few times with backoff, then stopped
 
 
 @pytest.mark.parametrize("args, says", [
@@ -408,3 +421,106 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(gw: ServedGatewa
     again = gw.cli("secret", "migrate", "--from", f"local/{folder}", "--to", f"team/{folder}", "--report", str(report))
     assert again.returncode == 0, again.stderr
     assert versions_by_path(gw, "team", f"{folder}/") == {f"{folder}/s{i:03d}": [1] for i in range(60)}
+
+
+# --- the engine alone, against an in-memory API with faults injected ------------------------------
+
+
+class FakeGateway:
+    """The few secrets routes a migration calls, in memory; ``faults`` decides, per call,
+    whether a write lands and whether its answer comes back."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.faults: list[str] = []  # consumed one per PUT: "ok", "lost" (lands, answer lost), "503" (refused)
+        self.puts = 0
+
+    def get(self, path: str, **params: Any) -> Any:
+        from gateway.client.errors import RequestFailed
+
+        parts = path.split("/", 4)[3:]  # /v1/secrets/BACKEND[/PATH]
+        if len(parts) == 1:
+            prefix = params.get("prefix") or ""
+            items = sorted(p for (b, p) in self.secrets if b == parts[0] and p.startswith(prefix))
+            return {"items": items, "next_page_token": None}
+        versions = self.secrets.get((parts[0], parts[1]))
+        if not versions:
+            raise RequestFailed(404, "secret_not_found", "no such secret")
+        want = params.get("version") or len(versions)
+        out = {"version": want, "current_version": len(versions),
+               "versions": [{"version": i + 1} for i in range(len(versions))]}
+        if params.get("reveal"):
+            out["data"] = dict(versions[want - 1])
+        return out
+
+    def request(self, method: str, path: str, *, json: Any = None, **_: Any) -> Any:
+        from gateway.client.errors import GatewayUnreachable, RequestFailed
+
+        assert method == "PUT"
+        self.puts += 1
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault == "503":
+            raise RequestFailed(503, "backend_unavailable", "Backend 'dst' is unavailable: it did not answer.")
+        backend, rel = path.split("/", 4)[3:]
+        versions = self.secrets.setdefault((backend, rel), [])
+        if json.get("cas") is not None and json["cas"] != len(versions):
+            raise RequestFailed(409, "cas_mismatch", "moved")
+        versions.append(dict(json["data"]))
+        if fault == "lost":
+            raise GatewayUnreachable("the answer was lost")
+        return {"version": len(versions)}
+
+
+def _engine(fake: FakeGateway, *, all_versions: bool, cas: bool = True) -> Any:
+    from gateway.cli import migrate as m
+
+    class FakeApi(m.Api):
+        c = fake  # type: ignore[assignment]
+
+        def _pause(self, attempt: int) -> None:
+            if self.stop.is_set():
+                raise m.Stopped()
+
+    api = FakeApi("http://unused", "t", threading.Event())
+    opts = m.Options(m.Location("src", "a/"), m.Location("dst", "b/"), all_versions=all_versions, dry_run=False,
+                     cas=cas, dst_versions=True)
+    return m, api, opts
+
+
+@pytest.mark.parametrize("all_versions", [False, True], ids=["latest", "all-versions"])
+@pytest.mark.parametrize("cas", [True, False], ids=["cas", "no-cas"])
+def test_engine_a_write_that_landed_but_whose_answer_was_lost_is_not_written_twice(all_versions: bool, cas: bool) -> None:
+    fake = FakeGateway()
+    fake.secrets[("src", "a/x")] = [{"k": "1"}, {"k": "2"}]
+    m, api, opts = _engine(fake, all_versions=all_versions, cas=cas)
+    fake.faults = ["lost", "ok", "lost", "ok"]
+    out = m.Migrator(api, opts, present=set()).run("x")
+    assert out.status == "copied" and out.verified, out
+    assert fake.secrets[("dst", "b/x")] == ([{"k": "1"}, {"k": "2"}] if all_versions else [{"k": "2"}])
+    # reported as copied by this run (it was), not as found there
+    assert (out.versions_copied, out.versions_skipped) == (([1, 2] if all_versions else [2]), [])
+
+
+def test_engine_history_alignment_appends_only_what_is_missing() -> None:
+    fake = FakeGateway()
+    a, b, c = {"k": "a"}, {"k": "b"}, {"k": "c"}
+    fake.secrets[("src", "a/x")] = [a, b, a, c]
+    fake.secrets[("dst", "b/x")] = [c, a, b]  # an unrelated older version, then s1..s2 (a run cut short)
+    m, api, opts = _engine(fake, all_versions=True)
+    out = m.Migrator(api, opts).run("x")
+    assert (out.versions_skipped, out.versions_copied, out.destination_versions) == ([1, 2], [3, 4], [4, 5])
+    assert fake.secrets[("dst", "b/x")] == [c, a, b, a, c]
+    again = m.Migrator(api, opts).run("x")
+    assert again.status == "skipped" and again.versions_skipped == [1, 2, 3, 4]
+    assert len(fake.secrets[("dst", "b/x")]) == 5
+
+
+def test_engine_a_destination_that_stays_unavailable_stops_the_run() -> None:
+    fake = FakeGateway()
+    fake.secrets[("src", "a/x")] = [{"k": "1"}]
+    m, api, opts = _engine(fake, all_versions=False)
+    fake.faults = ["503"] * 10
+    with pytest.raises(m.Fatal) as stopped:
+        m.Migrator(api, opts, present=set()).run("x")
+    assert stopped.value.error.code == "backend_unavailable" and fake.puts == m.RETRIES
+    assert ("dst", "b/x") not in fake.secrets or fake.secrets[("dst", "b/x")] == []
