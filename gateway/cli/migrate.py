@@ -52,7 +52,7 @@ from gateway.client.urls import seg
 if TYPE_CHECKING:
     from gateway.client.http import Client
 
-TRANSIENT = (429, 502, 503, 504)
+TRANSIENT = (429, 503, 504)  # 502 (the store answered and failed) is that secret's own error
 DELETED = "deleted"  # a soft-deleted secret: a write restores it after its last version
 RETRIES = 5
 

@@ -200,7 +200,7 @@ def _migrate_summary(result: Any, src: Any, dst: Any, path: Path, dry_run: bool)
     if isinstance(result.fatal, GatewayUnreachable):
         raise GatewayUnreachable(f"{result.fatal} (stopped; run the same command again to resume; report: {path})")
     if result.fatal is not None:
-        again = " run the same command again to resume;" if result.fatal.status in (429, 502, 503, 504) else ""
+        again = " run the same command again to resume;" if result.fatal.status in (429, 503, 504) else ""
         raise RequestFailed(result.fatal.status, result.fatal.code,
                             f"{result.fatal.message} (stopped: no further secret was started;{again} report: {path})")
     if result.interrupted:
