@@ -186,6 +186,29 @@ async def test_a_secret_ref_needs_reveal_on_the_referenced_secret(gateway: Gatew
 
 
 @SQLITE
+@pytest.mark.parametrize("type_, config", [
+    ("vault", {"url": "http://127.0.0.1:9", "auth": {"approle": {"role_id": "r", "secret_id_ref": "REF"}}}),
+    ("aws", {"region": "us-east-1", "keys": {"access_key_id": "REF", "secret_access_key": "REF"}}),
+])
+async def test_the_real_types_secret_refs_are_found_too(gateway: Gateway, type_: str, config: dict) -> None:
+    """The walk finds a SecretRef wherever a real backend type's model keeps it."""
+    ref = {"backend": "local", "path": "private/cred", "key": "token"}
+
+    def fill(value):
+        if value == "REF":
+            return dict(ref)
+        return {k: fill(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    token = await _manager(gateway)
+    async with gateway.as_token(token) as mgr:
+        r = await mgr.put("/v1/backends/real", json={"type": type_, "config": fill(config)})
+    if r.status_code == 422:  # the model's shape moved on: say so rather than pass by accident
+        pytest.fail(f"{type_} config no longer validates here: {r.text}")
+    assert r.status_code == 403 and "secrets:reveal" in r.json()["error"]["message"], r.text
+    assert (await gateway.client.get("/v1/backends/real")).status_code == 404
+
+
+@SQLITE
 async def test_a_backend_can_not_reference_itself(gateway: Gateway) -> None:
     r = await gateway.client.put("/v1/backends/selfish", json={
         "type": "probe", "config": {"credential": {"backend": "selfish", "path": "cred", "key": "k"}}})
