@@ -654,9 +654,10 @@ class AuditLog:
             s.execute(insert(AuditEventRow), [full for _, full in staged])
 
         # Shares its commit with whatever else is being written (issued leases): one fsync for both.
+        high = self._high  # committed before this transaction reads the head (see checkpoint)
         await self._store.grouped(append)
-        if found and found[0] < self._high:
-            self._truncation(found[0])
+        if found and found[0] < high:
+            self._truncation(found[0], high=high)
         for event, full in staged:
             event.update(seq=full["seq"], prev_hash=full["prev_hash"], hash=full["hash"])
         first, last = staged[0][1]["seq"], staged[-1][1]["seq"]
@@ -674,11 +675,15 @@ class AuditLog:
         from gateway.store.models import AuditCheckpointRow, AuditEventRow, utcnow
 
         assert self._chain_key is not None
+        # What this process knew was committed *before* the head is read: an append that
+        # commits while the read is in flight raises ``_high`` past a head read from an
+        # older snapshot, which is not a truncation.
+        high = self._high
         async with self._store.write() as s:
             head = (await s.execute(select(AuditEventRow.seq, AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))).first()
             head_seq = head[0] if head else 0
-            if head_seq < self._high:
-                self._truncation(head_seq)
+            if head_seq < high:
+                self._truncation(head_seq, high=high)
             if self.truncated or head is None:
                 return None
             now = utcnow()
@@ -693,15 +698,16 @@ class AuditLog:
         await self._publish(cp)
         return {"seq": head[0], "hash": head[1]}
 
-    def _truncation(self, head: int, by: str = "this gateway") -> None:
+    def _truncation(self, head: int, by: str = "this gateway", *, high: int | None = None) -> None:
         """The store's head is below what this process wrote (or its sink file recorded): its
         tail was deleted. Remembered (verification names it from now on), and this process
         writes no checkpoint again: none may certify the shorter chain."""
-        if any(found == head and high == self._high for found, high, _ in self.truncated):
+        high = self._high if high is None else high
+        if any(found == head and seen == high for found, seen, _ in self.truncated):
             return
-        self.truncated.append((head, self._high, by))
+        self.truncated.append((head, high, by))
         log.critical("audit store ends at event %d but %s recorded events up to %d: its tail was "
-                     "deleted; no checkpoint will certify the shorter chain", head, by, self._high)
+                     "deleted; no checkpoint will certify the shorter chain", head, by, high)
 
     async def _publish(self, cp: dict[str, Any]) -> None:
         line = _line(cp)
@@ -754,6 +760,7 @@ class AuditLog:
             await self.checkpoint()
         except Exception as exc:  # noqa: BLE001 - verify what is there
             log.error("audit checkpoint before verification failed (%s)", type(exc).__name__)
+        high = self._high  # committed before the events are read (see checkpoint)
         async with self._store.read() as s:
             rows = (await s.execute(select(AuditEventRow).order_by(AuditEventRow.seq))).scalars()
             hashes: dict[int, str] = {}
@@ -790,8 +797,8 @@ class AuditLog:
         if head > covered:
             uncovered = (covered + 1, f"{_are(covered + 1, head)} after the last checkpoint: not covered")
             problems.append(uncovered)
-        if self._high > head:
-            self._truncation(head)
+        if high > head:
+            self._truncation(head, high=high)
         for found, high, by in self.truncated:
             problems.append((found + 1, f"{_were(found + 1, high)} recorded by {by} "
                                         f"but deleted from the store (its tail was truncated)"))
