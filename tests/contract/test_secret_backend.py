@@ -379,3 +379,36 @@ async def test_check_reports_health(mounted: Mounted) -> None:
     health = await mounted.runtime.mounts.check(mounted.name)
     assert health.ok is True and health.message and health.problem is None
     assert mounted.backend.status().ok
+
+
+# --- a connector draws its material from any backend ----------------------------------
+
+
+async def test_a_postgres_connector_with_its_admin_secret_here_issues_a_working_credential(mounted: Mounted, pg_cluster) -> None:
+    """The admin DSN lives in this backend; the connector names it; the credential it issues
+    logs in (scram-sha-256 on a throwaway cluster) and is revoked for real."""
+    import secrets as pysecrets
+
+    import psycopg
+
+    c = mounted.client
+    db = "cg_" + pysecrets.token_hex(4)
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        assert (await c.put(mounted.secret_url("targets/pg"), json={"data": {"dsn": pg_cluster.dsn()}})).status_code == 200
+        body = {"type": "postgres", "auth_method": "password", "secret": f"{mounted.name}/targets/pg", "resources": [db]}
+        r = await c.put("/v1/connectors/pg", json=body)
+        assert r.status_code == 201, r.text
+        r = await c.post("/v1/credentials", json={"connector": "pg", "resource": db, "ttl_seconds": 60})
+        assert r.status_code == 200, r.text
+        issued = r.json()
+        cred = issued["credential"]
+        with psycopg.connect(pg_cluster.dsn(dbname=db, user=cred["username"], password=cred["password"])) as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == cred["username"]
+        assert (await c.post(f"/v1/leases/{issued['lease_id']}/revoke")).status_code in (200, 204)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(pg_cluster.dsn(dbname=db, user=cred["username"], password=cred["password"]), connect_timeout=5)
+    finally:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
