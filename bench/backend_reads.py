@@ -41,12 +41,22 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import PG_BASE, Gateway, machine, recreate_db  # noqa: E402
+from bench.run import PG_BASE, Gateway, recreate_db  # noqa: E402
 
 TYPES = ["local", "vault", "aws", "gcp", "azure"]
 PATH = "bench/key"
 VALUE = {"api_key": "bench-" + "k" * 40, "entity": "ml"}
 BLOCK = 50
+
+
+def machine() -> str:
+    import platform
+    import subprocess
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.rstrip()
+    return f"- CPU: {cpu}, nproc {os.cpu_count()}\n- Python {platform.python_version()}\n- memory (free -h):\n\n```\n{mem}\n```"
 
 
 def percentile(xs: list[float], q: float) -> float:
