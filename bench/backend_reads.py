@@ -192,6 +192,8 @@ def measure(kind: str, reads: int, work: Path) -> dict:
                     fn()
                     out.append((time.perf_counter() - t0) * 1000)
         client.close()
+        if hasattr(direct, "close"):
+            direct.close()
         return {
             "type": kind,
             "gateway_p50": statistics.median(gw_ms), "gateway_p99": percentile(gw_ms, 0.99),
@@ -220,6 +222,11 @@ def local_reader(gw: Gateway, mount: str, database_url: str | None) -> Callable[
     def read() -> dict:
         return loop.run_until_complete(backend.get(PATH)).data
 
+    def close() -> None:
+        loop.run_until_complete(runtime.aclose())
+        loop.close()
+
+    read.close = close  # type: ignore[attr-defined]
     return read
 
 
