@@ -27,7 +27,7 @@ import asyncio
 import contextvars
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +50,7 @@ from gateway.errors import (
     ValidationFailed,
     validate_model,
 )
+from gateway.identity.principal import Principal
 from gateway.plugins.registry import backend_class
 from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
@@ -220,6 +221,23 @@ def require(backend: SecretBackend, *needs: str) -> None:
             )
 
 
+def secret_refs(value: Any) -> Iterator[SecretRef]:
+    """Every :class:`SecretRef` in a validated configuration (models, lists, dicts), depth first."""
+    if isinstance(value, SecretRef):
+        yield value
+    elif isinstance(value, BaseModel):
+        for field in type(value).model_fields:
+            yield from secret_refs(getattr(value, field))
+        for extra in (value.model_extra or {}).values():
+            yield from secret_refs(extra)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from secret_refs(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from secret_refs(item)
+
+
 def _validate_config(type_name: str, config: dict[str, Any]) -> BaseModel:
     return validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
 
@@ -335,6 +353,21 @@ class Mounts:
         # Not if a change was heard while the row was being read.
         if generation == self.metadata.generation and self._feed.live:
             self._fresh.add(name)
+
+    def authorize_refs(self, principal: Principal, name: str, type_name: str, config: dict[str, Any]) -> None:
+        """Whoever points a backend at a credential held in another backend must be allowed to
+        reveal it (the backend will read it on their behalf); a backend can't hold its own."""
+        model = _validate_config(type_name, config)
+        for ref in secret_refs(model):
+            if ref.backend == name:
+                raise ValidationFailed(
+                    f"Backend {name!r} can't read its own credentials from itself ({ref.backend}/{ref.path}); "
+                    "keep them in another backend.",
+                    code="backend_ref_cycle",
+                )
+            paths.backend_name(ref.backend)
+            paths.secret_path(ref.path)
+            principal.require("secrets:reveal", resource=f"{ref.backend}/{ref.path}")  # 403 and audited if not
 
     async def put(self, name: str, type_name: str, config: dict[str, Any]) -> tuple[MountInfo, bool]:
         """Create or replace a backend; returns (info, created)."""

@@ -8,22 +8,20 @@ replica, and when). Listing never probes a store; only ``check`` does.
 A backend whose configuration holds a :class:`backends.base.SecretRef` (a credential kept
 in another backend) may be registered only by a caller allowed ``secrets:reveal`` on that
 ``backend/path`` (403 otherwise, audited, nothing saved), and never by a reference to
-itself (422 ``backend_ref_cycle``).
+itself (422 ``backend_ref_cycle``): :meth:`gateway.plugins.backends.Mounts.authorize_refs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
 
-from backends.base import Health, SecretRef
+from backends.base import Health
 from gateway import paths
-from gateway.errors import CredgateError, ValidationFailed, validate_model
+from gateway.errors import CredgateError
 from gateway.identity.principal import Principal
 from gateway.plugins.backends import MountInfo
 from gateway.plugins.registry import backend_class
@@ -76,39 +74,6 @@ async def get_backend(
     return _out(await runtime.mounts.info(name), runtime, request)
 
 
-def secret_refs(value: Any) -> Iterator[SecretRef]:
-    """Every :class:`SecretRef` in a validated configuration (models, lists, dicts), depth first."""
-    if isinstance(value, SecretRef):
-        yield value
-    elif isinstance(value, BaseModel):
-        for field in type(value).model_fields:
-            yield from secret_refs(getattr(value, field))
-        for extra in (value.model_extra or {}).values():
-            yield from secret_refs(extra)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from secret_refs(item)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            yield from secret_refs(item)
-
-
-def authorize_refs(principal: Principal, name: str, type_name: str, config: dict[str, Any]) -> None:
-    """Whoever points a backend at a credential held in another backend must be allowed to
-    reveal it (the backend will read it on their behalf); a backend can't hold its own."""
-    model = validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
-    for ref in secret_refs(model):
-        if ref.backend == name:
-            raise ValidationFailed(
-                f"Backend {name!r} can't read its own credentials from itself ({ref.backend}/{ref.path}); "
-                "keep them in another backend.",
-                code="backend_ref_cycle",
-            )
-        paths.backend_name(ref.backend)
-        paths.secret_path(ref.path)
-        principal.require("secrets:reveal", resource=f"{ref.backend}/{ref.path}")  # 403 and audited if not
-
-
 @router.put(
     "/{name}",
     responses={201: {"model": BackendOut, "description": "Created"}}, summary="Create or replace a backend")
@@ -124,7 +89,7 @@ async def put_backend(
     # A backend's configuration decides where the connectors drawing on it read their material:
     # replacing it needs connectors:manage on each of them, like rewriting the secret itself.
     await runtime.catalog.authorize_material(principal, name, None)
-    authorize_refs(principal, name, body.type, body.config)
+    runtime.mounts.authorize_refs(principal, name, body.type, body.config)
     info, created = await runtime.mounts.put(name, body.type, body.config)
     _checks(request).pop(name, None)  # a check of the old configuration says nothing of the new
     response.status_code = 201 if created else 200
