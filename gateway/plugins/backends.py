@@ -50,6 +50,7 @@ from gateway.errors import (
     ValidationFailed,
     validate_model,
 )
+from gateway.audit import trail as audit
 from gateway.identity.principal import Principal
 from gateway.plugins.registry import backend_class
 from gateway.store import Store
@@ -238,6 +239,19 @@ def secret_refs(value: Any) -> Iterator[SecretRef]:
             yield from secret_refs(item)
 
 
+def _ref_dicts(value: Any) -> Iterator[dict[str, Any]]:
+    """The SecretRefs in a stored (public) configuration: dicts of exactly backend, path, key."""
+    if isinstance(value, dict):
+        if set(value) == {"backend", "path", "key"}:
+            yield value
+        else:
+            for item in value.values():
+                yield from _ref_dicts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _ref_dicts(item)
+
+
 def _validate_config(type_name: str, config: dict[str, Any]) -> BaseModel:
     return validate_model(backend_class(type_name).config_model, config, f"{type_name} backend config", "config.")
 
@@ -256,6 +270,9 @@ class Mounts:
         self._feed.subscribe("secret", self._secret_changed)
         # Set by the runtime: how many connectors draw on a backend.
         self.in_use_by: Callable[[str], Awaitable[int]] | None = None
+        # "backend/path" of a SecretRef -> the live backends whose credentials it holds.
+        self._credential_of: dict[str, set[str]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _backend_changed(self, name: str | None) -> None:
         if name is None:
@@ -268,9 +285,18 @@ class Mounts:
     def _secret_changed(self, ref: str | None) -> None:
         if ref is None:
             self.metadata.invalidate()
+            stale = {name for names in self._credential_of.values() for name in names}
         else:
             backend, _, path = ref.partition("/")
             self.metadata.invalidate((backend, path))
+            stale = self._credential_of.get(ref, set())
+        # A backend whose credentials live in this secret reads them again: rebuilt at next use.
+        for name in list(stale):
+            self._fresh.discard(name)
+            live = self._live.pop(name, None)
+            if live is not None:
+                self._closing.add(task := asyncio.get_running_loop().create_task(live[1].aclose()))
+                task.add_done_callback(self._closing.discard)
 
     def _info(self, row: BackendRow) -> MountInfo:
         return MountInfo(row.name, row.type, dict(row.config_public), row.builtin, row.created_at, row.updated_at)
@@ -344,6 +370,10 @@ class Mounts:
                 _starting.reset(token)
             old = self._live.pop(name, None)
             self._live[name] = (row.updated_at, backend)
+            for names in self._credential_of.values():
+                names.discard(name)
+            for ref in secret_refs(config):
+                self._credential_of.setdefault(f"{ref.backend}/{ref.path}", set()).add(name)
             self._mark_fresh(name, generation)
         if old:
             await old[1].aclose()
@@ -368,6 +398,19 @@ class Mounts:
             paths.backend_name(ref.backend)
             paths.secret_path(ref.path)
             principal.require("secrets:reveal", resource=f"{ref.backend}/{ref.path}")  # 403 and audited if not
+
+    async def authorize_credential_change(self, principal: Principal, backend: str, path: str) -> None:
+        """Changing (writing, deleting, restoring) a secret that holds another backend's
+        credentials changes where that backend reads and writes: it needs ``backends:manage``,
+        as replacing the backend's configuration does (403 and audited otherwise)."""
+        ref = f"{backend}/{path}"
+        holders = [
+            info.name for info in await self.list()
+            if any(f"{r.get('backend')}/{r.get('path')}" == ref for r in _ref_dicts(info.config))
+        ]
+        if holders:
+            principal.require("backends:manage")
+            audit.note(details={"credentials_of": holders[:20]})
 
     async def put(self, name: str, type_name: str, config: dict[str, Any]) -> tuple[MountInfo, bool]:
         """Create or replace a backend; returns (info, created)."""

@@ -76,6 +76,7 @@ async def put_secret(
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)  # connector material: connectors:manage too
+    await runtime.mounts.authorize_credential_change(principal, backend, path)  # a backend's credentials: backends:manage
     store = await runtime.mounts.get(backend)
     require(store, "write", *(["check_and_set"] if body.cas is not None else []))  # its declared capabilities
     meta = await store.put(path, body.data, author=principal.subject, cas=body.cas)
@@ -117,6 +118,7 @@ async def delete_secret(
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)
+    await runtime.mounts.authorize_credential_change(principal, backend, path)
     store = await runtime.mounts.get(backend)
     require(store, "write", *([] if destroy else ["soft_delete"]))
     await store.delete(path, author=principal.subject, destroy=destroy)
@@ -128,6 +130,7 @@ async def restore_secret(backend: str, path: str, runtime: RuntimeDep, principal
     paths.secret_path(path)
     principal.require("secrets:write", resource=f"{backend}/{path}")
     await runtime.catalog.authorize_material(principal, backend, path)
+    await runtime.mounts.authorize_credential_change(principal, backend, path)
     store = await runtime.mounts.get(backend)
     require(store, "write", "soft_delete")
     return _out(await store.restore(path))
