@@ -428,7 +428,7 @@ class Mounts:
             elif row.type != type_name:
                 if row.builtin:
                     raise Conflict(f"The built-in backend {name!r} can't change type.", code="backend_builtin")
-                if await (await self.get(name)).count():
+                if await self._holds_secrets(name, row.type):
                     raise Conflict(
                         f"Backend {name!r} holds secrets; it can't change type from {row.type} to {type_name}.",
                         code="backend_in_use",
@@ -442,11 +442,19 @@ class Mounts:
             info = self._info(row)
         return info, created
 
+    async def _holds_secrets(self, name: str, type_name: str) -> int:
+        """How many secrets removing (or retyping) mount ``name`` would orphan in the gateway's
+        own store. Only ``local`` keeps its secrets there; a vendor store's secrets are the
+        customer's and stay in it when the mount goes (and its store need not answer)."""
+        if type_name != BUILTIN_TYPE:
+            return 0
+        return await (await self.get(name)).count()
+
     async def delete(self, name: str) -> None:
         row = await self._row(paths.backend_name(name))
         if row.builtin:
             raise Conflict(f"The built-in backend {name!r} can't be removed.", code="backend_builtin")
-        in_use = await (await self.get(name)).count()
+        in_use = await self._holds_secrets(name, row.type)
         if in_use:
             raise Conflict(
                 f"Backend {name!r} holds {in_use} secret(s); destroy them first.", code="backend_in_use"

@@ -74,3 +74,26 @@ async def test_changing_a_backends_credentials_needs_backends_manage_and_the_bac
     revealed = await c.get("/v1/secrets/local/ops/cred", params={"reveal": "true"})
     assert revealed.json()["data"] == {"token": "second"}  # nothing changed
     assert (await gateway.runtime.mounts.get("withref")).credential == "second"
+
+
+async def test_a_vendor_mount_can_be_removed_while_its_store_holds_secrets_or_is_down(gateway: Gateway, monkeypatch) -> None:
+    """A vendor store's secrets are the customer's: removing credgate's mount leaves them there,
+    and does not need the store to answer (a local mount still has to be emptied first)."""
+    import gateway.plugins.backends as mounts_module
+    import gateway.plugins.registry as registry
+
+    class VendorProbe(LocalBackend):  # stands for a vendor type: not `local`
+        type = "probe-vendor"
+        capabilities = BackendCapabilities(cacheable=False)
+
+        async def count(self) -> int:  # a store that holds secrets, and is down right now
+            from gateway.errors import TargetUnreachable
+
+            raise TargetUnreachable("the vendor store is down")
+
+    real = registry.backend_class
+    monkeypatch.setattr(mounts_module, "backend_class", lambda t: VendorProbe if t == "probe-vendor" else real(t))
+    c = gateway.client
+    assert (await c.put("/v1/backends/vendor", json={"type": "probe-vendor", "config": {}})).status_code == 201
+    assert (await c.delete("/v1/backends/vendor")).status_code == 204
+    assert (await c.get("/v1/backends/vendor")).status_code == 404
