@@ -12,10 +12,31 @@ from typing import Any
 
 import httpx
 
-from gateway.client.errors import GatewayUnreachable, RequestFailed
+from gateway.client.errors import GatewayUnreachable, RequestFailed, error_for
 from gateway.client.urls import DEFAULT_ADDR, seg
 
-__all__ = ["DEFAULT_ADDR", "Client", "GatewayUnreachable", "RequestFailed", "seg"]
+__all__ = ["DEFAULT_ADDR", "Client", "GatewayUnreachable", "RequestFailed", "failure", "seg"]
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    """The response's Retry-After in seconds (delta form), or None."""
+    value = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def failure(resp: httpx.Response) -> RequestFailed:
+    """The typed error for a gateway's error response (its stable code and message)."""
+    try:
+        err = resp.json()["error"]
+        if isinstance(err, str):  # the OAuth2 token endpoint's shape
+            return error_for(resp.status_code, err, str(resp.json().get("error_description", err)),
+                             retry_after=retry_after(resp))
+        return error_for(resp.status_code, err["code"], err["message"], retry_after=retry_after(resp))
+    except (ValueError, KeyError, TypeError):
+        return error_for(resp.status_code, "http_error", f"HTTP {resp.status_code}", retry_after=retry_after(resp))
 
 class Client:
     def __init__(self, addr: str | None = None, token: str | None = None, *, timeout: float = 30.0, verify: Any = True):
@@ -45,11 +66,7 @@ class Client:
                 "Set CREDGATE_ADDR to its address."
             ) from None
         if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-                raise RequestFailed(resp.status_code, err["code"], err["message"])
-            except (ValueError, KeyError, TypeError):
-                raise RequestFailed(resp.status_code, "http_error", f"HTTP {resp.status_code}") from None
+            raise failure(resp)
         if resp.status_code == 204 or not resp.content:
             return None
         return resp.json()
