@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "backend": ("backend", "app", "Register and check secret backends."),
     "connector": ("connector", "app", "Connectors: routes from backend secrets to target services."),
     "cred": ("cred", "cred_app", "Issue short-lived credentials."),
+    "exec": ("exec", "exec_app", "Run a command with short-lived credentials in its environment; revoke them when it ends."),
     "unwrap": ("cred", "unwrap", "Exchange a wrap token for its credential (works once; sends no --token)."),
     "lease": ("cred", "lease_app", "Leases: every credential issued, renewed, revoked."),
     "policy": ("policy", "app", "Policies: who may do what, and why a request is allowed or denied."),
