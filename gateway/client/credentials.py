@@ -95,7 +95,7 @@ class PostgresCredential(_Connection):
 
     @property
     def database(self) -> str | None:
-        return self.fields.get("database")
+        return self.fields.get("dbname") or self.fields.get("database")
 
     @property
     def dsn(self) -> str | None:

@@ -50,6 +50,7 @@ class _Entry:
     credential: Credential
     ttl: int | None
     refresh_at: float
+    span: float = 0.0  # the lease's lifetime when issued
     failures: int = 0
     reissue: bool = False  # renewal no longer extends it enough: issue a new one
 
@@ -73,6 +74,7 @@ class _Core:
         self.wrapped: set[str] = set()  # connectors that hand out only wrapped
         self.renewals = 0
         self.reissues = 0
+        self.misses = 0  # credentials() calls that had to issue (not served from the cache)
 
     # --- decisions -------------------------------------------------------------
 
@@ -91,7 +93,7 @@ class _Core:
         return min(at, now + max(0.0, left - self.margin - 0.5))
 
     def remember(self, key: Key, cred: Credential, ttl: int | None, now: float) -> None:
-        self.cache[key] = _Entry(cred, ttl, self.schedule(cred, now))
+        self.cache[key] = _Entry(cred, ttl, self.schedule(cred, now), span=cred.remaining(now))
         self.issued[cred.lease_id] = cred.expires_at.timestamp()
 
     def due(self, now: float) -> list[Key]:
@@ -177,6 +179,7 @@ class _Core:
         hit = self.cached(key, now)
         if hit is not None:
             return hit
+        self.misses += 1
         cred = yield from self.issue(connector, resource, ttl)
         now = time.time()
         if not self.usable(cred, now):
@@ -203,7 +206,7 @@ class _Core:
                     fresh = old.with_expiry(renewed.expires_at, issued_at=None)
                     self.renewals += 1
                     self.issued[old.lease_id] = fresh.expires_at.timestamp()
-                    if fresh.remaining() < max(self.margin * 2, old.lifetime * 0.5):
+                    if fresh.remaining() < max(self.margin * 2, entry.span * 0.5):
                         entry.reissue = True  # capped: next time a new lease
                         if not self.usable(fresh, time.time()):
                             fresh = None
@@ -216,7 +219,9 @@ class _Core:
                 self.reissues += 1
                 self.issued[fresh.lease_id] = fresh.expires_at.timestamp()
             now = time.time()
-            self.cache[key] = _Entry(fresh, entry.ttl, self.schedule(fresh, now), reissue=entry.reissue and fresh.lease_id == old.lease_id)
+            same = fresh.lease_id == old.lease_id
+            self.cache[key] = _Entry(fresh, entry.ttl, self.schedule(fresh, now),
+                                     span=entry.span if same else fresh.remaining(now), reissue=entry.reissue and same)
         except CredgateError as exc:
             entry.failures += 1
             now = time.time()
@@ -292,7 +297,8 @@ class Client:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "cached": len(self._core.cache)}
+        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "misses": self._core.misses,
+                "cached": len(self._core.cache)}
 
     def _run(self, op: Op) -> Any:
         try:
@@ -411,7 +417,8 @@ class AsyncClient:
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "cached": len(self._core.cache)}
+        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "misses": self._core.misses,
+                "cached": len(self._core.cache)}
 
     def _locked(self, key: Key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())

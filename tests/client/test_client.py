@@ -141,8 +141,8 @@ def test_unknown_types_are_the_base_credential_and_known_ones_typed() -> None:
     assert type(cred) is Credential and cred["token"] == CANARY and cred.lifetime == 600
     pg = credential_from({**body, "connector_type": "postgres",
                           "credential": {"username": "u", "password": CANARY, "host": "h", "port": "5432",
-                                         "database": "d", "dsn": f"postgresql://u:{CANARY}@h:5432/d"}})
-    assert isinstance(pg, PostgresCredential) and pg.port == 5432 and pg.password == CANARY
+                                         "dbname": "d", "dsn": f"postgresql://u:{CANARY}@h:5432/d"}})
+    assert isinstance(pg, PostgresCredential) and pg.port == 5432 and pg.password == CANARY and pg.database == "d"
     assert CANARY not in repr(pg) + str(pg) + repr(cred)
 
 
