@@ -63,7 +63,7 @@ def test_a_failing_command_gives_its_exit_code_and_leaves_no_lease(server: Serve
     assert active(server, "pg") == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_exec_forwards_the_signal_and_revokes(server: Server, pg: str, sig: int) -> None:  # noqa: F811
     env = clean_env(CREDGATE_ADDR=server.addr, CREDGATE_TOKEN=server.token)
     proc = subprocess.Popen(
@@ -135,3 +135,9 @@ def test_static_credential_goes_in_prefixed_variables_and_never_in_output(server
 def test_usage_errors_are_one_line_exit_2(server: Server, args: list[str], words: str) -> None:  # noqa: F811
     res = server.cli(*args, check=False)
     assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_two_credentials_setting_one_variable_are_refused_and_revoked(server: Server, pg: str) -> None:  # noqa: F811
+    res = server.cli("exec", f"pg:{pg}", f"pg:{pg}", "--", "sh", "-c", "echo ran", check=False)
+    assert res.returncode == 2 and "two credentials set PGHOST" in res.stderr and res.stdout == ""
+    assert active(server, "pg") == []

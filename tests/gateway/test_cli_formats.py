@@ -97,6 +97,8 @@ def test_a_format_the_credential_cannot_fill_is_one_line_exit_2(
     res = server.cli("cred", "issue", connector, resource, "--wrap", "--format", fmt, check=False)
     assert res.returncode == 2 and words in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert res.stdout == "" and CANARY not in res.stderr
+    last = json.loads(server.cli("lease", "list", "--connector", connector, "--json").stdout)["items"][-1]
+    assert last["state"] == "revoked"  # nobody can use it: not left live
 
 
 def test_env_with_prefix_is_shell_safe(server: Server, static: str) -> None:  # noqa: F811
