@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from gateway.cli.common import UsageProblem, client, parse_duration
+from gateway.client.urls import seg
 
 __all__ = ["ENV_MAPS", "environment", "exec_app"]
 
@@ -97,8 +98,6 @@ class _Leases:
         return out
 
     def _only_resource(self, connector: str) -> str:
-        from gateway.client.urls import seg
-
         row = self.c.get(f"/v1/connectors/{seg(connector)}")
         exact = [r for r in row.get("resources", []) if "*" not in r]
         if len(row.get("resources", [])) != 1 or len(exact) != 1:
@@ -123,7 +122,7 @@ class _Leases:
                 if time.monotonic() < at or self.stop.is_set():
                     continue
                 try:
-                    out = self.c.request("POST", f"/v1/leases/{lease_id}/renew", json={"ttl_seconds": None})
+                    out = self.c.request("POST", f"/v1/leases/{seg(lease_id)}/renew", json={"ttl_seconds": None})
                     left = max(remaining(out), 0.0)
                     due[lease_id] = time.monotonic() + max(left * 2 / 3, 1.0)
                     if left < 2:  # at its max: nothing more to renew
@@ -143,7 +142,7 @@ class _Leases:
             items, self.items = self.items, []
         for lease in items:
             try:
-                self.c.request("POST", f"/v1/leases/{lease['lease_id']}/revoke")
+                self.c.request("POST", f"/v1/leases/{seg(lease['lease_id'])}/revoke")
             except (RequestFailed, GatewayUnreachable) as exc:
                 failed.append(f"{lease['lease_id']} ({getattr(exc, 'code', type(exc).__name__)})")
         return failed
