@@ -141,3 +141,28 @@ def test_two_credentials_setting_one_variable_are_refused_and_revoked(server: Se
     res = server.cli("exec", f"pg:{pg}", f"pg:{pg}", "--", "sh", "-c", "echo ran", check=False)
     assert res.returncode == 2 and "two credentials set PGHOST" in res.stderr and res.stdout == ""
     assert active(server, "pg") == []
+
+
+def test_mysql_client_reads_its_variables(server: Server, mariadb_server: dict) -> None:  # noqa: F811
+    import pymysql
+
+    db = "exec_" + secrets.token_hex(3)
+    conn = pymysql.connect(**mariadb_server)
+    try:
+        conn.cursor().execute(f"CREATE DATABASE `{db}`")
+        server.cli("secret", "put", "local/exec/maria", "host=127.0.0.1", f"port={mariadb_server['port']}",
+                   f"username={mariadb_server['user']}", f"password={mariadb_server['password']}")
+        server.cli("connector", "add", "xmaria", "--type", "mysql", "--auth-method", "password",
+                   "--secret", "local/exec/maria", "--resource", db, "user_host=127.0.0.1")
+        # the client reads MYSQL_HOST, MYSQL_TCP_PORT and MYSQL_PWD itself; the user is given on the line
+        res = server.cli("exec", f"xmaria:{db}", "--", "sh", "-c",
+                         'mysql --protocol=TCP -u "$MYSQL_USER" -N -B -e "select current_user(), database()" "$MYSQL_DATABASE"')
+        user, database = res.stdout.strip().split("\t")
+        assert user.startswith("cg_") and user.endswith("@127.0.0.1") and database == db
+        assert active(server, "xmaria") == []
+        cur = conn.cursor()
+        cur.execute("SELECT COUNT(*) FROM mysql.user WHERE user = %s", (user.split("@")[0],))
+        assert cur.fetchone()[0] == 0
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS `{db}`")
+        conn.close()
