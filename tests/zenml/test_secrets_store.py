@@ -70,28 +70,32 @@ class Zen:
         self.driver = home / "driver.py"  # a file: ZenML wants a source root
         self.driver.write_text(DRIVER)
 
-    def env(self, token: str) -> dict[str, str]:
-        return clean_env(
+    def env(self, token: str | None, **identity: str) -> dict[str, str]:
+        env = clean_env(
             ZENML_CONFIG_PATH=str(self.config),
             ZENML_ANALYTICS_OPT_IN="false",
             ZENML_ENABLE_RICH_TRACEBACK="false",
             ZENML_SECRETS_STORE_TYPE="custom",
             ZENML_SECRETS_STORE_CLASS_PATH="credgate_zenml.secrets_store.CredgateSecretsStore",
             ZENML_SECRETS_STORE_ADDR=self.gateway.addr,
-            ZENML_SECRETS_STORE_TOKEN=token,
             ZENML_SECRETS_STORE_BACKEND="local",
             ZENML_SECRETS_STORE_PREFIX="zenml/",
         )
+        if token is not None:
+            env["ZENML_SECRETS_STORE_TOKEN"] = token
+        env.update({f"ZENML_SECRETS_STORE_{k.upper()}": v for k, v in identity.items()})
+        return env
 
-    def run(self, op: str, token: str | None = None, **args: Any) -> subprocess.CompletedProcess[str]:
+    def run(self, op: str, token: str | None = None, identity: dict[str, str] | None = None,
+            **args: Any) -> subprocess.CompletedProcess[str]:
+        env = self.env(None, **identity) if identity else self.env(self.gateway.token if token is None else token)
         return subprocess.run(
             [str(self.python), str(self.driver), op, json.dumps(args)],
-            capture_output=True, text=True, timeout=120, cwd=self.home,
-            env=self.env(self.gateway.token if token is None else token),
+            capture_output=True, text=True, timeout=120, cwd=self.home, env=env,
         )
 
-    def result(self, op: str, **args: Any) -> dict[str, Any]:
-        res = self.run(op, **args)
+    def result(self, op: str, identity: dict[str, str] | None = None, **args: Any) -> dict[str, Any]:
+        res = self.run(op, identity=identity, **args)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         assert res.returncode == 0 and lines, (res.stdout[-3000:], res.stderr[-3000:])
         return json.loads(lines[-1][len("RESULT "):])
@@ -159,6 +163,34 @@ def test_a_credgate_that_refuses_gives_zenml_a_clear_error_never_the_value(zen: 
     assert "RESULT" not in res.stdout
     assert "credgate refused" in output and "401" in output, output[-3000:]
     assert CANARY not in output and "cgt_wrong-token-for-zenml" not in output
+
+
+def test_a_least_privilege_oauth_client_of_credgate_is_enough(zen: Zen) -> None:
+    """A credgate client allowed only secrets:read/write/reveal on local/zenml/* (no
+    backends:read: the start-up check is refused and the store goes on) runs the store, by
+    client_id/client_secret exchanged at /v1/auth/token; outside its prefix it is refused."""
+    made = zen.gateway.cli("-o", "json", "client", "create", "zenml-secrets-store")
+    client = json.loads(made.stdout)
+    policy = zen.home / "zenml-store.json"
+    policy.write_text(json.dumps({"rules": [{
+        "principals": {"issuer": "credgate", "subject": "client:zenml-secrets-store"},
+        "actions": ["secrets:read", "secrets:write", "secrets:reveal"],
+        "resources": ["local/zenml/*"],
+    }]}))
+    zen.gateway.cli("policy", "put", "zenml-secrets-store", str(policy))
+    identity = {"client_id": client["client_id"], "client_secret": client["client_secret"]}
+    out = zen.result("roundtrip", identity=identity, name="scoped", values={"password": "CANARY-zenml-scoped"},
+                     update={"password": "CANARY-zenml-scoped-2"}, remove=[])
+    assert out["got"] == {"password": "CANARY-zenml-scoped"}
+    assert out["updated"] == {"password": "CANARY-zenml-scoped-2"}
+    assert out["after_delete"].startswith("KeyError") and out["missing"] == ["KeyError", "KeyError"], out
+    # the same client with another prefix: its policy refuses, ZenML gets credgate's 403
+    res = zen.run("create", identity={**identity, "prefix": "elsewhere/"}, name="outside",
+                  values={"password": "CANARY-zenml-outside"})
+    output = res.stdout + res.stderr
+    assert res.returncode != 0 and "RESULT" not in res.stdout
+    assert "credgate refused to store the values" in output and "403" in output, output[-3000:]
+    assert "CANARY-zenml-outside" not in output and client["client_secret"] not in output
 
 
 SERVER_SIDE = ("gateway.web", "gateway.runtime", "gateway.issuing", "gateway.plugins", "gateway.identity",
