@@ -7,6 +7,7 @@ a real ``credgate serve --dev`` over HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_cli import Server, server  # noqa: F401  (the served gateway, module-scoped)
-from tests.services.waiting import clean_env
+from tests.services.waiting import clean_env, free_port, wait_until_serving
 
 CANARY = "CANARY-zenml-pw-7f3a"
 UPDATED = "CANARY-zenml-rotated-91c2"
@@ -57,7 +58,18 @@ def main():
         out["values"] = client.get_secret(args["name"]).secret_values
     print("RESULT " + json.dumps(out))
 
-main()
+def rest(op, args):
+    client = Client()
+    out = {"store": type(client.zen_store).__name__}
+    secret = client.create_secret(args["name"], values=args["values"])
+    out["id"] = str(secret.id)
+    out["got"] = client.get_secret(secret.id).secret_values
+    print("RESULT " + json.dumps(out))
+
+if sys.argv[1] == "rest":
+    rest(sys.argv[1], json.loads(sys.argv[2]))
+else:
+    main()
 '''
 
 
@@ -191,6 +203,58 @@ def test_a_least_privilege_oauth_client_of_credgate_is_enough(zen: Zen) -> None:
     assert res.returncode != 0 and "RESULT" not in res.stdout
     assert "credgate refused to store the values" in output and "403" in output, output[-3000:]
     assert "CANARY-zenml-outside" not in output and client["client_secret"] not in output
+
+
+@pytest.fixture(scope="module")
+def zenml_server(zen: Zen) -> Iterator[tuple[str, Path, Path]]:
+    """A real ZenML server (its FastAPI app under uvicorn, no auth, SQLite) whose secrets
+    store is credgate, configured by the environment variables docs/zenml.md gives."""
+    home = zen.home / "server"
+    home.mkdir()
+    port = free_port()
+    env = zen.env(zen.gateway.token)
+    env.update(ZENML_CONFIG_PATH=str(home / "config"), ZENML_STORE_URL=f"sqlite:///{home / 'zenml.db'}",
+               ZENML_SERVER_AUTH_SCHEME="NO_AUTH", ZENML_SERVER_AUTO_ACTIVATE="1")
+    log = home / "server.log"
+    proc = subprocess.Popen(
+        [str(zen.python), "-m", "uvicorn", "zenml.zen_server.zen_server_api:app", "--host", "127.0.0.1",
+         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=home)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/v1/info", proc, timeout=60, log=log, name="zenml server")
+        yield f"http://127.0.0.1:{port}", home / "zenml.db", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_zenml_server_keeps_the_values_of_secrets_created_over_its_api_in_credgate(
+        zen: Zen, zenml_server: tuple[str, Path, Path]) -> None:
+    url, database, log = zenml_server
+    info = httpx.get(f"{url}/api/v1/info", timeout=10).json()
+    assert info["secrets_store_type"] == "custom", info
+    canary = "CANARY-zenml-server-5d1e"
+    env = clean_env(ZENML_CONFIG_PATH=str(zen.home / "rest-client"), ZENML_ANALYTICS_OPT_IN="false",
+                    ZENML_STORE_URL=url, ZENML_STORE_TYPE="rest")
+    res = subprocess.run([str(zen.python), str(zen.driver), "rest", json.dumps(
+        {"name": "via-server", "values": {"password": canary}})],
+        capture_output=True, text=True, timeout=120, cwd=zen.home, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, (res.stdout[-3000:], res.stderr[-3000:])
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["store"] == "RestZenStore" and out["got"] == {"password": canary}
+    resp = credgate_secret(zen.gateway, f"zenml/{out['id']}")
+    assert resp.status_code == 200 and resp.json()["data"] == {"password": canary}, resp.text
+    with sqlite3.connect(database) as conn:
+        rows = conn.execute('SELECT name, "values" FROM secret').fetchall()
+    assert ("via-server", None) in rows, rows
+    for f in database.parent.rglob("*"):
+        if f.is_file():
+            assert canary.encode() not in f.read_bytes(), f  # the database, its journal, the log
+            assert zen.gateway.token.encode() not in f.read_bytes(), f
 
 
 SERVER_SIDE = ("gateway.web", "gateway.runtime", "gateway.issuing", "gateway.plugins", "gateway.identity",
