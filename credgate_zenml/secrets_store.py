@@ -24,6 +24,7 @@ value. Values are never logged.
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any, ClassVar, Dict, Optional, Type
 from urllib.parse import urlencode
@@ -133,7 +134,8 @@ class CredgateSecretsStore(BaseSecretsStore):
             token_file=cfg.token_file,
         )
         # token="" so that CREDGATE_TOKEN in the server's environment is not picked up
-        self._client = Client(cfg.addr, token="", timeout=cfg.timeout, verify=cfg.ca_file or True)
+        verify: Any = ssl.create_default_context(cafile=cfg.ca_file) if cfg.ca_file else True
+        self._client = Client(cfg.addr, token="", timeout=cfg.timeout, verify=verify)
         # Fail at start-up, not at the first secret: the gateway answers and knows the backend.
         try:
             self._call("GET", f"/v1/backends/{seg(cfg.backend)}", what=f"show backend {cfg.backend!r}")
