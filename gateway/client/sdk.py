@@ -471,11 +471,9 @@ class AsyncClient:
     async def _loop(self) -> None:
         assert self._wake is not None
         while True:
-            wait = self._core.next_wake(time.time())
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            until = time.monotonic() + self._core.next_wake(time.time())
+            while not self._wake.is_set() and time.monotonic() < until:
+                await asyncio.sleep(min(0.1, max(0.0, until - time.monotonic())))
             self._wake.clear()
             try:
                 await self.refresh_now()
