@@ -249,7 +249,7 @@ def _core(addr: str | None, kw: dict[str, Any]) -> tuple[_Core, dict[str, Any]]:
                      auth=kw.pop("auth", None))
     core = _Core(addr, auth, margin=kw.pop("margin", 30.0), retries=kw.pop("retries", 4),
                  max_retry_wait=kw.pop("max_retry_wait", 30.0), revoke_on_close=kw.pop("revoke_on_close", True),
-                 refresh_fraction=kw.pop("refresh_fraction", 2 / 3), jitter=kw.pop("jitter", 0.1),
+                 refresh_fraction=kw.pop("refresh_fraction", 2 / 3), jitter=kw.pop("jitter", 0.25),
                  default_ttl=kw.pop("ttl", None))
     return core, kw
 
