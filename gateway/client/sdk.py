@@ -243,7 +243,7 @@ class _Core:
         self.cache.clear()
 
 
-def _core(addr: str | None, kw: dict[str, Any]) -> tuple[_Core, dict[str, Any]]:
+def _core(addr: str | None, kw: dict[str, Any]) -> _Core:
     auth = auth_from(kw.pop("token", None), run_token=kw.pop("run_token", None), client_id=kw.pop("client_id", None),
                      client_secret=kw.pop("client_secret", None), token_file=kw.pop("token_file", None),
                      auth=kw.pop("auth", None))
@@ -251,7 +251,28 @@ def _core(addr: str | None, kw: dict[str, Any]) -> tuple[_Core, dict[str, Any]]:
                  max_retry_wait=kw.pop("max_retry_wait", 30.0), revoke_on_close=kw.pop("revoke_on_close", True),
                  refresh_fraction=kw.pop("refresh_fraction", 2 / 3), jitter=kw.pop("jitter", 0.25),
                  default_ttl=kw.pop("ttl", None))
-    return core, kw
+    if kw:
+        raise TypeError(f"unexpected arguments: {', '.join(sorted(kw))}")
+    return core
+
+
+class _Facade:
+    """What both clients show of their core."""
+
+    _core: _Core
+
+    @property
+    def addr(self) -> str:
+        return self._core.addr
+
+    @property
+    def auth(self) -> Auth:
+        return self._core.auth
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "misses": self._core.misses,
+                "cached": len(self._core.cache)}
 
 
 _DOC = """
@@ -270,14 +291,12 @@ _DOC = """
 """
 
 
-class Client:
+class Client(_Facade):
     __doc__ = "Synchronous client (a background thread refreshes cached credentials)." + _DOC
 
     def __init__(self, addr: str | None = None, *, refresh: bool = True, timeout: float = 30.0, verify: Any = True,
                  transport: httpx.BaseTransport | None = None, **kw: Any) -> None:
-        self._core, rest = _core(addr, kw)
-        if rest:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(rest))}")
+        self._core = _core(addr, kw)
         self._http = httpx.Client(timeout=timeout, verify=verify, transport=transport)
         self._lock = threading.RLock()  # the cache and the auth state
         self._keys: dict[Key, threading.Lock] = {}
@@ -287,18 +306,6 @@ class Client:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    @property
-    def addr(self) -> str:
-        return self._core.addr
-
-    @property
-    def auth(self) -> Auth:
-        return self._core.auth
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "misses": self._core.misses,
-                "cached": len(self._core.cache)}
 
     def _run(self, op: Op) -> Any:
         try:
@@ -392,14 +399,12 @@ class Client:
         return f"<credgate.Client {self.addr} auth={self._core.auth!r}>"
 
 
-class AsyncClient:
+class AsyncClient(_Facade):
     __doc__ = "Asynchronous client (an asyncio task refreshes cached credentials)." + _DOC
 
     def __init__(self, addr: str | None = None, *, refresh: bool = True, timeout: float = 30.0, verify: Any = True,
                  transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> None:
-        self._core, rest = _core(addr, kw)
-        if rest:
-            raise TypeError(f"unexpected arguments: {', '.join(sorted(rest))}")
+        self._core = _core(addr, kw)
         self._http = httpx.AsyncClient(timeout=timeout, verify=verify, transport=transport)
         self._locks: dict[Key, asyncio.Lock] = {}
         self._refresh = refresh
@@ -407,18 +412,6 @@ class AsyncClient:
         self._wake: asyncio.Event | None = None
         self._closed = False
 
-    @property
-    def addr(self) -> str:
-        return self._core.addr
-
-    @property
-    def auth(self) -> Auth:
-        return self._core.auth
-
-    @property
-    def stats(self) -> dict[str, int]:
-        return {"renewals": self._core.renewals, "reissues": self._core.reissues, "misses": self._core.misses,
-                "cached": len(self._core.cache)}
 
     def _locked(self, key: Key) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
