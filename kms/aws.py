@@ -42,13 +42,12 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import CredgateError, TargetError, TargetUnreachable
-from kms.base import KmsSourceBase, Wrapped, kms_call
+from kms.base import KmsSourceBase, Wrapped
 
 _UNREACHABLE = {
     "ThrottlingException", "KMSInternalException", "DependencyTimeoutException", "ServiceUnavailableException",
@@ -151,15 +150,6 @@ class AwsKmsSource(KmsSourceBase):
         return bytes(out["Plaintext"])
 
     # --- the protocol ------------------------------------------------------------------
-
-    async def key_version(self) -> str:
-        return await kms_call(self, "reading the key", self._version_now)
-
-    async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> Wrapped:
-        return await kms_call(self, "wrapping a KEK version", self._wrap, plaintext, dict(context))
-
-    async def unwrap(self, blob: bytes, context: Mapping[str, str]) -> bytes:
-        return await kms_call(self, "unwrapping a KEK version", self._unwrap, blob, dict(context))
 
     async def aclose(self) -> None:
         with self._client_lock:

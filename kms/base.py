@@ -112,8 +112,10 @@ def context_bytes(context: Mapping[str, str]) -> bytes:
 
 
 class KmsSourceBase:
-    """Shared plumbing: the call counter, the deadline, and the translation of what a
-    synchronous SDK raises. Subclasses implement :meth:`translate`."""
+    """Shared plumbing: the call counter, the deadline, the protocol's three calls (each a
+    blocking ``_version_now``/``_wrap``/``_unwrap`` of the subclass, run by :func:`kms_call`),
+    and the translation of what a synchronous SDK raises. Subclasses implement those three
+    and :meth:`translate`."""
 
     type: ClassVar[str] = ""
     config_model: ClassVar[type[BaseModel]]
@@ -137,6 +139,24 @@ class KmsSourceBase:
         """The gateway error for an SDK exception raised while ``doing``."""
         return TargetError(f"{self.description}: the KMS call failed while {doing} ({self.sanitize(exc)}).",
                            code="kms_error")
+
+    def _version_now(self) -> str:
+        raise NotImplementedError
+
+    def _wrap(self, plaintext: bytes, context: dict[str, str]) -> Wrapped:
+        raise NotImplementedError
+
+    def _unwrap(self, blob: bytes, context: dict[str, str]) -> bytes:
+        raise NotImplementedError
+
+    async def key_version(self) -> str:
+        return await kms_call(self, "reading the key", self._version_now)
+
+    async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> Wrapped:
+        return await kms_call(self, "wrapping a KEK version", self._wrap, plaintext, dict(context))
+
+    async def unwrap(self, blob: bytes, context: Mapping[str, str]) -> bytes:
+        return await kms_call(self, "unwrapping a KEK version", self._unwrap, blob, dict(context))
 
     async def aclose(self) -> None:
         return None

@@ -42,14 +42,13 @@ from __future__ import annotations
 import base64
 import re
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gateway.errors import CredgateError, TargetError, TargetUnreachable
-from kms.base import KmsSourceBase, Wrapped, context_bytes, kms_call
+from kms.base import KmsSourceBase, Wrapped, context_bytes
 
 _CIPHERTEXT = re.compile(r"^vault:v(\d+):[A-Za-z0-9+/=]+$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
@@ -171,15 +170,6 @@ class VaultTransitSource(KmsSourceBase):
         return base64.b64decode(out["plaintext"])
 
     # --- the protocol ------------------------------------------------------------------
-
-    async def key_version(self) -> str:
-        return await kms_call(self, "reading the key", self._version_now)
-
-    async def wrap(self, plaintext: bytes, context: Mapping[str, str]) -> Wrapped:
-        return await kms_call(self, "wrapping a KEK version", self._wrap, plaintext, dict(context))
-
-    async def unwrap(self, blob: bytes, context: Mapping[str, str]) -> bytes:
-        return await kms_call(self, "unwrapping a KEK version", self._unwrap, blob, dict(context))
 
     async def aclose(self) -> None:
         with self._lock:

@@ -178,12 +178,15 @@ class KmsKeyRing:
         except ConfigurationError:
             raise
         except CredgateError as exc:
-            raise ConfigurationError(
-                f"the KEK can't be loaded: {exc.message.rstrip('.')}; refusing to start "
-                f"(CREDGATE_KEK_SOURCE={self.source.type})"
-            ) from None
+            raise self._cannot_start(exc) from None
         finally:
             await self.source.aclose()
+
+    def _cannot_start(self, exc: CredgateError) -> ConfigurationError:
+        return ConfigurationError(
+            f"the KEK can't be loaded: {exc.message.rstrip('.')}; refusing to start "
+            f"(CREDGATE_KEK_SOURCE={self.source.type})"
+        )
 
     async def open(self, store: Store) -> None:
         """Start-up: unwrap every KEK version the store holds (one KMS call each), or make
@@ -199,10 +202,7 @@ class KmsKeyRing:
         except ConfigurationError:
             raise
         except CredgateError as exc:
-            raise ConfigurationError(
-                f"the KEK can't be loaded: {exc.message.rstrip('.')}; refusing to start "
-                f"(CREDGATE_KEK_SOURCE={self.source.type})"
-            ) from None
+            raise self._cannot_start(exc) from None
 
     async def _load(self, *, at_start: bool = False) -> None:
         assert self._store is not None
