@@ -93,6 +93,7 @@ class KmsKeyRing:
         self._stored: dict[int, _Stored] = {}
         self._kms_version: str | None = None
         self._confirmed = time.monotonic()
+        self._watching = False  # grace counts only once something asks the KMS periodically
         self._lock: asyncio.Lock | None = None
         self.wake = asyncio.Event()  # set when a wrap/unwrap needed the KMS: the follower looks at once
         self.last_error: str | None = None
@@ -114,7 +115,7 @@ class KmsKeyRing:
         return max(self._stored)
 
     def _key(self, version: int) -> bytes:
-        if self.grace_seconds and time.monotonic() - self._confirmed > self.grace_seconds:
+        if self._watching and self.grace_seconds and time.monotonic() - self._confirmed > self.grace_seconds:
             self.wake.set()
             raise KmsUnavailable(
                 f"{self.source.description} has not answered for over {self.grace_seconds:g} s "
@@ -164,6 +165,14 @@ class KmsKeyRing:
     def _confirm(self) -> None:
         self._confirmed = time.monotonic()
         self.last_error = None
+
+    def watch(self) -> None:
+        """The follower starts asking the KMS every ``kek_check_seconds``: from now on a KMS
+        silent for ``grace_seconds`` stops the KEK. Before that (start-up, between :meth:`open`
+        and the follower) the KMS has just answered and nothing asks it again, so a slow start
+        is not mistaken for a silent KMS."""
+        self._confirmed = time.monotonic()
+        self._watching = True
 
     async def probe(self) -> None:
         """Check that the KMS answers and lets this gateway use the key: its version, and a

@@ -210,6 +210,7 @@ class KeyManager:
         """Look at the KMS every ``every`` seconds (and at once when a wrap or unwrap needed
         it): pick up KEK versions other replicas made, and follow a rotation of the KMS key."""
         if self._follower is None or self._follower.done():
+            self._keyring.watch()  # type: ignore[attr-defined]
             self._keyring.wake.set()  # type: ignore[attr-defined]  # a first look at once
             self._follower = asyncio.create_task(self._follow_loop(every), name="credgate-kek-follow")
 

@@ -31,7 +31,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from gateway.crypto.kmsring import KmsKeyRing
+from gateway.crypto.kmsring import KmsKeyRing, KmsUnavailable
 from gateway.errors import ConfigurationError
 from gateway.runtime import kek_source_for, keyring_for
 from gateway.settings import load_settings
@@ -423,14 +423,33 @@ async def test_two_replicas_making_the_same_kek_version_agree(aws_settings, moto
         assert (await reveal(gw, "x")).json()["data"]["v"] == CANARY
 
 
+async def test_kms_grace_counts_from_when_the_follower_watches(aws_settings, moto_server) -> None:
+    """A start-up slower than kek_kms_grace_seconds (migrations, a loaded machine) is not a
+    silent KMS: grace counts only once the follower asks the KMS periodically."""
+    async with serving(aws_settings()) as gw:
+        ring = KmsKeyRing(kek_source_for(aws_settings(kek_aws_endpoint_url=moto_server.endpoint_url)),
+                          grace_seconds=0.3)
+        await ring.open(gw.runtime.store)
+        await asyncio.sleep(0.5)  # the start-up between open() and the follower
+        assert ring.unwrap(1, ring.wrap(1, b"k" * 32, b"aad"), b"aad") == b"k" * 32
+        ring.watch()  # the follower starts; nothing answers for longer than grace from here
+        await asyncio.sleep(0.5)
+        with pytest.raises(KmsUnavailable, match="has not answered for over 0.3 s"):
+            ring.wrap(1, b"k" * 32, b"aad")
+        assert ring.wake.is_set()  # the follower is told to look at once
+        await ring.check_kms()
+        assert ring.unwrap(1, ring.wrap(1, b"k" * 32, b"aad"), b"aad") == b"k" * 32
+        await ring.aclose()
+
+
 async def test_aws_kms_as_an_off_switch(aws_settings, kms_proxy: TcpProxy, logs) -> None:
     """kek_kms_grace_seconds: once the KMS has not answered for that long, sealed reads and
     writes stop (503 kms_unavailable, nothing written) until it answers again."""
-    async with serving(aws_settings(kek_check_seconds=0.2, kek_kms_grace_seconds=0.8)) as gw:
+    async with serving(aws_settings(kek_check_seconds=0.2, kek_kms_grace_seconds=2)) as gw:
         assert (await put(gw, "a", CANARY)).status_code == 200
         stored = await secret_versions(gw)
         with kms_proxy.failing("refuse"):
-            await asyncio.sleep(1.2)
+            await asyncio.sleep(2.8)
             w = await put(gw, "b", CANARY)
             r = await reveal(gw, "a")
             for resp in (w, r):
@@ -585,13 +604,13 @@ async def test_vault_transit_refusals_are_clear(vault_settings, openbao, transit
 async def test_vault_transit_down_during_writes_and_token_file_rotation(vault_settings, openbao, transit,
                                                                         bao_proxy: TcpProxy, tmp_path: Path,
                                                                         logs) -> None:
-    settings = vault_settings(kek_check_seconds=0.2, kek_kms_grace_seconds=0.8)
+    settings = vault_settings(kek_check_seconds=0.2, kek_kms_grace_seconds=2)
     async with serving(settings) as gw:
         rt = gw.runtime
         assert (await put(gw, "a", CANARY)).status_code == 200
         stored = await secret_versions(gw)
         with bao_proxy.failing("refuse"):
-            await asyncio.sleep(1.2)
+            await asyncio.sleep(2.8)
             r = await put(gw, "b", CANARY)
             assert r.status_code == 503 and r.json()["error"]["code"] == "kms_unavailable", r.text
             assert r.headers.get("retry-after")
