@@ -17,7 +17,7 @@ Writing one
    masked) and ``capabilities`` (:class:`BackendCapabilities`).
 2. Register it in ``gateway/plugins/registry.py`` (``BACKEND_TYPES``) with the
    pip extra that brings its SDK; ``tests/contract/test_protocols.py`` checks its
-   shape and ``tests/contract/test_secret_backend.py`` its behaviour.
+   shape and ``tests/contract/backend_suite.py`` its behaviour.
 3. Implement the methods of :class:`SecretBackend`; override
    :meth:`BackendBase.sanitize` for your SDK's exceptions.
 

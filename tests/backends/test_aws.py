@@ -1,6 +1,6 @@
 """The ``aws`` backend against moto in server mode: what only this backend has (ownership
 tag, name prefix, version mapping, request counts, credentials), through the gateway's
-API and directly. The shared behaviour is tests/contract/test_secret_backend.py's."""
+API and directly. The shared behaviour is tests/contract/backend_suite.py's."""
 
 from __future__ import annotations
 
