@@ -1,5 +1,5 @@
-"""Credentials in the formats programs read: AWS credential_process (through botocore itself,
-against moto), a Kubernetes ExecCredential, shell export lines with a prefix, and the
+"""Credentials in the formats programs read: AWS credential_process (through botocore itself
+and the real AWS CLI, against moto), a Kubernetes ExecCredential, shell export lines with a prefix, and the
 Docker credential helper's protocol."""
 
 from __future__ import annotations
@@ -73,6 +73,23 @@ def test_credential_process_through_botocore(server: Server, moto_server, tmp_pa
     assert creds.access_key not in (key["AccessKeyId"], doc["AccessKeyId"])  # a fresh one, from the process
     s3 = session.client("s3", endpoint_url=moto_server.endpoint_url)
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["report.txt"]
+
+    # The real AWS CLI (awscli from PyPI, its own botocore) with the same profile.
+    aws = str(Path(CREDGATE).parent / "aws")
+    env = clean_env(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                    CREDGATE_ADDR=server.addr, CREDGATE_TOKEN=server.token)
+    ls = subprocess.run([aws, "--profile", "cg", "--endpoint-url", moto_server.endpoint_url, "s3", "ls", f"s3://{bucket}"],
+                        capture_output=True, text=True, timeout=60, env=env)
+    assert ls.returncode == 0 and ls.stdout.split()[-1] == "report.txt", (ls.stdout, ls.stderr)
+    who = subprocess.run([aws, "--profile", "cg", "--endpoint-url", moto_server.endpoint_url, "sts",
+                          "get-caller-identity", "--output", "json"], capture_output=True, text=True, timeout=60, env=env)
+    assert who.returncode == 0 and ":assumed-role/cg-fmt-s3/" in json.loads(who.stdout)["Arn"], who.stderr
+    # The gateway refusing (a bad token): the CLI fails with credgate's one-line reason, no key printed.
+    env["CREDGATE_TOKEN"] = "cg_not-a-token"
+    bad = subprocess.run([aws, "--profile", "cg", "--endpoint-url", moto_server.endpoint_url, "s3", "ls", f"s3://{bucket}"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode != 0 and "custom-process: credgate: invalid_token:" in bad.stderr, bad.stderr
+    assert key["SecretAccessKey"] not in bad.stderr + bad.stdout
 
 
 def test_k8s_exec_credential(server: Server, static: str) -> None:  # noqa: F811
