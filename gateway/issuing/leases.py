@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -190,8 +191,10 @@ class Leases:
     async def mark_revoking(
         self, *, lease_ids: list[str] | None = None, connector: str | None = None,
         principal: str | None = None, run_id: str | None = None,
+        permit: Callable[[str, str], bool] | None = None,
     ) -> list[str]:
-        """Move matching live leases to ``revoking`` (due now); return their ids."""
+        """Move matching live leases to ``revoking`` (due now); return their ids. ``permit``
+        (connector, resource) -> bool leaves out the leases it refuses."""
         conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
         if lease_ids is not None:
             conds.append(LeaseRow.id.in_(lease_ids))
@@ -203,7 +206,10 @@ class Leases:
             conds.append(LeaseRow.run_id == run_id)
         now = utcnow()
         async with self._store.write() as s:
-            ids = list((await s.execute(select(LeaseRow.id).where(and_(*conds)).with_for_update())).scalars())
+            rows = (await s.execute(
+                select(LeaseRow.id, LeaseRow.connector, LeaseRow.resource).where(and_(*conds)).with_for_update()
+            )).all()
+            ids = [r.id for r in rows if permit is None or permit(r.connector, r.resource)]
             if ids:
                 await s.execute(
                     update(LeaseRow)

@@ -98,9 +98,10 @@ def test_redis_cli_reads_with_the_issued_user(server: Server, redis_server: str)
     server.cli("secret", "put", "local/exec/redis", f"url={redis_server}")
     server.cli("connector", "add", "xcache", "--type", "redis", "--auth-method", "password",
                "--secret", "local/exec/redis", "--resource", "feat", 'categories=["+@read","+@connection"]')
+    key = "feat:exec-" + secrets.token_hex(4)  # the Redis server is shared: a key no other test writes
     script = ('u=${REDIS_URL#*://}; echo "user=${u%%:*}"; '
-              'redis-cli --no-auth-warning -u "$REDIS_URL" get feat:k; '
-              'redis-cli --no-auth-warning -u "$REDIS_URL" set feat:k v')
+              f'redis-cli --no-auth-warning -u "$REDIS_URL" get {key}; '
+              f'redis-cli --no-auth-warning -u "$REDIS_URL" set {key} v')
     res = server.cli("exec", "xcache:feat", "--", "sh", "-c", script)
     lines = res.stdout.splitlines()
     user = lines[0].removeprefix("user=")

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic import AwareDatetime
@@ -48,6 +48,9 @@ async def list_leases(
         connector=connector, principal=owner_filter(principal_filter) if principal_filter else None, state=state, expiring_before=expiring_before,
         after=page_token, limit=limit,
     )
+    # Only what the caller may read: a rule scoped to connector A does not show connector B's
+    # leases (a page may come back shorter than ``limit``; the page token still goes on).
+    items = [i for i in items if principal.can("leases:read", i["connector"], i["resource"])]
     return LeaseList.model_validate({"items": items, "next_page_token": after})
 
 
@@ -62,15 +65,36 @@ async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Annota
     if not body.connector and not body.principal:
         raise BadRequest("Name a connector, a principal, or both.", code="filter_required")
     owner = owner_filter(body.principal) if body.principal else None
-    ids = await runtime.leases.mark_revoking(connector=body.connector, principal=owner)
+    # Only the leases whose connector and resource the caller may revoke (a rule scoped to
+    # connector A does not revoke connector B's leases); the others are not matched.
+    ids = await runtime.leases.mark_revoking(
+        connector=body.connector, principal=owner,
+        permit=lambda connector, resource: principal.can("leases:revoke", connector, resource),
+    )
     audit.note(ended_leases=ids)  # one audit event per lease ended
     still = await runtime.credentials.revoke(ids)
     return BulkRevokeOut(matched=len(ids), revoked=len(ids) - len(still), still_revoking=still)
 
 
-@router.get("/{lease_id}", summary="Show a lease")
-async def get_lease(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")]) -> LeaseOut:
-    return LeaseOut.model_validate(await runtime.leases.view(lease_id))
+def _owned_or(principal: Principal, lease: dict[str, Any], action: str, verb: str) -> None:
+    """A lease's owner may read and revoke it (revoking one's own credential only gives
+    authority up); anyone else needs ``action`` on the lease's connector and resource."""
+    if lease["principal"] == principal.owner:
+        return
+    decision = principal.require(action, lease["connector"], lease["resource"])
+    if not decision.allowed:
+        raise Forbidden(f"{principal.subject} may not {verb} lease {lease['lease_id']}: {decision.reason}.",
+                        code="permission_denied")
+
+
+@router.get("/{lease_id}", summary="Show a lease (its owner, or leases:read on its connector and resource)")
+async def get_lease(
+    lease_id: str, runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("credentials:issue|credentials:wrap|leases:read")],
+) -> LeaseOut:
+    lease = await runtime.leases.view(lease_id)
+    _owned_or(principal, lease, "leases:read", "read")
+    return LeaseOut.model_validate(lease)
 
 
 @router.post("/{lease_id}/renew", summary="Extend a renewable lease within the caps issuance would apply now")
@@ -110,10 +134,13 @@ async def renew(
     return _out(await runtime.credentials.renew(lease_id, ttl_seconds, policy_max=recorded))
 
 
-@router.post("/{lease_id}/revoke", summary="Revoke a lease (idempotent)")
-async def revoke(lease_id: str, runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:revoke")], response: Response) -> LeaseOut:
+@router.post("/{lease_id}/revoke", summary="Revoke a lease (idempotent; its owner, or leases:revoke on its connector and resource)")
+async def revoke(
+    lease_id: str, runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("credentials:issue|credentials:wrap|leases:revoke")], response: Response,
+) -> LeaseOut:
     audit.note(lease_id=lease_id)
-    await runtime.leases.view(lease_id)
+    _owned_or(principal, await runtime.leases.view(lease_id), "leases:revoke", "revoke")
     await runtime.leases.mark_revoking(lease_ids=[lease_id])
     await runtime.credentials.revoke([lease_id])
     lease = await runtime.leases.view(lease_id)
