@@ -26,9 +26,15 @@ class Server:
         self.addr = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.out = data_dir.parent / "serve.out"
+        self._spawn("w")
+        tokens = re.findall(r"^CREDGATE_TOKEN=(\S+)$", self.out.read_text(), re.M)
+        assert len(tokens) == 1, self.out.read_text()
+        self.token = tokens[0]
+
+    def _spawn(self, mode: str) -> None:
         self.proc = subprocess.Popen(
-            [CREDGATE, "serve", "--dev", "--data-dir", str(data_dir), "--port", str(self.port)],
-            stdout=self.out.open("w"),
+            [CREDGATE, "serve", "--dev", "--data-dir", str(self.data_dir), "--port", str(self.port)],
+            stdout=self.out.open(mode),
             stderr=subprocess.STDOUT,
             env=clean_env(),
         )
@@ -36,9 +42,12 @@ class Server:
             wait_until_serving(f"{self.addr}/readyz", self.proc)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}: {self.out.read_text()}") from None
-        tokens = re.findall(r"^CREDGATE_TOKEN=(\S+)$", self.out.read_text(), re.M)
-        assert len(tokens) == 1, self.out.read_text()
-        self.token = tokens[0]
+
+    def restart(self) -> None:
+        """Stop (SIGTERM: drained) and serve again on the same port and data directory."""
+        returncode = self.stop()
+        assert stopped_gracefully(returncode, self.out.read_text()), self.out.read_text()[-3000:]
+        self._spawn("a")
 
     def cli(self, *args: str, token: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = clean_env(CREDGATE_ADDR=self.addr, CREDGATE_TOKEN=token if token is not None else self.token)
