@@ -16,6 +16,7 @@ _API = {
     "Unauthenticated": "gateway.client.errors", "PermissionDenied": "gateway.client.errors",
     "NotFound": "gateway.client.errors", "Conflict": "gateway.client.errors", "Gone": "gateway.client.errors",
     "RateLimited": "gateway.client.errors", "Unavailable": "gateway.client.errors",
+    "install_sqlalchemy_refresh": "gateway.client.helpers",
 }
 __all__ = sorted(_API)
 

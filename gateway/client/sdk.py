@@ -26,6 +26,7 @@ from gateway.client.credentials import Credential, credential_from
 from gateway.client.errors import (
     BadRequest, CredgateError, GatewayUnreachable, NotFound, RateLimited, RequestFailed, Unauthenticated, Unavailable,
 )
+from gateway.client.helpers import ClientHelpers
 from gateway.client.http import failure
 from gateway.client.urls import DEFAULT_ADDR, seg
 
@@ -291,7 +292,7 @@ _DOC = """
 """
 
 
-class Client(_Facade):
+class Client(ClientHelpers, _Facade):
     __doc__ = "Synchronous client (a background thread refreshes cached credentials)." + _DOC
 
     def __init__(self, addr: str | None = None, *, refresh: bool = True, timeout: float = 30.0, verify: Any = True,
