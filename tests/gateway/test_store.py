@@ -9,7 +9,7 @@ from sqlalchemy.pool import NullPool
 
 from gateway.crypto.rotation import SEALED
 from gateway.store.database import sync_url
-from gateway.store.migrate import current, upgrade
+from gateway.store.migrate import current, include_name, upgrade
 from gateway.store.models import Base, SealedMixin
 
 
@@ -21,7 +21,7 @@ def test_migrations_reach_head_and_match_the_models(store_url: str) -> None:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"include_name": include_name}), Base.metadata)
     finally:
         engine.dispose()
     assert diff == []
