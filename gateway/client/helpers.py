@@ -17,17 +17,17 @@ or re-issues in the background (a dynamic database user changes its name too). N
 holds a credential of its own or logs one; the objects' ``repr()`` names no secret.
 
 The vendor SDKs are the caller's own, optional packages: each is imported only when its
-helper runs, through :func:`_optional` (a missing one is an ImportError that says what to
-install). Those imports are dynamic, so pyproject's import-linter contracts
-("client-light", "vendor-sdks-in-their-plugin") do not see them: this module is the one
-place in gateway.client that reaches boto3/botocore, psycopg, sqlalchemy, redis and pymysql.
-Naming it in those contracts' ``ignore_imports`` would make the exception explicit there too.
+helper runs (a missing one is an ImportError that says what to install). This module is the
+one place in gateway.client that reaches boto3/botocore, psycopg, sqlalchemy, redis and
+pymysql: pyproject's import-linter contracts ("client-light", "vendor-sdks-in-their-plugin")
+name exactly these imports in their ``ignore_imports``, and forbid every other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import importlib
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -40,11 +40,12 @@ _DIST = {"boto3": "boto3", "botocore": "boto3", "sqlalchemy": "sqlalchemy", "red
 _DRIVERS = {"postgres": "postgresql+psycopg", "mysql": "mysql+pymysql"}
 
 
-def _optional(module: str) -> Any:
-    """Import one of the caller's optional SDKs by name (``"botocore.credentials"``)."""
-    top = module.split(".", 1)[0]
+@contextlib.contextmanager
+def _needs(top: str) -> Iterator[None]:
+    """Around a helper's import of one of the caller's optional SDKs: a missing one is an
+    ImportError that says what to install."""
     try:
-        return importlib.import_module(module)
+        yield
     except ImportError:
         raise ImportError(f"This credgate helper needs {top}: pip install {_DIST.get(top, top)}") from None
 
@@ -91,8 +92,9 @@ def _aws_metadata(cred: AWSCredential) -> dict[str, str | None]:
 
 @functools.cache
 def _boto3_classes() -> tuple[type, type]:
-    boto3 = _optional("boto3")
-    botocore_credentials = _optional("botocore.credentials")
+    with _needs("boto3"):
+        import boto3
+        import botocore.credentials as botocore_credentials
 
     class CredgateSession(boto3.Session):
         """A boto3 Session whose ``client()``/``resource()`` default ``endpoint_url`` to the
@@ -128,7 +130,8 @@ def _boto3_classes() -> tuple[type, type]:
 
 @functools.cache
 def _redis_provider_class() -> type:
-    redis_credentials = _optional("redis.credentials")
+    with _needs("redis"):
+        import redis.credentials as redis_credentials
 
     class CredgateRedisCredentials(redis_credentials.CredentialProvider):
         """redis-py asks it for ``(username, password)`` on each new connection."""
@@ -164,7 +167,8 @@ def install_sqlalchemy_refresh(engine: Any, client: Any, connector: str, resourc
     replaces a dead one with a new, freshly logged-in connection. An ``AsyncEngine`` is
     accepted (its ``sync_engine`` gets the listener). Returns ``engine``.
     """
-    event = _optional("sqlalchemy.event")
+    with _needs("sqlalchemy"):
+        import sqlalchemy.event as event
 
     def do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         cred = _typed(client.credentials(connector, resource, ttl), (PostgresCredential, MySQLCredential),
@@ -201,8 +205,9 @@ class ClientHelpers:
         another (it is also ``session.endpoint_url``).
         """
         session_class, provider_class = _boto3_classes()
-        botocore_credentials = _optional("botocore.credentials")
-        botocore_session = _optional("botocore.session")
+        with _needs("botocore"):
+            import botocore.credentials as botocore_credentials
+            import botocore.session as botocore_session
 
         def fetch() -> dict[str, str | None]:
             return _aws_metadata(_typed(self.credentials(connector, resource, ttl), (AWSCredential,), "boto3_session"))
@@ -245,7 +250,8 @@ class ClientHelpers:
         return self._sqlalchemy_url(cred, drivername, login=True)
 
     def _sqlalchemy_url(self, cred: Any, drivername: str | None, *, login: bool) -> Any:
-        url = _optional("sqlalchemy.engine").URL
+        with _needs("sqlalchemy"):
+            from sqlalchemy.engine import URL as url
         return url.create(drivername or _DRIVERS[cred.connector_type], host=cred.host, port=cred.port,
                           database=cred.database, username=cred.username if login else None,
                           password=cred.password if login else None, query=_dsn_query(cred))
@@ -257,7 +263,8 @@ class ClientHelpers:
         in with the client's current credential. ``pool_pre_ping`` defaults to True, so a
         pooled connection the gateway ended (its lease revoked) is replaced transparently;
         ``engine_kwargs`` go to ``create_engine`` (``pool_recycle=``, ``pool_size=``...)."""
-        sqlalchemy = _optional("sqlalchemy")
+        with _needs("sqlalchemy"):
+            import sqlalchemy
         cred = _typed(self.credentials(connector, resource, ttl), (PostgresCredential, MySQLCredential),
                       "sqlalchemy_engine")
         engine_kwargs.setdefault("pool_pre_ping", True)
@@ -273,7 +280,8 @@ class ClientHelpers:
         ACL user, which closes its connections, and redis-py's retry on a connection error
         reconnects, logging in with the current credential. ``kwargs`` go to
         ``redis.Redis.from_url`` (``decode_responses=True``, ``socket_timeout=``...)."""
-        redis = _optional("redis")
+        with _needs("redis"):
+            import redis
         _no_login(kwargs, ("username", "password", "credential_provider"), "redis_client")
         cred = _typed(self.credentials(connector, resource, ttl), (RedisCredential,), "redis_client")
         if cred.url:
@@ -288,7 +296,8 @@ class ClientHelpers:
         user, password, database from the credential; ``kwargs`` add the rest:
         ``autocommit=True``, ``ssl=...``). Call it for each connection you open: a connection
         keeps its login, the next call gets the re-issued one."""
-        pymysql = _optional("pymysql")
+        with _needs("pymysql"):
+            import pymysql
         _no_login(kwargs, ("user", "password", "passwd"), "pymysql_connect")
         cred = _typed(self.credentials(connector, resource, ttl), (MySQLCredential,), "pymysql_connect")
         params: dict[str, Any] = {"host": cred.host, "port": cred.port or 3306, "user": cred.username,
