@@ -77,11 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. The metadata server mints the run's token (it never hands out its own credential).
     with Client() as server:
-        minted = server.request("POST", f"/v1/runs/{run_id}/token", json={
-            "connectors": [connector], "resources": [resource], "ttl_seconds": max(60, int(args.duration * 2)),
-        })
-    run_token = minted["token"]
-    print(f"metadata server: run {run_id} token minted for {connector}/{resource}, valid {minted['expires_in']} s")
+        minted = server.run_token(run_id, [connector], [resource], ttl=max(60, int(args.duration * 2)))
+    run_token = minted.token
+    print(f"metadata server: run {run_id} token minted for {connector}/{resource}, valid {minted.expires_in} s")
 
     # 2. The pipeline: credentials with the run token only, used in a loop.
     summary: dict[str, Any] = {"run_id": run_id, "uses": 0, "errors": [], "expired_when_handed_out": 0, "leases": [],
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. The run ends: the metadata server revokes it; its token is refused from now on.
     with Client() as server:
-        ended = server.request("POST", f"/v1/runs/{run_id}/revoke")
+        ended = server.end_run(run_id)
     with Client(run_token=run_token, retries=0) as late:
         try:
             late.credentials(connector, resource)

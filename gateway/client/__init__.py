@@ -6,7 +6,7 @@ Part of the light base install (``pip install credgate``): imports nothing of th
 # The public API, imported on first use (gateway.client.errors stays importable without httpx):
 # from gateway.client import Client, AsyncClient, Credential, CredgateError
 _API = {
-    "Client": "gateway.client.sdk", "AsyncClient": "gateway.client.sdk",
+    "Client": "gateway.client.sdk", "AsyncClient": "gateway.client.sdk", "RunToken": "gateway.client.sdk",
     "Credential": "gateway.client.credentials", "PostgresCredential": "gateway.client.credentials",
     "MySQLCredential": "gateway.client.credentials", "RedisCredential": "gateway.client.credentials",
     "AWSCredential": "gateway.client.credentials", "StaticCredential": "gateway.client.credentials",

@@ -30,7 +30,7 @@ from gateway.client.helpers import ClientHelpers
 from gateway.client.http import failure
 from gateway.client.urls import DEFAULT_ADDR, seg
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Client", "RunToken"]
 
 log = logging.getLogger("credgate.client")
 
@@ -44,6 +44,24 @@ class _Sleep:
 
 Step = Union[httpx.Request, _Sleep]
 Op = Generator[Step, Any, Any]
+
+
+@dataclass(frozen=True, repr=False)
+class RunToken:
+    """A run token minted for one pipeline run (what a metadata server hands the run)."""
+
+    run_id: str
+    token: str
+    expires_in: int
+    connectors: tuple[str, ...]
+    resources: tuple[str, ...]
+    max_credential_ttl_seconds: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"<RunToken run={self.run_id} connectors={list(self.connectors)} resources={list(self.resources)} "
+                f"expires_in={self.expires_in} (token redacted)>")
+
+    __str__ = __repr__
 
 
 @dataclass
@@ -231,6 +249,18 @@ class _Core:
             log.warning("credgate: refreshing %s/%s failed (%s); serving the cached credential while it is valid",
                         key[0], key[1], exc.code)
 
+    def run_token(self, run_id: str, connectors: list[str], resources: list[str], ttl: int | None) -> Op:
+        body: dict[str, Any] = {"connectors": list(connectors), "resources": list(resources)}
+        if ttl is not None:
+            body["ttl_seconds"] = ttl
+        out = yield from self.send("POST", f"/v1/runs/{seg(run_id)}/token", json=body)
+        return RunToken(run_id=out["run_id"], token=out["token"], expires_in=int(out["expires_in"]),
+                        connectors=tuple(out["connectors"]), resources=tuple(out["resources"]),
+                        max_credential_ttl_seconds=out.get("max_credential_ttl_seconds"))
+
+    def end_run(self, run_id: str) -> Op:
+        return (yield from self.send("POST", f"/v1/runs/{seg(run_id)}/revoke"))
+
     def revoke_all(self) -> Op:
         now = time.time()
         for lease_id, expires in list(self.issued.items()):
@@ -329,6 +359,15 @@ class Client(ClientHelpers, _Facade):
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         """Any API call, authenticated and retried; the JSON answer."""
         return self._run(self._core.send(method, path, json=json, params=params))
+
+    def run_token(self, run_id: str, connectors: list[str], resources: list[str], ttl: int | None = None) -> RunToken:
+        """Mint a token for one pipeline run, scoped to ``connectors`` x ``resources`` (a subset
+        of this client's rights; needs ``runs:delegate``). Hand the run ``.token`` only."""
+        return self._run(self._core.run_token(run_id, connectors, resources, ttl))
+
+    def end_run(self, run_id: str) -> dict[str, Any]:
+        """End a run: its token stops working and its leases are revoked (idempotent)."""
+        return self._run(self._core.end_run(run_id))
 
     def credentials(self, connector: str, resource: str, ttl: int | None = None) -> Credential:
         """A credential for ``resource`` through ``connector``: from the cache while it is valid
@@ -437,6 +476,13 @@ class AsyncClient(_Facade):
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         return await self._run(self._core.send(method, path, json=json, params=params))
+
+    async def run_token(self, run_id: str, connectors: list[str], resources: list[str],
+                        ttl: int | None = None) -> RunToken:
+        return await self._run(self._core.run_token(run_id, connectors, resources, ttl))
+
+    async def end_run(self, run_id: str) -> dict[str, Any]:
+        return await self._run(self._core.end_run(run_id))
 
     async def credentials(self, connector: str, resource: str, ttl: int | None = None) -> Credential:
         if self._closed:

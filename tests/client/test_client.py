@@ -65,6 +65,28 @@ def test_run_token_from_env(gw: Server, monkeypatch: pytest.MonkeyPatch) -> None
         assert admin.request("GET", f"/v1/leases/{cred.lease_id}")["run_id"] == "run-client-1"
 
 
+def test_a_metadata_server_mints_and_ends_runs(gw: Server) -> None:
+    """Client.run_token / end_run: the metadata server's side of a run; the run's client
+    revokes its own lease at close, and an ended run's token is refused."""
+    with Client(gw.addr, token=gw.token) as server:
+        run = server.run_token("run-client-2", ["vendor"], ["default"], ttl=600)
+        assert run.token not in repr(run) and "redacted" in repr(run)
+        assert (run.run_id, run.connectors, run.resources) == ("run-client-2", ("vendor",), ("default",))
+        assert 590 <= run.expires_in <= 600
+        with Client(gw.addr, run_token=run.token, margin=1) as pipeline:
+            first = pipeline.credentials("vendor", "default", ttl=30)
+        assert server.request("GET", f"/v1/leases/{first.lease_id}")["state"] == "revoked"  # close(), as its owner
+        with Client(gw.addr, run_token=run.token, margin=1) as pipeline:
+            second = pipeline.credentials("vendor", "default", ttl=30)
+            ended = server.end_run("run-client-2")
+            assert ended["revoked"] is True and ended["leases_revoked"] == 1
+            assert server.request("GET", f"/v1/leases/{second.lease_id}")["state"] == "revoked"
+            with pytest.raises(Unauthenticated) as refused:
+                pipeline.credentials("vendor", "other", ttl=30)
+            assert refused.value.code == "run_revoked"
+        assert server.end_run("run-client-2")["leases_revoked"] == 0  # idempotent
+
+
 def test_client_credentials_refresh_their_access_token(gw: Server) -> None:
     made = post(gw, "/v1/clients", {"client_id": "pipeline-cc", "roles": ["operator"], "token_ttl_seconds": 60})
     auth = ClientCredentials("pipeline-cc", made["client_secret"], refresh_before=57)  # due after ~3 s
