@@ -35,7 +35,20 @@ HOOK = "[zenml.init_hooks]\ncredgate = credgate_zenml:zenml_init_hook\n"
 BORROWED = ("boto3", "botocore", "s3transfer", "jmespath", "psycopg", "psycopg_binary")
 
 DRIVER = r'''
-import json, sys, traceback
+import json, sys
+from zenml import pipeline, step
+
+@step
+def step_environment() -> str:
+    """The API token ZenML's orchestrators hand a step of this run (scoped to the run)."""
+    from zenml.orchestrators.utils import get_config_environment_vars
+    from zenml.steps import get_step_context
+    _, secrets = get_config_environment_vars(pipeline_run_id=get_step_context().pipeline_run.id)
+    return secrets["ZENML_STORE_API_TOKEN"]
+
+@pipeline(enable_cache=False)
+def credgate_run() -> None:
+    step_environment()
 
 def main():
     from zenml.client import Client
@@ -93,6 +106,10 @@ def main():
                 with engine.connect() as conn:
                     out["user"] = conn.execute(sqlalchemy.text("select current_user")).scalar()
                 engine.dispose()
+            elif op == "pipeline":
+                run = client.get_pipeline_run(credgate_run().id)
+                out["run_id"] = str(run.id)
+                out["token"] = run.steps["step_environment"].output.load()
             elif op == "connect":
                 handles[cmd["as"]].connect()
                 out["connected"] = True
@@ -109,11 +126,11 @@ main()
 class Zen:
     """One ZenML process (a local SQL store in its own config dir) taking commands."""
 
-    def __init__(self, python: Path, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, python: Path, home: Path, env: dict[str, str], name: str = "zenml") -> None:
         self.home, self.python, self.env = home, python, env
         self.driver = home / "driver.py"
         self.driver.write_text(DRIVER)
-        self.log = home / "zenml.err"
+        self.log = home / f"{name}.err"
         self.proc = subprocess.Popen([str(python), str(self.driver)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log.open("w"), text=True, cwd=home, env=env)
         self.outputs: list[str] = []
@@ -346,16 +363,19 @@ def test_the_example_pipeline_reads_the_bucket_with_a_lease_on_its_zenml_run(zen
     assert setup.client["client_secret"] not in output
 
 
+ZEN_PASSWORD = "zen-" + secrets.token_hex(4)
+
+
 @pytest.fixture(scope="module")
 def zenml_server(zen: Zen, setup: Setup) -> Iterator[tuple[str, Path]]:
-    """A real ZenML server (FastAPI under uvicorn, SQLite, no auth) with the ``credgate`` type
-    (the same entry point) and credgate as its secrets store (so the connector's client secret
-    is kept in credgate, not in ZenML's database)."""
+    """A real ZenML server (FastAPI under uvicorn, SQLite, its default OAuth2 password login)
+    with the ``credgate`` type (the same entry point) and credgate as its secrets store (so
+    the connector's client secret is kept in credgate, not in ZenML's database)."""
     home = zen.home / "server"
     home.mkdir()
     port = free_port()
     env = {**zen.env, "ZENML_CONFIG_PATH": str(home / "config"), "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}",
-           "ZENML_SERVER_AUTH_SCHEME": "NO_AUTH", "ZENML_SERVER_AUTO_ACTIVATE": "1",
+           "ZENML_SERVER_AUTO_ACTIVATE": "1", "ZENML_DEFAULT_USER_PASSWORD": ZEN_PASSWORD,
            "ZENML_SECRETS_STORE_TYPE": "custom",
            "ZENML_SECRETS_STORE_CLASS_PATH": "credgate_zenml.secrets_store.CredgateSecretsStore",
            "ZENML_SECRETS_STORE_ADDR": setup.gateway.addr, "ZENML_SECRETS_STORE_TOKEN": setup.gateway.token}
@@ -375,36 +395,49 @@ def zenml_server(zen: Zen, setup: Setup) -> Iterator[tuple[str, Path]]:
             proc.wait()
 
 
-def test_a_zenml_server_hands_its_clients_a_run_token_connector_over_its_api(
-        zen: Zen, setup: Setup, zenml_server: tuple[str, Path]) -> None:
-    """Over HTTP: a client creates the connector (client credentials) on the server, which
-    verifies it and keeps the client secret in its secrets store (credgate); the client's
-    get_service_connector_client is answered by the server's /client endpoint with a run-token
-    connector; the client's connect() issues the credential itself."""
-    url, home = zenml_server
-    secret = setup.client["client_secret"]
-    env = {**zen.env, "ZENML_CONFIG_PATH": str(zen.home / "rest-client"), "ZENML_STORE_URL": url,
-           "ZENML_STORE_TYPE": "rest"}
-    commands = [
-        {"op": "create", "name": "srv-aws", "connector_type": "credgate", "auth_method": "client-credentials",
-         "resource_type": "s3-bucket",
-         "configuration": {"addr": setup.gateway.addr, **setup.client, "connector": "aws"}},
-        {"op": "client", "name": "srv-aws", "type": "s3-bucket", "id": setup.bucket, "as": "s3"},
-        {"op": "s3", "bucket": setup.bucket, "as": "s3"},
-    ]
+def drive(zen: Zen, env: dict[str, str], *commands: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """One ZenML process running ``commands``: their results and everything it printed."""
     res = subprocess.run([str(zen.python), str(zen.driver)], input="".join(json.dumps(c) + "\n" for c in commands),
                          capture_output=True, text=True, timeout=120, cwd=zen.home, env=env)
     results = [json.loads(ln[len("RESULT "):]) for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert res.returncode == 0 and len(results) == 3, (res.stdout[-3000:], res.stderr[-3000:])
-    made, cc, got = results
+    assert res.returncode == 0 and len(results) == len(commands), (res.stdout[-3000:], res.stderr[-3000:])
+    return results, res.stdout + res.stderr
+
+
+def test_a_zenml_server_mints_the_run_token_for_the_pipeline_run_whose_api_token_asks(
+        zen: Zen, setup: Setup, zenml_server: tuple[str, Path]) -> None:
+    """Over HTTP: a user creates the connector (client credentials) on the server, which
+    verifies it and keeps the client secret in its secrets store (credgate). The server's
+    /client endpoint answers with a run-token connector: for the user's own login, an ad-hoc
+    credgate run; for a workload API token scoped to a pipeline run (what ZenML's orchestrators
+    give steps), credgate run ``zenml-<that run's id>``. The client's connect() issues the
+    credential itself, with a lease on that run."""
+    url, home = zenml_server
+    secret = setup.client["client_secret"]
+    rest = {**zen.env, "ZENML_STORE_URL": url, "ZENML_STORE_TYPE": "rest"}
+    user = {**rest, "ZENML_CONFIG_PATH": str(zen.home / "rest-user"), "ZENML_STORE_USERNAME": "default",
+            "ZENML_STORE_PASSWORD": ZEN_PASSWORD}
+    (made, cc, got, run), printed = _user_session(zen, user, setup)
     assert made.get("auth_method") == "client-credentials", made
-    assert cc.get("auth_method") == "run-token" and got.get("keys") == ["features.csv"], (cc, got)
+    assert cc.get("auth_method") == "run-token" and cc["run_id"].startswith("zenml-adhoc-"), cc
+    assert got.get("keys") == ["features.csv"], got
     config = json.loads(cc["model"])["metadata"]["configuration"]
     assert "client_secret" not in config and config["run_id"] == cc["run_id"]
     (lease,) = setup.leases("aws", cc["run_id"])
     assert lease["state"] == "active" and lease["principal"] == f"credgate/run:{cc['run_id']}"
+    # a step's workload token, scoped to pipeline run RUN: the server mints for zenml-RUN
+    assert run.get("run_id") and run.get("token"), run
+    step_env = {**rest, "ZENML_CONFIG_PATH": str(zen.home / "rest-step"), "ZENML_STORE_API_TOKEN": run["token"]}
+    (scc, sgot), step_printed = drive(
+        zen, step_env,
+        {"op": "client", "name": "srv-aws", "type": "s3-bucket", "id": setup.bucket, "as": "s3"},
+        {"op": "s3", "bucket": setup.bucket, "as": "s3"},
+    )
+    assert scc.get("run_id") == f"zenml-{run['run_id']}" and scc["auth_method"] == "run-token", scc
+    assert sgot.get("keys") == ["features.csv"], sgot
+    assert [x["state"] for x in setup.leases("aws", f"zenml-{run['run_id']}")] == ["active"]
     # the client secret: in credgate (the server's secrets store), not in ZenML's database
-    # nor its log, nor anything the client printed
+    # nor its log, nor anything the clients printed
     with sqlite3.connect(home / "zenml.db") as conn:
         (secret_id,) = conn.execute("SELECT id FROM secret").fetchone()
     stored = setup.admin("GET", f"/v1/secrets/local/zenml/{uuid.UUID(secret_id)}", params={"reveal": "true"})
@@ -412,7 +445,25 @@ def test_a_zenml_server_hands_its_clients_a_run_token_connector_over_its_api(
     for f in home.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
-    assert secret not in res.stdout + res.stderr
+    assert secret not in printed + step_printed
+
+
+def _user_session(zen: Zen, env: dict[str, str], setup: Setup) -> tuple[list[dict[str, Any]], str]:
+    """The user's process: create the connector, get a client and list the bucket, and run a
+    pipeline whose step gets the API token ZenML's orchestrators give a step of that run."""
+    proc = Zen(zen.python, zen.home, env, name="rest-user")
+    try:
+        results = [
+            proc("create", name="srv-aws", connector_type="credgate", auth_method="client-credentials",
+                 resource_type="s3-bucket",
+                 configuration={"addr": setup.gateway.addr, **setup.client, "connector": "aws"}),
+            proc("client", name="srv-aws", type="s3-bucket", id=setup.bucket, **{"as": "s3"}),
+            proc("s3", bucket=setup.bucket, **{"as": "s3"}),
+            proc("pipeline"),
+        ]
+    finally:
+        printed = proc.close()
+    return results, printed
 
 
 def test_the_client_secret_never_reaches_the_client_side_connector_logs_or_errors(
