@@ -3,8 +3,11 @@
     python healthcheck.py [PATH]      # PATH: /healthz (default) or /readyz
 
 GETs PATH on the gateway in this container and exits 0 on a 200, 1 otherwise, with
-one line on stderr saying why. The URL is built from CREDGATE_PORT (default 8765) and,
-when CREDGATE_TLS_CERT_FILE is set, https (the certificate is not verified: the peer
+one line on stderr saying why. With CREDGATE_HEALTH_LISTEN set (the gateway's
+plain-HTTP loopback health listener, docs/tls.md) the URL is http://THAT/PATH: no
+TLS and no client certificate, so it works under tls_require_client_cert too.
+Otherwise it is built from CREDGATE_PORT (default 8765) and, when
+CREDGATE_TLS_CERT_FILE is set, https (the certificate is not verified: the peer
 is this container's own process on the loopback). HEALTHCHECK_URL overrides it whole,
 e.g. when TLS is configured by flags or a config file instead of the environment.
 Proxy variables are ignored. Writes nothing to disk.
@@ -24,6 +27,8 @@ TIMEOUT_SECONDS = 4.0
 def probe_url(path: str, environ: os._Environ[str] | dict[str, str]) -> str:
     if environ.get("HEALTHCHECK_URL"):
         return environ["HEALTHCHECK_URL"]
+    if environ.get("CREDGATE_HEALTH_LISTEN", "").strip():
+        return f"http://{environ['CREDGATE_HEALTH_LISTEN'].strip()}{path}"
     scheme = "https" if environ.get("CREDGATE_TLS_CERT_FILE") else "http"
     port = int(environ.get("CREDGATE_PORT") or 8765)
     return f"{scheme}://127.0.0.1:{port}{path}"

@@ -57,6 +57,22 @@ def client_subjects(mapping: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def split_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of a loopback address; ValueError otherwise."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8766)")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{text!r}: the health listener has no TLS and no authentication: bind it to a loopback "
+                         "address (127.0.0.1, ::1)")
+    return host, int(port)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CREDGATE_", extra="forbid")
 
@@ -125,6 +141,22 @@ class Settings(BaseSettings):
     tls_client_subjects: dict[str, str] = Field(
         default_factory=dict,
         description="Client certificate subject (RFC 4514, e.g. 'CN=zenml-server,O=acme') -> OAuth2 client id.",
+    )
+    tls_key_group_readable: bool = Field(
+        False, description="Accept a TLS key file its group may read (mode 0440/0640), as a Kubernetes Secret "
+        "volume read through the pod's fsGroup is; others may never read it.",
+    )
+    tls_reload_check_seconds: float = Field(
+        5.0, gt=0, le=3600, description="How often the TLS files are checked for a change and reloaded live "
+        "(SIGHUP reloads at once; docs/tls.md).",
+    )
+    tls_refused_log_seconds: float = Field(
+        10.0, gt=0, le=3600, description="Refused TLS handshakes are logged at most once per reason per this "
+        "long; the ones not logged are counted in the next line (all are counted in a metric).",
+    )
+    health_listen: str | None = Field(
+        None, description="A loopback HOST:PORT (e.g. 127.0.0.1:8766) serving only GET /healthz and /readyz over "
+        "plain HTTP, for a probe that has no client certificate (docs/tls.md).",
     )
 
     login_issuer: str | None = Field(
@@ -237,6 +269,18 @@ class Settings(BaseSettings):
     def _subjects(cls, v: dict[str, str]) -> dict[str, str]:
         return client_subjects(v)
 
+    @field_validator("health_listen")
+    @classmethod
+    def _health_listen(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        host, port = split_listen(v)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def health_address(self) -> tuple[str, int] | None:
+        return split_listen(self.health_listen) if self.health_listen else None
+
     @model_validator(mode="after")
     def _tls(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -247,6 +291,8 @@ class Settings(BaseSettings):
             raise ValueError("tls_require_client_cert needs tls_client_ca_file to verify client certificates against")
         if self.tls_client_subjects and self.tls_client_ca_file is None:
             raise ValueError("tls_client_subjects needs tls_client_ca_file to verify client certificates against")
+        if self.health_address is not None and self.health_address[1] == self.port:
+            raise ValueError("health_listen needs a port of its own, not the gateway's port")
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).expanduser())

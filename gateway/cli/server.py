@@ -3,6 +3,9 @@ not the global --addr/--token, and import the server (``credgate[server]``) only
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +14,7 @@ import typer
 from gateway.cli.common import group, server_code
 
 app = group("The gateway's store.")
+log = logging.getLogger("credgate")
 
 ConfigFile = Annotated[
     Path | None, typer.Option("--config", help="YAML settings file.", exists=False, dir_okay=False)
@@ -42,8 +46,10 @@ def serve(
         from gateway.store.database import check_sole_use
         from gateway.web.app import create_app
         from gateway.web.logs import configure
-        from gateway.web.tls import uvicorn_options
+        from gateway.web.tls import ServerTLS, uvicorn_options
 
+    # SIGHUP reloads the TLS files once serving (GatewayServer); until then, and without TLS, it is ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = load_settings(
         config, dev=dev or None, data_dir=data_dir, host=host, port=port, tls_cert_file=tls_cert,
         tls_key_file=tls_key, tls_client_ca_file=tls_client_ca, tls_require_client_cert=tls_require_client_cert or None,
@@ -52,26 +58,97 @@ def serve(
     keyring_for(settings)  # fail fast, with one line, before the server starts
     check_bootstrap_file(settings)  # the same for where a generated admin token would go
     check_sole_use(settings.store_url)  # the same for a SQLite store another process serves
-    tls = uvicorn_options(settings)  # the same for certificate files
+    server_tls = ServerTLS(settings) if settings.tls_cert_file else None  # the same for certificate files
+    tls = uvicorn_options(settings, server_tls)
     if settings.dev:
         scheme = "https" if tls else "http"
         typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on {scheme}://{settings.host}:{settings.port}")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
-        limit_concurrency=settings.max_concurrency,
-        timeout_keep_alive=settings.keep_alive_seconds,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        server_header=False,
-        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
-        # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
-        proxy_headers=False,
-        **tls,
+    web = create_app(settings)
+    if server_tls is not None:
+        web.state.metrics.watch_tls(server_tls)
+    server = _gateway_server(uvicorn)(
+        uvicorn.Config(
+            web,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_graceful_shutdown=10,
+            # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
+            limit_concurrency=settings.max_concurrency,
+            timeout_keep_alive=settings.keep_alive_seconds,
+            h11_max_incomplete_event_size=settings.max_header_bytes,
+            server_header=False,
+            # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
+            # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
+            proxy_headers=False,
+            **tls,
+        ),
+        settings,
+        server_tls,
     )
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # what uvicorn.run exits with when start-up fails
+
+
+def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only when serving
+    """uvicorn's Server, plus what the gateway runs beside it once started: the TLS
+    reloads (SIGHUP, the file watcher) and the loopback health listener."""
+
+    class GatewayServer(uvicorn.Server):
+        def __init__(self, config, settings, server_tls) -> None:  # noqa: ANN001
+            super().__init__(config)
+            self.settings = settings
+            self.server_tls = server_tls
+            self.health = None
+            self.watcher = None
+
+        def _log_started_message(self, listeners) -> None:  # noqa: ANN001
+            # uvicorn says https when it has a context; the handshakes are ServerTLS's (gateway/web/tls.py).
+            if self.server_tls is None:
+                return super()._log_started_message(listeners)
+            self.config.ssl = self.server_tls.context
+            try:
+                super()._log_started_message(listeners)
+            finally:
+                self.config.ssl = None
+            log.info("TLS certificate: %s", self.server_tls.loaded.describe())
+
+        async def startup(self, sockets=None) -> None:  # noqa: ANN001
+            await super().startup(sockets=sockets)
+            if not self.started:
+                return
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self.hangup)
+            if self.server_tls is not None:
+                self.watcher = loop.create_task(self.server_tls.watch(self.settings.tls_reload_check_seconds))
+            if self.settings.health_address is not None:
+                from gateway.web.routes.health import HealthListener
+
+                host, port = self.settings.health_address
+                self.health = HealthListener(self.config.app, host, port, self.lifespan.state)
+                try:
+                    await self.health.start()
+                except OSError as exc:
+                    log.error("can't listen on health_listen %s: %s", self.settings.health_listen, exc)
+                    self.should_exit = True
+                    return
+                log.info("health listener on http://%s (GET /healthz, /readyz)", self.settings.health_listen)
+
+        def hangup(self) -> None:
+            if self.server_tls is None:
+                log.info("SIGHUP: no TLS files to reload (nothing else is reloaded)")
+            else:
+                self.server_tls.reload("SIGHUP")
+
+        async def shutdown(self, sockets=None) -> None:  # noqa: ANN001
+            if self.health is not None:
+                await self.health.close()  # not ready any more while draining
+            if self.watcher is not None:
+                self.watcher.cancel()
+            await super().shutdown(sockets=sockets)
+
+    return GatewayServer
 
 
 @app.command("upgrade")

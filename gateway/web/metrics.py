@@ -45,6 +45,10 @@ class Metrics:
         """Export the hit/miss counts of every cache fed by ``feed`` (a gateway.changes.Changes)."""
         self.registry.register(_CacheCollector(feed))
 
+    def watch_tls(self, server_tls) -> None:
+        """Export the served certificate's expiry and the TLS reload and handshake counts."""
+        self.registry.register(_TLSCollector(server_tls))
+
     async def refresh(self, runtime) -> None:
         counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)
         for state in ("pending", "active", "revoking", "revoked", "expired"):
@@ -118,3 +122,33 @@ class MetricsMiddleware:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+class _TLSCollector:
+    """The serving certificate's expiry and the live reloads (gateway/web/tls.py ServerTLS)."""
+
+    def __init__(self, server_tls) -> None:
+        self._tls = server_tls
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        loaded = self._tls.loaded
+        not_after = GaugeMetricFamily("credgate_tls_certificate_not_after_seconds",
+                                      "notAfter (Unix time) of the certificate served (server) and the earliest of "
+                                      "the client CA bundle (client_ca).", labels=["which"])
+        not_after.add_metric(["server"], loaded.not_after.timestamp())
+        if loaded.client_ca_not_after is not None:
+            not_after.add_metric(["client_ca"], loaded.client_ca_not_after.timestamp())
+        yield not_after
+        reloads = CounterMetricFamily("credgate_tls_reloads", "Live reloads of the TLS files, by result.",
+                                      labels=["result"])
+        for result, n in sorted(self._tls.reloads.items()):
+            reloads.add_metric([result], n)
+        yield reloads
+        refused = CounterMetricFamily("credgate_tls_handshakes_refused", "TLS handshakes that failed, by reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(self._tls.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused

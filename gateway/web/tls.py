@@ -44,17 +44,44 @@ the ``client_credentials`` grant.
 
 Any CA in ``tls_client_ca_file`` can vouch for any subject: put there only the
 CAs you trust to name your services.
+
+Certificates are reloaded live (docs/tls.md). :class:`ServerTLS` holds the
+current :class:`ssl.SSLContext`, built whole from the three files. The gateway
+puts TLS under each connection itself (:func:`accepting_protocol`: uvicorn
+listens without a context, and its protocol factory returns asyncio's own TLS
+protocol, made with the context current when the connection is accepted,
+around uvicorn's HTTP protocol), so a reload is the swap of one reference: new
+connections get the new certificate and client CA, open ones keep the session
+they have. A reload is tried on ``SIGHUP`` and when one of the files changes
+(checked every ``tls_reload_check_seconds``: device, inode, size and mtime, so
+the symlink swap of a Kubernetes Secret volume counts). A new set that does not
+load (key not matching, unreadable, a key file group or others may read, an
+expired certificate) is refused with one line and the old context keeps
+serving. Making the TLS protocol is also what lets the gateway see a refused
+handshake (asyncio drops them silently): each is counted by reason and logged
+with the peer address, at most one line per reason per ``tls_refused_log_seconds``
+(the lines skipped are counted in the next one, or in a line of their own once
+the reason has been quiet that long); a connection closed before any TLS (a TCP
+check) is counted but logged at debug level only.
+Handshakes time out after ``HANDSHAKE_TIMEOUT_SECONDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto as sslproto
+import datetime
 import hashlib
+import logging
+import os
 import ssl
+import stat
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -124,43 +151,276 @@ async def certificate_principal(runtime: Runtime, scope: Mapping[str, Any]) -> P
 # --- the server side ---------------------------------------------------------
 
 
-def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.run``: none without a certificate; else the
-    ``ssl_*`` options and the protocol class that reports client certificates.
-    Loads the files once first, so a bad one stops ``serve`` with one line."""
+def uvicorn_options(settings: Settings, server_tls: ServerTLS | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config``: none without a certificate; else the
+    protocol factory that does each connection's handshake with ``server_tls``'s
+    current context (:func:`accepting_protocol`; uvicorn gets no ``ssl_*`` option, so
+    no context of its own). Loads the files first (unless ``server_tls`` is given),
+    so a bad one stops ``serve`` with one line."""
     if settings.tls_cert_file is None:
         return {}
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(
-            f"can't load the TLS certificate {settings.tls_cert_file} with key {settings.tls_key_file}: {_why(exc)}"
-        ) from None
-    if settings.tls_client_ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=settings.tls_client_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigurationError(f"can't load the client CA file {settings.tls_client_ca_file}: {_why(exc)}") from None
-    if settings.tls_require_client_cert:
-        cert_reqs = ssl.CERT_REQUIRED
-    elif settings.tls_client_ca_file is not None:
-        cert_reqs = ssl.CERT_OPTIONAL
-    else:
-        cert_reqs = ssl.CERT_NONE
-    return {
-        "ssl_certfile": str(settings.tls_cert_file),
-        "ssl_keyfile": str(settings.tls_key_file),
-        "ssl_ca_certs": str(settings.tls_client_ca_file) if settings.tls_client_ca_file else None,
-        "ssl_cert_reqs": cert_reqs,
-        "http": http_protocol(),
-    }
+    if server_tls is None:
+        server_tls = ServerTLS(settings)
+    return {"http": accepting_protocol(server_tls)}
 
 
 def _why(exc: OSError | ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or "not a PEM certificate and matching key"
     return exc.strerror or type(exc).__name__
+
+
+# --- live certificates (see the module docstring) ------------------------------
+
+log = logging.getLogger("credgate.tls")
+
+HANDSHAKE_TIMEOUT_SECONDS = 10.0
+_MAX_REASONS = 64  # OpenSSL's reasons are a fixed set; this only bounds the bookkeeping
+
+
+def check_key_file(path: Path, *, group_readable: bool = False) -> None:
+    """Refuse a private key file others may read or write, or (unless ``group_readable``,
+    for a Kubernetes Secret volume read through the pod's fsGroup) its group may read;
+    like the KEK file's check. Follows symlinks: the mode of the file itself counts."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigurationError(f"TLS key file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigurationError(f"can't read the TLS key file {path}: {_why(exc)}") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (0o037 if group_readable else 0o077):
+        who, fix = ("others, or its group can write it", "640") if group_readable else ("group or others", "600")
+        raise ConfigurationError(
+            f"TLS key file {path} is accessible to {who} (mode {mode:04o}); run: chmod {fix} {path}"
+        )
+
+
+def _fingerprint(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int, int] | None, ...]:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One consistent set of the TLS files, ready to serve."""
+
+    context: ssl.SSLContext
+    serial: str  # of the leaf, hex as openssl prints it
+    subject: str
+    not_after: datetime.datetime
+    client_ca_not_after: datetime.datetime | None  # the earliest of the bundle's CAs
+
+    def describe(self) -> str:
+        text = f"serial {self.serial}, subject {self.subject}, notAfter {self.not_after.isoformat()}"
+        if self.client_ca_not_after is not None:
+            text += f", client CA notAfter {self.client_ca_not_after.isoformat()}"
+        return text
+
+
+def load_files(settings: Settings, *, reload: bool = False) -> Loaded:
+    """Build a complete server context from the files; ConfigurationError in one line if
+    they don't make one. On a reload an expired certificate is refused too."""
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    cert_file, key_file, ca_file = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    check_key_file(key_file, group_readable=settings.tls_key_group_readable)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+        leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        why = _why(exc) if isinstance(exc, OSError) else "not a PEM certificate"
+        raise ConfigurationError(f"can't load the TLS certificate {cert_file} with key {key_file}: {why}") from None
+    not_after = leaf.not_valid_after_utc
+    if reload and not_after <= datetime.datetime.now(datetime.UTC):
+        raise ConfigurationError(
+            f"the TLS certificate {cert_file} (serial {leaf.serial_number:X}) expired at {not_after.isoformat()}"
+        )
+    ca_not_after = None
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+            cas = x509.load_pem_x509_certificates(ca_file.read_bytes())
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            why = _why(exc) if isinstance(exc, OSError) else "no PEM certificate in it"
+            raise ConfigurationError(f"can't load the client CA file {ca_file}: {why}") from None
+        ca_not_after = min(c.not_valid_after_utc for c in cas)
+    if settings.tls_require_client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    elif ca_file is not None:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return Loaded(ctx, f"{leaf.serial_number:X}", leaf.subject.rfc4514_string(), not_after, ca_not_after)
+
+
+class ServerTLS:
+    """The gateway's current TLS context, reloaded live; counts for the metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = tuple(p for p in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) if p)
+        self._seen = _fingerprint(self.paths)
+        self.loaded = load_files(settings)  # raises: a bad file at start stops serve
+        if self.loaded.not_after <= datetime.datetime.now(datetime.UTC):
+            log.warning("the TLS certificate %s expired at %s", settings.tls_cert_file, self.loaded.not_after.isoformat())
+        self.reloads = {"ok": 0, "refused": 0}
+        self.refused: dict[str, int] = {}  # handshakes refused, by reason
+        self._lines: dict[str, float] = {}  # reason -> when its last line was written
+        self._skipped: dict[str, tuple[int, str]] = {}  # reason -> (lines not written since, the last peer)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.loaded.context
+
+    # reloads
+
+    def reload(self, why: str) -> bool:
+        """Load the files again; swap them in if they make a context, else keep the old one."""
+        self._seen = _fingerprint(self.paths)
+        try:
+            new = load_files(self.settings, reload=True)
+        except ConfigurationError as exc:
+            self.reloads["refused"] += 1
+            log.error("TLS reload (%s) refused, still serving serial %s: %s", why, self.loaded.serial, exc)
+            return False
+        if _fingerprint(self.paths) != self._seen:
+            # Written to while we read: whatever we got may mix two versions; the next check loads it again.
+            self._seen = ()
+            self.reloads["refused"] += 1
+            log.warning("TLS reload (%s) skipped: the files changed while being read; trying again", why)
+            return False
+        old, self.loaded = self.loaded, new
+        self.reloads["ok"] += 1
+        log.info("TLS certificate reloaded (%s): %s (was serial %s)", why, new.describe(), old.serial)
+        return True
+
+    def check_files(self) -> bool:
+        """Reload if a file changed since the last load (or attempt); True if it reloaded."""
+        if _fingerprint(self.paths) == self._seen:
+            return False
+        return self.reload("file change")
+
+    async def watch(self, interval: float) -> None:
+        """Check the files every ``interval`` seconds; every second, write the refusal
+        counts held back whose reason has been quiet long enough."""
+        next_check = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(min(interval, 1.0))
+            try:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + interval
+                    self.check_files()
+                self.flush_refusals()
+            except Exception:  # noqa: BLE001 - the watcher must outlive anything one check does
+                log.exception("TLS file check failed")
+
+    # refused handshakes
+
+    def handshake_refused(self, exc: BaseException, peer: Any) -> None:
+        reason, detail = _reason(exc)
+        if reason not in self.refused and len(self.refused) >= _MAX_REASONS:
+            reason = "OTHER"
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        where = _peer(peer)
+        if reason == "CLOSED":  # a TCP check or a scanner: no TLS was tried
+            log.debug("TLS connection from %s closed before the handshake finished", where)
+            return
+        now = time.monotonic()
+        last = self._lines.get(reason)
+        if last is not None and now - last < self.settings.tls_refused_log_seconds:
+            skipped, _ = self._skipped.get(reason, (0, ""))
+            self._skipped[reason] = (skipped + 1, where)
+            return
+        self._lines[reason] = now
+        skipped, _ = self._skipped.pop(reason, (0, ""))
+        more = f" ({skipped} more refused for this reason were not logged)" if skipped else ""
+        log.warning("TLS handshake refused from %s: %s%s", where, detail, more)
+
+    def flush_refusals(self) -> None:
+        """Write the count of lines held back for a reason once its quiet period is over."""
+        now = time.monotonic()
+        for reason, (skipped, where) in list(self._skipped.items()):
+            if now - self._lines.get(reason, 0.0) >= self.settings.tls_refused_log_seconds:
+                del self._skipped[reason]
+                self._lines[reason] = now
+                log.warning("TLS handshakes refused: %d more for %s were not logged (the last from %s)",
+                            skipped, reason, where)
+
+    # handshakes
+
+    def wrap(self, app: asyncio.Protocol) -> asyncio.Protocol:
+        """The protocol a new connection gets: TLS with the context current now, then ``app``."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        protocol = _ServerSide(loop, app, self.context, waiter, server_side=True, call_connection_made=True,
+                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS)
+        waiter.add_done_callback(partial(self._handshake_done, protocol))
+        return protocol
+
+    def _handshake_done(self, protocol: _ServerSide, waiter: asyncio.Future[None]) -> None:
+        exc = None if waiter.cancelled() else waiter.exception()
+        if exc is not None:
+            self.handshake_refused(exc, protocol.peer)
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer or "unknown")
+
+
+def _reason(exc: BaseException) -> tuple[str, str]:
+    """(a short key, a one-line description) for a failed handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "CERTIFICATE_VERIFY_FAILED", f"client certificate not accepted ({exc.verify_message or exc.reason})"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or type(exc).__name__
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return reason, "no client certificate (tls_require_client_cert)"
+        if reason in ("HTTP_REQUEST", "WRONG_VERSION_NUMBER"):
+            return reason, f"not TLS ({reason}: plain HTTP to the HTTPS port?)"
+        if isinstance(exc, ssl.SSLEOFError) or reason.startswith("UNEXPECTED_EOF"):
+            return "CLOSED", "closed"
+        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_")):
+            return reason, f"the client ended it with the alert {reason} (it may not trust this server's certificate)"
+        return reason, f"{reason} ({exc.library or 'ssl'})"
+    if isinstance(exc, ConnectionAbortedError) and "longer" in str(exc):
+        return "HANDSHAKE_TIMEOUT", f"no handshake within {HANDSHAKE_TIMEOUT_SECONDS:g} s"
+    if isinstance(exc, TimeoutError):
+        return "HANDSHAKE_TIMEOUT", f"no handshake within {HANDSHAKE_TIMEOUT_SECONDS:g} s"
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return "CLOSED", "closed"
+    return type(exc).__name__, type(exc).__name__
+
+
+class _ServerSide(sslproto.SSLProtocol):
+    """asyncio's own TLS protocol (what ``create_server(ssl=...)`` puts under each
+    connection, on asyncio's loop; uvloop has a copy of it), made by the gateway so
+    that the context is chosen per connection and a failed handshake is seen. It
+    remembers the peer's address for the refusal's log line."""
+
+    peer: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = transport.get_extra_info("peername")
+        super().connection_made(transport)
+
+
+def accepting_protocol(server_tls: ServerTLS, base: type[asyncio.Protocol] | None = None) -> Callable[..., asyncio.Protocol]:
+    """A protocol factory to pass to uvicorn as ``http=`` (with no ``ssl`` context): TLS by
+    ``server_tls``'s current context, then :func:`http_protocol` (certificate reporting)."""
+    cls = http_protocol(base)
+
+    def make(**kwargs: Any) -> asyncio.Protocol:
+        return server_tls.wrap(cls(**kwargs))
+
+    return make
 
 
 def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:

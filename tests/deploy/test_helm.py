@@ -65,6 +65,7 @@ EXTRA = {
 CHART_MANAGED = {
     "data_dir", "database_url", "host", "port", "kek_file", "kek", "bootstrap_token", "bootstrap_token_file", "public_url",
     "tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_require_client_cert", "tls_client_subjects",
+    "tls_key_group_readable", "health_listen",  # with tls.enabled; tls.requireClientCert + tls.healthListenerPort
     # the KEK's source and its options: kek.source, kek.aws, kek.vault (the token as a mounted file only)
     "kek_source", "kek_aws_key_id", "kek_aws_region", "kek_aws_endpoint_url", "kek_vault_url", "kek_vault_mount",
     "kek_vault_key", "kek_vault_token", "kek_vault_token_file", "kek_vault_namespace", "kek_vault_ca_cert",
@@ -377,9 +378,14 @@ def test_probes(name: str) -> None:
     c = gateway(name)
     port_names = {p["name"] for p in c["ports"]}
     if name == "kek-env-mtls":
-        # Every client must present a certificate: the kubelet has none.
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert c[probe]["tcpSocket"] == {"port": "http"}
+        # Every client must present a certificate and the kubelet has none: the probes run the
+        # image's healthcheck against the plain-HTTP health listener on the pod's loopback.
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["CREDGATE_HEALTH_LISTEN"] == "127.0.0.1:8766"
+        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            assert c[probe]["exec"] == {"command": ["python", "/usr/local/lib/credgate/healthcheck.py", path]}
+            assert "tcpSocket" not in c[probe] and "httpGet" not in c[probe]
+        assert 8766 not in {p["containerPort"] for p in c["ports"]}  # loopback only: not a container port
         return
     scheme = "HTTPS" if name == "all-features" else "HTTP"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": scheme}
@@ -511,6 +517,8 @@ def test_kek_in_vault_transit_reads_its_token_from_a_mounted_secret() -> None:
         ({"kek": {"source": "vault-transit", "vault": {"url": "vault:8200"}}}, helm.HelmValuesError, "url"),
         ({"kms": {"provider": "aws"}}, helm.HelmValuesError, "kms"),
         ({"image": {"digest": "sha256:short"}}, helm.HelmValuesError, "digest"),
+        ({"tls": {"healthListenerPort": 8765}}, helm.HelmValuesError, "healthListenerPort"),
+        ({"config": {"health_listen": "0.0.0.0:8766"}}, helm.HelmValuesError, "health_listen"),
     ],
 )
 def test_values_the_chart_refuses(values: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -582,6 +590,11 @@ def test_rendered_settings_load_in_the_gateway(name: str, tmp_path: Path, monkey
     if name == "kek-env-mtls":
         assert s.kek is not None and s.kek_file is None
         assert s.tls_require_client_cert and s.issuer_url.startswith("https://")
+        assert s.health_address == ("127.0.0.1", 8766)
+    # A Secret volume is read through the pod's fsGroup: its key file is group-readable (0440).
+    assert s.tls_key_group_readable == (s.tls_cert_file is not None)
+    if s.tls_cert_file is None or not s.tls_require_client_cert:
+        assert s.health_listen is None
 
 
 def test_config_keys_cover_every_gateway_setting() -> None:

@@ -131,10 +131,15 @@ Refuse values the gateway cannot run with, with one clear message each.
 {{- end }}
 
 {{/* The probe handler: HTTP(S) GET of a path, or a TCP check when every client must present a certificate. */}}
+{{/*
+A probe of .path. Under tls.requireClientCert the kubelet, which has no client certificate,
+can't do an HTTPS GET: the probe runs deploy/healthcheck.py in the container, which asks the
+gateway's plain-HTTP health listener on the pod's loopback (CREDGATE_HEALTH_LISTEN).
+*/}}
 {{- define "credgate.probeHandler" -}}
 {{- if .root.Values.tls.requireClientCert }}
-tcpSocket:
-  port: http
+exec:
+  command: ["python", "/usr/local/lib/credgate/healthcheck.py", {{ .path | quote }}]
 {{- else }}
 httpGet:
   path: {{ .path }}
@@ -164,5 +169,5 @@ equal). Everything else (the KEK, the database URL, the bootstrap token, TLS fil
 the data dir) comes only from the chart's own values.
 */}}
 {{- define "credgate.settingsAllowlist" -}}
-login_issuer login_client_id login_scopes audit_wait_seconds audit_checkpoint_every rate_per_address burst_per_address rate_per_principal burst_per_principal rate_per_action max_header_bytes max_concurrency keep_alive_seconds log_format log_level max_body_bytes page_size_max reaper_enabled reaper_interval_seconds pending_timeout_seconds target_timeout_seconds revoke_backoff_base_seconds revoke_backoff_cap_seconds stuck_after_attempts material_cache_seconds database_pool_size run_token_max_ttl_seconds trusted_proxies audit_checkpoint_seconds kek_kms_timeout_seconds kek_check_seconds kek_kms_grace_seconds backend_timeout_seconds
+login_issuer login_client_id login_scopes audit_wait_seconds audit_checkpoint_every rate_per_address burst_per_address rate_per_principal burst_per_principal rate_per_action max_header_bytes max_concurrency keep_alive_seconds log_format log_level max_body_bytes page_size_max reaper_enabled reaper_interval_seconds pending_timeout_seconds target_timeout_seconds revoke_backoff_base_seconds revoke_backoff_cap_seconds stuck_after_attempts material_cache_seconds database_pool_size run_token_max_ttl_seconds trusted_proxies audit_checkpoint_seconds kek_kms_timeout_seconds kek_check_seconds kek_kms_grace_seconds backend_timeout_seconds tls_reload_check_seconds tls_refused_log_seconds
 {{- end }}
