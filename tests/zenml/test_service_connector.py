@@ -295,6 +295,14 @@ def test_an_s3_client_through_zenml_carries_a_credential_with_a_live_lease_for_t
     session = zen("session", endpoint=setup.moto_url, **{"as": "generic"})
     assert session.get("class") == "boto3.session.Session" and session.get("account"), session
     assert [x["state"] for x in setup.leases("aws", gen["run_id"])] == ["active"]
+    # the `token` auth method (an admin key here) delegates the same way
+    made = zen("create", name="cg-token", connector_type="credgate", auth_method="token", resource_type="aws-generic",
+               configuration={"addr": setup.gateway.addr, "token": setup.gateway.token, "connector": "aws"})
+    assert made.get("auth_method") == "token", made
+    tok = zen("client", name="cg-token", type="aws-generic", **{"as": "token"})
+    assert tok.get("auth_method") == "run-token" and setup.gateway.token not in tok["model"], tok
+    assert zen("session", endpoint=setup.moto_url, **{"as": "token"}).get("account")
+    assert [x["state"] for x in setup.leases("aws", tok["run_id"])] == ["active"]
 
 
 def test_revoking_the_lease_in_credgate_is_visible_to_zenmls_next_request(
