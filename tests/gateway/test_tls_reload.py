@@ -358,3 +358,20 @@ def test_sighup_without_tls_is_logged_and_harmless(tmp_path: Path) -> None:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def test_a_key_file_others_can_read_stops_serve_in_one_line(tmp_path: Path, pki: dict) -> None:
+    cert, key = pem(_issue("CN=localhost", pki["ca"], server=True))
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    (tmp_path / "tls.key").chmod(0o644)
+    res = subprocess.run(
+        [CREDGATE, "serve", "--dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()),
+         "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key")],
+        env=clean_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"credgate: TLS key file {tmp_path / 'tls.key'} is accessible to group or others (mode 0644); "
+        f"run: chmod 600 {tmp_path / 'tls.key'}"
+    ]
