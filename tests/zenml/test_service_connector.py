@@ -4,9 +4,10 @@ tests/zenml/conftest.py), its SQL store (SQLite: the SqlZenStore a ZenML server 
 registered through a ``zenml.init_hooks`` entry point, against a real ``credgate serve --dev``
 with an ``aws`` connector on moto and a ``postgres`` connector on a real PostgreSQL cluster.
 
-One ZenML process per module, driven line by line over stdin/stdout (ZenML's start-up is
-slow), so the test can act in credgate (revoke a lease, revoke a run) between two of ZenML's
-requests."""
+One ZenML process serves most tests, driven line by line over stdin/stdout (ZenML's start-up
+is slow), so a test can act in credgate (revoke a lease, revoke a run) between two of ZenML's
+requests; a ZenML server, its two clients (a user, a step's run-scoped token) and the example
+pipeline run in processes of their own."""
 
 from __future__ import annotations
 
