@@ -87,7 +87,7 @@ def serve(
         server_tls,
     )
     server.run()
-    if not server.started:
+    if not server.started or server.failed:
         raise SystemExit(3)  # what uvicorn.run exits with when start-up fails
 
 
@@ -102,6 +102,7 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
             self.server_tls = server_tls
             self.health = None
             self.watcher = None
+            self.failed = False  # something started beside uvicorn failed: stop, exit 3
 
         def _log_started_message(self, listeners) -> None:  # noqa: ANN001
             # uvicorn says https when it has a context; the handshakes are ServerTLS's (gateway/web/tls.py).
@@ -131,7 +132,7 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
                     await self.health.start()
                 except OSError as exc:
                     log.error("can't listen on health_listen %s: %s", self.settings.health_listen, exc)
-                    self.should_exit = True
+                    self.health, self.failed, self.should_exit = None, True, True
                     return
                 log.info("health listener on http://%s (GET /healthz, /readyz)", self.settings.health_listen)
 

@@ -129,3 +129,16 @@ def test_health_listen_must_be_loopback(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "health_listen" in res.stderr and "loopback" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_a_health_listen_port_in_use_stops_serve(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [CREDGATE, "serve", "--dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
+            env=clean_env(CREDGATE_HEALTH_LISTEN=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=60,
+        )
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert f"can't listen on health_listen 127.0.0.1:{port}" in res.stdout + res.stderr
