@@ -1,9 +1,9 @@
 """The ZenML integration's tests run ZenML in a venv of its own, built from
 requirements/zenml.lock (ZenML pins FastAPI and SQLAlchemy; the gateway's test venv must not
 follow), once per machine, in ``.venv-zenml/`` at the top of the checkout (git ignores it).
-It is built again when the lock changes. The checkout is put on its path by a ``.pth`` file
-(what an editable install does, without building anything), so ZenML imports this tree's
-``credgate_zenml`` and ``gateway.client``.
+It is built again when the lock or pyproject.toml changes. The checkout is installed into it
+editable, without dependencies (``pip install --no-deps -e .``), so ZenML imports this tree's
+``credgate_zenml`` and ``gateway.client`` and finds credgate's ``zenml.init_hooks`` entry point.
 
 It can't be built (no index, no cache): the tests skip, or fail under
 CREDGATE_REQUIRE_SERVICES=1.
@@ -34,15 +34,19 @@ def _build(digest: str) -> None:
     pip = [str(VENV / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--require-hashes", "--no-deps", "-r", str(LOCK)],
                    check=True, capture_output=True, text=True, timeout=600)
-    (site,) = (VENV / "lib").glob("python*/site-packages")
-    (site / "credgate-checkout.pth").write_text(f"{ROOT}\n")
+    # This checkout, installed as `pip install credgate` would (no dependencies: the lock has
+    # them): its packages, and its zenml.init_hooks entry point, which is how ZenML learns the
+    # credgate service connector type.
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", str(ROOT)],
+                   check=True, capture_output=True, text=True, timeout=300)
     STAMP.write_text(digest)  # last: a half-built venv is built again
 
 
 @pytest.fixture(scope="session")
 def zenml_python() -> Path:
     """The ZenML venv's python (built here if missing or stale)."""
-    digest = hashlib.sha256(LOCK.read_bytes()).hexdigest()
+    # Built again when the lock or pyproject (the entry points) changes.
+    digest = hashlib.sha256(LOCK.read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
     with open(ROOT / ".venv-zenml.building", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one builder at a time (several pytest runs)
         try:

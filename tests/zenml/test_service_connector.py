@@ -1,7 +1,7 @@
 """The ZenML service connector type ``credgate``: the real ``zenml[server]`` 0.98 (its own venv,
 tests/zenml/conftest.py), its SQL store (SQLite: the SqlZenStore a ZenML server runs, whose
 ``get_service_connector_client`` is the server side of ZenML's client call), the connector type
-registered through a ``zenml.init_hooks`` entry point, against a real ``credgate serve --dev``
+registered through the ``zenml.init_hooks`` entry point credgate declares (pyproject.toml), against a real ``credgate serve --dev``
 with an ``aws`` connector on moto and a ``postgres`` connector on a real PostgreSQL cluster.
 
 One ZenML process serves most tests, driven line by line over stdin/stdout (ZenML's start-up
@@ -30,10 +30,6 @@ from tests.zenml.test_secrets_store import SERVER_SIDE
 
 TRUST = {"Version": "2012-10-17",
          "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}
-HOOK = "[zenml.init_hooks]\ncredgate = credgate_zenml:zenml_init_hook\n"
-# What the ZenML venv lacks for the consumers (requirements/zenml.lock has no boto3/psycopg):
-# the gateway's test venv's copies (same Python), put on the ZenML process's path.
-BORROWED = ("boto3", "botocore", "s3transfer", "jmespath", "psycopg", "psycopg_binary")
 
 DRIVER = r'''
 import json, sys
@@ -160,32 +156,6 @@ class Zen:
         return "".join(self.outputs) + (rest or "") + self.log.read_text()
 
 
-def borrowed_path(home: Path) -> Path:
-    """A directory for the ZenML process's path: the consumers' SDKs (symlinks) and the
-    ``zenml.init_hooks`` entry point credgate's package declares (a dist-info, as installing it
-    writes one)."""
-    import importlib
-    import importlib.metadata
-
-    shim = home / "site"
-    shim.mkdir()
-    for name in BORROWED:
-        try:
-            module = importlib.import_module(name)
-            dist = importlib.metadata.distribution(name.replace("_", "-"))
-        except (ImportError, importlib.metadata.PackageNotFoundError) as exc:
-            pytest.fail(f"the gateway's test venv lacks {name} ({exc})")
-        (shim / name).symlink_to(Path(module.__file__).parent)  # type: ignore[arg-type]
-        info = Path(str(dist.locate_file(""))) / f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}.dist-info"
-        if info.is_dir():  # its metadata too (SQLAlchemy checks psycopg's version)
-            (shim / info.name).symlink_to(info)
-    info = shim / "credgate_zenml_hook-0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: credgate-zenml-hook\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(HOOK)
-    return shim
-
-
 class Setup:
     def __init__(self, gateway: Server, bucket: str, db: str, client: dict[str, str], moto_url: str) -> None:
         self.gateway, self.bucket, self.db, self.client, self.moto_url = gateway, bucket, db, client, moto_url
@@ -244,7 +214,7 @@ def zen(zenml_python: Path, setup: Setup, tmp_path_factory: pytest.TempPathFacto
     home = tmp_path_factory.mktemp("zenml-sc")
     env = clean_env(ZENML_CONFIG_PATH=str(home / "zenml-config"), ZENML_ANALYTICS_OPT_IN="false",
                     ZENML_ENABLE_RICH_TRACEBACK="false", ZENML_LOGGING_VERBOSITY="DEBUG",
-                    PYTHONPATH=str(borrowed_path(home)), AWS_DEFAULT_REGION="us-east-1")
+                    AWS_DEFAULT_REGION="us-east-1")
     for k in list(env):
         if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION":
             env.pop(k)  # the keys boto3 uses come from credgate, not the environment
