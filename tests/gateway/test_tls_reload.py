@@ -375,3 +375,70 @@ def test_a_key_file_others_can_read_stops_serve_in_one_line(tmp_path: Path, pki:
         f"credgate: TLS key file {tmp_path / 'tls.key'} is accessible to group or others (mode 0644); "
         f"run: chmod 600 {tmp_path / 'tls.key'}"
     ]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_accepting_protocol_on_both_event_loops(tmp_path: Path, pki: dict, loop: str) -> None:
+    """The handshake path in-process (uvicorn with tls.accepting_protocol) on asyncio's loop
+    and on uvloop: served, reloaded, refused handshakes counted by reason."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    import uvicorn
+
+    from gateway.settings import load_settings
+    from gateway.web.tls import ServerTLS, accepting_protocol
+
+    first, second = (_issue("CN=localhost", pki["ca"], server=True) for _ in range(2))
+
+    def write(pair: Pair) -> None:
+        cert, key = pem(pair)
+        (tmp_path / "tls.crt").write_bytes(cert)
+        (tmp_path / "tls.key").write_bytes(key)
+        (tmp_path / "tls.key").chmod(0o600)
+
+    write(first)
+    (tmp_path / "ca.crt").write_bytes(pem(pki["client_ca1"])[0])
+    settings = load_settings(tls_cert_file=tmp_path / "tls.crt", tls_key_file=tmp_path / "tls.key",
+                             tls_client_ca_file=tmp_path / "ca.crt", tls_require_client_cert=True)
+    server_tls = ServerTLS(settings)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off", loop=loop,
+                                       http=accepting_protocol(server_tls)))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+
+    class Gw:
+        addr = f"https://127.0.0.1:{port}"
+
+    def counted(reason: str, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while server_tls.refused.get(reason, 0) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server_tls.refused.get(reason, 0) == n, server_tls.refused
+
+    try:
+        deadline = time.monotonic() + 10
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r, s = get(Gw(), pki, "/")
+        assert r.status_code == 204 and s == serial(first)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100) == b""
+        counted("HTTP_REQUEST", 1)
+        with pytest.raises(httpx.HTTPError):
+            get(Gw(), pki, "/", client=None)
+        counted("PEER_DID_NOT_RETURN_A_CERTIFICATE", 1)
+        write(second)
+        assert server_tls.reload("test")
+        r, s = get(Gw(), pki, "/")
+        assert r.status_code == 204 and s == serial(second)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
