@@ -315,3 +315,7 @@ def test_healthcheck_script_follows_the_tls_setting() -> None:
         "https://127.0.0.1:9000/readyz"
     )
     assert mod.probe_url("/healthz", {"HEALTHCHECK_URL": "https://gw:1/healthz"}) == "https://gw:1/healthz"
+    # The loopback health listener (docs/tls.md) wins over the TLS port: no client certificate needed.
+    listener = {"CREDGATE_HEALTH_LISTEN": "127.0.0.1:8766", "CREDGATE_TLS_CERT_FILE": "/x.pem", "CREDGATE_PORT": "9000"}
+    assert mod.probe_url("/readyz", listener) == "http://127.0.0.1:8766/readyz"
+    assert mod.probe_url("/readyz", listener | {"HEALTHCHECK_URL": "http://h:1/readyz"}) == "http://h:1/readyz"

@@ -593,6 +593,11 @@ def test_rendered_settings_load_in_the_gateway(name: str, tmp_path: Path, monkey
         assert s.health_address == ("127.0.0.1", 8766)
     # A Secret volume is read through the pod's fsGroup: its key file is group-readable (0440).
     assert s.tls_key_group_readable == (s.tls_cert_file is not None)
+    if s.tls_cert_file is not None:  # mounted whole: a renewed Secret reaches the files, reloaded live
+        by_path = {m["mountPath"]: m for m in c["volumeMounts"]}
+        for f in (s.tls_cert_file, s.tls_client_ca_file):
+            if f is not None:
+                assert "subPath" not in by_path[str(f.parent)], "a subPath mount would never see a renewal"
     if s.tls_cert_file is None or not s.tls_require_client_cert:
         assert s.health_listen is None
 
