@@ -60,7 +60,11 @@ The order of an issuance, and why
 5. ``revoke(revoke_state)`` removes it. It must be **idempotent**: a user or
    role already gone counts as success, so a pending lease left by a crash
    between 2 and 3 can be revoked blindly by its planned name, as often as
-   needed. Called only when ``capabilities.revocability`` is ``revocable``.
+   needed. That includes gone *during* the call (dropped out of band, between
+   the existence check and the drop): an error that comes from the object no
+   longer existing is success too. The gateway makes one revocation of a lease
+   at a time (a claim in its store), but not everyone at the target does.
+   Called only when ``capabilities.revocability`` is ``revocable``.
 
 Errors a connector may raise (all from :mod:`gateway.errors`, re-exported here)
 --------------------------------------------------------------------------------

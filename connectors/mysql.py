@@ -251,9 +251,19 @@ class MySQLConnector(ConnectorBase):
 
         def work(conn: Connection) -> None:
             with conn.cursor() as cur:
-                cur.execute(f"ALTER USER IF EXISTS {account} ACCOUNT LOCK")
-                self._kill(cur, user)
-                cur.execute(f"DROP USER IF EXISTS {account}")
+                try:
+                    cur.execute(f"ALTER USER IF EXISTS {account} ACCOUNT LOCK")
+                    self._kill(cur, user)
+                    cur.execute(f"DROP USER IF EXISTS {account}")
+                except Exception as exc:
+                    # Dropped by someone else meanwhile (ER_CANNOT_USER, 1396, from a server or
+                    # statement without IF EXISTS, or a concurrent DROP): gone is revoked.
+                    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+                    if code != ER_CANNOT_USER:
+                        raise
+                    cur.execute("SELECT 1 FROM mysql.user WHERE User = %s AND Host = %s", (user, host))
+                    if cur.fetchone() is not None:
+                        raise
                 self._kill(cur, user, wait=5.0)  # a dropped user's sessions keep running otherwise
 
         await self._call(work, "revoke the user", DEFAULT_TIMEOUT)

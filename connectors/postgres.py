@@ -78,6 +78,11 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 ROLE = re.compile(r"^cg_[a-z0-9]{1,60}$")  # only roles this connector plans may be altered or dropped
 
 DEFAULT_TIMEOUT = 30.0  # seconds, for calls without an IssueRequest (renew, revoke, verify, list)
+# What another revocation of the same role at the same moment makes a revoke fail with, while
+# the role still exists: XX000 "tuple concurrently updated", 42704 undefined_object (the other's
+# DROP not committed yet), 23505 (both GRANT the role to the admin), deadlock, serialization
+# failure. Revoke looks again after these.
+RACE_SQLSTATES = frozenset({"XX000", "42704", "23505", "40P01", "40001"})
 
 
 class PostgresPasswordMaterial(BaseModel):
@@ -403,9 +408,6 @@ class PostgresConnector(ConnectorBase):
         return [f"{db}/{name}" for db, name in await cur.fetchall() if IDENTIFIER.match(db) and IDENTIFIER.match(name)]
 
     async def _revoke(self, role: str, database: str | None) -> None:
-        from psycopg import sql
-
-        r = sql.Identifier(role)
         conn = None
         if database is not None:
             try:
@@ -418,26 +420,58 @@ class PostgresConnector(ConnectorBase):
             database = None
             conn = await self._connect(None, DEFAULT_TIMEOUT)
         async with conn:
-            cur = await conn.execute(
-                "SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = %s", (role,)
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return  # already gone
-            if not row[0]:
-                # A non-superuser admin needs the role's privileges to end its sessions and drop what it owns.
-                await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(r))
-            await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
-            await self._wait_gone(conn, await self._terminate(conn, role))
-            async with conn.transaction():
-                # Same catalog rows as the GRANTs of issue(): take turns with them (see issue()).
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
-                if database is not None:
-                    await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
-                    await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
-                late = await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
-                await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(r))
-            await self._wait_gone(conn, late)
+            for attempt in range(1, 5):
+                try:
+                    await self._drop(conn, role, database)
+                    return
+                except TargetError:
+                    raise  # ours (sessions that would not end): never waved through
+                except Exception as exc:
+                    # Someone else dropped the role meanwhile (42704 undefined_object from
+                    # GRANT, ALTER or REASSIGN, XX000 "tuple concurrently deleted" from DROP):
+                    # gone is revoked. A role can't be dropped while it owns or holds
+                    # anything, so nothing of it is left.
+                    if await self._role_gone(conn, role):
+                        return
+                    # Still there, but changed under us by someone revoking it too (XX000
+                    # "tuple concurrently updated", a deadlock): look again, a few times.
+                    if getattr(exc, "sqlstate", None) not in RACE_SQLSTATES or attempt == 4:
+                        raise
+                await asyncio.sleep(0.05 * attempt)
+
+    @staticmethod
+    async def _role_gone(conn: AsyncConnection[Any], role: str) -> bool:
+        """True when ``role`` does not exist (False when it does, or the check itself fails)."""
+        try:
+            cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+            return await cur.fetchone() is None
+        except Exception:  # noqa: BLE001 - the connection is broken: the first failure is the one to report
+            return False
+
+    async def _drop(self, conn: AsyncConnection[Any], role: str, database: str | None) -> None:
+        from psycopg import sql
+
+        r = sql.Identifier(role)
+        cur = await conn.execute(
+            "SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = %s", (role,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return  # already gone
+        if not row[0]:
+            # A non-superuser admin needs the role's privileges to end its sessions and drop what it owns.
+            await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(r))
+        await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
+        await self._wait_gone(conn, await self._terminate(conn, role))
+        async with conn.transaction():
+            # Same catalog rows as the GRANTs of issue(): take turns with them (see issue()).
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
+            if database is not None:
+                await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
+                await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
+            late = await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
+            await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(r))
+        await self._wait_gone(conn, late)
 
     @staticmethod
     async def _terminate(conn: AsyncConnection[Any], role: str) -> list[int]:

@@ -8,7 +8,9 @@
 
 Every transition is a conditional UPDATE (``WHERE state = <from>``), so two
 replicas, or the reaper and an admin, can race without a lease being
-revoked twice to harmful effect or resurrected.
+resurrected. A ``revoking`` lease is revoked at its target by one actor at a
+time: each attempt first claims it (:meth:`Leases.claim`, owner and deadline
+in the row); the others wait for, or report, that attempt's outcome.
 
 TTLs are decided in one place, :func:`calculate_ttl`.
 
@@ -180,13 +182,51 @@ class Leases:
         """Move a lease from one of ``frm`` to ``to``; False if it was not in ``frm``."""
         values = {**values, "state": to, "updated_at": utcnow()}
         if to in (REVOKED, EXPIRED):
-            # The lease is over: nothing may be replayed from it any more.
-            values.update(kek_version=None, wrapped_dek=None, ciphertext=None)
+            # The lease is over: nothing may be replayed from it any more, nobody revokes it.
+            values.update(kek_version=None, wrapped_dek=None, ciphertext=None, revoke_owner=None, revoke_claim_until=None)
         async with self._store.write() as s:
             res = await s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm)).values(**values)
             )
             return res.rowcount == 1
+
+    async def claim(self, lease_id: str, owner: str, now: datetime, until: datetime) -> bool:
+        """Claim a ``revoking`` lease for one revocation attempt at the target: a conditional
+        UPDATE that succeeds only while nobody else's claim holds (NULL or lapsed). On
+        PostgreSQL a concurrent claim waits for this row's lock, then re-reads the row and
+        finds it taken; SQLite runs one writer at a time. True when ``owner`` holds it."""
+        async with self._store.write() as s:
+            res = await s.execute(
+                update(LeaseRow)
+                .where(
+                    LeaseRow.id == lease_id,
+                    LeaseRow.state == REVOKING,
+                    or_(LeaseRow.revoke_claim_until.is_(None), LeaseRow.revoke_claim_until <= now),
+                )
+                .values(revoke_owner=owner, revoke_claim_until=until)
+            )
+            return res.rowcount == 1
+
+    async def revoke_failed(self, lease_id: str, owner: str, **values: Any) -> bool:
+        """Record a failed attempt (``attempts``, ``next_attempt_at``, ``last_error``) and
+        release the claim, only if ``owner`` still holds it: a holder whose claim lapsed
+        and was taken over does not overwrite its successor's record."""
+        async with self._store.write() as s:
+            res = await s.execute(
+                update(LeaseRow)
+                .where(LeaseRow.id == lease_id, LeaseRow.state == REVOKING, LeaseRow.revoke_owner == owner)
+                .values(**values, revoke_owner=None, revoke_claim_until=None, updated_at=utcnow())
+            )
+            return res.rowcount == 1
+
+    async def revoke_progress(self, lease_id: str) -> tuple[str, datetime | None] | None:
+        """A lease's state and its revoke claim's deadline (None: nobody holds one), or None
+        when there is no such lease: what a revocation waiting for another one polls."""
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(
+                select(_c.state, _c.revoke_claim_until).where(_c.id == lease_id)
+            )).first()
+        return None if row is None else (row[0], row[1])
 
     async def mark_revoking(
         self, *, lease_ids: list[str] | None = None, connector: str | None = None,
@@ -240,6 +280,8 @@ class Leases:
                 .where(
                     LeaseRow.state == REVOKING,
                     or_(LeaseRow.next_attempt_at.is_(None), LeaseRow.next_attempt_at <= now),
+                    # not while another actor is revoking it (its claim holds)
+                    or_(LeaseRow.revoke_claim_until.is_(None), LeaseRow.revoke_claim_until <= now),
                 )
                 .order_by(LeaseRow.next_attempt_at)
                 .limit(limit)

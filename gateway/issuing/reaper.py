@@ -9,7 +9,9 @@ Each tick (every ``reaper_interval_seconds``):
   their planned names are revoked blindly, which is safe because revoke is
   idempotent;
 - ``revoking`` leases that are due get one attempt each; a failure backs off
-  exponentially (capped) and is retried forever, never dropped;
+  exponentially (capped) and is retried forever, never dropped. A lease that
+  another actor (an API request, another replica) has claimed for its own
+  attempt is skipped: one revocation of a lease at a time;
 - expired wrap payloads are destroyed.
 
 With several replicas on PostgreSQL only the holder of a session-level
@@ -132,11 +134,13 @@ class Reaper:
             due = await self._leases.due_for_revocation(now, self._batch)
             sem = asyncio.Semaphore(self._concurrency)
 
-            async def attempt(lease) -> bool:
+            async def attempt(lease) -> bool | None:
                 async with sem:
-                    return await self._credentials.attempt_revoke(lease)
+                    return await self._credentials.attempt_revoke(lease, wait=False)
 
             for lease, ok in zip(due, await asyncio.gather(*(attempt(lease) for lease in due))):
+                if ok is None:
+                    continue  # another actor is revoking it now: its outcome is its own to record
                 done["revoked" if ok else "failed"] += 1
                 events.append(_event("leases:revoke", lease, "revoked" if ok else f"revoke failed (attempt {lease.attempts + 1})"))
             done["wraps_purged"] = await self._wraps.purge_expired(now)

@@ -21,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import secrets
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,6 +56,10 @@ from gateway.issuing.plan import IssueParams, Issuance, IssuePlan
 from gateway.issuing.wrapping import WrapTokens
 
 log = logging.getLogger("credgate.credentials")
+
+# How much longer than the call to the target a revocation's claim on its lease holds
+# (the store writes around the call); a claim whose holder died lapses after it.
+CLAIM_MARGIN_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,12 @@ class Credentials:
         self.leases = leases
         self._wraps = wraps
         self.policy = policy or RevokePolicy()
+        # Revocations of one lease are made one at a time: the attempts this process is
+        # making now (by lease id), and the name its claims in the store carry.
+        self._running: dict[str, asyncio.Future[bool | None]] = {}
+        self._actor = f"{socket.gethostname()[:48]}:{os.getpid()}:{secrets.token_hex(4)}"
+        # A claim outlives the longest attempt (the call to the target is cut at policy.timeout).
+        self._claim_for = timedelta(seconds=self.policy.timeout + CLAIM_MARGIN_SECONDS)
 
     # --- issue -------------------------------------------------------------
 
@@ -346,21 +359,62 @@ class Credentials:
 
     async def revoke(self, lease_ids: list[str]) -> list[str]:
         """Try once now to revoke leases already marked revoking; return those still
-        revoking (the reaper keeps retrying them)."""
+        revoking (the reaper keeps retrying them). A lease another actor is revoking
+        at this moment is waited for (bounded), not revoked a second time."""
         sem = asyncio.Semaphore(8)
 
         async def one(lease_id: str) -> bool:
             async with sem:
-                return await self.attempt_revoke(await self.leases.get(lease_id))
+                return bool(await self.attempt_revoke(await self.leases.get(lease_id)))
 
         done = await asyncio.gather(*(one(i) for i in lease_ids))
         return [lease_id for lease_id, ok in zip(lease_ids, done) if not ok]
 
-    async def attempt_revoke(self, lease: LeaseRow) -> bool:
-        """One revocation attempt of a ``revoking`` lease. True when it is revoked."""
+    async def attempt_revoke(self, lease: LeaseRow, *, wait: bool = True) -> bool | None:
+        """One revocation attempt of a ``revoking`` lease, by one actor at a time.
+
+        True when the lease is revoked (by this attempt or the one it waited for); False
+        when it is still revoking (the attempt failed and was recorded with its backoff,
+        or the wait ran out). An attempt another actor is making (a request or the reaper
+        in this process, another replica through the store's claim) is not repeated:
+        with ``wait`` its outcome is awaited, at most until its claim lapses; without
+        (the reaper), None is answered at once, as it is for a lease that another actor
+        ended since it was read."""
         if lease.state != REVOKING:
             return lease.state in (REVOKED, EXPIRED)
-        now = utcnow()
+        running = self._running.get(lease.id)
+        if running is not None:  # this process is revoking it already
+            if not wait:
+                return None
+            outcome = await asyncio.shield(running)
+            return outcome if outcome is not None else bool(await self._await_claim(lease.id))
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._running[lease.id] = future
+        mine: bool | None = False
+        try:
+            mine = await self._claim_and_revoke(lease, wait)
+        finally:
+            del self._running[lease.id]
+            future.set_result(mine)  # a result, never an exception: nobody need be waiting
+        return mine
+
+    async def _claim_and_revoke(self, lease: LeaseRow, wait: bool) -> bool | None:
+        for _ in range(2):  # a second try only after a holder's claim lapsed (it died)
+            now = utcnow()
+            if await self.leases.claim(lease.id, self._actor, now, now + self._claim_for):
+                break
+            # Another replica holds the claim, or the lease ended since it was read:
+            # either way not this caller's attempt (the reaper records nothing for it).
+            if not wait:
+                return None
+            outcome = await self._await_claim(lease.id)
+            if outcome is not None:
+                return outcome
+        else:
+            return False
+        lease = await self.leases.get(lease.id)  # the claimed row: its attempts as of now
+        if lease.state != REVOKING:
+            return lease.state in (REVOKED, EXPIRED)
         if lease.revocability == str(Revocability.REVOCABLE):
             try:
                 row = await self._catalog.get(lease.connector)
@@ -370,16 +424,39 @@ class Credentials:
                 attempts = lease.attempts + 1
                 delay = min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (attempts - 1))
                 delay *= random.uniform(0.8, 1.2)
-                await self.leases.transition(
-                    lease.id, (REVOKING,), REVOKING,
-                    attempts=attempts, next_attempt_at=now + timedelta(seconds=delay), last_error=describe(exc, lease.connector_type),
+                await self.leases.revoke_failed(
+                    lease.id, self._actor,
+                    attempts=attempts, next_attempt_at=utcnow() + timedelta(seconds=delay),
+                    last_error=describe(exc, lease.connector_type),
                 )
                 log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc, lease.connector_type))
                 return False
-        # False here means another replica (or the reaper) recorded the same revocation first.
-        await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=now, last_error=None)
+        # Committed before anyone is answered. The claim goes with the state (Leases.transition).
+        await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=utcnow(), last_error=None)
         await self._wraps.end_for_lease(lease.id, "revoked")
         return True
+
+    async def _await_claim(self, lease_id: str) -> bool | None:
+        """Wait for another actor's attempt on a lease: True once it is revoked (or ended),
+        False when that attempt failed (it released its claim, leaving the lease revoking:
+        the failure is its to record) or the wait has lasted as long as a claim may, None
+        when the claim lapsed unreleased (its holder died: the lease may be claimed again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._claim_for.total_seconds()
+        pause = 0.02
+        while True:
+            progress = await self.leases.revoke_progress(lease_id)
+            if progress is None or progress[0] != REVOKING:
+                return progress is not None and progress[0] in (REVOKED, EXPIRED)
+            claimed_until = progress[1]
+            if claimed_until is None:
+                return False
+            if claimed_until <= utcnow():
+                return None
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 0.25)
 
     # --- unwrap ------------------------------------------------------------
 

@@ -207,6 +207,10 @@ class LeaseRow(SealedMixin, Base):
     last_error: Mapped[str | None] = mapped_column(String(300))
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Who is revoking the lease at the target right now, and until when the claim holds
+    # (``Leases.claim``): one revocation of a lease at a time. NULL when nobody is.
+    revoke_owner: Mapped[str | None] = mapped_column(String(80))
+    revoke_claim_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WrapRow(SealedMixin, Base):

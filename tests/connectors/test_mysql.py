@@ -7,6 +7,7 @@ wildcard of an unescaped ``GRANT ... ON cgt_<hex>.*`` would also match.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import time
@@ -268,6 +269,25 @@ async def test_revoke_of_a_never_issued_lease(target: Target) -> None:
     with pytest.raises(TargetError) as info:
         await conn.revoke({"user": "root", "host": "127.0.0.1", "database": target.db, "table": None})
     assert info.value.code == "invalid_revoke_state"
+
+
+async def test_revocations_of_one_user_at_the_same_moment_both_succeed(target: Target) -> None:
+    conn, other = connector(), connector()
+    states = [(await issue(target, conn, target.db))[0] for _ in range(6)]
+    results = await asyncio.gather(
+        *(c.revoke(state) for state in states for c in (conn, other)), return_exceptions=True
+    )
+    assert [r for r in results if r is not None] == []
+    assert [s["user"] for s in states if target.user_exists(s["user"])] == []
+
+
+async def test_a_user_dropped_out_of_band_revokes_as_gone(target: Target) -> None:
+    conn = connector()
+    state, _ = await issue(target, conn, target.db)
+    with admin() as a, a.cursor() as cur:
+        cur.execute(f"DROP USER '{state['user']}'@'{state['host']}'")
+    await conn.revoke(state)
+    assert not target.user_exists(state["user"])
 
 
 async def test_renew_checks_the_user(target: Target) -> None:

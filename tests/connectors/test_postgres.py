@@ -310,6 +310,29 @@ async def test_revoke_of_a_never_issued_lease_or_missing_database(target: Target
     assert info.value.code == "invalid_revoke_state"
 
 
+async def test_revocations_of_one_role_at_the_same_moment_both_succeed(target: Target) -> None:
+    """Two revocations racing on one role (the gateway makes one at a time, but an operator's
+    script or another gateway may not): the one that finds the role dropped under it (42704
+    undefined_object, XX000 tuple concurrently deleted) succeeds too, as gone is revoked."""
+    conn, other = connector(target), connector(target)
+    states = [(await issue(conn, "analytics/sales"))[0] for _ in range(8)]
+    results = await asyncio.gather(
+        *(c.revoke(state) for state in states for c in (conn, other)), return_exceptions=True
+    )
+    assert [r for r in results if r is not None] == []
+    assert [s["role"] for s in states if target.role(s["role"]) is not None] == []
+
+
+async def test_a_role_dropped_out_of_band_revokes_as_gone(target: Target) -> None:
+    conn = connector(target)
+    state, issued = await issue(conn, "analytics/sales")
+    with target.superuser() as su:
+        su.execute(psycopg.sql.SQL("DROP OWNED BY {}").format(psycopg.sql.Identifier(state["role"])))
+        su.execute(psycopg.sql.SQL("DROP ROLE {}").format(psycopg.sql.Identifier(state["role"])))
+    await conn.revoke(state)
+    assert target.role(state["role"]) is None
+
+
 # -- expiry and renewal ----------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ ACL users it made.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Iterator
@@ -321,6 +322,24 @@ async def test_revoke_kills_open_connections_and_is_idempotent(redis_url: str, s
 
     await conn.revoke(req.revoke_state)  # already gone
     await conn.revoke(scratch.lease(conn, feat).revoke_state)  # planned, never issued
+
+
+async def test_revocations_of_one_user_at_the_same_moment_and_out_of_band(redis_url: str, scratch: Scratch) -> None:
+    feat = scratch.tag + "feat"
+    conn, other = connector(redis_url), connector(redis_url)
+    reqs = [scratch.lease(conn, feat) for _ in range(6)]
+    users = [(await conn.issue(req)).credential["username"] for req in reqs]
+    results = await asyncio.gather(
+        *(c.revoke(req.revoke_state) for req in reqs for c in (conn, other)), return_exceptions=True
+    )
+    assert [r for r in results if r is not None] == []
+    assert [u for u in users if scratch.admin.acl_getuser(u) is not None] == []
+    # Deleted by someone else before the revoke (ACL DELUSER of a missing user answers 0): revoked.
+    req = scratch.lease(conn, feat)
+    user = (await conn.issue(req)).credential["username"]
+    assert scratch.admin.acl_deluser(user) == 1
+    await conn.revoke(req.revoke_state)
+    assert scratch.admin.acl_getuser(user) is None
 
 
 async def test_renew_checks_the_user_exists(redis_url: str, scratch: Scratch) -> None:
