@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.client.common import start_server
 from tests.gateway.test_cli import Server
 from tests.services.waiting import clean_env
 
@@ -24,14 +25,8 @@ DURATION = 28  # > 3 lifetimes
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "data")
-    try:
-        yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait()
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory, "example")
 
 
 def example(server: Server, *args: str, **popen) -> subprocess.Popen[str]:

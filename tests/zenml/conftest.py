@@ -11,16 +11,20 @@ CREDGATE_REQUIRE_SERVICES=1.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import service_missing
+from tests.services.waiting import free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements" / "zenml.lock"
@@ -57,3 +61,24 @@ def zenml_python() -> Path:
         except subprocess.TimeoutExpired as exc:
             service_missing("the ZenML venv", f"{exc.cmd[-3:]} timed out")
     return VENV / "bin" / "python"
+
+
+@contextlib.contextmanager
+def zenml_server_process(python: Path, home: Path, env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """A real ZenML server (its FastAPI app under uvicorn) on a free port, configured by
+    ``env``; yields its address and its log file, and stops it (SIGTERM) afterwards."""
+    port = free_port()
+    log = home / "server.log"
+    proc = subprocess.Popen(
+        [str(python), "-m", "uvicorn", "zenml.zen_server.zen_server_api:app", "--host", "127.0.0.1",
+         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=home)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/v1/info", proc, timeout=60, log=log, name="zenml server")
+        yield f"http://127.0.0.1:{port}", log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

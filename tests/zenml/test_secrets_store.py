@@ -7,7 +7,6 @@ a real ``credgate serve --dev`` over HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ import httpx
 import pytest
 
 from tests.gateway.test_cli import Server, server  # noqa: F401  (the served gateway, module-scoped)
-from tests.services.waiting import clean_env, free_port, wait_until_serving
+from tests.services.waiting import clean_env
+from tests.zenml.conftest import zenml_server_process
 
 CANARY = "CANARY-zenml-pw-7f3a"
 UPDATED = "CANARY-zenml-rotated-91c2"
@@ -211,24 +211,11 @@ def zenml_server(zen: Zen) -> Iterator[tuple[str, Path, Path]]:
     store is credgate, configured by the environment variables docs/zenml.md gives."""
     home = zen.home / "server"
     home.mkdir()
-    port = free_port()
     env = zen.env(zen.gateway.token)
     env.update(ZENML_CONFIG_PATH=str(home / "config"), ZENML_STORE_URL=f"sqlite:///{home / 'zenml.db'}",
                ZENML_SERVER_AUTH_SCHEME="NO_AUTH", ZENML_SERVER_AUTO_ACTIVATE="1")
-    log = home / "server.log"
-    proc = subprocess.Popen(
-        [str(zen.python), "-m", "uvicorn", "zenml.zen_server.zen_server_api:app", "--host", "127.0.0.1",
-         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=home)
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/api/v1/info", proc, timeout=60, log=log, name="zenml server")
-        yield f"http://127.0.0.1:{port}", home / "zenml.db", log
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with zenml_server_process(zen.python, home, env) as (addr, log):
+        yield addr, home / "zenml.db", log
 
 
 def test_a_zenml_server_keeps_the_values_of_secrets_created_over_its_api_in_credgate(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import sqlite3
 import subprocess
 import uuid
@@ -25,7 +24,8 @@ import httpx
 import pytest
 
 from tests.gateway.test_cli import Server, server  # noqa: F401  (the served gateway, module-scoped)
-from tests.services.waiting import clean_env, free_port, wait_until_serving
+from tests.services.waiting import clean_env
+from tests.zenml.conftest import zenml_server_process
 from tests.zenml.test_secrets_store import SERVER_SIDE
 
 TRUST = {"Version": "2012-10-17",
@@ -352,26 +352,13 @@ def zenml_server(zen: Zen, setup: Setup) -> Iterator[tuple[str, Path]]:
     the connector's client secret is kept in credgate, not in ZenML's database)."""
     home = zen.home / "server"
     home.mkdir()
-    port = free_port()
     env = {**zen.env, "ZENML_CONFIG_PATH": str(home / "config"), "ZENML_STORE_URL": f"sqlite:///{home / 'zenml.db'}",
            "ZENML_SERVER_AUTO_ACTIVATE": "1", "ZENML_DEFAULT_USER_PASSWORD": ZEN_PASSWORD,
            "ZENML_SECRETS_STORE_TYPE": "custom",
            "ZENML_SECRETS_STORE_CLASS_PATH": "credgate_zenml.secrets_store.CredgateSecretsStore",
            "ZENML_SECRETS_STORE_ADDR": setup.gateway.addr, "ZENML_SECRETS_STORE_TOKEN": setup.gateway.token}
-    log = home / "server.log"
-    proc = subprocess.Popen(
-        [str(zen.python), "-m", "uvicorn", "zenml.zen_server.zen_server_api:app", "--host", "127.0.0.1",
-         "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=home)
-    try:
-        wait_until_serving(f"http://127.0.0.1:{port}/api/v1/info", proc, timeout=60, log=log, name="zenml server")
-        yield f"http://127.0.0.1:{port}", home
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with zenml_server_process(zen.python, home, env) as (addr, _log):
+        yield addr, home
 
 
 def drive(zen: Zen, env: dict[str, str], *commands: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
