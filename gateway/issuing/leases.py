@@ -247,7 +247,9 @@ class Leases:
         now = utcnow()
         async with self._store.write() as s:
             rows = (await s.execute(
-                select(LeaseRow.id, LeaseRow.connector, LeaseRow.resource).where(and_(*conds)).with_for_update()
+                # in id order: two bulk revocations over overlapping leases lock them in one order
+                select(LeaseRow.id, LeaseRow.connector, LeaseRow.resource).where(and_(*conds))
+                .order_by(LeaseRow.id).with_for_update()
             )).all()
             ids = [r.id for r in rows if permit is None or permit(r.connector, r.resource)]
             if ids:
