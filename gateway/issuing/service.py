@@ -19,6 +19,7 @@ Issuance, in order (see connectors/base.py for the connector's side):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -361,16 +362,17 @@ class Credentials:
         """Try once now to revoke leases already marked revoking; return those still
         revoking (the reaper keeps retrying them). A lease another actor is revoking
         at this moment is waited for (bounded), not revoked a second time."""
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(8)  # attempts at the targets at once; waits for others' are not counted
 
         async def one(lease_id: str) -> bool:
-            async with sem:
-                return bool(await self.attempt_revoke(await self.leases.get(lease_id)))
+            return bool(await self.attempt_revoke(await self.leases.get(lease_id), limit=sem))
 
         done = await asyncio.gather(*(one(i) for i in lease_ids))
         return [lease_id for lease_id, ok in zip(lease_ids, done) if not ok]
 
-    async def attempt_revoke(self, lease: LeaseRow, *, wait: bool = True) -> bool | None:
+    async def attempt_revoke(
+        self, lease: LeaseRow, *, wait: bool = True, limit: asyncio.Semaphore | None = None
+    ) -> bool | None:
         """One revocation attempt of a ``revoking`` lease, by one actor at a time.
 
         True when the lease is revoked (by this attempt or the one it waited for); False
@@ -379,7 +381,8 @@ class Credentials:
         in this process, another replica through the store's claim) is not repeated:
         with ``wait`` its outcome is awaited, at most until its claim lapses; without
         (the reaper), None is answered at once, as it is for a lease that another actor
-        ended since it was read."""
+        ended since it was read. ``limit`` bounds this caller's own attempts at once (its
+        slot is held from the claim to the outcome, never while waiting for another's)."""
         if lease.state != REVOKING:
             return lease.state in (REVOKED, EXPIRED)
         running = self._running.get(lease.id)
@@ -392,17 +395,18 @@ class Credentials:
         self._running[lease.id] = future
         mine: bool | None = False
         try:
-            mine = await self._claim_and_revoke(lease, wait)
+            mine = await self._claim_and_revoke(lease, wait, limit)
         finally:
             del self._running[lease.id]
             future.set_result(mine)  # a result, never an exception: nobody need be waiting
         return mine
 
-    async def _claim_and_revoke(self, lease: LeaseRow, wait: bool) -> bool | None:
+    async def _claim_and_revoke(self, lease: LeaseRow, wait: bool, limit: asyncio.Semaphore | None) -> bool | None:
         for _ in range(2):  # a second try only after a holder's claim lapsed (it died)
-            now = utcnow()
-            if await self.leases.claim(lease.id, self._actor, now, now + self._claim_for):
-                break
+            async with limit if limit is not None else contextlib.nullcontext():
+                now = utcnow()
+                if await self.leases.claim(lease.id, self._actor, now, now + self._claim_for):
+                    return await self._revoke_claimed(lease.id)
             # Another replica holds the claim, or the lease ended since it was read:
             # either way not this caller's attempt (the reaper records nothing for it).
             if not wait:
@@ -410,9 +414,11 @@ class Credentials:
             outcome = await self._await_claim(lease.id)
             if outcome is not None:
                 return outcome
-        else:
-            return False
-        lease = await self.leases.get(lease.id)  # the claimed row: its attempts as of now
+        return False
+
+    async def _revoke_claimed(self, lease_id: str) -> bool:
+        """The attempt itself, by the claim's holder: the target, then the outcome, committed."""
+        lease = await self.leases.get(lease_id)  # the claimed row: its attempts as of now
         if lease.state != REVOKING:
             return lease.state in (REVOKED, EXPIRED)
         if lease.revocability == str(Revocability.REVOCABLE):
