@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from gateway.cli.common import group, server_code
+from gateway.cli.common import UsageProblem, group, server_code
 
 app = group("The gateway's store.")
 log = logging.getLogger("credgate")
@@ -43,7 +43,8 @@ def serve(
 
         from gateway.runtime import check_bootstrap_file, keyring_for
         from gateway.settings import load_settings
-        from gateway.store.database import check_sole_use
+        from gateway.store.database import check_sole_use, sync_url
+        from gateway.store.migrate import check_schema
         from gateway.web.app import create_app
         from gateway.web.logs import configure
         from gateway.web.tls import ServerTLS, uvicorn_options
@@ -58,6 +59,7 @@ def serve(
     keyring_for(settings)  # fail fast, with one line, before the server starts
     check_bootstrap_file(settings)  # the same for where a generated admin token would go
     check_sole_use(settings.store_url)  # the same for a SQLite store another process serves
+    check_schema(sync_url(settings.store_url))  # the same for a schema a newer, incompatible release wrote
     server_tls = ServerTLS(settings) if settings.tls_cert_file else None  # the same for certificate files
     tls = uvicorn_options(settings, server_tls)
     if settings.dev:
@@ -165,4 +167,28 @@ def db_upgrade(config: ConfigFile = None, data_dir: DataDir = None) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     url = sync_url(settings.store_url)
     upgrade(url)
+    typer.echo(f"store at revision {current(url)}")
+
+
+@app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(metavar="REVISION", help="The revision to take the schema back to.")],
+    config: ConfigFile = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Take the store's schema back to REVISION, before rolling back to the release that
+    knows it (stop every gateway first; run it with the newer release)."""
+    with server_code("db downgrade"):
+        from alembic.script import ScriptDirectory
+
+        from gateway.settings import load_settings
+        from gateway.store.database import sync_url
+        from gateway.store.migrate import alembic_config, current, downgrade
+
+    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if revision not in known:
+        raise UsageProblem(f"revision {revision!r} is not one this release knows ({', '.join(sorted(known))})")
+    settings = load_settings(config, data_dir=data_dir)
+    url = sync_url(settings.store_url)
+    downgrade(url, revision)
     typer.echo(f"store at revision {current(url)}")

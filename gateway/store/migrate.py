@@ -126,6 +126,21 @@ def _migrate(url: str, migrations: Path, run) -> None:
         engine.dispose()
 
 
+def check_schema(url: str) -> None:
+    """Before serving (``credgate serve``): refuse, in one line, a store whose schema a newer,
+    incompatible release wrote (what start-up's :func:`upgrade` would refuse, said before the
+    server starts). An empty, older or known store passes: start-up migrates it."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            at = MigrationContext.configure(conn).get_current_revision()
+            scripts = ScriptDirectory.from_config(alembic_config())
+            if at is not None and at not in {s.revision for s in scripts.walk_revisions()}:
+                _newer_store(conn, scripts, at)
+    finally:
+        engine.dispose()
+
+
 def current(url: str) -> str | None:
     engine = create_engine(url, poolclass=NullPool)
     try:

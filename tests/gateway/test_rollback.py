@@ -137,7 +137,7 @@ async def test_a_contracted_schema_is_refused_in_one_line_until_downgraded(setti
     await put_and_read(settings)
 
 
-def test_db_upgrade_refuses_a_newer_schema_with_exit_2(tmp_path: Path) -> None:
+def test_serve_and_db_upgrade_refuse_a_newer_schema_with_exit_2(tmp_path: Path) -> None:
     data = tmp_path / "data"
     env = clean_env()
     res = subprocess.run([CREDGATE, "db", "upgrade", "--data-dir", str(data)], capture_output=True, text=True,
@@ -145,9 +145,28 @@ def test_db_upgrade_refuses_a_newer_schema_with_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     url = f"sqlite:///{data / 'credgate.db'}"
     upgrade(url, migrations=newer_release(tmp_path, contract=True))
-    for args in (["db", "upgrade"],):
+    for args in (["db", "upgrade"], ["serve", "--dev", "--port", "1"]):
         res = subprocess.run([CREDGATE, *args, "--data-dir", str(data)], capture_output=True, text=True,
                              env=env, timeout=60)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, (args, res.stdout, res.stderr)
         assert "revision 0101" in lines[0] and "Traceback" not in res.stderr, lines
+
+
+def test_db_downgrade_takes_the_schema_back_and_upgrade_returns(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = clean_env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CREDGATE, "db", *args, "--data-dir", str(data)], capture_output=True, text=True,
+                              env=env, timeout=60)
+
+    head = _SCRIPTS.get_current_head()
+    previous = str(_SCRIPTS.get_revision(head).down_revision)
+    assert cli("upgrade").stdout.strip() == f"store at revision {head}"
+    res = cli("downgrade", previous)
+    assert res.returncode == 0 and res.stdout.strip() == f"store at revision {previous}", res.stderr
+    assert store_row(f"sqlite:///{data / 'credgate.db'}")[0] == previous
+    bad = cli("downgrade", "9999")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "9999" in bad.stderr, bad.stderr
+    assert cli("upgrade").stdout.strip() == f"store at revision {head}"
