@@ -176,6 +176,21 @@ class Settings(BaseSettings):
         5.0, gt=0, le=3600, description="Also checkpoint this often while new events arrive (and at shutdown)."
     )
 
+    audit_refusal_window_seconds: float = Field(
+        10.0, ge=0, le=3600,
+        description="Refusals that change nothing (401/403/429) of one kind (address, outcome, route, caller) "
+        "within this window are written one by one up to audit_refusal_first, then counted: one aggregate event "
+        "(count, first and last time) for the rest. 0: every refusal is its own event.",
+    )
+    audit_refusal_first: int = Field(
+        3, ge=1, le=1000, description="How many refusals of one kind in a window are written one by one before "
+        "the rest are counted (a mistyped token stays fully recorded; a flood is folded).",
+    )
+    audit_refusal_table_size: int = Field(
+        10_000, ge=1, description="At most this many kinds of refusal are counted at once (least recently seen "
+        "written out first).",
+    )
+
     rate_per_address: float = Field(500.0, ge=0, description="Requests/s per client address (0: no limit).")
     burst_per_address: float = Field(1000.0, ge=1)
     rate_per_principal: float = Field(200.0, ge=0, description="Requests/s per authenticated principal (0: no limit).")

@@ -39,6 +39,8 @@ import logging
 import os
 import secrets as _secrets
 import sys
+import time as _time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text
 
 from gateway.audit.search import Filter, Page, search
 from gateway.tasks import cancel_and_wait
@@ -59,6 +61,10 @@ FIELDS = (
     "lease_id", "client_addr", "details",
 )
 CHECKPOINT_TYPE = "audit-checkpoint"
+PRUNE_ACTION = "audit:prune"
+# Refusals that change nothing, and only those, may be folded into one event per window.
+AGGREGATED_STATUSES = frozenset({401, 403, 429})
+REFUSAL_TABLE_CAP = 10_000
 
 # Non-GET requests for these actions change who may do what (or hand out a bearer
 # credential): an event is recorded *before* the route runs, and if it can't be
@@ -439,6 +445,9 @@ class AuditLog:
         self._checkpointed = 0  # the last head this process checkpointed
         self.truncated: list[tuple[int, int, str]] = []  # (head found, highest known, known by whom)
         self.health: dict[str, SinkHealth] = {"store": SinkHealth(), **{s.name: SinkHealth() for s in sinks}}
+        # Refusals of one kind within a window (see refusal): kind -> entry, least recently seen first.
+        self._refusals: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        self._refusal_timer: asyncio.Task[None] | None = None
 
     # --- keys, start and stop --------------------------------------------------
 
@@ -515,7 +524,14 @@ class AuditLog:
                     log.error("audit checkpoint failed (%s)", type(exc).__name__)
 
     async def aclose(self) -> None:
-        """Stop the timer, let queued events land, and checkpoint the head (at shutdown)."""
+        """Write the pending refusal aggregates, stop the timers, let queued events land, and
+        checkpoint the head (at shutdown)."""
+        await cancel_and_wait(self._refusal_timer)
+        self._refusal_timer = None
+        if self._chain_key is not None and self._refusals:
+            entries = list(self._refusals.values())
+            self._refusals.clear()
+            await self._write_aggregates(entries)
         await cancel_and_wait(self._timer)
         self._timer = None
         if self._flusher is not None and not self._flusher.done():
@@ -539,6 +555,88 @@ class AuditLog:
 
     def _required(self, name: str) -> bool:
         return any(s.name == name and s.required for s in self.sinks)
+
+    # --- refusals ----------------------------------------------------------------
+
+    async def refusal(self, event: dict[str, Any], *, kind: str, window: float,
+                      cap: int = REFUSAL_TABLE_CAP, first: int = 1) -> None:
+        """Record a refusal that changed nothing (a 401, 403 or 429 of an unauthenticated
+        or denied request), folding repeats into one event per window.
+
+        The first ``first`` refusals of a kind (client address, outcome, ``kind`` -- the
+        method and route template --, issuer, subject, action, rule) in a window are
+        written as any event; the rest of that window are only counted, and written as ONE aggregate
+        event (``details.aggregate``: count, first_time, last_time, the window) when the
+        window has passed, when the table of kinds (at most ``cap``, least recently seen
+        out first) needs the room, or at shutdown. A refusal of another kind is never
+        folded into it. ``window`` 0: every refusal is its own event."""
+        from gateway.store.models import utcnow
+
+        bound_event(event)
+        if window <= 0:
+            await self.record(event, fail_closed=False)
+            return
+        key = (event.get("client_addr"), event.get("outcome"), kind, event.get("issuer"), event.get("subject"),
+               event.get("action"), event.get("decision"), event.get("rule"))
+        now_m = _time.monotonic()
+        entry = self._refusals.get(key)
+        if entry is not None and now_m - entry["start"] < entry["window"] and entry["written"] < first:
+            entry["written"] += 1
+            self._refusals.move_to_end(key)
+            await self.record(event, fail_closed=False)
+            return
+        if entry is not None and now_m - entry["start"] < entry["window"]:
+            now = utcnow()
+            entry["count"] += 1
+            entry["first"] = entry["first"] or now
+            entry["last"] = now
+            self._refusals.move_to_end(key)
+            return
+        due = [self._refusals.pop(key)] if entry is not None else []
+        self._refusals[key] = {
+            "start": now_m, "window": window, "written": 1, "count": 0, "first": None, "last": None, "kind": kind,
+            "event": {f: event.get(f) for f in ("issuer", "subject", "action", "decision", "rule", "outcome",
+                                                  "client_addr")},
+        }
+        while len(self._refusals) > max(1, cap):
+            due.append(self._refusals.popitem(last=False)[1])
+        if self._refusal_timer is None or self._refusal_timer.done():
+            self._refusal_timer = asyncio.create_task(self._refusal_loop(), name="credgate-audit-refusals")
+        await self.record_many([event] + [self._aggregate(e) for e in due if e["count"]], fail_closed=False)
+
+    @property
+    def refusal_kinds(self) -> int:
+        """How many kinds of refusal are being counted now (bounded by the cap)."""
+        return len(self._refusals)
+
+    @staticmethod
+    def _aggregate(entry: Mapping[str, Any]) -> dict[str, Any]:
+        event = dict(entry["event"])
+        event.update(request_id=None, lease_id=None, target=entry["kind"], details={"aggregate": {
+            "count": entry["count"], "first_time": _utc_text(entry["first"]), "last_time": _utc_text(entry["last"]),
+            "window_seconds": entry["window"], "kind": entry["kind"],
+            "note": "refusals of this kind after the first in the window, counted, not written one by one"}})
+        return event
+
+    async def _write_aggregates(self, entries: list[dict[str, Any]]) -> None:
+        events = [self._aggregate(e) for e in entries if e["count"]]
+        if events:
+            await self.record_many(events, fail_closed=False)
+
+    async def _refusal_loop(self) -> None:
+        while self._refusals:
+            tick = min(e["window"] for e in self._refusals.values())
+            await asyncio.sleep(min(max(tick / 2, 0.05), 5.0))
+            now_m = _time.monotonic()
+            due = [k for k, e in self._refusals.items() if now_m - e["start"] >= e["window"]]
+            entries = [self._refusals.pop(k) for k in due]
+            try:
+                await self._write_aggregates(entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged; the counts are in the log line
+                log.error("audit refusal aggregates not recorded (%s): %s", type(exc).__name__,
+                          sum(e["count"] for e in entries))
 
     # --- writing -----------------------------------------------------------------
 
@@ -718,6 +816,79 @@ class AuditLog:
             except Exception as exc:  # noqa: BLE001 - the next checkpoint is published again
                 self.health[sink.name] = SinkHealth(False, type(exc).__name__)
 
+    # --- retention ---------------------------------------------------------------
+
+    async def prune(self, before: datetime, archive: Path, *, by: str = "credgate audit prune") -> dict[str, Any]:
+        """Archive the events recorded before ``before`` and delete them from the store.
+
+        The chain is verified first (a broken chain is not pruned: that would launder the
+        tampering). The archive is written in the sink/export line format (every event
+        with its chain fields, and the checkpoints that cover them) and fsync'd; then the
+        prune itself is recorded, fail-closed, as an event of the keyed chain naming the
+        cut (``pruned_through``) and the hash it ends on; then an anchor checkpoint is
+        written at the cut and the events up to it (and older checkpoints) are deleted.
+        ``verify`` proves the chain from the cut on (the anchor and the prune event);
+        ``verify(against=archive lines)`` proves the archived part ends where the anchor
+        says. Refused (AuditUnavailable) if the prune can't be recorded."""
+        from gateway.store.database import insert_if_absent
+        from gateway.store.models import AuditCheckpointRow, AuditEventRow, utcnow
+
+        assert self._chain_key is not None
+        if before.tzinfo is None:
+            before = before.replace(tzinfo=timezone.utc)
+        report = await self.verify()
+        if not report["ok"]:
+            raise ValueError(f"the audit chain does not verify ({report['problem']}); not pruned")
+        async with self._store.read() as s:
+            cut = (await s.execute(select(func.max(AuditEventRow.seq)).where(AuditEventRow.time < before))).scalar()
+            first = (await s.execute(select(func.min(AuditEventRow.seq)))).scalar()
+            if not cut or first is None or cut < first:
+                return {"pruned": 0, "pruned_through": (first or 1) - 1, "archive": None}
+            rows = list((await s.execute(select(AuditEventRow).where(AuditEventRow.seq <= cut)
+                                         .order_by(AuditEventRow.seq))).scalars())
+            cps = list((await s.execute(select(AuditCheckpointRow).where(AuditCheckpointRow.seq <= cut)
+                                        .order_by(AuditCheckpointRow.seq))).scalars())
+        events = [{c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns} for r in rows]
+        anchor_hash = events[-1]["hash"]
+        now = utcnow()
+        anchor = {"type": CHECKPOINT_TYPE, "seq": cut, "hash": anchor_hash, "time": now, "chain_from": self.chain_from,
+                  "mac": checkpoint_mac(self._chain_key, cut, anchor_hash, now, self.chain_from)}
+        lines = [_line(e) for e in events]
+        lines += [_line({"type": CHECKPOINT_TYPE, "seq": c.seq, "hash": c.hash, "time": c.time,
+                         "chain_from": c.chain_from, "mac": c.mac}) for c in cps if c.mac and c.seq != cut]
+        lines.append(_line(anchor))
+        digest = hashlib.sha256(b"".join(lines)).hexdigest()
+
+        def write() -> None:
+            tmp = archive.with_name(archive.name + ".partial")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for line in lines:
+                    os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, archive)
+
+        await asyncio.to_thread(write)
+        details = {"before": _utc_text(before), "pruned_through": cut, "anchor_hash": anchor_hash,
+                   "events": len(events), "archive": archive.name[:200], "archive_sha256": digest}
+        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome="request", details=details),
+                          fail_closed=True)
+        async with self._store.write() as s:
+            if self._store.dialect == "postgresql":
+                await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_AUDIT_LOCK})
+            await s.execute(insert_if_absent(
+                self._store.dialect, AuditCheckpointRow,
+                {"seq": cut, "hash": anchor_hash, "time": now, "chain_from": self.chain_from, "mac": anchor["mac"]},
+                ["seq"]))
+            await s.execute(delete(AuditEventRow).where(AuditEventRow.seq <= cut))
+            await s.execute(delete(AuditCheckpointRow).where(AuditCheckpointRow.seq < cut))
+        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome=f"pruned {len(events)} events",
+                                        details=details), fail_closed=False)
+        await self.checkpoint()
+        return {"pruned": len(events), "pruned_through": cut, "archive": str(archive), "archive_sha256": digest}
+
     # --- verifying ---------------------------------------------------------------
 
     def _authentic_checkpoint(self, cp: Mapping[str, Any]) -> bool:
@@ -762,23 +933,26 @@ class AuditLog:
             log.error("audit checkpoint before verification failed (%s)", type(exc).__name__)
         high = self._high  # committed before the events are read (see checkpoint)
         async with self._store.read() as s:
-            rows = (await s.execute(select(AuditEventRow).order_by(AuditEventRow.seq))).scalars()
-            hashes: dict[int, str] = {}
-
-            def walk():
-                for r in rows:
-                    e = {c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns}
-                    hashes[e["seq"]] = e["hash"]
-                    yield e
-
-            report = verify_chain(walk(), key=self._chain_key, chain_from=self.chain_from)
+            rows = [{c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns}
+                    for r in (await s.execute(select(AuditEventRow).order_by(AuditEventRow.seq))).scalars()]
             checkpoints = list((await s.execute(select(AuditCheckpointRow).order_by(AuditCheckpointRow.seq))).scalars())
-        head = max(hashes, default=0)
+        hashes: dict[int, str] = {e["seq"]: e["hash"] for e in rows}
+        floor, start_hash, floor_problem = self._pruned_floor(rows, checkpoints)
+        report = verify_chain(rows, key=self._chain_key, chain_from=self.chain_from,
+                              start_seq=floor + 1, start_hash=start_hash)
+        head = max(hashes, default=floor)
         problems: list[tuple[int, str]] = list(report.problems)
+        if floor_problem:
+            problems.append(floor_problem)
 
         covered = 0
         uncovered: tuple[int, str] | None = None
         for cp in checkpoints:
+            if floor and cp.seq <= floor:
+                if cp.seq == floor and self._authentic_checkpoint(
+                        {"seq": cp.seq, "hash": cp.hash, "time": cp.time, "chain_from": cp.chain_from, "mac": cp.mac}):
+                    covered = max(covered, floor)  # the anchor (checked in _pruned_floor)
+                continue
             if cp.mac is None or cp.chain_from is None:
                 problems.append((cp.seq, f"checkpoint {cp.seq} is not authenticated (no MAC under the chain key)"))
             elif not self._authentic_checkpoint({"seq": cp.seq, "hash": cp.hash, "time": cp.time,
@@ -814,7 +988,7 @@ class AuditLog:
             cps, evs = split_lines(lines)
             compared["checkpoints"] += len(cps)
             compared["events"] += len(evs)
-            problems += self._compare(name, cps, evs, hashes, head)
+            problems += self._compare(name, cps, evs, hashes, head, floor=floor, anchor=start_hash)
 
         problems = sorted(set(problems), key=lambda p: (p[0], p[1]))
         # The headline: the first tampering found; an uncovered tail only when nothing else is wrong.
@@ -827,16 +1001,57 @@ class AuditLog:
         }
         return out
 
+    def _pruned_floor(self, rows: list[dict[str, Any]], checkpoints: list[Any]) -> tuple[int, str, tuple[int, str] | None]:
+        """Where the stored chain starts after a prune: (the last pruned event, its hash, a
+        problem). A stored chain may start past event 1 only where an authentic prune event
+        of the chain says it was cut (``pruned_through``) and an authentic checkpoint there
+        (the anchor) holds the hash the first stored event links to."""
+        if not rows or rows[0]["seq"] <= 1:
+            return 0, GENESIS, None
+        floor, link = rows[0]["seq"] - 1, rows[0]["prev_hash"]
+        cuts = {int((e.get("details") or {}).get("pruned_through", -1)) for e in rows
+                if e.get("action") == PRUNE_ACTION and e.get("issuer") == "credgate" and e.get("outcome") == "request"
+                and self._authentic_event(e)}
+        anchored = any(cp.seq == floor and cp.hash == link and cp.mac and self._authentic_checkpoint(
+            {"seq": cp.seq, "hash": cp.hash, "time": cp.time, "chain_from": cp.chain_from, "mac": cp.mac})
+            for cp in checkpoints)
+        if floor in cuts and anchored:
+            return floor, link, None
+        return 0, GENESIS, None if floor not in cuts and not anchored else (
+            1, f"{_were(1, floor)} deleted: " + ("no recorded prune cut the chain there" if floor not in cuts
+                                                  else "the prune's anchor checkpoint is missing or altered"))
+
     def _compare(self, name: str, cps: list[dict[str, Any]], evs: list[dict[str, Any]],
-                 hashes: Mapping[int, str], head: int) -> list[tuple[int, str]]:
+                 hashes: Mapping[int, str], head: int, *, floor: int = 0,
+                 anchor: str = GENESIS) -> list[tuple[int, str]]:
         problems: list[tuple[int, str]] = []
         last = 0
+        archived = [ev for ev in evs if isinstance(ev.get("seq"), int) and not isinstance(ev.get("seq"), bool)
+                    and ev["seq"] <= floor]
+        if archived:  # an archive of a prune: its events must chain up to the anchor
+            archived.sort(key=lambda e: e["seq"])
+            try:
+                rep = verify_chain(archived, start_seq=archived[0]["seq"], start_hash=str(archived[0]["prev_hash"]),
+                                   key=self._chain_key, chain_from=self.chain_from)
+                problems += [(seq, f"{why} in {name}") for seq, why in rep.problems]
+            except (KeyError, TypeError, ValueError):
+                problems.append((archived[0]["seq"], f"the archived events in {name} are malformed"))
+            if archived[-1]["seq"] != floor or archived[-1].get("hash") != anchor:
+                problems.append((floor, f"the archived events in {name} do not end at the prune's anchor "
+                                        f"(event {floor})"))
+            evs = [ev for ev in evs if not (isinstance(ev.get("seq"), int) and ev["seq"] <= floor)]
         for cp in cps:
             seq = cp.get("seq")
             if not isinstance(seq, int) or isinstance(seq, bool):
                 continue
             if not self._authentic_checkpoint(cp):
                 problems.append((seq, f"checkpoint {seq} in {name} is not authentic"))
+            elif seq < floor:
+                continue  # certifies an archived event; the events' chain is checked above
+            elif seq == floor and cp["hash"] != anchor:
+                problems.append((seq, f"checkpoint {seq} in {name} differs from the prune's anchor"))
+            elif seq == floor:
+                continue
             elif seq > head:
                 last = max(last, seq)
             elif hashes.get(seq) != cp["hash"]:

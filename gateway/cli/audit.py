@@ -148,3 +148,58 @@ def audit_verify(
         raise typer.Exit(1)
 
 
+
+
+@app.command("prune")
+def audit_prune(
+    before: Annotated[str, typer.Option("--before", help="ISO date or time: events recorded before it are pruned, "
+                                                          "e.g. 2026-10-01 or 2026-10-01T00:00:00Z.")],
+    archive: Annotated[Path, typer.Option("--archive", help="Where the pruned events are written first "
+                                                            "(JSON lines, the export format); must not exist.",
+                                          dir_okay=False)],
+    config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.", dir_okay=False)] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data directory.")] = None,
+) -> None:
+    """Retention: archive the events before --before to --archive, then delete them from the store.
+
+    Server-side (reads the settings and opens the store; on SQLite, stop the gateway first).
+    The chain must verify first; the prune is recorded (fail-closed) in the chain with the cut
+    and an anchor checkpoint, so `credgate audit verify` proves the chain from the cut on and
+    `credgate audit verify --against ARCHIVE` checks the archive's newest lines against it."""
+    from datetime import datetime, timezone
+
+    from gateway.cli.common import server_code
+
+    with server_code("audit prune"):
+        import asyncio
+
+        from gateway.audit.trail import AuditUnavailable
+        from gateway.runtime import Runtime
+        from gateway.settings import load_settings
+
+    try:
+        cut = datetime.fromisoformat(before.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageProblem(f"--before {before!r} is not an ISO date or time") from None
+    if cut.tzinfo is None:
+        cut = cut.replace(tzinfo=timezone.utc)
+    if archive.exists():
+        raise UsageProblem(f"{archive} exists; name a new archive file")
+    settings = load_settings(config, data_dir=data_dir).model_copy(update={"reaper_enabled": False})
+
+    async def run() -> dict[str, Any]:
+        rt = await Runtime.start(settings)
+        try:
+            return await rt.audit.prune(cut, archive)
+        finally:
+            await rt.aclose()
+
+    try:
+        out = asyncio.run(run())
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    except AuditUnavailable:
+        raise UsageProblem("the prune could not be recorded in the audit trail (a required sink or the store is "
+                           "down); nothing was deleted") from None
+    emit(out, lambda o: typer.echo(f"pruned {o['pruned']} events (through event {o['pruned_through']})"
+                                   + (f" into {o['archive']}" if o.get("archive") else "")))

@@ -252,7 +252,14 @@ class AuditTrail:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 runtime = getattr(scope["app"].state, "runtime", None)
-                if runtime is not None:
+                if runtime is not None and _aggregatable(scope, ctx, status):
+                    # A refusal that changed nothing: repeats of its kind within the window are counted.
+                    await runtime.audit.refusal(
+                        _event(scope, ctx, status), kind=_route_kind(scope),
+                        window=getattr(runtime.settings, "audit_refusal_window_seconds", 0),
+                        cap=getattr(runtime.settings, "audit_refusal_table_size", audit.REFUSAL_TABLE_CAP),
+                        first=getattr(runtime.settings, "audit_refusal_first", 1))
+                elif runtime is not None:
                     events = [_event(scope, ctx, status)] + _ended_leases(scope, ctx)
                     try:
                         await runtime.audit.record_many(
@@ -285,6 +292,25 @@ class AuditTrail:
         response = error_response(err)
         response.headers["retry-after"] = "5"
         await response(scope, receive, send)
+
+
+def _aggregatable(scope: Scope, ctx: dict, status: int) -> bool:
+    """A refusal that changed nothing (401, 403, 429): no authority touched, no change
+    recorded before the route ran, no lease, nothing handed out."""
+    from gateway.audit.trail import AGGREGATED_STATUSES, AUTHORITY_ACTIONS
+
+    if status not in AGGREGATED_STATUSES or ctx.get("lease_id") or ctx.get("ended_leases") or ctx.get("audit_failed"):
+        return False
+    # (A change of authority recorded before the route ran is an AUTHORITY_ACTIONS action: kept whole.)
+    action = ctx.get("action") or ""
+    return not any(a in AUTHORITY_ACTIONS for a in action.split("|"))
+
+
+def _route_kind(scope: Scope) -> str:
+    """The method and route template (``GET /v1/secrets/{mount}/{path}``): bogus paths under one route are one kind."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) or scope.get("path", "")
+    return f"{scope.get('method')} {template}"
 
 
 def _event(scope: Scope, ctx: dict, status: int | None) -> dict:
