@@ -159,6 +159,7 @@ def audit_prune(
                                           dir_okay=False)],
     config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.", dir_okay=False)] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Data directory.")] = None,
+    dev: Annotated[bool, typer.Option("--dev", help="The store and KEK of `credgate serve --dev`.")] = False,
 ) -> None:
     """Retention: archive the events before --before to --archive, then delete them from the store.
 
@@ -185,7 +186,7 @@ def audit_prune(
         cut = cut.replace(tzinfo=timezone.utc)
     if archive.exists():
         raise UsageProblem(f"{archive} exists; name a new archive file")
-    settings = load_settings(config, data_dir=data_dir).model_copy(update={"reaper_enabled": False})
+    settings = load_settings(config, dev=dev or None, data_dir=data_dir).model_copy(update={"reaper_enabled": False})
 
     async def run() -> dict[str, Any]:
         rt = await Runtime.start(settings)

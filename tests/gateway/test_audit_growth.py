@@ -223,3 +223,37 @@ async def test_prune_is_refused_when_it_cannot_be_audited(settings_factory, tmp_
                                     .where(AuditEventRow.time < cut))).scalar() >= count  # nothing deleted
         sink_dir.mkdir()
     assert ADMIN_TOKEN
+
+
+def test_credgate_audit_prune_then_verify_and_verify_against_the_archive(tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    from tests.gateway.test_audit_cli import CREDGATE, clean_env, cli, serve, stop
+
+    proc, addr, out = serve(tmp_path, with_sink=True)  # a file sink too: its pruned lines must not upset verify
+    try:
+        token = re.findall(r"^CREDGATE_TOKEN=(\S+)$", out.read_text(), re.M)[0]
+        assert cli(addr, token, "backend", "list").returncode == 0
+        assert cli(addr, "cgt_bogus", "backend", "list").returncode != 0
+    finally:
+        stop(proc, out)
+    cut = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    archive = tmp_path / "archive.jsonl"
+    cfg = tmp_path / "with-sink.yaml"
+    pruned = subprocess.run([CREDGATE, "audit", "prune", "--before", cut, "--archive", str(archive), "--config",
+                             str(cfg), "--dev"], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert pruned.returncode == 0 and pruned.stdout.startswith("pruned "), pruned.stdout + pruned.stderr
+    proc, addr, out = serve(tmp_path, with_sink=True)
+    try:
+        ok = cli(addr, token, "audit", "verify")
+        assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stdout + ok.stderr
+        ok = cli(addr, token, "audit", "verify", "--against", str(archive))
+        assert ok.returncode == 0 and "of archive.jsonl" in ok.stdout, ok.stdout + ok.stderr
+        tampered = tmp_path / "tampered.jsonl"
+        tampered.write_text(archive.read_text().replace('"outcome": "401 invalid_token"', '"outcome": "200"'))
+        bad = cli(addr, token, "audit", "verify", "--against", str(tampered))
+        assert bad.returncode == 1 and "modified in tampered.jsonl" in bad.stdout, bad.stdout + bad.stderr
+    finally:
+        stop(proc, out)
+    assert "invalid_token" in archive.read_text()
