@@ -234,6 +234,7 @@ class Runtime:
                     store, leases, credentials, wraps,
                     interval=settings.reaper_interval_seconds,
                     pending_timeout=settings.pending_timeout_seconds,
+                    leader_ttl=settings.reaper_leader_ttl_seconds,
                 ),
             )
             rt.reaper.audit = rt.audit  # the reaper's revocations are audited

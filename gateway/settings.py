@@ -210,6 +210,11 @@ class Settings(BaseSettings):
 
     reaper_enabled: bool = Field(True, description="Run the reaper in this process (one leader among replicas).")
     reaper_interval_seconds: float = Field(5.0, gt=0, description="How often the reaper looks for work.")
+    reaper_leader_ttl_seconds: float = Field(
+        15.0, gt=0,
+        description="The reaper leader's lease (PostgreSQL): a leader that can't renew it within this stops acting, "
+        "and another replica takes over within this plus one heartbeat (min(reaper_interval_seconds, ttl/3)).",
+    )
     pending_timeout_seconds: float = Field(
         120.0, gt=0, description="A pending lease older than this is a crashed issuance: revoke by its plan."
     )

@@ -14,32 +14,78 @@ Each tick (every ``reaper_interval_seconds``):
   attempt is skipped: one revocation of a lease at a time;
 - expired wrap payloads are destroyed.
 
-With several replicas on PostgreSQL only the holder of a session-level
-advisory lock runs the reaper; if its process dies, PostgreSQL releases the
-lock with the session and another replica takes over at its next tick. On
-SQLite the single process is always the leader.
+Leadership (several replicas on PostgreSQL): one replica leads, by a lease
+row (``reaper_leadership``, id 1): holder, a fencing ``epoch`` incremented on
+every takeover, and ``renewed_until``, computed by the database's clock (now()
++ ``leader_ttl``), so replica clocks don't matter. Every replica runs a
+heartbeat every min(interval, leader_ttl / 3):
+
+- the leader renews the row (``WHERE holder = me AND epoch = mine``); it stops
+  acting on its own, without asking the store, once ``leader_ttl`` has passed on
+  its monotonic clock since it sent its last successful renewal (that is never
+  later than the row's ``renewed_until``), and a renewal that finds the epoch
+  changed ends its leadership. Either way it logs "lost reaper leadership".
+- a follower takes the row (epoch + 1) when ``renewed_until`` has passed, so a
+  leader that stops without dying (SIGSTOP, a stall, a partition) is replaced
+  within leader_ttl + one heartbeat + a store round trip. The leader also holds
+  a session-level advisory lock and says so in the row (``locked``): a follower
+  that gets the lock while the row says its holder had it knows that holder's
+  session is gone (a crash) and takes over at once, as before.
+
+Fencing: the reaper's own writes (active -> revoking/expired, stale pending ->
+revoking) are conditional UPDATEs that also require the row to still name this
+replica and epoch with ``renewed_until`` in the future, in the same statement;
+a revived old leader's writes match nothing, so it records no transition and no
+audit event. Revocation attempts at the target go through the per-lease claim
+(``Credentials.attempt_revoke``): the batch starts only after a fence check
+against the store, and each attempt only while the local deadline holds; the
+claim keeps it to one attempt at a time even in the remaining window. (A reaper
+only ever ticked by hand, with no leadership round, as tests do, is unfenced.)
+
+On SQLite the single process is always the leader (no row, no fence).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
+import time
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import exists, func, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.issuing.service import Credentials
-from gateway.issuing.leases import ACTIVE, EXPIRED, PENDING, REVOKING, Leases
+from gateway.issuing.leases import ACTIVE, EXPIRED, PENDING, REVOKED, REVOKING, Leases
 from gateway.store import Store
-from gateway.store.models import utcnow
+from gateway.store.models import LeaseRow, ReaperLeadershipRow, utcnow
 from gateway.issuing.wrapping import WrapTokens
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("credgate.reaper")
 
 REAPER_LOCK_KEY = 0x63726561706572  # "creaper"
+
+
+_L = ReaperLeadershipRow.__table__.c
+_ENSURE = text("INSERT INTO reaper_leadership (id, holder, epoch, renewed_until, locked) "
+               "VALUES (1, NULL, 0, now(), false) ON CONFLICT (id) DO NOTHING")
+# A follower takes the row when its lease ran out, nobody holds it, or (having just got the
+# advisory lock itself) the row says its holder held the lock: that holder's session is gone.
+_TAKE = text("UPDATE reaper_leadership SET holder = :me, epoch = epoch + 1, locked = :locked, taken_at = now(), "
+             "renewed_until = now() + make_interval(secs => :ttl) "
+             "WHERE id = 1 AND (renewed_until IS NULL OR renewed_until < now() OR holder IS NULL "
+             "OR (:locked AND locked)) RETURNING epoch")
+_RENEW = text("UPDATE reaper_leadership SET renewed_until = now() + make_interval(secs => :ttl), locked = :locked "
+              "WHERE id = 1 AND holder = :me AND epoch = :epoch RETURNING epoch")
+_RESIGN = text("UPDATE reaper_leadership SET holder = NULL, locked = false, renewed_until = now() "
+               "WHERE id = 1 AND holder = :me AND epoch = :epoch")
+_FENCE = text("SELECT 1 FROM reaper_leadership WHERE id = 1 AND holder = :me AND epoch = :epoch "
+              "AND renewed_until > now()")
 
 
 class Reaper:
@@ -54,6 +100,7 @@ class Reaper:
         pending_timeout: float = 120.0,
         batch: int = 200,
         concurrency: int = 8,
+        leader_ttl: float = 15.0,
     ) -> None:
         self._store = store
         self._leases = leases
@@ -61,42 +108,156 @@ class Reaper:
         self._wraps = wraps
         self.interval = interval
         self.pending_timeout = pending_timeout
+        self.leader_ttl = leader_ttl
         self._batch = batch
         self._concurrency = concurrency
         self.audit: Any = None  # gateway.audit.trail.AuditLog, set by the runtime
+        self.replica_id = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._lock_conn: AsyncConnection | None = None
         self._task: asyncio.Task[None] | None = None
-        self.is_leader = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._sqlite_leader = False
+        self._ensured = False
+        # Fenced once this replica takes part in leadership (start(), or a heartbeat() by
+        # hand); a reaper only ever ticked by hand (tests; reaper_enabled false) acts unfenced.
+        self._fenced = False
+        self.epoch: int | None = None  # the fencing epoch this replica leads with; None: not leading
+        self._deadline = 0.0  # monotonic: stop acting at this moment unless renewed
+        self.takeovers = 0  # times this replica became the leader
         self.ticks = 0
 
     # --- leadership --------------------------------------------------------
 
-    async def _lead(self) -> bool:
-        if self._store.dialect != "postgresql":
-            self.is_leader = True
+    @property
+    def _pg(self) -> bool:
+        return self._store.dialect == "postgresql"
+
+    @property
+    def is_leader(self) -> bool:
+        """Leading now: on PostgreSQL, an epoch whose local deadline has not passed."""
+        if not self._pg:
+            return self._sqlite_leader
+        return self.epoch is not None and time.monotonic() < self._deadline
+
+    def _may_act(self) -> bool:
+        return not self._fenced or self.is_leader
+
+    def _lapsed(self) -> bool:
+        """Drop a leadership whose local deadline passed (the process stalled, or could not
+        renew in time): from here on it must not act. True if it did."""
+        if self.epoch is not None and time.monotonic() >= self._deadline:
+            log.warning("lost reaper leadership: epoch %d not renewed within %.1fs (stalled or cut off); "
+                        "not acting on it", self.epoch, self.leader_ttl)
+            self.epoch = None
             return True
-        if self._lock_conn is not None:
-            try:
-                await self._lock_conn.execute(text("SELECT 1"))
-                return True
-            except Exception:
-                log.warning("lost the reaper lock's connection; leadership lost")
-                await self._release()
-        conn = await self._store.engine.connect()
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": REAPER_LOCK_KEY})).scalar()
-        if got:
-            self._lock_conn = conn
-            self.is_leader = True
-            log.info("this replica now runs the reaper")
-            return True
-        await conn.close()
-        self.is_leader = False
         return False
 
-    async def _release(self) -> None:
+    async def _lead(self) -> bool:
+        """The work loop's question: may this replica run a tick now?"""
+        if not self._pg:
+            self._sqlite_leader = True
+            return True
+        self._lapsed()
+        return self.is_leader
+
+    async def _row(self, stmt: Any, params: dict[str, Any]) -> Any:
+        async with self._store.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            result = await conn.execute(stmt, params)
+            return result.first() if result.returns_rows else None
+
+    async def _try_lock(self) -> bool:
+        if self._lock_conn is not None:
+            return True
+        conn = await self._store.engine.connect()
+        try:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": REAPER_LOCK_KEY})).scalar()
+        except BaseException:
+            await conn.close()
+            raise
+        if got:
+            self._lock_conn = conn
+            return True
+        await conn.close()
+        return False
+
+    async def heartbeat(self) -> None:
+        """One leadership round: renew (leader) or try to take over (follower)."""
+        self._fenced = True
+        if not self._ensured:
+            await self._row(_ENSURE, {})
+            self._ensured = True
+        self._lapsed()
+        if self.epoch is not None:
+            sent = time.monotonic()
+            locked = await self._try_lock()
+            row = await self._row(_RENEW, {"me": self.replica_id, "epoch": self.epoch, "ttl": self.leader_ttl,
+                                           "locked": locked})
+            if row is not None:
+                if self.epoch is not None:  # not lapsed while renewing
+                    self._deadline = sent + self.leader_ttl
+                return
+            log.warning("lost reaper leadership: epoch %s was taken over by another replica", self.epoch)
+            self.epoch = None
+            await self._unlock()
+            return
+        sent = time.monotonic()
+        locked = await self._try_lock()
+        row = await self._row(_TAKE, {"me": self.replica_id, "ttl": self.leader_ttl, "locked": locked})
+        if row is None:
+            await self._unlock()  # somebody else leads: let them (or the next follower) have the lock
+            return
+        self.epoch, self._deadline = int(row[0]), sent + self.leader_ttl
+        self.takeovers += 1
+        log.info("this replica now runs the reaper (epoch %d)", self.epoch)
+
+    async def _heartbeats(self) -> None:
+        every = min(self.interval, self.leader_ttl / 3)
+        while True:
+            try:
+                # A round stuck on an unreachable store is abandoned (the local deadline has
+                # ended leadership by then); the next one starts afresh.
+                await asyncio.wait_for(self.heartbeat(), self.leader_ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is away: the local deadline ends leadership in time
+                log.warning("reaper leadership heartbeat failed (%s)", type(exc).__name__)
+            await asyncio.sleep(every)
+
+    async def still_leading(self) -> bool:
+        """The fence, asked of the store: the row still names this replica and epoch, unexpired."""
+        if not self._fenced:
+            return True
+        if self._lapsed() or self.epoch is None:
+            return False
+        return await self._row(_FENCE, {"me": self.replica_id, "epoch": self.epoch}) is not None
+
+    def _fence(self) -> Any:
+        """The same condition as a clause, for the reaper's own conditional UPDATEs."""
+        return exists().where(_L.id == 1, _L.holder == self.replica_id, _L.epoch == self.epoch,
+                              _L.renewed_until > func.now())
+
+    async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
+        """``Leases.transition`` fenced by this replica's epoch (in the same statement) on
+        PostgreSQL: a stale leader's transition matches nothing."""
+        if not self._fenced:
+            return await self._leases.transition(lease_id, frm, to, **values)
+        if self._lapsed() or self.epoch is None:
+            return False
+        values = {**values, "state": to, "updated_at": utcnow()}
+        if to in (REVOKED, EXPIRED):  # as Leases.transition: the lease is over
+            values.update(kek_version=None, wrapped_dek=None, ciphertext=None, revoke_owner=None,
+                          revoke_claim_until=None)
+        async with self._store.write() as s:
+            res = await s.execute(
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), self._fence())
+                .values(**values)
+            )
+            return res.rowcount == 1
+
+    async def _unlock(self) -> None:
         conn, self._lock_conn = self._lock_conn, None
-        self.is_leader = False
         if conn is not None:
             try:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": REAPER_LOCK_KEY})
@@ -106,6 +267,17 @@ class Reaper:
                 await conn.close()
             except Exception:
                 pass
+
+    async def _release(self) -> None:
+        """Step down (a clean stop): free the row at once so another replica need not wait."""
+        epoch, self.epoch = self.epoch, None
+        self._sqlite_leader = False
+        if self._pg and epoch is not None:
+            try:
+                await self._row(_RESIGN, {"me": self.replica_id, "epoch": epoch})
+            except Exception:
+                pass
+        await self._unlock()
 
     # --- work --------------------------------------------------------------
 
@@ -117,25 +289,29 @@ class Reaper:
         try:
             for lease in await self._leases.due_for_expiry(now, self._batch):
                 if lease.revocability == "revocable":
-                    if await self._leases.transition(lease.id, (ACTIVE,), REVOKING, next_attempt_at=now):
+                    if await self.transition(lease.id, (ACTIVE,), REVOKING, next_attempt_at=now):
                         done["to_revoke"] += 1
                         events.append(_event("leases:expire", lease, "expired: revoking"))
-                elif await self._leases.transition(lease.id, (ACTIVE,), EXPIRED):
+                elif await self.transition(lease.id, (ACTIVE,), EXPIRED):
                     await self._wraps.end_for_lease(lease.id, "expired")
                     done["expired"] += 1
                     events.append(_event("leases:expire", lease, "expired"))
             cutoff = now - timedelta(seconds=self.pending_timeout)
             for lease in await self._leases.stale_pending(cutoff, self._batch):
-                if await self._leases.transition(
+                if await self.transition(
                     lease.id, (PENDING,), REVOKING, next_attempt_at=now, last_error="issuance did not complete"
                 ):
                     done["stale_pending"] += 1
                     events.append(_event("leases:revoke", lease, "issuance did not complete: revoking"))
             due = await self._leases.due_for_revocation(now, self._batch)
+            if due and not await self.still_leading():
+                due = []  # fenced: this replica no longer leads
             sem = asyncio.Semaphore(self._concurrency)
 
             async def attempt(lease) -> bool | None:
                 async with sem:
+                    if not self._may_act():  # the local deadline passed (a stall): not this replica's to do
+                        return None
                     return await self._credentials.attempt_revoke(lease, wait=False)
 
             for lease, ok in zip(due, await asyncio.gather(*(attempt(lease) for lease in due))):
@@ -143,7 +319,8 @@ class Reaper:
                     continue  # another actor is revoking it now: its outcome is its own to record
                 done["revoked" if ok else "failed"] += 1
                 events.append(_event("leases:revoke", lease, "revoked" if ok else f"revoke failed (attempt {lease.attempts + 1})"))
-            done["wraps_purged"] = await self._wraps.purge_expired(now)
+            if self._may_act():
+                done["wraps_purged"] = await self._wraps.purge_expired(now)
         finally:
             if events and self.audit is not None:
                 # Not fail-closed: revocation must go on while a sink is down (the failure is logged).
@@ -165,12 +342,16 @@ class Reaper:
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
+        if self._pg and self._heartbeat_task is None:
+            self._fenced = True
+            self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="credgate-reaper-leadership")
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name="credgate-reaper")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
-        self._task = None
+        await cancel_and_wait(self._heartbeat_task)
+        self._task = self._heartbeat_task = None
         await self._release()
 
 

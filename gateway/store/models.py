@@ -351,3 +351,18 @@ class AuditKeyRow(SealedMixin, Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     chain_from: Mapped[int | None] = mapped_column(Integer)
+
+
+class ReaperLeadershipRow(Base):
+    """The reaper's leadership lease (one row, id 1; see gateway/issuing/reaper.py): who leads,
+    the fencing ``epoch`` (incremented on every takeover; each reaper write is conditional on
+    it), and ``renewed_until`` (the database's clock): past it another replica may take over.
+    ``locked``: the holder also holds the advisory lock, so a free lock means its session died."""
+
+    __tablename__ = "reaper_leadership"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(120))
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    renewed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    locked: Mapped[bool] = mapped_column(Boolean, default=False)
+    taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -36,6 +36,9 @@ class Metrics:
         self.revocations_stuck = Gauge("credgate_revocations_stuck",
                                        "Revocations that failed at least stuck_after_attempts times.", registry=r)
         self.reaper_leader = Gauge("credgate_reaper_leader", "1 if this replica runs the reaper.", registry=r)
+        self.reaper_takeovers = Counter("credgate_reaper_takeovers", "Times this replica became the reaper leader.",
+                                        registry=r)
+        self._takeovers_seen = 0
         self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
         self.backend_up = Gauge("credgate_backend_up", "1 if a secret backend answered its health check at the "
                                 "last scrape (checked at most every BACKEND_CHECK_SECONDS).", ["backend"], registry=r)
@@ -56,6 +59,10 @@ class Metrics:
         self.revocation_backlog.set(counts["revoking"])
         self.revocations_stuck.set(counts["stuck_revoking"])
         self.reaper_leader.set(1 if runtime.reaper.is_leader else 0)
+        takeovers = runtime.reaper.takeovers
+        if takeovers > self._takeovers_seen:
+            self.reaper_takeovers.inc(takeovers - self._takeovers_seen)
+            self._takeovers_seen = takeovers
         for name, health in runtime.audit.health.items():
             self.audit_sink_up.labels(name).set(1 if health.ok else 0)
         if time.monotonic() - self._backends_checked >= BACKEND_CHECK_SECONDS:
