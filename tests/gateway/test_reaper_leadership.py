@@ -3,7 +3,8 @@
 Two real ``credgate serve`` replicas on one PostgreSQL store, reaper every 0.2 s,
 leader lease (``reaper_leader_ttl_seconds``) 2 s. The leader is SIGSTOPped: it keeps
 its PostgreSQL sessions (and the advisory lock), yet the other replica takes over within
-the documented bound (ttl + one heartbeat, plus the HTTP poll) and expires a 2 s lease;
+the documented bound (ttl + one heartbeat, plus the HTTP poll), expires a 2 s static
+lease and revokes a 2 s PostgreSQL lease (its role is gone at the target);
 the stopped one, SIGCONTed, logs that it lost leadership, records nothing for that lease,
 and the pair converges on one leader. A unit-level test shows the fence itself: a
 replica whose epoch was taken over has its transitions refused in the store.
@@ -68,7 +69,34 @@ def wait_for(predicate, timeout: float, step: float = 0.02) -> bool:
     return predicate()
 
 
-def test_a_stopped_leader_is_replaced_and_harmless_when_it_resumes(tmp_path: Path, postgres_url: str) -> None:
+@pytest.fixture
+def pg_db(pg_cluster):
+    import secrets
+
+    import psycopg
+
+    db = "lead_" + secrets.token_hex(3)
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{db}"')
+    try:
+        yield db
+    finally:
+        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def role_exists(cluster, name: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
+
+
+def test_a_stopped_leader_is_replaced_and_harmless_when_it_resumes(
+    tmp_path: Path, postgres_url: str, pg_cluster, pg_db: str
+) -> None:
+    from connectors.base import role_name
+
     kek = tmp_path / "kek"
     new_key_file(kek)
     a, addr_a, log_a = start(tmp_path, "a", postgres_url, kek)
@@ -85,6 +113,10 @@ def test_a_stopped_leader_is_replaced_and_harmless_when_it_resumes(tmp_path: Pat
             assert c.put(f"{new_addr}/v1/connectors/vendor", json={
                 "type": "static", "auth_method": "static", "secret": "local/lead/x", "resources": ["default"]},
             ).status_code in (200, 201)
+            assert c.put(f"{new_addr}/v1/secrets/local/lead/pg", json={"data": {"dsn": pg_cluster.dsn()}}).status_code == 200
+            assert c.put(f"{new_addr}/v1/connectors/pg", json={
+                "type": "postgres", "auth_method": "password", "secret": "local/lead/pg", "resources": [pg_db]},
+            ).status_code in (200, 201)
 
             # Freeze the leader: its process and sessions stay, it just stops running.
             old.send_signal(signal.SIGSTOP)
@@ -94,12 +126,19 @@ def test_a_stopped_leader_is_replaced_and_harmless_when_it_resumes(tmp_path: Pat
                             json={"connector": "vendor", "resource": "default", "ttl_seconds": 2, "wrap": True})
             assert issued.status_code == 200, issued.text
             lease_id = issued.json()["lease_id"]
+            pg = c.post(f"{new_addr}/v1/credentials", json={"connector": "pg", "resource": pg_db, "ttl_seconds": 2})
+            assert pg.status_code == 200, pg.text
+            pg_lease = pg.json()["lease_id"]
+            assert role_exists(pg_cluster, role_name(pg_lease))
 
             # The other replica takes over within the bound (plus the polling round trip).
             assert wait_for(lambda: leader(new_addr), BOUND + 1.0), "no takeover from a stopped leader"
             took = time.monotonic() - frozen_at
             # ... and ends the 2 s lease although the old leader still holds its advisory lock.
             assert wait_for(lambda: c.get(f"{new_addr}/v1/leases/{lease_id}").json()["state"] == "expired", 5)
+            # ... and the 2 s PostgreSQL lease: revoked, its role gone at the target.
+            assert wait_for(lambda: c.get(f"{new_addr}/v1/leases/{pg_lease}").json()["state"] == "revoked", 5)
+            assert not role_exists(pg_cluster, role_name(pg_lease))
             assert "this replica now runs the reaper (epoch" in new_log.read_text()
 
             # Revive the old leader: it finds its leadership lost and does not act on it.
@@ -111,8 +150,10 @@ def test_a_stopped_leader_is_replaced_and_harmless_when_it_resumes(tmp_path: Pat
             assert leader(new_addr) and not leader(old_addr)  # one leader
             events = c.get(f"{new_addr}/v1/audit", params={"lease_id": lease_id, "action": "leases:expire"}).json()
             assert [e["outcome"] for e in events["items"]] == ["expired"]  # one expiry, by the new leader
+            revoked = c.get(f"{new_addr}/v1/audit", params={"lease_id": pg_lease, "action": "leases:revoke"}).json()
+            assert [e["outcome"] for e in revoked["items"]] == ["revoked"]  # one revocation, no failed attempt
             assert "reaper: expired=1" in new_log.read_text()
-            assert "reaper: expired" not in old_log.read_text()
+            assert "reaper: " not in old_log.read_text()  # the revived replica did nothing as the reaper
             metrics = c.get(f"{new_addr}/metrics").text
             assert "credgate_reaper_leader 1.0" in metrics
             assert "credgate_reaper_takeovers_total 1.0" in metrics
