@@ -74,15 +74,17 @@ REAPER_LOCK_KEY = 0x63726561706572  # "creaper"
 _L = ReaperLeadershipRow.__table__.c
 _ENSURE = text("INSERT INTO reaper_leadership (id, holder, epoch, renewed_until, locked) "
                "VALUES (1, NULL, 0, now(), false) ON CONFLICT (id) DO NOTHING")
-# A follower takes the row when its lease ran out, nobody holds it, or (having just got the
-# advisory lock itself) the row says its holder held the lock: that holder's session is gone.
+# A follower takes the row when its holder stopped renewing (or stepped down), or, having
+# just got the advisory lock itself, when nobody ever held the row or the row says its holder
+# held the lock (that holder's session is gone). A row nobody held yet needs the lock: a
+# previous release's replica, which knows only the lock, may be leading by it.
 _TAKE = text("UPDATE reaper_leadership SET holder = :me, epoch = epoch + 1, locked = :locked, taken_at = now(), "
              "renewed_until = now() + make_interval(secs => :ttl) "
-             "WHERE id = 1 AND (renewed_until IS NULL OR renewed_until < now() OR holder IS NULL "
-             "OR (:locked AND locked)) RETURNING epoch")
+             "WHERE id = 1 AND ((holder IS NOT NULL AND renewed_until < now()) "
+             "OR (:locked AND (holder IS NULL OR locked))) RETURNING epoch")
 _RENEW = text("UPDATE reaper_leadership SET renewed_until = now() + make_interval(secs => :ttl), locked = :locked "
               "WHERE id = 1 AND holder = :me AND epoch = :epoch RETURNING epoch")
-_RESIGN = text("UPDATE reaper_leadership SET holder = NULL, locked = false, renewed_until = now() "
+_RESIGN = text("UPDATE reaper_leadership SET locked = false, renewed_until = now() - interval '1 second' "
                "WHERE id = 1 AND holder = :me AND epoch = :epoch")
 _FENCE = text("SELECT 1 FROM reaper_leadership WHERE id = 1 AND holder = :me AND epoch = :epoch "
               "AND renewed_until > now()")

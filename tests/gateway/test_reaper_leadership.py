@@ -199,9 +199,9 @@ async def test_a_stale_epoch_is_fenced_out(gateway, postgres_url: str) -> None:
     assert (await c.get(f"/v1/leases/{lease_id}")).json()["state"] == "active"
     await reaper.heartbeat()  # the renewal finds the epoch taken
     assert not reaper.is_leader and reaper.epoch is None
-    # With the epoch back (this replica takes over again once the row is free), the write goes through.
+    # Once the other stops renewing, this replica takes over again (epoch 3) and the write goes through.
     async with rt.store.engine.begin() as conn:
-        await conn.execute(text("UPDATE reaper_leadership SET holder = NULL"))
+        await conn.execute(text("UPDATE reaper_leadership SET renewed_until = now() - interval '1 second'"))
     await reaper.heartbeat()
     assert reaper.epoch == 3
     done = await reaper.tick()
