@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from gateway.errors import ConfigurationError
@@ -130,6 +130,9 @@ def check_schema(url: str) -> None:
     """Before serving (``credgate serve``): refuse, in one line, a store whose schema a newer,
     incompatible release wrote (what start-up's :func:`upgrade` would refuse, said before the
     server starts). An empty, older or known store passes: start-up migrates it."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and (not parsed.database or not Path(parsed.database).exists()):
+        return  # no store yet (start-up creates it, and its directory)
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:

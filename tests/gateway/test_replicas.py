@@ -26,7 +26,7 @@ TOKEN = "cgt_replica-test-admin-token-" + "r" * 20
 INTERVAL = 0.5
 
 
-def start(tmp: Path, name: str, db_url: str, kek: Path) -> tuple[subprocess.Popen, str]:
+def start(tmp: Path, name: str, db_url: str, kek: Path, **settings: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = clean_env(
         CREDGATE_DATABASE_URL=db_url,
@@ -34,6 +34,7 @@ def start(tmp: Path, name: str, db_url: str, kek: Path) -> tuple[subprocess.Pope
         CREDGATE_BOOTSTRAP_TOKEN=TOKEN,
         CREDGATE_REAPER_INTERVAL_SECONDS=str(INTERVAL),
         CREDGATE_PUBLIC_URL="http://credgate.test",  # one issuer for both replicas, as behind a load balancer
+        **settings,
     )
     proc = subprocess.Popen(
         [CREDGATE, "serve", "--data-dir", str(tmp / name), "--port", str(port)],
@@ -222,8 +223,10 @@ def test_killing_the_reaper_mid_revocation_loses_no_lease(tmp_path: Path, postgr
     database = target.rsplit("/", 1)[1]
     kek = tmp_path / "kek"
     new_key_file(kek)
-    a, addr_a = start(tmp_path, "a", postgres_url, kek)
-    b, addr_b = start(tmp_path, "b", postgres_url, kek)
+    # A revocation's claim on its lease outlives the call to the target (5 s here) by 5 s: the
+    # leases the killed replica had claimed are taken over once those 10 s have passed.
+    a, addr_a = start(tmp_path, "a", postgres_url, kek, CREDGATE_TARGET_TIMEOUT_SECONDS="5")
+    b, addr_b = start(tmp_path, "b", postgres_url, kek, CREDGATE_TARGET_TIMEOUT_SECONDS="5")
     procs = [a, b]
     lease_ids: list[str] = []
     delay = random.uniform(0.5, 3.0)
