@@ -136,14 +136,6 @@ class Unavailable(CredgateError):
     retry_after = 5
 
 
-class StoreUnavailable(Unavailable):
-    """The gateway's own store did not answer, dropped the connection, or can't write (stopped,
-    failing over, a read-only or full disk): nothing was written by the request."""
-
-    code = "store_unavailable"
-    retry_after = 2
-
-
 class TargetError(CredgateError):
     """A backend or target refused or failed (a sanitised vendor error: its class and code)."""
 

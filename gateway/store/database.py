@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,19 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from gateway.store.changes import Changes, committed
-from gateway.errors import ConfigurationError, StoreUnavailable
-
-log = logging.getLogger("credgate.store")
-# A PostgreSQL store that does not answer a new connection within this many seconds is a 503
-# store_unavailable (a black-holed or failing-over server), not a request hanging on the OS's
-# TCP timeout.
-CONNECT_TIMEOUT_SECONDS = 5
+from gateway.errors import ConfigurationError
 
 _IMMEDIATE = "credgate_sqlite_immediate"
 T = TypeVar("T")
@@ -127,18 +119,6 @@ def check_sole_use(url: str) -> None:
         os.close(fd)
 
 
-def _store_outage(ctx: ExceptionContext) -> None:
-    """Every engine's error hook: the store down, a dropped connection, a connection that can't
-    be made, a statement the server cancelled, a read-only or full disk (an OperationalError
-    or a disconnect) is :class:`StoreUnavailable` (a 503 with Retry-After on every route), not
-    an unexpected error; its class alone is logged, never its text. Other errors (a unique key
-    taken, a bug) pass unchanged."""
-    if ctx.is_disconnect or isinstance(ctx.sqlalchemy_exception, OperationalError):
-        log.warning("the store failed (%s); answering 503 store_unavailable until it is back",
-                    type(ctx.original_exception).__name__)
-        raise StoreUnavailable("The gateway's store can't be reached or can't write right now; nothing was written.")
-
-
 class Store:
     def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20) -> None:
         self.url = async_url(url)
@@ -153,8 +133,7 @@ class Store:
         if self.dialect == "postgresql":
             # Connections are kept, not churned: 32 concurrent requests against a pool of 10 (+20
             # overflow) opened ~90 PostgreSQL sessions a second and cost a third of the lease reads' rate.
-            kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
-                          connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
+            kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
         else:
             # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
             # return would be one more hop to aiosqlite's thread per use.
@@ -163,8 +142,7 @@ class Store:
         # The group committer's own engine: plain DB-API on one dedicated thread, so a whole
         # group of writes costs one hand-off between threads, not one per statement.
         self._group_engine = create_engine(
-            sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True,
-                                    "connect_args": {"connect_timeout": CONNECT_TIMEOUT_SECONDS}}
+            sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True}
                                    if self.dialect == "postgresql" else
                                    {"pool_reset_on_return": None, "connect_args": {"check_same_thread": False}})
         )
@@ -172,8 +150,6 @@ class Store:
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine.sync_engine)
             _sqlite_setup(self._group_engine)
-        for engine in (self.engine.sync_engine, self._group_engine):
-            event.listen(engine, "handle_error", _store_outage)
         self.changes = Changes(self.url, self.dialect)
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
