@@ -24,6 +24,7 @@ from sqlalchemy import text
 
 from gateway.crypto.keyring import new_key_file
 from tests.services.waiting import clean_env, free_port, wait_until_serving
+from tests.gateway.test_revocation_races import pg_db  # noqa: F401 - the target database fixture
 
 CREDGATE = str(Path(sys.executable).parent / "credgate")
 TOKEN = "cgt_leadership-test-admin-token-" + "l" * 20
@@ -67,22 +68,6 @@ def wait_for(predicate, timeout: float, step: float = 0.02) -> bool:
             return True
         time.sleep(step)
     return predicate()
-
-
-@pytest.fixture
-def pg_db(pg_cluster):
-    import secrets
-
-    import psycopg
-
-    db = "lead_" + secrets.token_hex(3)
-    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
-    try:
-        yield db
-    finally:
-        with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
 def role_exists(cluster, name: str) -> bool:
