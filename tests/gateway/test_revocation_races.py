@@ -297,7 +297,16 @@ async def test_a_claimed_lease_is_waited_for_then_reported_as_its_holder_left_it
 
         done = await a.runtime.reaper.tick()
         assert (done["revoked"], done["failed"]) == (0, 0)  # skipped: not its to try
+        polled = asyncio.Event()  # set once the request is in its wait for the holder's outcome
+        progress = a.runtime.leases.revoke_progress
+
+        async def spied(lease: str):
+            polled.set()
+            return await progress(lease)
+
+        a.runtime.leases.revoke_progress = spied  # type: ignore[method-assign]
         waiting = asyncio.create_task(a.client.post(f"/v1/leases/{lease_id}/revoke"))
+        await asyncio.wait_for(polled.wait(), 20)
         await asyncio.sleep(0.3)
         assert not waiting.done()  # waiting for the holder, not revoking a second time
         assert pg_roles(pg_cluster, {role_name(lease_id)}) == {role_name(lease_id)}
