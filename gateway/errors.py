@@ -23,6 +23,7 @@ carry a secret value.
     ├── ValidationFailed              validation_failed       (422; carries field paths)
     ├── TooManyRequests               rate_limited            (429)
     ├── Unavailable                   not_ready, ...          (503)
+    │   └── StoreUnavailable          store_unavailable       (503, Retry-After 2: the store is away)
     ├── TargetError                   target_error            (502: a backend or target failed)
     │   ├── TargetUnreachable         target_unreachable, backend_unavailable (503: it did not answer)
     │   └── ResourceRejected          target_rejected_resource (409: it refused this resource)
@@ -134,6 +135,15 @@ class Unavailable(CredgateError):
     status = 503
     code = "unavailable"
     retry_after = 5
+
+
+class StoreUnavailable(Unavailable):
+    """The gateway's own store did not answer in time, dropped the connection, or can't
+    write (stopped, failing over, a read-only or full disk). The request's transaction
+    was rolled back: nothing it meant to write was written."""
+
+    code = "store_unavailable"
+    retry_after = 2
 
 
 class TargetError(CredgateError):

@@ -181,7 +181,10 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         keyring = keyring_for(settings, probe=False)
-        store = Store(settings.store_url, pool_size=settings.database_pool_size)
+        store = Store(settings.store_url, pool_size=settings.database_pool_size,
+                      connect_timeout=settings.database_connect_timeout_seconds,
+                      statement_timeout=settings.database_statement_timeout_seconds,
+                      stale_seconds=settings.cache_stale_seconds)
         try:
             store.claim_sole_use()
             await asyncio.to_thread(store.upgrade)
@@ -250,6 +253,10 @@ class Runtime:
                 rt.keys.start_following(settings.kek_check_seconds)
             if settings.reaper_enabled:
                 rt.reaper.start()
+                if settings.audit_retention_days > 0:  # one replica prunes: the reaper's leader
+                    rt.audit.keep(settings.audit_retention_days, settings.audit_archive_path,
+                                  every_seconds=settings.audit_retention_check_seconds,
+                                  leading=lambda: rt.reaper.is_leader)
         except BaseException:
             if isinstance(keyring, KmsKeyRing):
                 await keyring.aclose()

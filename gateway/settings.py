@@ -191,6 +191,21 @@ class Settings(BaseSettings):
         "written out first).",
     )
 
+    audit_retention_days: float = Field(
+        0, ge=0, le=36500,
+        description="Audit events older than this many days are archived (the export line format, with the "
+        "checkpoints that cover them) into a new file under audit_archive_dir and pruned from the store, by the "
+        "reaper's leader every audit_retention_check_seconds; the chain still verifies from the cut on, and the "
+        "archive against it. 0: keep every event in the store.",
+    )
+    audit_archive_dir: Path | None = Field(
+        None, description="Where the retention policy writes its archives (default: DATA_DIR/audit-archive); "
+        "on Kubernetes, a persistent volume.",
+    )
+    audit_retention_check_seconds: float = Field(
+        3600.0, gt=0, le=86400 * 7, description="How often the retention policy looks for events to prune.",
+    )
+
     rate_per_address: float = Field(500.0, ge=0, description="Requests/s per client address (0: no limit).")
     burst_per_address: float = Field(1000.0, ge=1)
     rate_per_principal: float = Field(200.0, ge=0, description="Requests/s per authenticated principal (0: no limit).")
@@ -230,6 +245,24 @@ class Settings(BaseSettings):
         20, ge=1, le=500,
         description="PostgreSQL connections each replica keeps open (plus up to 10 more under bursts, one listener "
         "and one for the reaper's lock); size it against max_connections and the number of replicas.",
+    )
+    database_connect_timeout_seconds: float = Field(
+        5.0, gt=0, le=300,
+        description="PostgreSQL store: how long a new connection (or a free pooled one) may take, and how long a "
+        "connection whose data goes unacknowledged (a partition) or whose idle keepalives go unanswered lives. "
+        "Past it a request answers 503 store_unavailable with Retry-After.",
+    )
+    database_statement_timeout_seconds: float = Field(
+        60.0, ge=0, le=3600,
+        description="PostgreSQL store: the longest one statement may run (statement_timeout; 0: no limit). "
+        "Past it the request answers 503 store_unavailable.",
+    )
+    cache_stale_seconds: float = Field(
+        30.0, ge=0, le=3600,
+        description="While this replica can't hear the store's change feed (a store outage, a failover), what "
+        "its caches hold (verified tokens, secret metadata, connectors, policies) keeps answering for at most this "
+        "long after the feed was lost; nothing new is cached meanwhile. A change made on another replica in that "
+        "time may go unseen here for as long. 0: stop using the caches as soon as the feed is lost.",
     )
     material_cache_seconds: float = Field(
         30.0, ge=0, le=3600,
@@ -389,6 +422,10 @@ class Settings(BaseSettings):
     @property
     def dev_kek_file(self) -> Path:
         return self.data_dir / "kek"
+
+    @property
+    def audit_archive_path(self) -> Path:
+        return (self.audit_archive_dir or self.data_dir / "audit-archive").expanduser()
 
     @classmethod
     def settings_customise_sources(

@@ -41,10 +41,10 @@ import secrets as _secrets
 import sys
 import time as _time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from sqlalchemy import delete, func, insert, select, text
 
 from gateway.audit.search import Filter, Page, search
 from gateway.tasks import cancel_and_wait
+from gateway.throttle import LogThrottle
 
 GENESIS = "0" * 64
 FIELDS = (
@@ -253,6 +254,8 @@ def bound_event(event: dict[str, Any]) -> dict[str, Any]:
 # --- recording -----------------------------------------------------------------
 
 log = logging.getLogger("credgate.audit")
+# A sink down fails every request's event: one line per 10 s with the count of the rest.
+_unrecorded_log = LogThrottle(log, seconds=10.0, level=logging.ERROR)
 _current: ContextVar[dict[str, Any] | None] = ContextVar("credgate_audit", default=None)
 _PG_AUDIT_LOCK = 0x6175646974  # "audit"
 
@@ -448,6 +451,7 @@ class AuditLog:
         # Refusals of one kind within a window (see refusal): kind -> entry, least recently seen first.
         self._refusals: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
         self._refusal_timer: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
 
     # --- keys, start and stop --------------------------------------------------
 
@@ -523,9 +527,48 @@ class AuditLog:
                 except Exception as exc:  # noqa: BLE001 - the next tick tries again
                     log.error("audit checkpoint failed (%s)", type(exc).__name__)
 
+    # --- retention ----------------------------------------------------------------
+
+    def keep(self, days: float, archive_dir: Path, *, every_seconds: float, leading: Callable[[], bool]) -> None:
+        """The retention policy: every ``every_seconds``, on the replica for which ``leading()``
+        (the reaper's leader: one replica prunes), archive the events older than ``days`` into
+        a new file under ``archive_dir`` and prune them (:meth:`prune`: verified first, the
+        archive fsync'd before anything is deleted, the prune itself audited fail-closed, an
+        anchor checkpoint at the cut). A pass that fails is logged and tried again next time."""
+        archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._retention_task = asyncio.create_task(
+            self._retention_loop(timedelta(days=days), archive_dir, every_seconds, leading), name="credgate-audit-retention")
+
+    async def retention_pass(self, keep: timedelta, archive_dir: Path) -> dict[str, Any]:
+        """One pass of the retention policy: prune what is older than ``keep``."""
+        from gateway.store.models import utcnow
+
+        before = utcnow() - keep
+        archive = archive_dir / f"audit-before-{before:%Y%m%dT%H%M%S.%fZ}.jsonl"
+        out = await self.prune(before, archive, by="audit retention")
+        if out["pruned"]:
+            log.info("audit retention: archived and pruned %d events (through seq %d) into %s",
+                     out["pruned"], out["pruned_through"], archive.name)
+        return out
+
+    async def _retention_loop(self, keep: timedelta, archive_dir: Path, every: float,
+                              leading: Callable[[], bool]) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if not leading():
+                continue
+            try:
+                await self.retention_pass(keep, archive_dir)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged by class; the next pass tries again
+                log.error("audit retention pass failed (%s); the events are kept", type(exc).__name__)
+
     async def aclose(self) -> None:
         """Write the pending refusal aggregates, stop the timers, let queued events land, and
         checkpoint the head (at shutdown)."""
+        await cancel_and_wait(self._retention_task)
+        self._retention_task = None
         await cancel_and_wait(self._refusal_timer)
         self._refusal_timer = None
         if self._chain_key is not None and self._refusals:
@@ -663,7 +706,7 @@ class AuditLog:
                 if loop.time() + delay > deadline:
                     if fail_closed:
                         raise
-                    log.error("audit event not fully recorded (a required sink is down)")
+                    _unrecorded_log.emit("unrecorded", "audit event not fully recorded (a required sink is down)")
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)

@@ -28,6 +28,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 from sqlalchemy import select
 
+from gateway.errors import StoreUnavailable
 from gateway.store import changes
 from gateway.crypto.envelope import Envelope
 from gateway.store import Store
@@ -104,8 +105,15 @@ class SigningKeys:
         the change feed is down and the keys were loaded over a second ago."""
         now = time.monotonic()
         unheard = not self._store.changes.live and now - self._loaded_mono > UNHEARD_RELOAD_SECONDS
-        if self._stale or now >= self._reload_at or unheard:
+        if self._stale or now >= self._reload_at:
             await self.load()
+        elif unheard:
+            try:
+                await self.load()
+            except StoreUnavailable:
+                # Only a check for changes unheard: the keys held serve for the feed's bounded staleness.
+                if not self._store.changes.serving:
+                    raise
 
     async def rotate(self, grace: timedelta | None = None) -> str:
         """A new active key. Without ``grace`` every other key stops verifying tokens at once;

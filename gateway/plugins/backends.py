@@ -337,7 +337,7 @@ class Mounts:
     async def get(self, name: str) -> Guarded:
         """The live backend for ``name``, rebuilt when its row changed (on any replica)."""
         cached = self._live.get(name)
-        if cached and name in self._fresh and self._feed.live:
+        if cached and name in self._fresh and self._feed.serving:
             return cached[1]
         self._fresh.discard(name)
         generation = self.metadata.generation

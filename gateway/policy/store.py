@@ -4,7 +4,8 @@ The set is compiled once per change and swapped whole. Every replica hears
 of a change through the change feed (:mod:`gateway.store.changes`) and recompiles
 on its next request. While the feed is not live (its listener reconnecting),
 a cheap fingerprint query (count and newest ``updated_at``), made at most once
-per ``REFRESH_SECONDS``, stands in for it.
+per ``REFRESH_SECONDS``, stands in for it; if the store can't answer it, the
+compiled set keeps serving for the feed's bounded staleness (``cache_stale_seconds``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gateway.store import changes
-from gateway.errors import BadRequest, validate_model
+from gateway.errors import BadRequest, StoreUnavailable, validate_model
 from gateway.policy.rules import PolicyDocument, PolicySet
 from gateway.store import Store
 from gateway.store.models import PolicyRow, utcnow
@@ -42,6 +43,7 @@ class Policies:
         self._feed = store.changes
         self._generation = 0  # bumped by every change heard
         self._fresh_at = -1  # the generation the current set was compiled at
+        self._known = False  # the set was once found current in the store
         self._feed.subscribe("policy", self._changed)
         self.compiles = 0
 
@@ -64,10 +66,16 @@ class Policies:
             if self._usable():
                 return self._set
             generation = self._generation
-            fp = await self._fingerprint()
-            if fp != self._set.version or self._feed.live:
-                await self._compile(fp)
+            try:
+                fp = await self._fingerprint()
+                if fp != self._set.version or self._feed.live:
+                    await self._compile(fp)
+            except StoreUnavailable:
+                if self._known and self._feed.serving:  # the store is away: what is held serves, bounded
+                    return self._set
+                raise
             self._checked = time.monotonic()
+            self._known = True
             self._fresh_at = generation if self._feed.live else -1
         return self._set
 

@@ -5,6 +5,6 @@ revoke and delete under a lock with their change-feed note).
 Services own their queries; routes never import the models or SQLAlchemy (the
 ``routes-call-services`` import contract)."""
 
-from gateway.store.database import Store
+from gateway.store.database import Store, as_store_unavailable
 
-__all__ = ["Store"]
+__all__ = ["Store", "as_store_unavailable"]

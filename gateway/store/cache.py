@@ -2,11 +2,13 @@
 
 A :class:`Cache` maps a key to a value until the entry's own expiry, until
 :meth:`Cache.invalidate` drops it, or until it is evicted (least recently
-used first, past ``max_entries``). It only serves while its
-:class:`~gateway.store.changes.Changes` feed is live: when the feed has lost its
-PostgreSQL listener (so another replica's change might go unheard), every
-lookup misses and nothing is stored, and the caller reads the store as if
-there were no cache.
+used first, past ``max_entries``). It only stores while its
+:class:`~gateway.store.changes.Changes` feed is live, and only serves while the
+feed is :attr:`~gateway.store.changes.Changes.serving`: when the feed has lost
+its PostgreSQL listener (so another replica's change might go unheard), what is
+held still answers for the feed's bounded staleness (``cache_stale_seconds``:
+a store outage does not fail what is cached at once), and past it every lookup
+misses and the caller reads the store as if there were no cache.
 
 A load that started before an invalidation must not store what it read:
 ``lookup`` returns the cache's generation, and ``store`` ignores a value
@@ -37,6 +39,9 @@ class Feed(Protocol):
     @property
     def live(self) -> bool: ...
 
+    @property
+    def serving(self) -> bool: ...
+
 
 class Cache(Generic[K, V]):
     def __init__(self, name: str, feed: Feed, *, ttl: float | None = None, max_entries: int = 10_000) -> None:
@@ -55,7 +60,7 @@ class Cache(Generic[K, V]):
 
     def lookup(self, key: K) -> tuple[V, int]:
         """``(value, generation)``; value is :data:`MISSING` on a miss."""
-        if self._feed.live:
+        if self._feed.serving:
             entry = self._entries.get(key)
             if entry is not None:
                 if entry[0] > time.monotonic():

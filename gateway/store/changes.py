@@ -8,9 +8,13 @@ if) the change commits. In this process the subscribers run right after the
 commit, before the write is acknowledged.
 
 Each replica keeps one dedicated connection that ``LISTEN``\\ s. While it is
-down the feed is not :attr:`~Changes.live`: caches stop serving and storing
-(see :mod:`gateway.store.cache`), and when it is back every subscriber is told to
-drop everything, since notifications sent meanwhile were lost.
+down the feed is not :attr:`~Changes.live`: caches store nothing new, and what
+they hold is served for at most ``stale_seconds`` after the listener was lost
+(:attr:`~Changes.serving`; setting ``cache_stale_seconds``), so that a store
+outage does not at once fail requests whose answer is cached, at the price of
+missing another replica's change for that long. Past it, and when the listener
+is back, every subscriber is told to drop everything, since notifications sent
+meanwhile were lost.
 
 On SQLite there is one process and no listener: the feed is always live and
 in-process delivery is all there is.
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -86,10 +91,14 @@ def committed(session: AsyncSession | Session) -> list[tuple[str, str | None]]:
 
 
 class Changes:
-    def __init__(self, url: str, dialect: str, *, retry_seconds: float = 1.0) -> None:
+    def __init__(self, url: str, dialect: str, *, retry_seconds: float = 1.0, stale_seconds: float = 0.0,
+                 connect_args: dict[str, Any] | None = None) -> None:
         self._url = url
         self._dialect = dialect
         self._retry = retry_seconds
+        self._stale = stale_seconds
+        self._connect_args = dict(connect_args or {})
+        self._lost_at: float | None = None  # monotonic; set while deaf and still serving what is cached
         self._subscribers: dict[str, list[Subscriber]] = defaultdict(list)
         self._listening = dialect != "postgresql"
         self._task: asyncio.Task[None] | None = None
@@ -102,6 +111,20 @@ class Changes:
     def live(self) -> bool:
         """True while every change made anywhere reaches this replica."""
         return self._listening
+
+    @property
+    def serving(self) -> bool:
+        """True while caches may answer from what they hold: the feed is live, or was lost
+        less than ``stale_seconds`` ago (nothing is stored meanwhile)."""
+        if self._listening:
+            return True
+        if self._lost_at is None:
+            return False
+        if time.monotonic() - self._lost_at < self._stale:
+            return True
+        self._lost_at = None
+        self._flush_everything()
+        return False
 
     def subscribe(self, topic: str, subscriber: Subscriber) -> None:
         if topic not in TOPICS:
@@ -142,11 +165,12 @@ class Changes:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True, application_name=LISTENER_NAME
+                    conninfo, autocommit=True, application_name=LISTENER_NAME, **self._connect_args
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     # Anything noted while we were deaf is unknown: start from empty caches.
                     self._flush_everything()
+                    self._lost_at = None
                     self._listening = True
                     self._ready.set()
                     log.info("listening for changes")
@@ -162,8 +186,12 @@ class Changes:
                 if self._listening:
                     log.warning("lost the change listener (%s); caches are bypassed until it is back",
                                 type(exc).__name__)
+            if self._listening and self._stale > 0:
+                self._lost_at = time.monotonic()  # what is cached serves a little longer
+            elif self._lost_at is None:
+                self._flush_everything()
             self._listening = False
-            self._flush_everything()
+            self.serving  # noqa: B018 - ends the stale window (and flushes) once it has passed
             self.reconnects += 1
             await asyncio.sleep(self._retry)
 

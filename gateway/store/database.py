@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +21,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from gateway.store.changes import Changes, committed
-from gateway.errors import ConfigurationError
+from gateway.errors import ConfigurationError, StoreUnavailable
+from gateway.throttle import LogThrottle
 
+log = logging.getLogger("credgate.store")
 _IMMEDIATE = "credgate_sqlite_immediate"
 T = TypeVar("T")
 
@@ -119,8 +124,88 @@ def check_sole_use(url: str) -> None:
         os.close(fd)
 
 
+# SQLSTATEs that mean "the store can't serve right now" although the driver files them
+# under another class: a read-only transaction (a standby after a failover) and a server
+# shutting down or starting (57P0x). Class 08 (connection), 53 (resources: disk full,
+# too many connections) and 57014 (statement timeout) are OperationalErrors already.
+_OUTAGE_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
+_SQLITE_REASONS = {
+    "SQLITE_READONLY": "the database file or its directory is read-only",
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "an I/O error",
+    "SQLITE_CANTOPEN": "the database file can't be opened",
+    "SQLITE_BUSY": "the database stayed locked past the busy timeout",
+    "SQLITE_LOCKED": "the database stayed locked past the busy timeout",
+}
+# At most one "store failing" line per reason this often, with a count of the rest.
+_outage_log = LogThrottle(log, seconds=10.0)
+
+
+def outage_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` (a driver or SQLAlchemy error) means the store is unavailable, in words
+    safe to log (an error class, SQLSTATE or SQLite code); None when it is not an outage
+    (a unique key taken, a bug)."""
+    if isinstance(exc, PoolTimeout):
+        return "no pooled connection became free in time"
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    name = getattr(orig, "sqlite_errorname", None)
+    if name:  # SQLite: its primary code names the cause (SQLITE_IOERR_WRITE -> SQLITE_IOERR)
+        cause = _SQLITE_REASONS.get("_".join(name.split("_")[:2]))
+        return f"{name}: {cause}" if cause else None
+    if exc.connection_invalidated or isinstance(exc, OperationalError) or sqlstate in _OUTAGE_SQLSTATES:
+        return f"{type(orig).__name__}" + (f" {sqlstate}" if sqlstate else "")
+    return None
+
+
+def _store_outage(ctx: ExceptionContext) -> None:
+    """Every store engine's error hook: a failure that means the store is unavailable (see
+    :func:`outage_reason`) is raised as :class:`StoreUnavailable`, a 503 with Retry-After on
+    every route; the connection is still invalidated by SQLAlchemy when it was dropped. A
+    pool pre-ping is left alone: SQLAlchemy then replaces the stale connection itself."""
+    if ctx.is_pre_ping or ctx.sqlalchemy_exception is None:
+        return
+    failed = as_store_unavailable(ctx.sqlalchemy_exception, disconnected=ctx.is_disconnect)
+    if failed is not None:
+        raise failed
+
+
+def as_store_unavailable(exc: BaseException, *, disconnected: bool = False) -> StoreUnavailable | None:
+    """``exc`` as the 503 it stands for when it means the store is unavailable (logged,
+    throttled, by its reason alone), else None. Used by the engines' error hook and for what
+    never reaches it (a pool that had no connection free in time)."""
+    reason = outage_reason(exc) or ("disconnected" if disconnected else None)
+    if reason is None:
+        return None
+    _outage_log.emit(reason, "the store is failing (%s); requests that need it answer 503 store_unavailable",
+                     reason)
+    return StoreUnavailable("The gateway's store can't be reached or can't write right now; nothing was written.")
+
+
+def _postgres_connect_args(connect_timeout: float) -> dict[str, Any]:
+    """libpq options bounding how long a dead or black-holed PostgreSQL store can hold a
+    request: the connect timeout, TCP keepalives on idle connections, and a TCP user timeout
+    (data unacknowledged that long drops the connection)."""
+    seconds = max(1, round(connect_timeout))
+    return {"connect_timeout": seconds, "keepalives": 1, "keepalives_idle": seconds,
+            "keepalives_interval": 1, "keepalives_count": 3, "tcp_user_timeout": seconds * 1000}
+
+
+def _statement_timeout(sync_engine: Engine, seconds: float) -> None:
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"SET statement_timeout = {int(seconds * 1000)}")
+        cur.close()
+        dbapi_conn.commit()
+
+
 class Store:
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20,
+                 connect_timeout: float = 5.0, statement_timeout: float = 60.0,
+                 stale_seconds: float = 0.0) -> None:
         self.url = async_url(url)
         self.dialect = make_url(self.url).get_backend_name()
         if self.dialect == "sqlite":
@@ -133,7 +218,8 @@ class Store:
         if self.dialect == "postgresql":
             # Connections are kept, not churned: 32 concurrent requests against a pool of 10 (+20
             # overflow) opened ~90 PostgreSQL sessions a second and cost a third of the lease reads' rate.
-            kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
+            kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True, pool_timeout=connect_timeout,
+                          connect_args=_postgres_connect_args(connect_timeout))
         else:
             # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
             # return would be one more hop to aiosqlite's thread per use.
@@ -142,7 +228,9 @@ class Store:
         # The group committer's own engine: plain DB-API on one dedicated thread, so a whole
         # group of writes costs one hand-off between threads, not one per statement.
         self._group_engine = create_engine(
-            sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True}
+            sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True,
+                                    "pool_timeout": connect_timeout,
+                                    "connect_args": _postgres_connect_args(connect_timeout)}
                                    if self.dialect == "postgresql" else
                                    {"pool_reset_on_return": None, "connect_args": {"check_same_thread": False}})
         )
@@ -150,7 +238,13 @@ class Store:
         if self.dialect == "sqlite":
             _sqlite_setup(self.engine.sync_engine)
             _sqlite_setup(self._group_engine)
-        self.changes = Changes(self.url, self.dialect)
+        elif statement_timeout > 0:
+            _statement_timeout(self.engine.sync_engine, statement_timeout)
+            _statement_timeout(self._group_engine, statement_timeout)
+        for engine in (self.engine.sync_engine, self._group_engine):
+            event.listen(engine, "handle_error", _store_outage)
+        self.changes = Changes(self.url, self.dialect, stale_seconds=stale_seconds,
+                               connect_args=_postgres_connect_args(connect_timeout))
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
         self._sole_use: int | None = None

@@ -25,6 +25,7 @@ from gateway.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    StoreUnavailable,
     TooManyRequests,
     Unauthenticated,
     Unavailable,
@@ -32,6 +33,7 @@ from gateway.errors import (
     ValidationFailed,
     field_errors,
 )
+from gateway.store import as_store_unavailable
 
 log = logging.getLogger("credgate.errors")
 
@@ -87,7 +89,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CredgateError)
     async def _credgate(request: Request, exc: CredgateError) -> JSONResponse:
-        if exc.status >= 500:
+        if exc.status >= 500 and not isinstance(exc, StoreUnavailable):  # the store logs its own, throttled
             log.error("request failed: %s (%s)", exc.code, exc.message)
         return error_response(exc)
 
@@ -111,6 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        store_down = as_store_unavailable(exc)  # what the store's error hook can't see (a pool wait)
+        if store_down is not None:
+            return error_response(store_down)
         # The exception's text may quote a vendor response; log only its type.
         log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
         return error_response(CredgateError("The gateway hit an internal error."))

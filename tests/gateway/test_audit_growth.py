@@ -204,6 +204,58 @@ async def test_prune_archives_deletes_and_the_chain_still_verifies(settings_fact
 
 
 @sqlite_only
+async def test_the_retention_policy_archives_and_prunes_old_events_by_itself(settings_factory, tmp_path: Path) -> None:
+    """audit_retention_days: the reaper's leader prunes on its own, pass after pass, each
+    pass into a new archive; the store keeps only recent events, the chain verifies from
+    the cut, each archive verifies against it, and a replica that does not lead prunes nothing."""
+    keep_days = 1.0 / 86400  # one second
+    archive_dir = tmp_path / "archive"
+    settings = settings_factory(reaper_enabled=True, audit_retention_days=keep_days, audit_archive_dir=archive_dir,
+                                audit_retention_check_seconds=0.3)
+    async with running(settings) as (app, c):
+        rt = app.state.runtime
+        for i in range(4):
+            assert (await c.put(f"/v1/secrets/local/app/k{i}", json={"data": {"v": "x"}})).status_code in (200, 201)
+        first = (await rows(rt.store))[0]["seq"]
+        for _ in range(100):  # a pass prunes what is a second old
+            await asyncio.sleep(0.1)
+            if archives := sorted(archive_dir.glob("audit-before-*.jsonl")):
+                break
+        assert archives, "no retention pass ran"
+        assert (await c.get("/v1/backends")).status_code == 200
+        await asyncio.sleep(1.5)  # the next passes prune the first ones' own events
+        kept = await rows(rt.store)
+        assert kept[0]["seq"] > first
+        assert all(e["action"] != "secrets:write" for e in kept)
+        report = await verify(c)
+        assert report["ok"] is True, report
+        archives = sorted(archive_dir.glob("audit-before-*.jsonl"))
+        archived = [json.loads(x) for a in archives for x in a.read_text().splitlines()]
+        assert [e["seq"] for e in archived if "type" not in e][0] == first
+        # The archives, read together in order, continue into what the store keeps.
+        together = await rt.audit.verify(archived, against_name="the archives")
+        assert together["ok"] is True, together
+        assert together["compared"]["events"] == len([e for e in archived if "type" not in e]) > 4
+        assert oct(archive_dir.stat().st_mode & 0o777) == "0o700"
+        assert any(e["action"] == PRUNE_ACTION and e["subject"] == "audit retention" for e in kept)
+
+    # Not leading (another replica is): nothing is pruned however old.
+    other = settings_factory(data_dir=tmp_path / "other", database_url=f"sqlite:///{tmp_path / 'other.db'}",
+                             reaper_enabled=True, audit_retention_days=keep_days,
+                             audit_archive_dir=tmp_path / "other-archive", audit_retention_check_seconds=0.2)
+    async with running(other) as (app, c):
+        app.state.runtime.reaper._sqlite_leader = False
+        app.state.runtime.reaper._lead = _never  # type: ignore[method-assign]
+        assert (await c.put("/v1/secrets/local/app/k", json={"data": {"v": "x"}})).status_code in (200, 201)
+        await asyncio.sleep(1.6)
+        assert not list((tmp_path / "other-archive").glob("*.jsonl"))
+
+
+async def _never() -> bool:
+    return False
+
+
+@sqlite_only
 async def test_prune_is_refused_when_it_cannot_be_audited(settings_factory, tmp_path: Path) -> None:
     sink_dir = tmp_path / "audit"
     sink_dir.mkdir()

@@ -25,6 +25,10 @@ class Feed:
         self.live = live
         self.caches: list = []
 
+    @property
+    def serving(self) -> bool:
+        return self.live
+
 
 def test_cache_serves_until_invalidated_and_never_stores_a_stale_load() -> None:
     cache: Cache[str, int] = Cache("t", Feed())
@@ -126,6 +130,33 @@ async def test_caches_stop_serving_while_the_listener_is_down_and_start_empty_af
         assert await _wait_for(lambda: store.changes.live)  # reconnected
         assert cache.lookup("k")[0] is MISSING  # and it starts empty
         assert store.changes.reconnects >= 1
+    finally:
+        await store.aclose()
+
+
+async def test_with_a_stale_window_caches_serve_what_they_hold_for_that_long_and_no_longer(postgres_url: str) -> None:
+    """cache_stale_seconds: a lost listener (as in a store outage) leaves what is cached
+    answering for the window, nothing new is stored, and past it everything is dropped."""
+    store = Store(postgres_url, stale_seconds=1.5)
+    try:
+        await store.changes.start()
+        cache: Cache[str, str] = Cache("t", store.changes)
+        flushed: list = []
+        store.changes.subscribe("policy", flushed.append)
+        cache.store("k", "v", cache.generation)
+        store.changes._retry = 30  # no reconnect during the test: only the window may drop "k"
+        async with store.engine.connect() as conn:
+            await conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = :n AND datname = current_database()"), {"n": LISTENER_NAME})
+        assert await _wait_for(lambda: not store.changes.live)
+        lost = time.monotonic()
+        assert cache.lookup("k")[0] == "v" and flushed == []  # still served inside the window
+        cache.store("new", "x", cache.generation)
+        assert cache.lookup("new")[0] is MISSING  # nothing stored while deaf
+        assert await _wait_for(lambda: cache.lookup("k")[0] is MISSING)
+        assert time.monotonic() - lost >= 1.0  # not before the window ran out
+        assert None in flushed and not store.changes.live  # dropped by the window, not a reconnect
     finally:
         await store.aclose()
 

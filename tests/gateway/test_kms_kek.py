@@ -162,7 +162,7 @@ def aws_settings(settings_factory, aws_key: str, kms_proxy: TcpProxy) -> Callabl
     def make(**overrides: Any) -> Any:
         values: dict[str, Any] = dict(
             kek_file=None, kek_source="aws-kms", kek_aws_key_id=aws_key, kek_aws_region=TEST_REGION,
-            kek_aws_endpoint_url=f"http://127.0.0.1:{kms_proxy.port}", kek_kms_timeout_seconds=2,
+            kek_aws_endpoint_url=f"http://127.0.0.1:{kms_proxy.port}", kek_kms_timeout_seconds=5,
         )
         values.update(overrides)
         return settings_factory(**values)
@@ -233,7 +233,8 @@ async def test_aws_kms_unreachable_at_start_is_a_configuration_error(aws_setting
         text = str(exc)
         assert "aws-kms" in text and "did not answer" in text and "refusing to start" in text, text
         assert "\n" not in text and exc.__cause__ is None
-    # Black-holed instead of refused: the deadline (kek_kms_timeout_seconds=2) ends it.
+    # Black-holed instead of refused: the deadline (kek_kms_timeout_seconds=5; 2 s failed
+    # a start-up under load) ends it.
     t0 = time.monotonic()
     with kms_proxy.failing("blackhole"):
         with pytest.raises(ConfigurationError, match="did not answer"):

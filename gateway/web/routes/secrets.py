@@ -93,7 +93,9 @@ async def get_secret(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> SecretOut:
     paths.secret_path(path)
-    audit.note(fail_closed=True, details={"reveal": reveal, "version": version})
+    # Only a value is fail-closed: metadata (names, versions, times) is served, and its event
+    # is recorded as far as the sinks allow, as when the store is away and it is cached.
+    audit.note(fail_closed=reveal, details={"reveal": reveal, "version": version})
     principal.require("secrets:read", resource=f"{backend}/{path}")
     if reveal:
         principal.require("secrets:reveal", resource=f"{backend}/{path}")

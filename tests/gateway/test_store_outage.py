@@ -1,0 +1,193 @@
+"""The store goes away (issue 14, item 1): a PostgreSQL store behind a TCP proxy that starts
+refusing (and resets every open connection) or black-holes every byte (a partition) answers
+503 store_unavailable with Retry-After and a request id on every route it needs, serves what
+its caches hold for the bounded staleness, and recovers by itself when the store is back.
+A SQLite store on a read-only file answers 503 with a log line naming the cause."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from gateway.web.app import create_app
+from tests.conftest import ADMIN_TOKEN
+from tests.services.tcpproxy import TcpProxy
+
+CANARY = "CANARY-outage-5d1e"
+
+on_postgres = pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+
+
+@pytest.fixture
+def proxied_store(postgres_url: str) -> tuple[str, TcpProxy]:
+    url = make_url(postgres_url)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    try:
+        yield url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False), proxy
+    finally:
+        proxy.stop()
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+
+@pytest.fixture
+async def served(proxied_store, settings_factory, request) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
+    url, proxy = proxied_store
+    app = create_app(settings_factory(database_url=url, database_connect_timeout_seconds=1,
+                                      audit_wait_seconds=0.2, **getattr(request, "param", {})))
+    async with app.router.lifespan_context(app):
+        async with _client(app) as c:
+            yield c, proxy
+
+
+ROUTES = [
+    ("GET", "/v1/secrets/local/o/s", None),
+    ("PUT", "/v1/secrets/local/o/t", {"data": {"v": CANARY}}),
+    ("GET", "/v1/leases", None),
+    ("GET", "/v1/connectors", None),
+    ("GET", "/v1/auth/whoami", None),
+    ("GET", "/v1/policies", None),
+    ("POST", "/v1/credentials", {"connector": "nope", "resource": "x"}),
+]
+
+
+def _is_store_503(r: httpx.Response) -> bool:
+    body = r.json()["error"]
+    return (r.status_code, body["code"]) == (503, "store_unavailable") and bool(
+        r.headers.get("retry-after") and body.get("request_id"))
+
+
+@on_postgres
+@pytest.mark.parametrize("served", [{"cache_stale_seconds": 0}], indirect=True)
+@pytest.mark.parametrize("mode", ["refuse", "blackhole"])
+async def test_without_a_stale_window_every_route_is_a_bounded_503_and_recovers(served, mode, caplog) -> None:
+    c, proxy = served
+    assert (await c.put("/v1/secrets/local/o/s", json={"data": {"v": CANARY}})).status_code == 200
+    assert (await c.get("/v1/auth/whoami")).status_code == 200  # the token is cached now
+    proxy.set_mode(mode)
+    try:
+        # A partition costs seconds a request (its timeouts run out): three routes show it.
+        for method, path, body in ROUTES if mode == "refuse" else (ROUTES[0], ROUTES[1], ROUTES[-1]):
+            started = time.monotonic()
+            r = await c.request(method, path, json=body)
+            took = time.monotonic() - started
+            assert _is_store_503(r), (mode, method, path, r.status_code, r.headers, r.text)
+            assert CANARY not in r.text
+            # Bounded by database_connect_timeout_seconds (1 s here: the pool's wait, a new
+            # connection, an unacknowledged send), a few of them per request, not the OS's minutes.
+            assert took < 8, (mode, path, took)
+    finally:
+        proxy.set_mode("pass")
+    for method, path, body in ROUTES[:-1]:
+        r = await c.request(method, path, json=body)
+        assert r.status_code == 200, (method, path, r.text)
+    assert (await c.get("/v1/secrets/local/o/t", params={"reveal": "true"})).json()["data"]["v"] == CANARY
+    # One throttled line per reason, not one per request; never a value.
+    lines = [r for r in caplog.records if "the store is failing" in r.getMessage()]
+    assert 1 <= len(lines) <= 4, [r.getMessage() for r in lines]
+    assert "request failed: store_unavailable" not in caplog.text
+    assert CANARY not in caplog.text
+
+
+@on_postgres
+@pytest.mark.parametrize("served", [{"cache_stale_seconds": 2}], indirect=True)
+async def test_what_the_caches_hold_is_served_through_an_outage_for_the_stale_window(served) -> None:
+    """An authenticated metadata read of a cached secret and a cached token keep answering
+    while the store is away, for cache_stale_seconds after the change feed was lost and not
+    longer; what needs the store (a write, an uncached read) is a 503 meanwhile."""
+    c, proxy = served
+    assert (await c.put("/v1/secrets/local/o/s", json={"data": {"v": CANARY}})).status_code == 200
+    warm = await c.get("/v1/secrets/local/o/s")
+    assert warm.status_code == 200 and (await c.get("/v1/auth/whoami")).status_code == 200
+    proxy.set_mode("refuse")
+    try:
+        lost = time.monotonic()
+        r = await c.get("/v1/secrets/local/o/s")
+        assert r.status_code == 200 and r.json() == warm.json(), r.text
+        assert (await c.get("/v1/auth/whoami")).status_code == 200
+        assert _is_store_503(await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}}))
+        assert _is_store_503(await c.get("/v1/leases"))
+        # Past the window (the feed notices within its 2 s heartbeat, then 2 s of staleness).
+        deadline = time.monotonic() + 15
+        while (r := await c.get("/v1/secrets/local/o/s")).status_code == 200 and time.monotonic() < deadline:
+            await _sleep(0.2)
+        assert _is_store_503(r) and time.monotonic() - lost >= 2, (r.status_code, time.monotonic() - lost)
+        assert _is_store_503(await c.get("/v1/auth/whoami"))
+    finally:
+        proxy.set_mode("pass")
+    deadline = time.monotonic() + 15
+    while (r := await c.get("/v1/secrets/local/o/s")).status_code != 200 and time.monotonic() < deadline:
+        await _sleep(0.2)
+    assert r.status_code == 200, r.text
+    assert (await c.put("/v1/secrets/local/o/t", json={"data": {"v": "after"}})).status_code == 200
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_full_or_read_only_sqlite_store_is_a_503_with_a_log_line_naming_the_cause(
+    settings_factory, tmp_path, caplog
+) -> None:
+    """SQLite's own errors, made for real: a database at its page limit (SQLITE_FULL, what a
+    full disk gives) and a read-only database (SQLITE_READONLY).
+    Each is a 503 store_unavailable, logged with its cause, and writes work again once it is
+    gone; the secret written before is intact."""
+    from sqlalchemy import event, text
+
+    db = tmp_path / "s" / "store.db"
+    app = create_app(settings_factory(database_url=f"sqlite:///{db}"))
+    async with app.router.lifespan_context(app):
+        store = app.state.runtime.store
+        async with _client(app) as c:
+            assert (await c.put("/v1/secrets/local/o/s", json={"data": {"v": CANARY}})).status_code == 200
+            async with store.engine.connect() as conn:
+                pages = (await conn.execute(text("PRAGMA page_count"))).scalar()
+
+            def page_limit(dbapi_conn, _record) -> None:
+                dbapi_conn.cursor().execute(f"PRAGMA max_page_count = {pages}")
+
+            engines = (store.engine.sync_engine, store._group_engine)
+            for engine in engines:
+                event.listen(engine, "connect", page_limit)
+            await store.engine.dispose()
+            store._group_engine.dispose()
+            r = await c.put("/v1/secrets/local/o/big", json={"data": {k: CANARY + "x" * 60_000 for k in "abcd"}})
+            assert _is_store_503(r), r.text
+            assert "SQLITE_FULL" in caplog.text and "the disk is full" in caplog.text
+            for engine in engines:
+                event.remove(engine, "connect", page_limit)
+            await store.engine.dispose()
+            store._group_engine.dispose()
+            assert (await c.put("/v1/secrets/local/o/big", json={"data": {k: "x" * 60_000 for k in "abcd"}})).status_code == 200
+
+            # Read-only (as on a read-only file or mount, which root here can't make): the same
+            # SQLITE_READONLY from SQLite itself, through query_only on every new connection.
+            def read_only(dbapi_conn, _record) -> None:
+                dbapi_conn.cursor().execute("PRAGMA query_only = ON")
+
+            for engine in engines:
+                event.listen(engine, "connect", read_only)
+            await store.engine.dispose()
+            store._group_engine.dispose()
+            r = await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}})
+            assert _is_store_503(r), r.text
+            assert "SQLITE_READONLY" in caplog.text and "read-only" in caplog.text
+            for engine in engines:
+                event.remove(engine, "connect", read_only)
+            await store.engine.dispose()
+            store._group_engine.dispose()
+            assert (await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}})).status_code == 200
+            r = await c.get("/v1/secrets/local/o/s", params={"reveal": "true"})
+            assert r.json()["data"]["v"] == CANARY
+    assert CANARY not in caplog.text
