@@ -113,6 +113,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, CredgateError):  # raised in a middleware, outside the handlers above
+            return error_response(exc)
         store_down = as_store_unavailable(exc)  # what the store's error hook can't see (a pool wait)
         if store_down is not None:
             return error_response(store_down)

@@ -191,3 +191,61 @@ async def test_a_full_or_read_only_sqlite_store_is_a_503_with_a_log_line_naming_
             r = await c.get("/v1/secrets/local/o/s", params={"reveal": "true"})
             assert r.json()["data"]["v"] == CANARY
     assert CANARY not in caplog.text
+
+
+def test_a_served_replica_keeps_the_client_connection_through_an_outage(proxied_store, tmp_path) -> None:
+    """Over real HTTP/1.1 keep-alive (one socket for every request): each 503 leaves the
+    connection open (no reset, no "Connection: close"), the server logs no traceback, and
+    the same connection gets a 200 once the store is back."""
+    import http.client
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gateway.crypto.keyring import new_key_file
+    from tests.services.waiting import clean_env, free_port, wait_until_serving
+
+    url, proxy = proxied_store
+    kek = tmp_path / "kek"
+    new_key_file(kek)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = clean_env(CREDGATE_DATABASE_URL=url, CREDGATE_KEK_FILE=str(kek), CREDGATE_BOOTSTRAP_TOKEN=ADMIN_TOKEN,
+                    CREDGATE_CACHE_STALE_SECONDS="0", CREDGATE_DATABASE_CONNECT_TIMEOUT_SECONDS="1",
+                    CREDGATE_AUDIT_WAIT_SECONDS="0.2")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "credgate"), "serve", "--data-dir",
+                             str(tmp_path / "data"), "--port", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/readyz", proc)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+        def call(method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+            r = conn.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, json.loads(r.read() or b"null")
+
+        assert call("PUT", "/v1/secrets/local/o/s", {"data": {"v": CANARY}})[0] == 200
+        sock = conn.sock
+        proxy.set_mode("refuse")
+        try:
+            for method, path, body in ROUTES:
+                status, hdrs, out = call(method, path, body)
+                assert (status, out["error"]["code"]) == (503, "store_unavailable"), (path, status, out)
+                assert hdrs.get("retry-after") and out["error"]["request_id"] and hdrs.get("connection") != "close"
+                assert conn.sock is sock  # the same connection, never reset
+        finally:
+            proxy.set_mode("pass")
+        deadline = time.monotonic() + 15
+        while (status := call("GET", "/v1/secrets/local/o/s")[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert status == 200 and conn.sock is sock
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    text = log.read_text()
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
+    assert CANARY not in text
