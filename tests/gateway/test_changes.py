@@ -108,6 +108,14 @@ async def test_a_committed_change_reaches_the_other_replica_and_a_rolled_back_on
         await b.aclose()
 
 
+async def kill_listener(store: Store) -> int:
+    """Terminate the store's change listener (its session, as a store restart would); how many were."""
+    async with store.engine.connect() as conn:
+        return (await conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = :n AND datname = current_database()"), {"n": LISTENER_NAME})).scalar()
+
+
 async def test_caches_stop_serving_while_the_listener_is_down_and_start_empty_after(postgres_url: str) -> None:
     store = Store(postgres_url)
     try:
@@ -118,11 +126,7 @@ async def test_caches_stop_serving_while_the_listener_is_down_and_start_empty_af
         cache.store("k", "v", cache.generation)
         assert cache.lookup("k")[0] == "v"
 
-        async with store.engine.connect() as conn:
-            killed = (await conn.execute(text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = :n AND datname = current_database()"), {"n": LISTENER_NAME})).scalar()
-        assert killed == 1
+        assert await kill_listener(store) == 1
         assert await _wait_for(lambda: not store.changes.live)
         assert cache.lookup("k")[0] is MISSING  # bypassed while deaf
         assert None in flushed  # every subscriber was told to drop everything
@@ -145,10 +149,7 @@ async def test_with_a_stale_window_caches_serve_what_they_hold_for_that_long_and
         store.changes.subscribe("policy", flushed.append)
         cache.store("k", "v", cache.generation)
         store.changes._retry = 30  # no reconnect during the test: only the window may drop "k"
-        async with store.engine.connect() as conn:
-            await conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = :n AND datname = current_database()"), {"n": LISTENER_NAME})
+        assert await kill_listener(store) == 1
         assert await _wait_for(lambda: not store.changes.live)
         lost = time.monotonic()
         assert cache.lookup("k")[0] == "v" and flushed == []  # still served inside the window

@@ -6,6 +6,7 @@ A SQLite store on a read-only file answers 503 with a log line naming the cause.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -135,6 +136,29 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+@contextlib.asynccontextmanager
+async def pragma_on_every_connection(store, pragma: str):
+    """Every store connection opened inside the block runs ``PRAGMA <pragma>`` (both engines'
+    pools are emptied on the way in and out, so the block's requests use such connections)."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.cursor().execute(f"PRAGMA {pragma}")
+
+    engines = (store.engine.sync_engine, store._group_engine)
+    for engine in engines:
+        event.listen(engine, "connect", on_connect)
+    await store.engine.dispose()
+    store._group_engine.dispose()
+    try:
+        yield
+    finally:
+        for engine in engines:
+            event.remove(engine, "connect", on_connect)
+        await store.engine.dispose()
+        store._group_engine.dispose()
+
+
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_a_full_or_read_only_sqlite_store_is_a_503_with_a_log_line_naming_the_cause(
     settings_factory, tmp_path, caplog
@@ -143,7 +167,7 @@ async def test_a_full_or_read_only_sqlite_store_is_a_503_with_a_log_line_naming_
     full disk gives) and a read-only database (SQLITE_READONLY).
     Each is a 503 store_unavailable, logged with its cause, and writes work again once it is
     gone; the secret written before is intact."""
-    from sqlalchemy import event, text
+    from sqlalchemy import text
 
     db = tmp_path / "s" / "store.db"
     app = create_app(settings_factory(database_url=f"sqlite:///{db}"))
@@ -153,40 +177,19 @@ async def test_a_full_or_read_only_sqlite_store_is_a_503_with_a_log_line_naming_
             assert (await c.put("/v1/secrets/local/o/s", json={"data": {"v": CANARY}})).status_code == 200
             async with store.engine.connect() as conn:
                 pages = (await conn.execute(text("PRAGMA page_count"))).scalar()
-
-            def page_limit(dbapi_conn, _record) -> None:
-                dbapi_conn.cursor().execute(f"PRAGMA max_page_count = {pages}")
-
-            engines = (store.engine.sync_engine, store._group_engine)
-            for engine in engines:
-                event.listen(engine, "connect", page_limit)
-            await store.engine.dispose()
-            store._group_engine.dispose()
-            r = await c.put("/v1/secrets/local/o/big", json={"data": {k: CANARY + "x" * 60_000 for k in "abcd"}})
+            big = {k: CANARY + "x" * 60_000 for k in "abcd"}
+            async with pragma_on_every_connection(store, f"max_page_count = {pages}"):
+                r = await c.put("/v1/secrets/local/o/big", json={"data": big})
             assert _is_store_503(r), r.text
             assert "SQLITE_FULL" in caplog.text and "the disk is full" in caplog.text
-            for engine in engines:
-                event.remove(engine, "connect", page_limit)
-            await store.engine.dispose()
-            store._group_engine.dispose()
-            assert (await c.put("/v1/secrets/local/o/big", json={"data": {k: "x" * 60_000 for k in "abcd"}})).status_code == 200
+            assert (await c.put("/v1/secrets/local/o/big", json={"data": big})).status_code == 200
 
             # Read-only (as on a read-only file or mount, which root here can't make): the same
             # SQLITE_READONLY from SQLite itself, through query_only on every new connection.
-            def read_only(dbapi_conn, _record) -> None:
-                dbapi_conn.cursor().execute("PRAGMA query_only = ON")
-
-            for engine in engines:
-                event.listen(engine, "connect", read_only)
-            await store.engine.dispose()
-            store._group_engine.dispose()
-            r = await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}})
+            async with pragma_on_every_connection(store, "query_only = ON"):
+                r = await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}})
             assert _is_store_503(r), r.text
             assert "SQLITE_READONLY" in caplog.text and "read-only" in caplog.text
-            for engine in engines:
-                event.remove(engine, "connect", read_only)
-            await store.engine.dispose()
-            store._group_engine.dispose()
             assert (await c.put("/v1/secrets/local/o/t", json={"data": {"v": CANARY}})).status_code == 200
             r = await c.get("/v1/secrets/local/o/s", params={"reveal": "true"})
             assert r.json()["data"]["v"] == CANARY
