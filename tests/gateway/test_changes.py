@@ -116,14 +116,20 @@ async def kill_listener(store: Store) -> int:
             "WHERE application_name = :n AND datname = current_database()"), {"n": LISTENER_NAME})).scalar()
 
 
+async def listening_with_k(store: Store) -> tuple[Cache[str, str], list]:
+    """The feed started, a cache holding k=v, and the list of what policy subscribers heard."""
+    await store.changes.start()
+    cache: Cache[str, str] = Cache("t", store.changes)
+    flushed: list = []
+    store.changes.subscribe("policy", flushed.append)
+    cache.store("k", "v", cache.generation)
+    return cache, flushed
+
+
 async def test_caches_stop_serving_while_the_listener_is_down_and_start_empty_after(postgres_url: str) -> None:
     store = Store(postgres_url)
     try:
-        await store.changes.start()
-        cache: Cache[str, str] = Cache("t", store.changes)
-        flushed: list = []
-        store.changes.subscribe("policy", flushed.append)
-        cache.store("k", "v", cache.generation)
+        cache, flushed = await listening_with_k(store)
         assert cache.lookup("k")[0] == "v"
 
         assert await kill_listener(store) == 1
@@ -143,11 +149,7 @@ async def test_with_a_stale_window_caches_serve_what_they_hold_for_that_long_and
     answering for the window, nothing new is stored, and past it everything is dropped."""
     store = Store(postgres_url, stale_seconds=1.5)
     try:
-        await store.changes.start()
-        cache: Cache[str, str] = Cache("t", store.changes)
-        flushed: list = []
-        store.changes.subscribe("policy", flushed.append)
-        cache.store("k", "v", cache.generation)
+        cache, flushed = await listening_with_k(store)
         store.changes._retry = 30  # no reconnect during the test: only the window may drop "k"
         assert await kill_listener(store) == 1
         assert await _wait_for(lambda: not store.changes.live)
