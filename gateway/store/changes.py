@@ -184,8 +184,8 @@ class Changes:
                 raise
             except Exception as exc:
                 if self._listening:
-                    log.warning("lost the change listener (%s); caches are bypassed until it is back",
-                                type(exc).__name__)
+                    log.warning("lost the change listener (%s); caches serve what they hold for %gs at most, "
+                                "then are bypassed until it is back", type(exc).__name__, self._stale)
             if self._listening and self._stale > 0:
                 self._lost_at = time.monotonic()  # what is cached serves a little longer
             elif self._lost_at is None:
