@@ -42,6 +42,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     as_utc,
     IssueRequest,
@@ -131,8 +132,10 @@ class MySQLConnector(ConnectorBase):
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: MySQLConfig
         self._material: MySQLPasswordMaterial
 

@@ -44,6 +44,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     IssueRequest,
     Issued,
@@ -230,8 +231,10 @@ class RedisConnector(ConnectorBase):
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: RedisConfig
         self._material: RedisPasswordMaterial
         self._target = _parse_url(self._material.url.get_secret_value())
