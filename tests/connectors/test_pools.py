@@ -192,8 +192,13 @@ async def test_a_thread_still_using_its_connection_keeps_the_slot_until_it_ends(
 psycopg = pytest.importorskip("psycopg")
 
 from connectors.postgres import PostgresConfig, PostgresConnector, PostgresPasswordMaterial  # noqa: E402
-from tests.connectors.test_postgres import ADMIN, Target, lease_id  # noqa: E402
-from tests.connectors.test_postgres import target as pg_target  # noqa: E402,F401 - fixture
+from tests.connectors.test_postgres import ADMIN, Target, admin_target, lease_id  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pg_target() -> Iterator[Target]:
+    with admin_target() as tgt:
+        yield tgt
 
 
 def pg_connector(target: Target, dsn: str | None = None, **limits: Any) -> PostgresConnector:
