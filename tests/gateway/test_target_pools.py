@@ -139,3 +139,37 @@ async def test_200_concurrent_issuances_queue_for_four_admin_connections_and_the
     assert left == (0,)
     print(f"burst: {len(issued)} issued, {len(busy)} target_busy in {burst_seconds:.1f} s; "
           f"admin sessions at most {max(watch.admin_sessions)}; other client connected {watch.other_ok} times; {stats}")
+
+
+async def test_a_wait_for_an_admin_connection_that_runs_out_is_503_target_busy(
+    burst_target: BurstTarget, settings_factory
+) -> None:
+    import httpx
+
+    from gateway.web.app import create_app
+    from tests.conftest import ADMIN_TOKEN
+
+    tgt = burst_target
+    app = create_app(settings_factory(target_pool_size=1, target_pool_wait_seconds=0.3))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as c:
+        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
+        await c.put("/v1/connectors/burst", json={"type": "postgres", "auth_method": "password",
+                                                  "secret": "local/t/burst", "resources": [tgt.db]})
+        first = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
+        assert first.status_code == 200, first.text
+        pool = app.state.runtime.catalog._live["burst"][1].target_pool
+        async with pool.connection(tgt.db, 10):  # the pool's one connection, taken
+            started = time.monotonic()
+            r = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
+            waited = time.monotonic() - started
+        assert r.status_code == 503 and r.json()["error"]["code"] == "target_busy", r.text
+        assert r.headers["Retry-After"] == "2" and r.json()["error"]["request_id"]
+        assert 0.3 <= waited < 3
+        assert tgt.password not in r.text
+        # the refused issuance's pending lease is cleaned up once the connection is free
+        out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
+        assert out.status_code == 200 and out.json()["still_revoking"] == [], out.text
+        await app.state.runtime.credentials.revoke(await app.state.runtime.leases.mark_revoking())
