@@ -406,7 +406,7 @@ class TargetPool(Generic[_C]):
             if isinstance(exc, TimeoutError):
                 self.counts["busy"] += 1
                 raise TargetUnreachable(
-                    f"All {self.limits.size} admin connections of this connector to {self.what} were in use "
+                    f"Every admin connection of this connector to {self.what} ({self.limits.size}) stayed in use "
                     f"for {wait:g} s; retry shortly.",
                     code="target_busy",
                     retry_after=TARGET_BUSY_RETRY_AFTER,

@@ -351,6 +351,13 @@ class Catalog:
             self._drop(old[1])
         return connector
 
+    def pools(self) -> list[tuple[str, Any]]:
+        """(name, pool) of every live connector that keeps admin connections (its ``target_pool``)."""
+        return [
+            (name, pool) for name, (_, connector) in sorted(self._live.items())
+            if (pool := getattr(connector, "target_pool", None)) is not None
+        ]
+
     def _drop(self, connector: ServiceConnector) -> None:
         """Close a connector no longer handed out (calls in flight on it may finish)."""
         try:

@@ -129,8 +129,7 @@ async def test_200_concurrent_issuances_queue_for_four_admin_connections_and_the
 
     assert watch.other_refused == [] and watch.other_ok > 5, (watch.other_ok, watch.other_refused)
     assert max(watch.admin_sessions) <= 4 and len(watch.admin_sessions) > 5, watch.admin_sessions
-    connector = gateway.runtime.catalog._live["burst"][1]
-    stats = connector.target_pool.stats()
+    stats = dict(gateway.runtime.catalog.pools())["burst"].stats()
     assert stats["opened"] <= 4 + stats["replaced"] + stats["discarded"], stats  # issue and revoke shared them
     assert stats["reused"] >= 2 * len(issued) - 4, stats
     with tgt.superuser() as su:
@@ -160,7 +159,7 @@ async def test_a_wait_for_an_admin_connection_that_runs_out_is_503_target_busy(
                                                   "secret": "local/t/burst", "resources": [tgt.db]})
         first = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
         assert first.status_code == 200, first.text
-        pool = app.state.runtime.catalog._live["burst"][1].target_pool
+        pool = dict(app.state.runtime.catalog.pools())["burst"]
         async with pool.connection(tgt.db, 10):  # the pool's one connection, taken
             started = time.monotonic()
             r = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
@@ -169,6 +168,10 @@ async def test_a_wait_for_an_admin_connection_that_runs_out_is_503_target_busy(
         assert r.headers["Retry-After"] == "2" and r.json()["error"]["request_id"]
         assert 0.3 <= waited < 3
         assert tgt.password not in r.text
+        metrics = (await c.get("/metrics")).text
+        # the issuance, and the revocation of its planned role that followed at once: both waited
+        assert 'credgate_target_pool_events_total{connector="burst",event="busy"} 2.0' in metrics
+        assert 'credgate_target_pool_connections{connector="burst",state="in_use"} 0.0' in metrics
         # the refused issuance's pending lease is cleaned up once the connection is free
         out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
         assert out.status_code == 200 and out.json()["still_revoking"] == [], out.text
