@@ -437,6 +437,9 @@ class TargetPool(Generic[_C]):
                 self.counts["replaced"] += 1
                 await self._close_quietly(conn)
                 continue
+            except BaseException:  # cancelled (the call's deadline) in the middle: closed, not awaited here
+                self._spawn(self._close_quietly(conn))
+                raise
             self.counts["reused"] += 1
             return conn
         # None idle for this key: make room by closing idle connections of other keys.
@@ -451,7 +454,7 @@ class TargetPool(Generic[_C]):
         try:
             await self._prepare(conn, timeout)
         except BaseException:
-            await self._close_quietly(conn)
+            self._spawn(self._close_quietly(conn))
             raise
         return conn
 
@@ -468,7 +471,11 @@ class TargetPool(Generic[_C]):
             self._release()
             return
         self.counts["discarded"] += 1
-        task = asyncio.get_running_loop().create_task(self._discard(conn, hold))
+        self._spawn(self._discard(conn, hold))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` (a close) in a task of its own, awaited by :meth:`aclose`."""
+        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -497,9 +504,7 @@ class TargetPool(Generic[_C]):
         for conns in self._idle.values():
             while conns and conns[0][1] < cutoff:
                 conn, _ = conns.pop(0)
-                task = asyncio.get_running_loop().create_task(self._close_quietly(conn))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._close_quietly(conn))
         if any(self._idle.values()):
             self._schedule_sweep()
 
