@@ -176,3 +176,48 @@ async def test_a_wait_for_an_admin_connection_that_runs_out_is_503_target_busy(
         out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
         assert out.status_code == 200 and out.json()["still_revoking"] == [], out.text
         await app.state.runtime.credentials.revoke(await app.state.runtime.leases.mark_revoking())
+
+
+def admin_pids(tgt: BurstTarget) -> set[int]:
+    with tgt.superuser() as su:
+        return {pid for (pid,) in su.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s", (tgt.admin,))}
+
+
+async def until(check: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return check()
+
+
+async def test_a_replaced_connector_and_a_stopping_gateway_close_their_admin_connections(
+    burst_target: BurstTarget, settings_factory
+) -> None:
+    import httpx
+
+    from gateway.web.app import create_app
+    from tests.conftest import ADMIN_TOKEN
+
+    tgt = burst_target
+    spec = {"type": "postgres", "auth_method": "password", "secret": "local/t/burst", "resources": [tgt.db]}
+    app = create_app(settings_factory())
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+            await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
+            await c.put("/v1/connectors/burst", json=spec)
+            leases = [(await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})).json()["lease_id"]
+                      for _ in range(3)]
+            old = admin_pids(tgt)
+            assert 1 <= len(old) <= 4
+            await c.put("/v1/connectors/burst", json={**spec, "resources": [tgt.db, "other"]})  # a config change
+            # the next use builds a new instance; the old one's pool is closed
+            r = await c.post(f"/v1/leases/{leases[0]}/revoke")
+            assert r.status_code == 200, r.text
+            assert await until(lambda: admin_pids(tgt).isdisjoint(old)), (old, admin_pids(tgt))
+            assert len(admin_pids(tgt)) == 1 and len(app.state.runtime.catalog.pools()) == 1
+            out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
+            assert out.status_code == 200 and out.json()["still_revoking"] == []
+    assert await until(lambda: admin_pids(tgt) == set())  # shutdown closed the pool
