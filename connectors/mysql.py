@@ -26,6 +26,14 @@ sessions of a dropped user running). An account already gone is success.
 
 Database names in a database-level GRANT are patterns (``_`` and ``%`` are
 wildcards); they are escaped so ``shop_eu`` does not also grant ``shopXeu``.
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`;
+PyMySQL blocks, so connecting, the liveness ping on taking one, the work and
+closing run in the connector's own worker threads. Every statement here
+autocommits and sets no session variable; a connection goes back only open, in
+autocommit and outside a transaction. The server's connection limits (errors
+1040, 1203, and 1226 for ``max_user_connections``) are
+``target_too_many_connections``.
 """
 
 from __future__ import annotations

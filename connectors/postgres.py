@@ -35,6 +35,14 @@ committed) and ``DROP ROLE``. A role or database already gone is success.
 A non-superuser admin first grants itself membership in the role, which
 ``pg_terminate_backend`` and ``REASSIGN/DROP OWNED`` require (on PostgreSQL 16+
 this works for roles the admin created, which hold ADMIN OPTION for it).
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`
+(``pool_limits.size`` over every database, shared by every call): each call
+takes one for its database, and on taking it the session is reset (``SET
+SESSION AUTHORIZATION DEFAULT; RESET ALL``, back to the DSN's own options) and
+gets the call's ``statement_timeout`` and ``lock_timeout``. A connection goes
+back only outside a transaction; one whose call raised is closed. The server's
+own connection limit (SQLSTATE 53300) is ``target_too_many_connections``.
 """
 
 from __future__ import annotations

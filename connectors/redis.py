@@ -27,6 +27,13 @@ Limits worth knowing:
 - ACL rules don't depend on the database number. When the material's URL
   names a database other than 0, ``+select`` is granted so clients can reach
   it, and the credential's ``url`` names it.
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`
+(each slot a redis-py client of one connection, PINGed when taken). Not
+redis-py's own ``BlockingConnectionPool``: its wait is fixed per pool rather
+than each call's deadline, and running out of connections there is a
+``ConnectionError`` told apart from an unreachable server only by its text. A
+server at ``maxclients`` is ``target_too_many_connections``.
 """
 
 from __future__ import annotations
