@@ -221,3 +221,37 @@ async def test_a_replaced_connector_and_a_stopping_gateway_close_their_admin_con
             out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
             assert out.status_code == 200 and out.json()["still_revoking"] == []
     assert await until(lambda: admin_pids(tgt) == set())  # shutdown closed the pool
+
+
+async def test_material_read_again_unchanged_keeps_the_instance_and_its_pool(
+    burst_target: BurstTarget, settings_factory
+) -> None:
+    """material_cache_seconds 0 reads the material for every use: equal values keep the
+    connector (and its admin connections) instead of building a new one each time."""
+    import httpx
+
+    from gateway.web.app import create_app
+    from tests.conftest import ADMIN_TOKEN
+
+    tgt = burst_target
+    app = create_app(settings_factory(material_cache_seconds=0))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as c:
+        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
+        await c.put("/v1/connectors/burst", json={"type": "postgres", "auth_method": "password",
+                                                  "secret": "local/t/burst", "resources": [tgt.db]})
+        for _ in range(5):
+            r = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
+            assert r.status_code == 200, r.text
+        [(name, pool)] = app.state.runtime.catalog.pools()
+        assert pool.stats()["opened"] == 1 and pool.stats()["reused"] == 4
+        # a changed value (here the same DSN written with another application_name) builds a new one
+        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn() + "?application_name=x"}})
+        r = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
+        assert r.status_code == 200, r.text
+        [(_, newer)] = app.state.runtime.catalog.pools()
+        assert newer is not pool
+        out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
+        assert out.status_code == 200 and out.json()["still_revoking"] == []
