@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     IssueRequest,
     Issued,
@@ -247,8 +248,10 @@ class AWSConnector(ConnectorBase):
     # STS allows 36 h for federation and session tokens; 12 h (AssumeRole's cap) for all.
     ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(hours=1), min=timedelta(seconds=900), max=timedelta(hours=12))
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: AWSConfig
         self._material: AWSKeysMaterial
         self.credential_type: CredentialType = self.config.credential_type or DEFAULT_CREDENTIAL_TYPE[auth_method]  # type: ignore[assignment]

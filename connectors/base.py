@@ -28,11 +28,13 @@ Construction and lifecycle
 --------------------------
 
 The gateway builds an instance as ``cls(config, auth_method, material,
-name=NAME)``: ``config`` an instance of ``config_model`` (validated),
-``auth_method`` one key of ``auth_methods``, ``material`` an instance of that
-auth method's model (validated; its ``SecretStr`` fields hold the secret
-values), ``name`` the configured connector's name (for messages only). That is
-all a connector is given: no store, no envelope, no other secret. It raises
+name=NAME, pool=PoolLimits(...))``: ``config`` an instance of ``config_model``
+(validated), ``auth_method`` one key of ``auth_methods``, ``material`` an
+instance of that auth method's model (validated; its ``SecretStr`` fields hold
+the secret values), ``name`` the configured connector's name (for messages
+only), ``pool`` the operator's bounds on admin connections to the target
+(:class:`PoolLimits`; :class:`ConnectorBase` keeps it as ``pool_limits``). That
+is all a connector is given: no store, no envelope, no other secret. It raises
 :class:`ValidationFailed` (or a plain ``ValueError`` with a sentence of its
 own) if the combination can't work. The constructor does no I/O.
 
@@ -40,8 +42,23 @@ An instance is rebuilt whenever its row or material changes, so it must not
 hold state that outlives it. After building one the gateway awaits
 ``start()`` (begin background work, warm a client); it awaits ``aclose()``
 when the instance is dropped (replaced by a newer one, or at shutdown). Both
-default to no-ops in :class:`ConnectorBase`. Calls may still be in flight on an
-instance being closed: ``aclose`` must let them finish or fail cleanly.
+default to no-ops in :class:`ConnectorBase` (``aclose`` closes ``target_pool``
+if one is set). Calls may still be in flight on an instance being closed:
+``aclose`` must let them finish or fail cleanly.
+
+Admin connections
+-----------------
+
+A connector that logs in to its target (a database server) does not open a
+connection per call: it keeps a :class:`TargetPool` as ``target_pool``, bounded
+by ``pool_limits`` (a few connections per instance, over every database it
+reaches), shared by issue, renew, revoke, verify and list. A burst of requests
+then queues in the gateway, within each call's deadline, instead of taking
+every connection the target allows from its other clients; a wait that runs
+out is a 503 ``target_busy`` with ``Retry-After``. The pool needs four small
+driver callables (open, prepare, reusable, close; see :class:`TargetPool`):
+a connection goes back only in a clean state, and one whose call raised is
+closed, never reused.
 
 The order of an issuance, and why
 ---------------------------------
@@ -84,8 +101,13 @@ a 502 ``target_error``; raise these instead:
   ``resource`` and ``reason`` ``not_found``/``not_grantable``): the target
   refused *this resource* (it does not exist there, or may not be granted).
   Only when nothing was left at the target.
-- :class:`TargetUnreachable` (503 ``target_unreachable``; ``code=
-  "target_timeout"`` for a deadline): the target did not answer.
+- :class:`TargetUnreachable` (503 ``target_unreachable``, always with
+  ``Retry-After``): the target did not answer. Codes: ``target_timeout`` for a
+  deadline, ``target_too_many_connections`` when the target refused the login
+  because its own connection limit is reached (PostgreSQL 53300, MySQL/MariaDB
+  1040, 1203 and 1226 for ``max_user_connections``, Redis "max number of clients
+  reached"), and ``target_busy`` (raised by :class:`TargetPool`) when every
+  admin connection of the connector stayed in use for the call's whole wait.
 - :class:`TargetError` (502 ``target_error``): the target answered and
   failed. Codes in use (reuse one that fits before inventing one):
   ``target_auth_failed`` (the material was refused), ``target_permission_denied``
@@ -126,15 +148,18 @@ Rules for implementers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import fnmatch
 import re
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
@@ -155,9 +180,9 @@ from gateway.errors import (  # the plugin-facing errors a connector raises (see
 __all__ = [
     "BadRequest", "Conflict", "CredgateError", "NotFound", "NotRenewable", "ResourceNotSupported",
     "ResourceRejected", "TargetError", "TargetUnreachable", "ValidationFailed",
-    "ConnectorBase", "ConnectorCapabilities", "IssueRequest", "Issued", "RESOURCE", "Revocability",
+    "ConnectorBase", "ConnectorCapabilities", "IssueRequest", "Issued", "PoolLimits", "RESOURCE", "Revocability",
     "ServiceConnector", "TTLLimits", "Verification", "as_utc", "coerce", "generic_sanitize",
-    "privileges_for", "role_name", "run_sync",
+    "privileges_for", "role_name", "run_sync", "TargetPool",
 ]
 
 _T = TypeVar("_T")
@@ -228,6 +253,262 @@ async def run_sync(fn: Callable[..., _T], *args: Any, timeout: float, pool: str 
     return await asyncio.wait_for(loop.run_in_executor(_pool(pool), ctx.run, fn, *args), timeout)
 
 
+TARGET_BUSY_RETRY_AFTER = 2  # seconds: the Retry-After of a 503 target_busy
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """How a connector instance shares admin connections to its target (:class:`TargetPool`).
+
+    - ``size``: at most this many admin connections open at once (in use, idle, being
+      opened or closed), over every database the connector connects to; the gateway sets
+      it from ``target_pool_size``.
+    - ``wait_seconds``: how long a call waits for one of them before it is refused with a
+      503 ``target_busy`` (``target_pool_wait_seconds``); never longer than its own deadline
+      allows (the wait ends at the latest ``min(1 s, 10%)`` before the call's timeout).
+    - ``idle_seconds``: an idle connection is closed after this long unused.
+    """
+
+    size: int = 4
+    wait_seconds: float = 10.0
+    idle_seconds: float = 60.0
+
+
+_C = TypeVar("_C")
+
+
+class TargetPool(Generic[_C]):
+    """A bounded pool of admin connections to one target, shared by every call of one
+    connector instance (issue, renew, revoke, verify, list), so a burst of requests queues
+    here instead of opening a connection each and exhausting the target's own limit.
+
+    The connector supplies the driver, as four callables:
+
+    - ``open(key, timeout)``: a new connection (``key`` says where to: a database name,
+      or None); raise the connector's own :class:`TargetError` when it fails.
+    - ``prepare(conn, timeout)``: make a connection ready for one call, from a clean state
+      (reset whatever a session can carry: role, search path, settings; set this call's
+      statement timeout). It is also the liveness check of an idle connection: if it
+      raises, that connection is closed and a fresh one opened in its place, transparently.
+    - ``reusable(conn)``: whether a connection whose call succeeded may go back to the pool
+      (open, no transaction left open). A connection whose call raised anything
+      (an error, a timeout, a cancellation) is never reused: it is closed.
+    - ``close(conn)``: close it (errors are ignored).
+
+    ``size`` bounds the connections open at once over all keys: a call for a key with no
+    idle connection closes an idle one of another key if the bound is reached. A call that
+    finds every connection in use waits its turn (first come, first served) for at most
+    ``wait_seconds``, and less if its own ``timeout`` is shorter; then it is refused with
+    :class:`TargetUnreachable` code ``target_busy`` (503, ``Retry-After``). After
+    :meth:`aclose` (the instance was replaced, or the gateway stops) the idle connections
+    are closed and those in use are closed when their call ends; a call that still arrives
+    is served on a connection closed after it.
+
+    A synchronous driver runs its work through :meth:`run_sync`: a call that times out
+    while its thread still uses the connection keeps its slot until the thread ends, so
+    the bound holds for abandoned threads too."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        open: Callable[[Any, float], Awaitable[_C]],
+        prepare: Callable[[_C, float], Awaitable[None]],
+        reusable: Callable[[_C], bool],
+        close: Callable[[_C], Awaitable[None]],
+        limits: PoolLimits | None = None,
+    ) -> None:
+        self.what = what
+        self.limits = limits or PoolLimits()
+        self._open, self._prepare, self._reusable, self._close = open, prepare, reusable, close
+        self._idle: dict[Any, list[tuple[_C, float]]] = {}  # key -> [(connection, idle since)], newest last
+        self._free = self.limits.size  # slots held by no call (a held slot: a connection in use, opening or closing)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._holds: dict[int, asyncio.Future[Any]] = {}  # id(conn) -> a thread still using it
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.counts: dict[str, int] = dict.fromkeys(("opened", "reused", "replaced", "discarded", "busy"), 0)
+
+    # -- what tests and metrics read ------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Slots in use, idle connections, waiting calls, and the counters since start."""
+        idle = sum(len(v) for v in self._idle.values())
+        return {"size": self.limits.size, "in_use": self.limits.size - self._free, "idle": idle,
+                "waiting": sum(1 for f in self._waiters if not f.done()), **self.counts}
+
+    # -- the one way in -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self, key: Any, timeout: float) -> AsyncIterator[_C]:
+        """A prepared connection for ``key`` for one call of at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        wait = max(0.0, min(self.limits.wait_seconds, timeout - min(1.0, timeout / 10)))
+        await self._acquire(wait)
+        try:
+            conn = await self._checkout(key, max(0.1, timeout - (loop.time() - started)))
+        except BaseException:
+            self._release()
+            raise
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            self._checkin(key, conn, ok)
+
+    async def run_sync(self, conn: _C, fn: Callable[..., _T], *args: Any, timeout: float, pool: str = "plugins") -> _T:
+        """:func:`run_sync` for a blocking driver's work on ``conn`` (inside :meth:`connection`).
+        On a timeout or cancellation the thread can't be stopped: ``conn`` is then closed only
+        once the thread has finished with it, and its slot stays taken until then."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        fut = loop.run_in_executor(_pool(pool), ctx.run, fn, conn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            if not fut.done():
+                self._holds[id(conn)] = fut
+            raise
+
+    async def aclose(self) -> None:
+        """Close the idle connections now; those in use close when their call ends."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle = [conn for conns in self._idle.values() for conn, _ in conns]
+        self._idle.clear()
+        await asyncio.gather(*(self._close_quietly(conn) for conn in idle))
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- slots ----------------------------------------------------------------
+
+    async def _acquire(self, wait: float) -> None:
+        if self._free > 0 and not any(not f.done() for f in self._waiters):
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(wait):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed over just as this call gave up: pass it on
+            else:
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            if isinstance(exc, TimeoutError):
+                self.counts["busy"] += 1
+                raise TargetUnreachable(
+                    f"Every admin connection of this connector to {self.what} ({self.limits.size}) stayed in use "
+                    f"for {wait:g} s; retry shortly.",
+                    code="target_busy",
+                    retry_after=TARGET_BUSY_RETRY_AFTER,
+                ) from None
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to the first waiter
+                return
+        self._free += 1
+
+    # -- connections ----------------------------------------------------------
+
+    async def _checkout(self, key: Any, timeout: float) -> _C:
+        now = time.monotonic()
+        idle = self._idle.get(key)
+        while idle:
+            conn, since = idle.pop()
+            if now - since > self.limits.idle_seconds:
+                await self._close_quietly(conn)
+                continue
+            try:
+                await self._prepare(conn, timeout)
+            except Exception:  # noqa: BLE001 - broken while idle (the server ended it): open another
+                self.counts["replaced"] += 1
+                await self._close_quietly(conn)
+                continue
+            except BaseException:  # cancelled (the call's deadline) in the middle: closed, not awaited here
+                self._spawn(self._close_quietly(conn))
+                raise
+            self.counts["reused"] += 1
+            return conn
+        # None idle for this key: make room by closing idle connections of other keys.
+        spare = sum(len(v) for v in self._idle.values()) - self._free
+        for other in list(self._idle):
+            while spare > 0 and self._idle[other]:
+                conn, _ = self._idle[other].pop(0)
+                spare -= 1
+                await self._close_quietly(conn)
+        conn = await self._open(key, timeout)
+        self.counts["opened"] += 1
+        try:
+            await self._prepare(conn, timeout)
+        except BaseException:
+            self._spawn(self._close_quietly(conn))
+            raise
+        return conn
+
+    def _checkin(self, key: Any, conn: _C, ok: bool) -> None:
+        """Back to the pool, or closed (then the slot is freed once it is). Never raises, never awaits."""
+        hold = self._holds.pop(id(conn), None)
+        try:
+            reuse = ok and hold is None and not self._closed and self._reusable(conn)
+        except Exception:  # noqa: BLE001 - a driver that can't tell: don't reuse
+            reuse = False
+        if reuse:
+            self._idle.setdefault(key, []).append((conn, time.monotonic()))
+            self._schedule_sweep()
+            self._release()
+            return
+        self.counts["discarded"] += 1
+        self._spawn(self._discard(conn, hold))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` (a close) in a task of its own, awaited by :meth:`aclose`."""
+        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _discard(self, conn: _C, hold: asyncio.Future[Any] | None) -> None:
+        try:
+            if hold is not None:
+                await asyncio.wait([hold])  # the thread that still uses it finishes first
+            await self._close_quietly(conn)
+        finally:
+            self._release()
+
+    async def _close_quietly(self, conn: _C) -> None:
+        try:
+            await asyncio.wait_for(self._close(conn), 5.0)
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail: it is gone either way
+            pass
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self.limits.idle_seconds / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than ``idle_seconds`` (a quiet connector holds none)."""
+        self._sweeper = None
+        cutoff = time.monotonic() - self.limits.idle_seconds
+        for conns in self._idle.values():
+            while conns and conns[0][1] < cutoff:
+                conn, _ = conns.pop(0)
+                self._spawn(self._close_quietly(conn))
+        if any(self._idle.values()):
+            self._schedule_sweep()
+
+
 def privileges_for(config: Any, resource: str) -> list[str]:
     """The privileges a per-resource connector grants on ``resource``: the first of
     ``config.resource_privileges`` (fnmatch pattern -> privileges) whose pattern matches,
@@ -296,7 +577,9 @@ class ServiceConnector(Protocol):
     wrap_only: ClassVar[bool]  # = capabilities.wrap_only
     creates_at_target: ClassVar[bool]  # = capabilities.creates_at_target
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
         """See "Construction and lifecycle" in the module docstring. No I/O."""
         ...
 
@@ -396,7 +679,11 @@ class ConnectorBase:
             cls.wrap_only = caps.wrap_only
             cls.creates_at_target = caps.creates_at_target
 
-    def __init__(self, config: Any, auth_method: str, material: Any, *, name: str = "") -> None:
+    target_pool: TargetPool[Any] | None = None  # set by a connector that keeps admin connections
+
+    def __init__(
+        self, config: Any, auth_method: str, material: Any, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
         if auth_method not in self.auth_methods:
             raise ValidationFailed(
                 f"Connector type {self.type} has no auth method {auth_method!r}; "
@@ -404,6 +691,7 @@ class ConnectorBase:
                 code="unknown_auth_method",
             )
         self.name = name
+        self.pool_limits = pool or PoolLimits()
         self.auth_method = auth_method
         self.config = coerce(self.config_model, config, f"{self.type} config")
         self._material = coerce(self.auth_methods[auth_method], material, f"{self.type} material")
@@ -412,7 +700,9 @@ class ConnectorBase:
         return None
 
     async def aclose(self) -> None:
-        return None
+        """Close :attr:`target_pool` if the connector keeps one (calls in flight finish first)."""
+        if self.target_pool is not None:
+            await self.target_pool.aclose()
 
     @classmethod
     def sanitize(cls, exc: BaseException) -> str:

@@ -26,6 +26,14 @@ sessions of a dropped user running). An account already gone is success.
 
 Database names in a database-level GRANT are patterns (``_`` and ``%`` are
 wildcards); they are escaped so ``shop_eu`` does not also grant ``shopXeu``.
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`;
+PyMySQL blocks, so connecting, the liveness ping on taking one, the work and
+closing run in the connector's own worker threads. Every statement here
+autocommits and sets no session variable; a connection goes back only open, in
+autocommit and outside a transaction. The server's connection limits (errors
+1040, 1203, and 1226 for ``max_user_connections``) are
+``target_too_many_connections``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     as_utc,
     IssueRequest,
@@ -51,6 +60,7 @@ from connectors.base import (
     ConnectorCapabilities,
     Revocability,
     TargetError,
+    TargetPool,
     TargetUnreachable,
     TTLLimits,
     Verification,
@@ -80,6 +90,11 @@ ER_ACCESS_DENIED = 1045
 ER_CANNOT_USER = 1396
 ER_NO_SUCH_THREAD = 1094
 ER_NO_SUCH_TABLE = 1146
+# The server's connection limits: 1040 max_connections, 1203 max_user_connections (global),
+# 1226 an account's MAX_USER_CONNECTIONS (1226 also covers other resource limits: read its text)
+ER_CON_COUNT_ERROR = 1040
+ER_TOO_MANY_USER_CONNECTIONS = 1203
+ER_USER_LIMIT_REACHED = 1226
 PERMISSION_ERRORS = frozenset({1044, 1142, 1143, 1227, 1410})
 CONNECTION_ERRORS = frozenset({2003, 2006, 2013, 2055})
 
@@ -131,10 +146,14 @@ class MySQLConnector(ConnectorBase):
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: MySQLConfig
         self._material: MySQLPasswordMaterial
+        self._threads = f"connector:{name or 'mysql'}"  # its own worker threads: a slow MySQL holds only these
+        self.target_pool = _admin_pool(self._material, self.config.connect_timeout, self.pool_limits, self._threads)
 
     # -- pure --------------------------------------------------------------
 
@@ -351,24 +370,8 @@ class MySQLConnector(ConnectorBase):
                 )
             time.sleep(0.02)
 
-    def _connect(self, timeout: float) -> Connection:
-        import pymysql
-
-        m = self._material
-        return pymysql.connect(
-            host=m.host,
-            port=m.port,
-            user=m.username,
-            password=m.password.get_secret_value(),
-            connect_timeout=self.config.connect_timeout,
-            read_timeout=max(1, int(timeout)),
-            write_timeout=max(1, int(timeout)),
-            autocommit=True,
-            charset="utf8mb4",
-        )
-
     async def _call(self, work: Callable[[Connection], T], doing: str, timeout: float) -> T:
-        """Run ``work`` on a fresh admin connection in a thread; vendor errors become our own sentence."""
+        """Run ``work`` on a pooled admin connection in a thread; vendor errors become our own sentence."""
         try:
             import pymysql
         except ImportError:
@@ -376,16 +379,12 @@ class MySQLConnector(ConnectorBase):
                 "The mysql connector needs PyMySQL: pip install 'credgate[mysql]'.", code="missing_dependency"
             ) from None
 
-        def run() -> T:
-            conn = self._connect(timeout)
-            try:
-                return work(conn)
-            finally:
-                conn.close()
-
+        pool = self.target_pool
+        assert pool is not None
         failure: TargetError | None = None
         try:
-            return await run_sync(run, timeout=timeout + self.config.connect_timeout)
+            async with pool.connection(None, timeout) as conn:
+                return await pool.run_sync(conn, work, timeout=timeout, pool=self._threads)
         except TargetError as exc:
             failure = exc
         except asyncio.TimeoutError:
@@ -397,12 +396,75 @@ class MySQLConnector(ConnectorBase):
         raise failure  # outside the except blocks: no vendor exception in __context__
 
 
+def _admin_pool(m: MySQLPasswordMaterial, connect_timeout: int, limits: PoolLimits, threads: str) -> TargetPool[Any]:
+    """The connector's pool of admin connections (one target, no key). PyMySQL blocks: opening,
+    checking and closing run in the connector's worker threads. The callables hold what they
+    need, not the connector."""
+
+    def connect() -> Connection:
+        import pymysql
+
+        return pymysql.connect(
+            host=m.host,
+            port=m.port,
+            user=m.username,
+            password=m.password.get_secret_value(),
+            connect_timeout=connect_timeout,
+            read_timeout=DEFAULT_TIMEOUT,
+            write_timeout=DEFAULT_TIMEOUT,
+            autocommit=True,
+            charset="utf8mb4",
+        )
+
+    async def open_(_key: Any, timeout: float) -> Connection:
+        import pymysql
+
+        failure: TargetError | None = None
+        try:
+            return await run_sync(connect, timeout=min(timeout, connect_timeout + 1.0), pool=threads)
+        except asyncio.TimeoutError:
+            failure = TargetUnreachable("MySQL did not accept a connection in time.", code="target_timeout")
+        except pymysql.err.MySQLError as exc:
+            failure = _translate(exc, "connect")
+        except Exception as exc:  # noqa: BLE001
+            failure = TargetUnreachable(f"Could not connect to MySQL ({MySQLConnector.sanitize(exc)}).")
+        raise failure
+
+    def check(conn: Connection, timeout: float) -> None:
+        # The socket deadline of this call's statements (PyMySQL reads these per I/O), then a
+        # COM_PING: a connection the server ended while idle fails here and is replaced.
+        conn._read_timeout = conn._write_timeout = max(1, int(timeout))  # noqa: SLF001
+        conn.ping(reconnect=False)
+
+    async def prepare(conn: Connection, timeout: float) -> None:
+        await run_sync(check, conn, timeout, timeout=min(timeout, 10.0), pool=threads)
+
+    def reusable(conn: Connection) -> bool:
+        # Every statement of this connector autocommits and sets no session variable; a
+        # connection is taken back only open, in autocommit and outside a transaction.
+        from pymysql.constants import SERVER_STATUS
+
+        return bool(conn.open) and bool(conn.autocommit_mode) and not conn.server_status & SERVER_STATUS.SERVER_STATUS_IN_TRANS
+
+    async def close(conn: Connection) -> None:
+        await run_sync(conn.close, timeout=5.0, pool=threads)
+
+    return TargetPool("MySQL", open=open_, prepare=prepare, reusable=reusable, close=close, limits=limits)
+
+
 def _translate(exc: BaseException, doing: str) -> TargetError:
     """A PyMySQL error as our own sentence with its class, SQLSTATE and error number (never its message)."""
     safe = MySQLConnector.sanitize(exc)
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
     if code == ER_ACCESS_DENIED:
         return TargetError(f"MySQL rejected the admin credentials ({safe}).", code="target_auth_failed")
+    if code in (ER_CON_COUNT_ERROR, ER_TOO_MANY_USER_CONNECTIONS) or (
+        code == ER_USER_LIMIT_REACHED and "max_user_connections" in str(exc)  # read, never repeated
+    ):
+        return TargetUnreachable(
+            f"MySQL refused the admin connection: its connection limit is reached ({safe}).",
+            code="target_too_many_connections",
+        )
     if code in CONNECTION_ERRORS:
         return TargetUnreachable(f"Could not reach MySQL to {doing} ({safe}).")
     if code in PERMISSION_ERRORS:

@@ -35,6 +35,14 @@ committed) and ``DROP ROLE``. A role or database already gone is success.
 A non-superuser admin first grants itself membership in the role, which
 ``pg_terminate_backend`` and ``REASSIGN/DROP OWNED`` require (on PostgreSQL 16+
 this works for roles the admin created, which hold ADMIN OPTION for it).
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`
+(``pool_limits.size`` over every database, shared by every call): each call
+takes one for its database, and on taking it the session is reset (``SET
+SESSION AUTHORIZATION DEFAULT; RESET ALL``, back to the DSN's own options) and
+gets the call's ``statement_timeout`` and ``lock_timeout``. A connection goes
+back only outside a transaction; one whose call raised is closed. The server's
+own connection limit (SQLSTATE 53300) is ``target_too_many_connections``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import asyncio
 import re
 import secrets
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote
@@ -50,6 +59,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     as_utc,
     IssueRequest,
@@ -59,6 +69,7 @@ from connectors.base import (
     ConnectorCapabilities,
     Revocability,
     TargetError,
+    TargetPool,
     TargetUnreachable,
     TTLLimits,
     Verification,
@@ -128,8 +139,10 @@ class PostgresConnector(ConnectorBase):
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: PostgresConfig
         config = self.config
         self._dsn = self._material.dsn
@@ -137,7 +150,7 @@ class PostgresConnector(ConnectorBase):
         self._host = config.host_override or params.get("host") or params.get("hostaddr") or "localhost"
         self._port = params.get("port") or "5432"
         self._sslmode = params.get("sslmode")
-        self._options = params.get("options") or ""
+        self.target_pool = _admin_pool(self._dsn, config.connect_timeout, self.pool_limits)
 
     # -- pure --------------------------------------------------------------
 
@@ -178,15 +191,17 @@ class PostgresConnector(ConnectorBase):
         password = secrets.token_urlsafe(24)
         failure: TargetError | None = None
         try:
-            async with await self._connect(database, req.timeout_seconds) as conn:
+            async with self._connection(database, req.timeout_seconds) as conn:
                 (algorithm,) = await (await conn.execute("SHOW password_encryption")).fetchone()  # type: ignore[misc]
                 verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), algorithm.encode())
                 r, s = sql.Identifier(role), sql.Identifier(schema)
                 # A GRANT the admin may not give is only a WARNING (01007): collect them and roll back.
                 not_granted: list[str] = []
-                conn.add_notice_handler(
-                    lambda diag: not_granted.append(diag.sqlstate or "") if diag.sqlstate == "01007" else None
-                )
+
+                def notice(diag: Any) -> None:
+                    if diag.sqlstate == "01007":
+                        not_granted.append(diag.sqlstate)
+
                 statements = [
                     # Concurrent GRANTs on one database update the same catalog rows and fail with
                     # "tuple concurrently updated": issuances into one database take turns here.
@@ -203,12 +218,16 @@ class PostgresConnector(ConnectorBase):
                 ]
                 if "INSERT" in privileges:
                     statements.append(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(s, r))
-                async with conn.transaction():
-                    # One round trip (every value is quoted by psycopg.sql, no parameters): the lock
-                    # is held for the server's work, not for this process's turns between statements.
-                    await conn.execute(sql.SQL("; ").join(statements))
-                    if not_granted:
-                        raise _NotGranted
+                conn.add_notice_handler(notice)
+                try:
+                    async with conn.transaction():
+                        # One round trip (every value is quoted by psycopg.sql, no parameters): the lock
+                        # is held for the server's work, not for this process's turns between statements.
+                        await conn.execute(sql.SQL("; ").join(statements))
+                        if not_granted:
+                            raise _NotGranted
+                finally:
+                    conn.remove_notice_handler(notice)  # the connection goes back to the pool
         except _NotGranted:
             failure = ResourceRejected(
                 f"The admin role may not grant every privilege {req.resource} needs (PostgreSQL warned "
@@ -260,7 +279,7 @@ class PostgresConnector(ConnectorBase):
         expires_at = as_utc(expires_at)
         failure: TargetError | None = None
         try:
-            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+            async with self._connection(None, DEFAULT_TIMEOUT) as conn:
                 async with conn.transaction():
                     cur = await conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (role,))
                     row = await cur.fetchone()
@@ -298,7 +317,7 @@ class PostgresConnector(ConnectorBase):
     async def verify(self) -> Verification:
         failure: str | None = None
         try:
-            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+            async with self._connection(None, DEFAULT_TIMEOUT) as conn:
                 identity, version, can_create = await (  # type: ignore[misc]
                     await conn.execute(
                         "SELECT current_user, current_setting('server_version'), "
@@ -332,7 +351,7 @@ class PostgresConnector(ConnectorBase):
             )
         failure: TargetError | None = None
         try:
-            async with await self._connect(None, DEFAULT_TIMEOUT) as conn:
+            async with self._connection(None, DEFAULT_TIMEOUT) as conn:
                 if resource_type == "database":
                     return await self._databases(conn)
                 return await self._schemas(conn)
@@ -372,25 +391,11 @@ class PostgresConnector(ConnectorBase):
             )
         return role
 
-    async def _connect(self, dbname: str | None, timeout: float) -> AsyncConnection[Any]:
-        """An admin connection (to ``dbname``, or the DSN's own database) with connect and statement timeouts."""
-        import psycopg
-
-        statement_ms = max(1000, int(timeout * 1000))
-        options = f"{self._options} -c statement_timeout={statement_ms} -c lock_timeout={statement_ms}".strip()
-        failure: TargetError | None = None
-        try:
-            return await psycopg.AsyncConnection.connect(
-                self._dsn.get_secret_value(),
-                dbname=dbname,
-                connect_timeout=self.config.connect_timeout,
-                options=options,
-                application_name="credgate",
-                autocommit=True,
-            )
-        except Exception as exc:  # noqa: BLE001
-            failure = _connect_error(exc, dbname)
-        raise failure
+    def _connection(self, dbname: str | None, timeout: float) -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+        """A pooled admin connection (to ``dbname``, or the DSN's own database) for one call of at
+        most ``timeout`` seconds: statement and lock timeouts set, session state reset."""
+        assert self.target_pool is not None
+        return self.target_pool.connection(dbname, timeout)
 
     async def _databases(self, conn: AsyncConnection[Any]) -> list[str]:
         cur = await conn.execute(
@@ -408,36 +413,36 @@ class PostgresConnector(ConnectorBase):
         return [f"{db}/{name}" for db, name in await cur.fetchall() if IDENTIFIER.match(db) and IDENTIFIER.match(name)]
 
     async def _revoke(self, role: str, database: str | None) -> None:
-        conn = None
         if database is not None:
             try:
-                conn = await self._connect(database, DEFAULT_TIMEOUT)
+                async with self._connection(database, DEFAULT_TIMEOUT) as conn:
+                    await self._revoke_on(conn, role, database)
+                return
             except TargetError as exc:
-                if exc.code != "resource_not_found":
-                    raise
-                conn = None  # the database is gone, and its grants with it
-        if conn is None:
-            database = None
-            conn = await self._connect(None, DEFAULT_TIMEOUT)
-        async with conn:
-            for attempt in range(1, 5):
-                try:
-                    await self._drop(conn, role, database)
+                if exc.code != "resource_not_found":  # only _connect_error says so: the database is
+                    raise  # gone, and its grants with it
+        async with self._connection(None, DEFAULT_TIMEOUT) as conn:
+            await self._revoke_on(conn, role, None)
+
+    async def _revoke_on(self, conn: AsyncConnection[Any], role: str, database: str | None) -> None:
+        for attempt in range(1, 5):
+            try:
+                await self._drop(conn, role, database)
+                return
+            except TargetError:
+                raise  # ours (sessions that would not end): never waved through
+            except Exception as exc:
+                # Someone else dropped the role meanwhile (42704 undefined_object from
+                # GRANT, ALTER or REASSIGN, XX000 "tuple concurrently deleted" from DROP):
+                # gone is revoked. A role can't be dropped while it owns or holds
+                # anything, so nothing of it is left.
+                if await self._role_gone(conn, role):
                     return
-                except TargetError:
-                    raise  # ours (sessions that would not end): never waved through
-                except Exception as exc:
-                    # Someone else dropped the role meanwhile (42704 undefined_object from
-                    # GRANT, ALTER or REASSIGN, XX000 "tuple concurrently deleted" from DROP):
-                    # gone is revoked. A role can't be dropped while it owns or holds
-                    # anything, so nothing of it is left.
-                    if await self._role_gone(conn, role):
-                        return
-                    # Still there, but changed under us by someone revoking it too (XX000
-                    # "tuple concurrently updated", a deadlock): look again, a few times.
-                    if getattr(exc, "sqlstate", None) not in RACE_SQLSTATES or attempt == 4:
-                        raise
-                await asyncio.sleep(0.05 * attempt)
+                # Still there, but changed under us by someone revoking it too (XX000
+                # "tuple concurrently updated", a deadlock): look again, a few times.
+                if getattr(exc, "sqlstate", None) not in RACE_SQLSTATES or attempt == 4:
+                    raise
+            await asyncio.sleep(0.05 * attempt)
 
     @staticmethod
     async def _role_gone(conn: AsyncConnection[Any], role: str) -> bool:
@@ -501,6 +506,48 @@ class PostgresConnector(ConnectorBase):
             await asyncio.sleep(0.02)
 
 
+# Run on every admin connection a call takes from the pool, in one round trip: whatever an
+# earlier call left in the session (a role, a search_path, settings) goes back to the
+# connection's own defaults (its DSN's options included), then this call's deadlines.
+_PREPARE = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+
+
+def _admin_pool(dsn: SecretStr, connect_timeout: int, limits: PoolLimits) -> TargetPool[AsyncConnection[Any]]:
+    """The connector's pool of admin connections, keyed by database name (None: the DSN's own).
+    The callables hold what they need, not the connector (no reference cycle)."""
+
+    async def open_(dbname: str | None, timeout: float) -> AsyncConnection[Any]:
+        import psycopg
+
+        failure: TargetError | None = None
+        try:
+            return await psycopg.AsyncConnection.connect(
+                dsn.get_secret_value(),
+                dbname=dbname,
+                connect_timeout=connect_timeout,
+                application_name="credgate",
+                autocommit=True,
+                prepare_threshold=None,  # nothing prepared server-side: a reset session holds nothing stale
+            )
+        except Exception as exc:  # noqa: BLE001
+            failure = _connect_error(exc, dbname)
+        raise failure
+
+    async def prepare(conn: AsyncConnection[Any], timeout: float) -> None:
+        ms = max(1000, int(timeout * 1000))
+        await conn.execute(_PREPARE.format(ms=ms))
+
+    def reusable(conn: AsyncConnection[Any]) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE
+
+    async def close(conn: AsyncConnection[Any]) -> None:
+        await conn.close()
+
+    return TargetPool("PostgreSQL", open=open_, prepare=prepare, reusable=reusable, close=close, limits=limits)
+
+
 class _NotGranted(Exception):
     """A GRANT came back with WARNING 01007: roll the issuing transaction back."""
 
@@ -518,6 +565,13 @@ def _connect_error(exc: BaseException, dbname: str | None) -> TargetError:
         )
     if dbname is not None and "does not exist" in text and "database" in text:
         return TargetError(f"Database {dbname} does not exist at the target ({safe}).", code="resource_not_found")
+    if getattr(exc, "sqlstate", None) == "53300" or "too many" in text or "connection slots are reserved" in text:
+        # 53300 too_many_connections: "sorry, too many clients already", "too many connections for
+        # role/database", "remaining connection slots are reserved": the server is full, not down.
+        return TargetUnreachable(
+            f"PostgreSQL refused the admin connection: its connection limit is reached ({safe}).",
+            code="target_too_many_connections",
+        )
     if "timeout expired" in text:
         return TargetUnreachable(f"PostgreSQL did not answer in time ({safe}).", code="target_timeout")
     return TargetUnreachable(f"Could not connect to PostgreSQL ({safe}).")

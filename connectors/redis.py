@@ -27,6 +27,13 @@ Limits worth knowing:
 - ACL rules don't depend on the database number. When the material's URL
   names a database other than 0, ``+select`` is granted so clients can reach
   it, and the credential's ``url`` names it.
+
+Admin connections come from the instance's :class:`~connectors.base.TargetPool`
+(each slot a redis-py client of one connection, PINGed when taken). Not
+redis-py's own ``BlockingConnectionPool``: its wait is fixed per pool rather
+than each call's deadline, and running out of connections there is a
+``ConnectionError`` told apart from an unreachable server only by its text. A
+server at ``maxclients`` is ``target_too_many_connections``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     IssueRequest,
     Issued,
@@ -51,6 +59,7 @@ from connectors.base import (
     ConnectorCapabilities,
     Revocability,
     TargetError,
+    TargetPool,
     TargetUnreachable,
     TTLLimits,
     Verification,
@@ -200,6 +209,11 @@ def _error(exc: BaseException, doing: str) -> TargetError:
     what = RedisConnector.sanitize(exc)
     if isinstance(exc, rx.AuthenticationError):
         return TargetError(f"Redis refused the connector's login while {doing} ({what}).", code="target_auth_failed")
+    if isinstance(exc, rx.ConnectionError) and "max number of clients" in str(exc).lower():  # read, never repeated
+        return TargetUnreachable(
+            f"Redis refused the connection while {doing}: its maxclients limit is reached ({what}).",
+            code="target_too_many_connections",
+        )
     if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, OSError, asyncio.TimeoutError)):
         return TargetUnreachable(f"Redis could not be reached while {doing} ({what}).")
     if isinstance(exc, rx.NoPermissionError):
@@ -208,6 +222,21 @@ def _error(exc: BaseException, doing: str) -> TargetError:
             code="target_permission_denied",
         )
     return TargetError(f"Redis failed while {doing} ({what}).")
+
+
+async def _ping(client: Any, timeout: float) -> None:
+    """Ready for a call: the connection answers (one closed by the server while idle fails here
+    and is replaced). An admin connection carries no state between calls: every command of this
+    connector is a single ACL, CLIENT, SCAN or PING (no MULTI, no SELECT of its own, no pub/sub)."""
+    await client.execute_command("PING")
+
+
+def _reusable(client: Any) -> bool:
+    return True  # redis-py disconnects a connection whose command failed; it reconnects at the next
+
+
+async def _close(client: Any) -> None:
+    await client.aclose()
 
 
 def _planned_user(revoke_state: Mapping[str, Any]) -> str:
@@ -230,11 +259,16 @@ class RedisConnector(ConnectorBase):
         default=timedelta(hours=1), min=timedelta(seconds=1), max=timedelta(hours=24)
     )
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: RedisConfig
         self._material: RedisPasswordMaterial
         self._target = _parse_url(self._material.url.get_secret_value())
+        self.target_pool = TargetPool(
+            "Redis", open=self._open, prepare=_ping, reusable=_reusable, close=_close, limits=self.pool_limits
+        )
 
     @classmethod
     def sanitize(cls, exc: BaseException) -> str:
@@ -272,6 +306,13 @@ class RedisConnector(ConnectorBase):
 
     # -- I/O ----------------------------------------------------------------
 
+    async def _open(self, _key: Any, timeout: float) -> Any:
+        """A new admin connection: a client of one connection, which connects (and logs in) at
+        its first command (the pool's PING). Not a ``single_connection_client``: redis-py's own
+        pool of one reconnects a connection the server closed, and a client dropped unclosed
+        (a connector never closed) does not touch a closed event loop."""
+        return self._client(timeout)
+
     def _client(self, timeout: float) -> Any:
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
@@ -286,28 +327,25 @@ class RedisConnector(ConnectorBase):
             username=self._material.username or t.username,
             password=password,
             ssl=t.tls,
-            socket_timeout=timeout,
+            socket_timeout=max(timeout, DEFAULT_TIMEOUT),  # each call's own deadline is cut in _run
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
-            single_connection_client=True,
+            max_connections=1,
             decode_responses=True,
         )
 
     async def _run(self, doing: str, timeout: float, work: Any) -> Any:
-        """Run ``await work(client)`` on a fresh admin connection under one deadline."""
-        client = self._client(timeout)
+        """Run ``await work(client)`` on a pooled admin connection under one deadline (the wait
+        for a free connection included)."""
+        assert self.target_pool is not None
         try:
             async with asyncio.timeout(timeout):
-                return await work(client)
+                async with self.target_pool.connection(None, timeout) as client:
+                    return await work(client)
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - every driver failure is mapped, never quoted
             raise _error(exc, doing) from None
-        finally:
-            try:
-                await client.aclose()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-                pass
 
     async def issue(self, req: IssueRequest) -> Issued:
         user = _planned_user(req.revoke_state)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    PoolLimits,
     ConnectorBase,
     ConnectorCapabilities,
     IssueRequest,
@@ -82,8 +83,10 @@ class StaticConnector(ConnectorBase):
     )
     ttl: ClassVar[TTLLimits] = TTLLimits(default=timedelta(minutes=5), min=timedelta(seconds=1), max=timedelta(hours=1))
 
-    def __init__(self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "") -> None:
-        super().__init__(config, auth_method, material, name=name)
+    def __init__(
+        self, config: BaseModel, auth_method: str, material: BaseModel, *, name: str = "", pool: PoolLimits | None = None
+    ) -> None:
+        super().__init__(config, auth_method, material, name=name, pool=pool)
         self.config: StaticConfig
         self._material: StaticMaterial
 

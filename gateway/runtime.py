@@ -15,7 +15,7 @@ from typing import Any
 from gateway.audit.trail import AuditLog, build_sinks
 from gateway.identity.principal import AdminKeys, new_token
 from gateway.identity.authenticator import Authenticator
-from gateway.plugins.connectors import Catalog
+from gateway.plugins.connectors import Catalog, PoolLimits
 from gateway.identity.clients import Clients
 from gateway.issuing.service import Credentials, RevokePolicy
 from gateway.crypto.envelope import Envelope
@@ -193,7 +193,14 @@ class Runtime:
                 await keyring.open(store)  # ConfigurationError naming the source if the KMS can't unwrap
             envelope = Envelope(keyring)
             mounts = Mounts(store, envelope, timeout=settings.backend_timeout_seconds)
-            catalog = Catalog(store, mounts, material_seconds=settings.material_cache_seconds)
+            catalog = Catalog(
+                store, mounts, material_seconds=settings.material_cache_seconds,
+                pool=PoolLimits(
+                    size=settings.target_pool_size,
+                    wait_seconds=settings.target_pool_wait_seconds,
+                    idle_seconds=settings.target_pool_idle_seconds,
+                ),
+            )
             mounts.in_use_by = catalog.count_using_backend
             leases = Leases(store)
             wraps = WrapTokens(store, envelope)

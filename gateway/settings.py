@@ -234,6 +234,22 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A pending lease older than this is a crashed issuance: revoke by its plan."
     )
     target_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of every call to a connector's target.")
+    target_pool_size: int = Field(
+        4, ge=1, le=100,
+        description="Admin connections each connector instance keeps to its target at most (PostgreSQL, MySQL, "
+        "Redis; over every database a PostgreSQL connector reaches), per replica, shared by issue, renew, revoke, "
+        "verify and list: a burst queues in the gateway instead of taking the target's connections from its other "
+        "clients. Size it against the target's limit (max_connections, maxclients) and the number of replicas.",
+    )
+    target_pool_wait_seconds: float = Field(
+        10.0, ge=0, le=300,
+        description="How long a call waits for a free admin connection (never past its own deadline, "
+        "target_timeout_seconds) before it is refused with 503 target_busy and Retry-After.",
+    )
+    target_pool_idle_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="An admin connection unused this long is closed (a quiet connector keeps none open).",
+    )
     backend_timeout_seconds: float = Field(
         10.0, gt=0, description="Deadline of every call to a secret backend (503 backend_unavailable past it)."
     )

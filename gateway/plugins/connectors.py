@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 
-from connectors.base import RESOURCE, ServiceConnector
+from connectors.base import RESOURCE, PoolLimits, ServiceConnector
 from gateway.audit import trail as audit
 from gateway.store import changes
 from gateway import paths
@@ -132,9 +132,11 @@ def validate_material(cls: Any, auth_method: str, data: Any, ref: str) -> BaseMo
     )
 
 
-def _construct(cls: Any, name: str, config: Any, auth_method: str, material: Any) -> ServiceConnector:
+def _construct(
+    cls: Any, name: str, config: Any, auth_method: str, material: Any, pool: PoolLimits | None = None
+) -> ServiceConnector:
     try:
-        return cls(config, auth_method, material, name=name)
+        return cls(config, auth_method, material, name=name, pool=pool)
     except ValueError as exc:
         # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
         # error quotes its input, which may be material) is reduced to its type.
@@ -154,8 +156,11 @@ class _Material:
 
 
 class Catalog:
-    def __init__(self, store: Store, mounts: Mounts, *, material_seconds: float = 30.0) -> None:
+    def __init__(
+        self, store: Store, mounts: Mounts, *, material_seconds: float = 30.0, pool: PoolLimits | None = None
+    ) -> None:
         self._store = store
+        self._pool = pool or PoolLimits()  # each live instance's bounds on admin connections to its target
         self._mounts = mounts
         feed = store.changes
         self.rows: Cache[str, ConnectorRow] = Cache("connectors", feed, ttl=300.0)
@@ -334,15 +339,24 @@ class Catalog:
         else:
             loaded = await self.material.get((row.name, row.updated_at), lambda: self._read_material(row))
         live = self._live.get(row.name)
-        if live is not None and live[0] is loaded:
+        if live is not None and (live[0] is loaded or live[0] == loaded):
+            # The same material, or the same values read again once the cache lapsed: the
+            # instance (and its pool of admin connections) stays.
             return live[1]
-        connector = _construct(cls, row.name, loaded.config, row.auth_method, loaded.material)
+        connector = _construct(cls, row.name, loaded.config, row.auth_method, loaded.material, self._pool)
         await connector.start()
         old = self._live.get(row.name)
         self._live[row.name] = (loaded, connector)
         if old is not None and old[1] is not connector:
             self._drop(old[1])
         return connector
+
+    def pools(self) -> list[tuple[str, Any]]:
+        """(name, pool) of every live connector that keeps admin connections (its ``target_pool``)."""
+        return [
+            (name, pool) for name, (_, connector) in sorted(self._live.items())
+            if (pool := getattr(connector, "target_pool", None)) is not None
+        ]
 
     def _drop(self, connector: ServiceConnector) -> None:
         """Close a connector no longer handed out (calls in flight on it may finish)."""

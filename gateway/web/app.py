@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.runtime = await Runtime.start(settings)
         app.state.runtime.metrics = app.state.metrics
         app.state.metrics.watch_caches(app.state.runtime.store.changes)
+        app.state.metrics.watch_pools(app.state.runtime.catalog)
         try:
             yield
         finally:

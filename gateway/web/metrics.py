@@ -48,6 +48,10 @@ class Metrics:
         """Export the hit/miss counts of every cache fed by ``feed`` (a gateway.changes.Changes)."""
         self.registry.register(_CacheCollector(feed))
 
+    def watch_pools(self, catalog) -> None:
+        """Export the admin connection pools of the live connectors (gateway.plugins.connectors.Catalog)."""
+        self.registry.register(_PoolCollector(catalog))
+
     def watch_tls(self, server_tls) -> None:
         """Export the served certificate's expiry and the TLS reload and handshake counts."""
         self.registry.register(_TLSCollector(server_tls))
@@ -101,6 +105,38 @@ class _CacheCollector:
         yield GaugeMetricFamily("credgate_change_feed_live",
                                 "1 while this replica hears every change (caches serve); 0 while they are bypassed.",
                                 value=1 if self._feed.live else 0)
+
+
+class _PoolCollector:
+    """Each live connector's pool of admin connections to its target (connectors.base.TargetPool).
+    The counts start again when a connector's instance is replaced (its pool with it)."""
+
+    def __init__(self, catalog) -> None:
+        self._catalog = catalog
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        conns = GaugeMetricFamily("credgate_target_pool_connections",
+                                  "Admin connections of a connector's pool, in use (or opening) and idle.",
+                                  labels=["connector", "state"])
+        waiting = GaugeMetricFamily("credgate_target_pool_waiting",
+                                    "Calls waiting for one of a connector's admin connections.", labels=["connector"])
+        events = CounterMetricFamily("credgate_target_pool_events",
+                                     "Admin connections opened, reused, replaced (broken while idle), discarded "
+                                     "(after a failed call), and calls refused target_busy.",
+                                     labels=["connector", "event"])
+        for name, pool in self._catalog.pools():
+            stats = pool.stats()
+            conns.add_metric([name, "in_use"], stats["in_use"])
+            conns.add_metric([name, "idle"], stats["idle"])
+            waiting.add_metric([name], stats["waiting"])
+            for event in ("opened", "reused", "replaced", "discarded", "busy"):
+                events.add_metric([name, event], stats[event])
+        yield conns
+        yield waiting
+        yield events
 
 
 class MetricsMiddleware:

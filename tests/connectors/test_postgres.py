@@ -11,6 +11,7 @@ Layout built once per module, owned by a non-superuser admin with CREATEROLE::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
@@ -60,6 +61,13 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[Target]:
+    with admin_target() as tgt:
+        yield tgt
+
+
+@contextlib.contextmanager
+def admin_target() -> Iterator[Target]:
+    """A private cluster with the layout above (also used by tests/connectors/test_pools.py)."""
     from tests.services.pgcluster import PgCluster
 
     cluster = PgCluster()

@@ -66,6 +66,7 @@ def test_connector_type_satisfies_the_protocol(type_name: str) -> None:
     params = _params(cls.__init__)
     assert [n for n, _ in params[:4]] == ["self", "config", "auth_method", "material"], type_name
     assert ("name", inspect.Parameter.KEYWORD_ONLY) in params, f"{type_name}: take name= (keyword) and pass it on"
+    assert ("pool", inspect.Parameter.KEYWORD_ONLY) in params, f"{type_name}: take pool= (keyword) and pass it on"
     for method in ("start", "aclose", "issue", "renew", "revoke", "verify", "list_resources"):
         assert inspect.iscoroutinefunction(getattr(cls, method)), f"{type_name}.{method} must be async"
     for method in ("validate_resource", "plan"):
