@@ -69,6 +69,6 @@ def create_app(settings: Settings) -> FastAPI:
         address_limit=Limit(settings.rate_per_address, settings.burst_per_address),
         trusted_proxies=settings.proxy_networks,
     )  # request ids before everything the app does
-    # Outermost: it must see the server's own send, to know the response left whole.
+    # Outermost: it must see the server's own receive, to know whether the client is still there.
     app.add_middleware(DeliveryConfirmation)
     return app

@@ -354,11 +354,12 @@ def expect_delivery(lease_id: str) -> None:
         pending.append(lease_id)
 
 
-def _client_gone(send: Send) -> bool:
+def _client_gone(receive: Receive) -> bool:
     """uvicorn (ASGI spec 2.3) silently drops what is sent to a client that went away; its
-    request cycle, whose method ``send`` is, records it (``disconnected``). A server on spec
-    2.4 raises OSError from ``send`` instead; any other server: assume it went out."""
-    return getattr(getattr(send, "__self__", None), "disconnected", False) is True
+    request cycle records it (``disconnected``). The cycle is what the server's ``receive`` is
+    a method of (Starlette's outermost ServerErrorMiddleware wraps ``send``, never ``receive``).
+    A server on spec 2.4 raises OSError from ``send`` instead; any other: assume it went out."""
+    return getattr(getattr(receive, "__self__", None), "disconnected", False) is True
 
 
 class DeliveryConfirmation:
@@ -371,7 +372,8 @@ class DeliveryConfirmation:
     send failed, the client had gone) leaves its lease undelivered: the reaper revokes it at its
     delivery deadline.
 
-    Outermost, so that ``send`` is the server's own (see :func:`_client_gone`).
+    Outermost of the gateway's middleware, so that ``receive`` is the server's own (see
+    :func:`_client_gone`).
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -392,7 +394,7 @@ class DeliveryConfirmation:
                 status = message["status"]
             await send(message)  # raises if the server could not take it
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                sent = not _client_gone(send)
+                sent = not _client_gone(receive)
 
         try:
             await self.app(scope, receive, confirming_send)
