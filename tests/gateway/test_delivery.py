@@ -8,6 +8,7 @@ PostgreSQL target, with a 1 s deadline and the reaper ticked by hand:
 - a response that never leaves (the server's send fails as an ASGI 2.4 server's does for a
   client that went away; or it is dropped, as uvicorn drops it, the client gone) leaves its
   lease undelivered: revoked after the deadline, the role gone, audited ``undelivered``;
+  the same under a real uvicorn server with a client that gives up before the answer;
 - a delivered lease outlives the deadline and its credential works;
 - a retry with the same Idempotency-Key before the deadline delivers it (same lease, marker
   cleared, survives); after the revocation it is 410 ``lease_ended``;
@@ -168,6 +169,49 @@ async def test_a_credential_whose_response_never_left_is_revoked_at_the_deadline
     assert any("revoking 1 lease(s) whose response was never confirmed sent" in r.getMessage() for r in caplog.records)
     events = (await gw.client.get("/v1/audit", params={"lease_id": lease_id, "action": "leases:revoke"})).json()
     assert [e["outcome"] for e in events["items"]] == ["undelivered: revoking", "revoked"]
+
+
+async def test_a_client_gone_before_the_answer_under_uvicorn(gw: Gateway, pg_cluster, pg_db: str) -> None:
+    """The real server: the client's timeout runs out while the target is slow; uvicorn then
+    drops the answer (and says nothing), so the lease stays undelivered."""
+    import uvicorn
+
+    from tests.services.waiting import free_port
+
+    rt = gw.runtime
+    connector = await rt.catalog.instance(await rt.catalog.get("pg"))
+    issue = connector.issue
+
+    async def slow_issue(req):
+        await asyncio.sleep(0.5)
+        return await issue(req)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(gw.app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
+    serving = asyncio.create_task(server.serve())
+    connector.issue = slow_issue
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=0.2,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post("/v1/credentials", json=issue_body(pg_db))
+        for _ in range(50):  # the gateway finishes the issuance after the client left
+            items = (await gw.client.get("/v1/leases", params={"state": "active"})).json()["items"]
+            if items:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # and tries to answer
+        (lease_id,) = [i["lease_id"] for i in items]
+        assert (await rt.leases.get(lease_id)).delivery_due_at is not None
+        await past_deadline()
+        assert (await rt.reaper.tick())["undelivered"] == 1
+        assert role_name(lease_id) not in roles(pg_cluster)
+    finally:
+        del connector.issue
+        server.should_exit = True
+        await serving
 
 
 async def test_a_delivered_credential_outlives_the_deadline(gw: Gateway, pg_db: str) -> None:
