@@ -11,7 +11,8 @@ PostgreSQL target, with a 1 s deadline and the reaper ticked by hand:
   the same under a real uvicorn server with a client that gives up before the answer;
 - a delivered lease outlives the deadline and its credential works;
 - a retry with the same Idempotency-Key before the deadline delivers it (same lease, marker
-  cleared, survives); after the revocation it is 410 ``lease_ended``;
+  cleared, survives); after the revocation it is 410 ``lease_ended``, and the Python client
+  then issues anew by itself;
 - a lease activated without the marker (as the previous release activates them) is never
   revoked as undelivered;
 - migration 0012 goes up and down on PostgreSQL with such a lease in the table.
@@ -250,6 +251,38 @@ async def test_a_retry_with_the_idempotency_key_delivers_it_before_the_deadline(
     r = await gw.client.post("/v1/credentials", json=issue_body(pg_db), headers={"Idempotency-Key": "retry-2"})
     assert r.status_code == 410 and r.json()["error"]["code"] == "lease_ended", r.text
     assert await state(gw, late) == "revoked" and role_name(late) not in roles(pg_cluster)
+
+
+class LoseFirstIssue(httpx.AsyncBaseTransport):
+    """The first issue request's answer never reaches the client (the gateway made the lease);
+    the deadline passes and the reaper revokes it before the client's retry."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw, self.lost = gw, 0
+        self.inner = httpx.ASGITransport(app=gw.app)
+        self.losing = httpx.ASGITransport(app=LosingServer(gw.app, "raises"))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/credentials" and not self.lost:
+            self.lost += 1
+            with pytest.raises(OSError):
+                await self.losing.handle_async_request(request)
+            await past_deadline()
+            assert (await self.gw.runtime.reaper.tick())["undelivered"] == 1
+            raise httpx.ReadError("the connection was lost", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_the_python_client_issues_anew_when_its_retry_finds_the_lease_revoked(
+    gw: Gateway, pg_cluster, pg_db: str
+) -> None:
+    from gateway.client import AsyncClient
+
+    async with AsyncClient("http://gateway", token=ADMIN_TOKEN, transport=LoseFirstIssue(gw)) as c:
+        cred = await c.credentials("pg", pg_db, ttl=600)
+        assert await state(gw, cred.lease_id) == "active" and await works(cred["dsn"])
+    (lost,) = [i for i in (await gw.client.get("/v1/leases")).json()["items"] if i["lease_id"] != cred.lease_id]
+    assert lost["state"] == "revoked" and role_name(lost["lease_id"]) not in roles(pg_cluster)
 
 
 async def test_a_replay_whose_own_response_is_lost_restarts_the_deadline(gw: Gateway, pg_db: str) -> None:
