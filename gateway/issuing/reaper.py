@@ -39,8 +39,8 @@ heartbeat every min(interval, leader_ttl / 3):
   session is gone (a crash) and takes over at once, as before.
 
 Fencing: the reaper's own writes (active -> revoking/expired, undelivered ->
-revoking, stale pending -> revoking) are conditional UPDATEs that also require the row to still name this
-replica and epoch with ``renewed_until`` in the future, in the same statement;
+revoking, stale pending -> revoking) are conditional UPDATEs that also require
+the row to still name this replica and epoch with ``renewed_until`` in the future, in the same statement;
 a revived old leader's writes match nothing, so it records no transition and no
 audit event. Revocation attempts at the target go through the per-lease claim
 (``Credentials.attempt_revoke``): the batch starts only after a fence check
@@ -294,7 +294,8 @@ class Reaper:
     async def tick(self) -> dict[str, int]:
         """One pass; returns what it did (for tests and logs)."""
         now = utcnow()
-        done = {"expired": 0, "to_revoke": 0, "undelivered": 0, "stale_pending": 0, "revoked": 0, "failed": 0, "wraps_purged": 0}
+        done = {"expired": 0, "to_revoke": 0, "undelivered": 0, "stale_pending": 0, "revoked": 0, "failed": 0,
+                "wraps_purged": 0}
         events: list[dict[str, Any]] = []  # one audit event per lease the reaper moved
         try:
             for lease in await self._leases.due_for_expiry(now, self._batch):

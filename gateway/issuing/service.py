@@ -234,9 +234,9 @@ class Credentials:
         secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
         now = utcnow()
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": now}
-        confirm = self._confirms_delivery(lease)
-        if confirm:
-            values["delivery_due_at"] = now + self.delivery_deadline  # type: ignore[operator]
+        deadline = self._delivery_deadline(lease)
+        if deadline is not None:
+            values["delivery_due_at"] = now + deadline
         if plan.idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
 
@@ -255,12 +255,15 @@ class Credentials:
             # The reaper judged this issuance dead and is revoking it: never hand it out.
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
-        return Issuance.of(lease, plan.ttl, secret_part, awaiting_delivery=confirm)
+        return Issuance.of(lease, plan.ttl, secret_part, awaiting_delivery=deadline is not None)
 
-    def _confirms_delivery(self, lease: LeaseRow) -> bool:
-        """Whether this lease is activated undelivered: delivery is tracked and the reaper can
-        take the credential back (a revocable type; an expiry-only one would only be marked)."""
-        return self.delivery_deadline is not None and lease.revocability == str(Revocability.REVOCABLE)
+    def _delivery_deadline(self, lease: LeaseRow) -> timedelta | None:
+        """How long this lease may stay undelivered, or None when it is not activated undelivered:
+        delivery is not tracked, or the reaper could not take the credential back (only a revocable
+        type's is; an expiry-only one would only be marked revoked)."""
+        if lease.revocability != str(Revocability.REVOCABLE):
+            return None
+        return self.delivery_deadline
 
     async def delivered(self, lease_ids: list[str]) -> None:
         """The responses carrying these leases' credentials (or wrap tokens) have been handed to
