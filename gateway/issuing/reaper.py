@@ -135,6 +135,7 @@ class Reaper:
         self.epoch: int | None = None  # the fencing epoch this replica leads with; None: not leading
         self._deadline = 0.0  # monotonic: stop acting at this moment unless renewed
         self.takeovers = 0  # times this replica became the leader
+        self.undelivered_revoked = 0  # leases this replica sent to revoking as undelivered
         self.ticks = 0
 
     # --- leadership --------------------------------------------------------
@@ -316,6 +317,7 @@ class Reaper:
                         done["undelivered"] += 1
                         events.append(_event("leases:revoke", lease, "undelivered: revoking"))
                 if done["undelivered"]:
+                    self.undelivered_revoked += done["undelivered"]
                     log.warning("reaper: revoking %d lease(s) whose response was never confirmed sent (undelivered)",
                                 done["undelivered"])
             cutoff = now - timedelta(seconds=self.pending_timeout)

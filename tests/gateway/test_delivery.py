@@ -170,6 +170,7 @@ async def test_a_credential_whose_response_never_left_is_revoked_at_the_deadline
     assert any("revoking 1 lease(s) whose response was never confirmed sent" in r.getMessage() for r in caplog.records)
     events = (await gw.client.get("/v1/audit", params={"lease_id": lease_id, "action": "leases:revoke"})).json()
     assert [e["outcome"] for e in events["items"]] == ["undelivered: revoking", "revoked"]
+    assert "credgate_leases_undelivered_revoked_total 1.0" in (await gw.client.get("/metrics")).text
 
 
 async def test_a_client_gone_before_the_answer_under_uvicorn(gw: Gateway, pg_cluster, pg_db: str) -> None:
