@@ -9,7 +9,8 @@ PostgreSQL target, with a 1 s deadline and the reaper ticked by hand:
   client that went away; or it is dropped, as uvicorn drops it, the client gone) leaves its
   lease undelivered: revoked after the deadline, the role gone, audited ``undelivered``;
   the same under a real uvicorn server with a client that gives up before the answer;
-- a delivered lease outlives the deadline and its credential works;
+- a delivered lease outlives the deadline and its credential works; a delivery that can't be
+  recorded leaves the answer a 200 and is logged with the lease id only;
 - a retry with the same Idempotency-Key before the deadline delivers it (same lease, marker
   cleared, survives); after the revocation it is 410 ``lease_ended``, and the Python client
   then issues anew by itself;
@@ -226,6 +227,31 @@ async def test_a_delivered_credential_outlives_the_deadline(gw: Gateway, pg_db: 
     assert (await rt.reaper.tick())["undelivered"] == 0
     assert await state(gw, out["lease_id"]) == "active"
     assert await works(out["credential"]["dsn"])
+
+
+async def test_a_delivery_that_cannot_be_recorded_is_logged_and_changes_no_answer(
+    gw: Gateway, pg_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt = gw.runtime
+    calls = []
+
+    async def failing(lease_ids: list[str]) -> None:
+        calls.append(list(lease_ids))
+        raise ConnectionError("the store went away")
+
+    rt.credentials.delivered = failing
+    try:
+        with caplog.at_level(logging.WARNING, logger="credgate.delivery"):
+            r = await gw.client.post("/v1/credentials", json=issue_body(pg_db))
+    finally:
+        del rt.credentials.delivered
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert calls == [[out["lease_id"]]] * 3  # tried three times
+    (line,) = [rec.getMessage() for rec in caplog.records if rec.name == "credgate.delivery"]
+    assert out["lease_id"] in line and "ConnectionError" in line
+    assert out["credential"]["password"] not in line and "went away" not in line
+    assert (await rt.leases.get(out["lease_id"])).delivery_due_at is not None  # the reaper will take it
 
 
 async def test_a_retry_with_the_idempotency_key_delivers_it_before_the_deadline(
