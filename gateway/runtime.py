@@ -211,6 +211,8 @@ class Runtime:
                     backoff_base=settings.revoke_backoff_base_seconds,
                     backoff_cap=settings.revoke_backoff_cap_seconds,
                 ),
+                delivery_deadline=(timedelta(seconds=settings.delivery_deadline_seconds)
+                                   if settings.delivery_deadline_seconds else None),
             )
             admin_keys = AdminKeys(store)
             signing = SigningKeys(store, envelope)
@@ -245,6 +247,7 @@ class Runtime:
                     interval=settings.reaper_interval_seconds,
                     pending_timeout=settings.pending_timeout_seconds,
                     leader_ttl=settings.reaper_leader_ttl_seconds,
+                    revoke_undelivered=settings.delivery_deadline_seconds > 0,
                 ),
             )
             rt.reaper.audit = rt.audit  # the reaper's revocations are audited

@@ -233,6 +233,15 @@ class Settings(BaseSettings):
     pending_timeout_seconds: float = Field(
         120.0, gt=0, description="A pending lease older than this is a crashed issuance: revoke by its plan."
     )
+    delivery_deadline_seconds: float = Field(
+        60.0, ge=0, le=3600,
+        description="A revocable credential whose response was not handed to the server whole within this of "
+        "its activation (the gateway crashed, or the client left before the answer) is revoked by the reaper "
+        "(audited 'undelivered'). A retry with the same Idempotency-Key before then gets the credential and "
+        "restarts the deadline; after it, 410 lease_ended: issue anew. A process killed in the moment between "
+        "sending a response and recording it may revoke a credential its client did get. Keep it well above "
+        "the time an issuance's answer takes to leave (seconds). 0: off.",
+    )
     target_timeout_seconds: float = Field(30.0, gt=0, description="Timeout of every call to a connector's target.")
     target_pool_size: int = Field(
         4, ge=1, le=100,

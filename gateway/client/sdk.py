@@ -24,7 +24,8 @@ import httpx
 from gateway.client.auth import Auth, auth_from
 from gateway.client.credentials import Credential, credential_from
 from gateway.client.errors import (
-    BadRequest, CredgateError, GatewayUnreachable, NotFound, RateLimited, RequestFailed, Unauthenticated, Unavailable,
+    BadRequest, CredgateError, GatewayUnreachable, Gone, NotFound, RateLimited, RequestFailed, Unauthenticated,
+    Unavailable,
 )
 from gateway.client.helpers import ClientHelpers
 from gateway.client.http import failure
@@ -177,19 +178,31 @@ class _Core:
         body: dict[str, Any] = {"connector": connector, "resource": resource}
         if ttl is not None:
             body["ttl_seconds"] = ttl
-        key = {"Idempotency-Key": uuid.uuid4().hex}  # a retried issue is not a second lease
         if connector not in self.wrapped:
             try:
-                out = yield from self.send("POST", "/v1/credentials", json=body, headers=key)
+                out = yield from self.issue_once(body)
                 return credential_from(out)
             except BadRequest as exc:
                 if exc.code != "wrap_required":
                     raise
                 self.wrapped.add(connector)
-                key = {"Idempotency-Key": uuid.uuid4().hex}
-        wrapped = yield from self.send("POST", "/v1/credentials", json={**body, "wrap": True}, headers=key)
+        wrapped = yield from self.issue_once({**body, "wrap": True})
         out = yield from self.send("POST", "/v1/unwrap", json={"wrap_token": wrapped["wrap_token"]}, authenticated=False)
         return credential_from(out)
+
+    def issue_once(self, body: dict[str, Any]) -> Op:
+        """``POST /v1/credentials`` under one Idempotency-Key, so a retry after no answer is not a
+        second lease. If the retry finds that lease ended (410 ``lease_ended``: the gateway revoked
+        it because the first answer never reached us, past its delivery deadline), issue anew."""
+        key = {"Idempotency-Key": uuid.uuid4().hex}
+        try:
+            return (yield from self.send("POST", "/v1/credentials", json=body, headers=key))
+        except Gone as exc:
+            if exc.code != "lease_ended":
+                raise
+            log.info("credgate: the lease of an unanswered request was revoked as undelivered; issuing anew")
+            return (yield from self.send("POST", "/v1/credentials", json=body,
+                                         headers={"Idempotency-Key": uuid.uuid4().hex}))
 
     def credentials(self, connector: str, resource: str, ttl: int | None) -> Op:
         ttl = ttl if ttl is not None else self.default_ttl

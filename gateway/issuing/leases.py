@@ -14,6 +14,12 @@ in the row); the others wait for, or report, that attempt's outcome.
 
 TTLs are decided in one place, :func:`calculate_ttl`.
 
+Delivery: a revocable lease is activated with ``delivery_due_at`` set (the delivery
+deadline); once its response has been handed to the server whole the marker is
+cleared (:meth:`Leases.delivered`). The reaper revokes an active lease whose marker
+passed (:meth:`Leases.undelivered`): a credential made but never delivered. A NULL
+marker (delivered, or activated by a release before the column) is never undelivered.
+
 Reads for the API (:meth:`Leases.view`, :meth:`Leases.views`) use Core, not
 the ORM: they select only the view's columns, never the sealed ones, and
 return plain dicts shaped like ``LeaseOut``.
@@ -113,6 +119,18 @@ def calculate_ttl(
     return TTLDecision(ttl, requested, capped=requested is not None and requested > cap, cap=cap)
 
 
+def transition_values(to: str, values: dict[str, Any]) -> dict[str, Any]:
+    """What a transition to ``to`` writes besides ``values``: the state and the time; once out of
+    ``active``, no delivery marker; once over, nothing to replay and no claim."""
+    values = {**values, "state": to, "updated_at": utcnow()}
+    if to != ACTIVE:
+        values.setdefault("delivery_due_at", None)
+    if to in (REVOKED, EXPIRED):
+        # The lease is over: nothing may be replayed from it any more, nobody revokes it.
+        values.update(kek_version=None, wrapped_dek=None, ciphertext=None, revoke_owner=None, revoke_claim_until=None)
+    return values
+
+
 def owner_filter(value: str) -> str:
     """A principal as the lease list and bulk revocation take it: an owner key
     (``ISSUER/SUBJECT``, see ``Principal.owner``) as it is, or a bare gateway
@@ -178,17 +196,61 @@ class Leases:
             q = select(LeaseRow).where(LeaseRow.principal == owner, LeaseRow.idempotency_key == key)
             return (await s.execute(q)).scalar_one_or_none()
 
-    async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
-        """Move a lease from one of ``frm`` to ``to``; False if it was not in ``frm``."""
-        values = {**values, "state": to, "updated_at": utcnow()}
-        if to in (REVOKED, EXPIRED):
-            # The lease is over: nothing may be replayed from it any more, nobody revokes it.
-            values.update(kek_version=None, wrapped_dek=None, ciphertext=None, revoke_owner=None, revoke_claim_until=None)
+    async def transition(
+        self, lease_id: str, frm: tuple[str, ...], to: str, *, where: tuple[Any, ...] = (), **values: Any
+    ) -> bool:
+        """Move a lease from one of ``frm`` to ``to`` (and whatever else ``where`` asks of the
+        row, in the same statement); False if it was not so."""
+        values = transition_values(to, values)
         async with self._store.write() as s:
             res = await s.execute(
-                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm)).values(**values)
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), *where).values(**values)
             )
             return res.rowcount == 1
+
+    # --- delivery ------------------------------------------------------------
+
+    async def delivered(self, lease_ids: list[str]) -> int:
+        """Clear the delivery marker of leases whose response was handed to the server whole
+        (through the group commit: concurrent confirmations share a commit); how many had it."""
+        ids = list(dict.fromkeys(lease_ids))
+
+        def clear(s: Any) -> int:
+            return s.execute(
+                update(LeaseRow).where(LeaseRow.id.in_(ids), LeaseRow.delivery_due_at.is_not(None))
+                .values(delivery_due_at=None)
+            ).rowcount
+
+        return await self._store.grouped(clear)
+
+    async def redeliver(self, lease_id: str, due: datetime) -> bool:
+        """Before an Idempotency-Key replay hands out an undelivered lease again: restart its
+        delivery deadline at ``due`` (a marker cleared meanwhile stays cleared). False when the
+        lease is no longer active (the reaper took it first): it must not be handed out. One
+        statement with the state check, so the reaper can't revoke it under the replay's answer."""
+
+        def extend(s: Any) -> bool:
+            res = s.execute(
+                update(LeaseRow)
+                .where(LeaseRow.id == lease_id, LeaseRow.state == ACTIVE, LeaseRow.delivery_due_at.is_not(None))
+                .values(delivery_due_at=due)
+            )
+            if res.rowcount == 1:
+                return True
+            return s.execute(select(LeaseRow.state).where(LeaseRow.id == lease_id)).scalar() == ACTIVE
+
+        return await self._store.grouped(extend)
+
+    async def undelivered(self, now: datetime, limit: int) -> list[LeaseRow]:
+        """Active leases whose response was not confirmed sent by their delivery deadline."""
+        async with self._store.read() as s:
+            q = (
+                select(LeaseRow)
+                .where(LeaseRow.delivery_due_at <= now, LeaseRow.state == ACTIVE)
+                .order_by(LeaseRow.delivery_due_at)
+                .limit(limit)
+            )
+            return list((await s.execute(q)).scalars())
 
     async def claim(self, lease_id: str, owner: str, now: datetime, until: datetime) -> bool:
         """Claim a ``revoking`` lease for one revocation attempt at the target: a conditional
@@ -256,7 +318,7 @@ class Leases:
                 await s.execute(
                     update(LeaseRow)
                     .where(LeaseRow.id.in_(ids), LeaseRow.state.in_((PENDING, ACTIVE)))
-                    .values(state=REVOKING, next_attempt_at=now, updated_at=now)
+                    .values(state=REVOKING, next_attempt_at=now, updated_at=now, delivery_due_at=None)
                 )
         return ids
 

@@ -114,6 +114,9 @@ class Issuance:
     """What an issuance hands back: the route's ``CredentialOut``, field for field.
 
     ``credential`` (or ``wrap_token``) is secret: it never shows in ``repr``.
+    ``awaiting_delivery`` is not part of the response: the lease is undelivered until
+    this response has been handed to the server whole (the route asks for that to be
+    confirmed, see gateway/web/middleware.py ``DeliveryConfirmation``).
     """
 
     lease_id: str
@@ -131,9 +134,13 @@ class Issuance:
     credential: dict[str, str] | None = field(default=None, repr=False)
     wrap_token: str | None = field(default=None, repr=False)
     wrap_expires_at: datetime | None = None
+    awaiting_delivery: bool = False
 
     @classmethod
-    def of(cls, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any], *, replayed: bool = False) -> Issuance:
+    def of(
+        cls, lease: LeaseRow, decision: TTLDecision, secret_part: dict[str, Any], *, replayed: bool = False,
+        awaiting_delivery: bool = False,
+    ) -> Issuance:
         """The response for ``lease``, its TTL ``decision`` and its secret part (``credential``, or
         ``wrap_token`` and ``wrap_expires_at`` as sealed for a replay)."""
         wrap_expires = secret_part.get("wrap_expires_at")
@@ -155,11 +162,12 @@ class Issuance:
             credential=secret_part.get("credential"),
             wrap_token=secret_part.get("wrap_token"),
             wrap_expires_at=datetime.fromisoformat(wrap_expires) if isinstance(wrap_expires, str) else wrap_expires,
+            awaiting_delivery=awaiting_delivery,
         )
 
     def as_dict(self) -> dict[str, Any]:
         """The response's fields (for ``CredentialOut(**...)``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "awaiting_delivery"}
 
     def wire(self) -> dict[str, Any]:
         """JSON-able, unset fields left out: what a wrap token unwraps to."""

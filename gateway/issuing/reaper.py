@@ -4,6 +4,12 @@ Each tick (every ``reaper_interval_seconds``):
 
 - active leases past ``expires_at``: revocable ones go to ``revoking``,
   expiry-only ones to ``expired`` (their wrap payloads are destroyed);
+- active leases still *undelivered* past their delivery deadline (the response
+  carrying the credential was never confirmed handed to the server: a crash
+  between activation and the response, a client gone before it) go to
+  ``revoking``, audited ``undelivered``. Nothing is needed at start-up: the
+  markers are in the store, so after a crash whichever replica leads revokes
+  them once the deadline passes;
 - ``pending`` leases older than the pending timeout (a crash or a hang
   between committing the plan and finishing the issue) go to ``revoking``:
   their planned names are revoked blindly, which is safe because revoke is
@@ -32,9 +38,9 @@ heartbeat every min(interval, leader_ttl / 3):
   that gets the lock while the row says its holder had it knows that holder's
   session is gone (a crash) and takes over at once, as before.
 
-Fencing: the reaper's own writes (active -> revoking/expired, stale pending ->
-revoking) are conditional UPDATEs that also require the row to still name this
-replica and epoch with ``renewed_until`` in the future, in the same statement;
+Fencing: the reaper's own writes (active -> revoking/expired, undelivered ->
+revoking, stale pending -> revoking) are conditional UPDATEs that also require
+the row to still name this replica and epoch with ``renewed_until`` in the future, in the same statement;
 a revived old leader's writes match nothing, so it records no transition and no
 audit event. Revocation attempts at the target go through the per-lease claim
 (``Credentials.attempt_revoke``): the batch starts only after a fence check
@@ -60,7 +66,7 @@ from sqlalchemy import exists, func, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.issuing.service import Credentials
-from gateway.issuing.leases import ACTIVE, EXPIRED, PENDING, REVOKED, REVOKING, Leases
+from gateway.issuing.leases import ACTIVE, EXPIRED, PENDING, REVOKING, Leases, transition_values
 from gateway.store import Store
 from gateway.store.models import LeaseRow, ReaperLeadershipRow, utcnow
 from gateway.issuing.wrapping import WrapTokens
@@ -69,6 +75,7 @@ from gateway.tasks import cancel_and_wait
 log = logging.getLogger("credgate.reaper")
 
 REAPER_LOCK_KEY = 0x63726561706572  # "creaper"
+UNDELIVERED = "undelivered: the response carrying the credential was not confirmed sent by its delivery deadline"
 
 
 _L = ReaperLeadershipRow.__table__.c
@@ -103,6 +110,7 @@ class Reaper:
         batch: int = 200,
         concurrency: int = 8,
         leader_ttl: float = 15.0,
+        revoke_undelivered: bool = True,
     ) -> None:
         self._store = store
         self._leases = leases
@@ -111,6 +119,7 @@ class Reaper:
         self.interval = interval
         self.pending_timeout = pending_timeout
         self.leader_ttl = leader_ttl
+        self.revoke_undelivered = revoke_undelivered
         self._batch = batch
         self._concurrency = concurrency
         self.audit: Any = None  # gateway.audit.trail.AuditLog, set by the runtime
@@ -126,6 +135,7 @@ class Reaper:
         self.epoch: int | None = None  # the fencing epoch this replica leads with; None: not leading
         self._deadline = 0.0  # monotonic: stop acting at this moment unless renewed
         self.takeovers = 0  # times this replica became the leader
+        self.undelivered_revoked = 0  # leases this replica sent to revoking as undelivered
         self.ticks = 0
 
     # --- leadership --------------------------------------------------------
@@ -240,20 +250,19 @@ class Reaper:
         return exists().where(_L.id == 1, _L.holder == self.replica_id, _L.epoch == self.epoch,
                               _L.renewed_until > func.now())
 
-    async def transition(self, lease_id: str, frm: tuple[str, ...], to: str, **values: Any) -> bool:
+    async def transition(
+        self, lease_id: str, frm: tuple[str, ...], to: str, *, where: tuple[Any, ...] = (), **values: Any
+    ) -> bool:
         """``Leases.transition`` fenced by this replica's epoch (in the same statement) on
         PostgreSQL: a stale leader's transition matches nothing."""
         if not self._fenced:
-            return await self._leases.transition(lease_id, frm, to, **values)
+            return await self._leases.transition(lease_id, frm, to, where=where, **values)
         if self._lapsed() or self.epoch is None:
             return False
-        values = {**values, "state": to, "updated_at": utcnow()}
-        if to in (REVOKED, EXPIRED):  # as Leases.transition: the lease is over
-            values.update(kek_version=None, wrapped_dek=None, ciphertext=None, revoke_owner=None,
-                          revoke_claim_until=None)
+        values = transition_values(to, values)  # as Leases.transition
         async with self._store.write() as s:
             res = await s.execute(
-                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), self._fence())
+                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), *where, self._fence())
                 .values(**values)
             )
             return res.rowcount == 1
@@ -286,7 +295,8 @@ class Reaper:
     async def tick(self) -> dict[str, int]:
         """One pass; returns what it did (for tests and logs)."""
         now = utcnow()
-        done = {"expired": 0, "to_revoke": 0, "stale_pending": 0, "revoked": 0, "failed": 0, "wraps_purged": 0}
+        done = {"expired": 0, "to_revoke": 0, "undelivered": 0, "stale_pending": 0, "revoked": 0, "failed": 0,
+                "wraps_purged": 0}
         events: list[dict[str, Any]] = []  # one audit event per lease the reaper moved
         try:
             for lease in await self._leases.due_for_expiry(now, self._batch):
@@ -298,6 +308,18 @@ class Reaper:
                     await self._wraps.end_for_lease(lease.id, "expired")
                     done["expired"] += 1
                     events.append(_event("leases:expire", lease, "expired"))
+            if self.revoke_undelivered:
+                for lease in await self._leases.undelivered(now, self._batch):
+                    # Only if still undelivered and due when the UPDATE runs: a delivery confirmed, or
+                    # a replay that restarted the deadline, meanwhile keeps the lease.
+                    if await self.transition(lease.id, (ACTIVE,), REVOKING, where=(LeaseRow.delivery_due_at <= now,),
+                                             next_attempt_at=now, last_error=UNDELIVERED):
+                        done["undelivered"] += 1
+                        events.append(_event("leases:revoke", lease, "undelivered: revoking"))
+                if done["undelivered"]:
+                    self.undelivered_revoked += done["undelivered"]
+                    log.warning("reaper: revoking %d lease(s) whose response was never confirmed sent (undelivered)",
+                                done["undelivered"])
             cutoff = now - timedelta(seconds=self.pending_timeout)
             for lease in await self._leases.stale_pending(cutoff, self._batch):
                 if await self.transition(

@@ -13,7 +13,10 @@ Issuance, in order (see connectors/base.py for the connector's side):
    (the reaper retries if that fails too);
 5. mark the lease ``active`` with a conditional update: if the reaper took a
    too-slow pending lease meanwhile, the fresh credential is revoked, not
-   handed out.
+   handed out. A revocable lease is activated *undelivered* (``delivery_due_at``,
+   the delivery deadline): the web layer confirms its delivery once the
+   response has been handed to the server whole (:meth:`Credentials.delivered`),
+   and the reaper revokes it if that never happens.
 """
 
 from __future__ import annotations
@@ -138,6 +141,8 @@ class Credentials:
         leases: Leases,
         wraps: WrapTokens,
         policy: RevokePolicy | None = None,
+        *,
+        delivery_deadline: timedelta | None = None,
     ) -> None:
         self._store = store
         self._envelope = envelope
@@ -145,6 +150,9 @@ class Credentials:
         self.leases = leases
         self._wraps = wraps
         self.policy = policy or RevokePolicy()
+        # How long a revocable credential may wait for its response to be confirmed sent
+        # before the reaper revokes it as undelivered (None: not tracked).
+        self.delivery_deadline = delivery_deadline
         # Revocations of one lease are made one at a time: the attempts this process is
         # making now (by lease id), and the name its claims in the store carry.
         self._running: dict[str, asyncio.Future[bool | None]] = {}
@@ -195,7 +203,7 @@ class Credentials:
         if plan.idempotency_key:
             existing = await self.leases.find_idempotent(plan.owner, plan.idempotency_key)
             if existing is not None:
-                return self._replay(existing, plan)
+                return await self._replay(existing, plan)
 
         connector = await self._catalog.instance(plan.row)
         connector.validate_resource(plan.resource)  # the connector's own grammar (e.g. "db/schema")
@@ -224,7 +232,11 @@ class Credentials:
             raise
         lease.expires_at = expires_at = min(issued.expires_at, lease.expires_at)
         secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
-        values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": utcnow()}
+        now = utcnow()
+        values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": now}
+        deadline = self._delivery_deadline(lease)
+        if deadline is not None:
+            values["delivery_due_at"] = now + deadline
         if plan.idempotency_key:
             values.update(self._sealed_response(lease_id, secret_part))
 
@@ -243,7 +255,20 @@ class Credentials:
             # The reaper judged this issuance dead and is revoking it: never hand it out.
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
-        return Issuance.of(lease, plan.ttl, secret_part)
+        return Issuance.of(lease, plan.ttl, secret_part, awaiting_delivery=deadline is not None)
+
+    def _delivery_deadline(self, lease: LeaseRow) -> timedelta | None:
+        """How long this lease may stay undelivered, or None when it is not activated undelivered:
+        delivery is not tracked, or the reaper could not take the credential back (only a revocable
+        type's is; an expiry-only one would only be marked revoked)."""
+        if lease.revocability != str(Revocability.REVOCABLE):
+            return None
+        return self.delivery_deadline
+
+    async def delivered(self, lease_ids: list[str]) -> None:
+        """The responses carrying these leases' credentials (or wrap tokens) have been handed to
+        the server whole: they are no longer undelivered. Called by the web layer after the send."""
+        await self.leases.delivered(lease_ids)
 
     async def _issue_locally(self, connector: Any, lease: LeaseRow, plan: IssuePlan) -> Issuance:
         """Issuance for a connector that creates nothing at a target (``creates_at_target`` False)."""
@@ -274,7 +299,7 @@ class Credentials:
             existing = await self.leases.find_idempotent(plan.owner, plan.idempotency_key or "")
             if existing is None:
                 raise
-            return self._replay(existing, plan)
+            return await self._replay(existing, plan)
         return None
 
     def _hand_out(self, lease: LeaseRow, plan: IssuePlan, credential: dict[str, str]) -> tuple[dict[str, Any], Any]:
@@ -292,7 +317,10 @@ class Credentials:
         sealed = self._envelope.seal(json.dumps(secret_part).encode(), lease_context(lease_id))
         return {"kek_version": sealed.kek_version, "wrapped_dek": sealed.wrapped_dek, "ciphertext": sealed.ciphertext}
 
-    def _replay(self, existing: LeaseRow, plan: IssuePlan) -> Issuance:
+    async def _replay(self, existing: LeaseRow, plan: IssuePlan) -> Issuance:
+        """The earlier response for this Idempotency-Key. If that response was never confirmed
+        sent (the lease is undelivered), this one may deliver it: its deadline starts again first,
+        and the web layer confirms this response's delivery as it does a new issuance's."""
         if existing.request_hash != plan.request_hash:
             raise Conflict(
                 "This Idempotency-Key was used for a different request.", code="idempotency_key_reused"
@@ -301,8 +329,13 @@ class Credentials:
             raise Conflict("The first request with this Idempotency-Key is still in progress.", code="request_in_progress")
         if existing.state != ACTIVE or existing.sealed is None:
             raise Gone(f"Lease {existing.id} issued for this Idempotency-Key has ended ({existing.state}).", code="lease_ended")
+        undelivered = existing.delivery_due_at is not None
+        if undelivered and self.delivery_deadline is not None:
+            if not await self.leases.redeliver(existing.id, utcnow() + self.delivery_deadline):
+                raise Gone(f"Lease {existing.id} issued for this Idempotency-Key has ended (its response was never "
+                           "delivered, and it was revoked): issue a new credential.", code="lease_ended")
         secret_part = json.loads(self._envelope.open(existing.sealed, lease_context(existing.id)))
-        return Issuance.of(existing, plan.ttl, secret_part, replayed=True)
+        return Issuance.of(existing, plan.ttl, secret_part, replayed=True, awaiting_delivery=undelivered)
 
     async def _abort(self, lease_id: str, exc: BaseException, connector_type: str | None = None) -> None:
         """Issuance failed: whatever may exist under the planned names is revoked now."""
@@ -471,5 +504,11 @@ class Credentials:
         lease = await self.leases.get(lease_id)
         if lease.state not in (ACTIVE,):
             raise Gone(f"The lease behind this wrap token has ended ({lease.state}).", code="wrap_token_revoked")
+        if lease.delivery_due_at is not None:
+            # Its wrap token was delivered (it is being unwrapped) though that was not recorded yet.
+            try:
+                await self.leases.delivered([lease_id])
+            except Exception as exc:  # the reaper may revoke it at its deadline; the unwrap goes on
+                log.warning("could not record the delivery of lease %s at unwrap (%s)", lease_id, type(exc).__name__)
         return payload
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -185,6 +186,9 @@ class LeaseRow(SealedMixin, Base):
         Index("ix_leases_connector_id", "connector", "id"),
         Index("ix_leases_principal_id", "principal", "id"),
         Index("ix_leases_state_id", "state", "id"),
+        # The reaper's search for undelivered leases: only rows with the marker are indexed.
+        Index("ix_leases_delivery_due", "delivery_due_at", postgresql_where=text("delivery_due_at IS NOT NULL"),
+              sqlite_where=text("delivery_due_at IS NOT NULL")),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     connector: Mapped[str] = mapped_column(String(64))
@@ -211,6 +215,12 @@ class LeaseRow(SealedMixin, Base):
     # (``Leases.claim``): one revocation of a lease at a time. NULL when nobody is.
     revoke_owner: Mapped[str | None] = mapped_column(String(80))
     revoke_claim_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Activated, but the response carrying its credential (or wrap token) not yet confirmed
+    # handed to the server whole (gateway/web/middleware.py, DeliveryConfirmation): the reaper
+    # revokes an active lease once this passes. NULL once delivered, once the lease left
+    # ``active``, for types the gateway can't revoke, and for leases a release before
+    # migration 0012 activated (never treated as undelivered).
+    delivery_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WrapRow(SealedMixin, Base):

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from gateway import __version__
 from gateway.web.errors import ErrorOut, install_error_handlers
-from gateway.web.middleware import AuditTrail, RequestGuard
+from gateway.web.middleware import AuditTrail, DeliveryConfirmation, RequestGuard
 from gateway.web.metrics import Metrics, MetricsMiddleware
 from gateway.web.ratelimit import Limit, Limiter
 from gateway.web.routes import (
@@ -69,5 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
         limiter=app.state.limiter,
         address_limit=Limit(settings.rate_per_address, settings.burst_per_address),
         trusted_proxies=settings.proxy_networks,
-    )  # outermost: ids first
+    )  # request ids before everything the app does
+    # Outermost: it must see the server's own receive, to know whether the client is still there.
+    app.add_middleware(DeliveryConfirmation)
     return app

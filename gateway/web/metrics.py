@@ -39,6 +39,10 @@ class Metrics:
         self.reaper_takeovers = Counter("credgate_reaper_takeovers", "Times this replica became the reaper leader.",
                                         registry=r)
         self._takeovers_seen = 0
+        self.undelivered_revoked = Counter(
+            "credgate_leases_undelivered_revoked", "Leases this replica's reaper revoked because their response "
+            "was never confirmed sent by the delivery deadline.", registry=r)
+        self._undelivered_seen = 0
         self.audit_sink_up = Gauge("credgate_audit_sink_up", "1 if an audit sink accepts writes.", ["sink"], registry=r)
         self.backend_up = Gauge("credgate_backend_up", "1 if a secret backend answered its health check at the "
                                 "last scrape (checked at most every BACKEND_CHECK_SECONDS).", ["backend"], registry=r)
@@ -67,6 +71,10 @@ class Metrics:
         if takeovers > self._takeovers_seen:
             self.reaper_takeovers.inc(takeovers - self._takeovers_seen)
             self._takeovers_seen = takeovers
+        undelivered = runtime.reaper.undelivered_revoked
+        if undelivered > self._undelivered_seen:
+            self.undelivered_revoked.inc(undelivered - self._undelivered_seen)
+            self._undelivered_seen = undelivered
         for name, health in runtime.audit.health.items():
             self.audit_sink_up.labels(name).set(1 if health.ok else 0)
         if time.monotonic() - self._backends_checked >= BACKEND_CHECK_SECONDS:

@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware in front of every route: request ids, body size and media type.
+"""Pure-ASGI middleware in front of every route: request ids, body size and media type,
+the audit trail, and the confirmation that a credential's response left whole.
 
 Written against the raw ASGI interface (not BaseHTTPMiddleware) so it costs
 little on the hot path and can stop an oversized body while it streams in.
@@ -6,8 +7,11 @@ little on the hot path and can stop an oversized body while it streams in.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import re
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +23,8 @@ from gateway.errors import (
 )
 from gateway.web.errors import HeadersTooLarge, error_response
 from gateway.requestid import new_request_id, reset_request_id, set_request_id
+
+log = logging.getLogger("credgate.delivery")
 
 _BODY_METHODS = {b"POST", b"PUT", b"PATCH"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -330,3 +336,85 @@ def _ended_leases(scope: Scope, ctx: dict) -> list[dict]:
         event.update(action="leases:revoke", outcome="lease ended")
         out.append(event)
     return out
+
+
+
+# --- delivery -----------------------------------------------------------------
+
+# The leases whose delivery this request's response confirms (DeliveryConfirmation sets the list).
+_DELIVERIES: ContextVar[list[str] | None] = ContextVar("credgate_deliveries", default=None)
+_CONFIRM_TRIES = 3
+
+
+def expect_delivery(lease_id: str) -> None:
+    """The response about to be sent carries this (undelivered) lease's credential or wrap token:
+    once it has been handed to the server whole, record the lease as delivered."""
+    pending = _DELIVERIES.get()
+    if pending is not None:
+        pending.append(lease_id)
+
+
+def _client_gone(receive: Receive) -> bool:
+    """uvicorn (ASGI spec 2.3) silently drops what is sent to a client that went away; its
+    request cycle records it (``disconnected``). The cycle is what the server's ``receive`` is
+    a method of (Starlette's outermost ServerErrorMiddleware wraps ``send``, never ``receive``).
+    A server on spec 2.4 raises OSError from ``send`` instead; any other: assume it went out."""
+    return getattr(getattr(receive, "__self__", None), "disconnected", False) is True
+
+
+class DeliveryConfirmation:
+    """Confirms that a credential's response left: after the server's ``send`` of the final body
+    chunk returned, for a 2xx answer, with the client still connected, the leases the route named
+    (:func:`expect_delivery`) are recorded as delivered (``Credentials.delivered``: one grouped
+    write, concurrent confirmations share a commit). It runs after the response, so the client
+    does not wait for it; a failure is retried briefly, then logged (lease ids and the error's
+    class only) and never changes the answer. A response that never left (the process died, the
+    send failed, the client had gone) leaves its lease undelivered: the reaper revokes it at its
+    delivery deadline.
+
+    Outermost of the gateway's middleware, so that ``receive`` is the server's own (see
+    :func:`_client_gone`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        pending: list[str] = []
+        token = _DELIVERIES.set(pending)
+        status = 0
+        sent = False
+
+        async def confirming_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)  # raises if the server could not take it
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent = not _client_gone(receive)
+
+        try:
+            await self.app(scope, receive, confirming_send)
+        finally:
+            _DELIVERIES.reset(token)
+            if pending and sent and 200 <= status < 300:
+                await self._confirm(scope, pending)
+
+    async def _confirm(self, scope: Scope, lease_ids: list[str]) -> None:
+        runtime = getattr(scope["app"].state, "runtime", None)
+        if runtime is None:
+            return
+        for attempt in range(_CONFIRM_TRIES):
+            try:
+                await runtime.credentials.delivered(lease_ids)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; the answer is already out
+                if attempt == _CONFIRM_TRIES - 1:
+                    log.warning("could not record the delivery of %s (%s): the reaper will revoke %s at the "
+                                "delivery deadline although its response was sent", ", ".join(lease_ids),
+                                type(exc).__name__, "it" if len(lease_ids) == 1 else "them")
+                    return
+                await asyncio.sleep(0.2 * 2 ** attempt)

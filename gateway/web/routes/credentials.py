@@ -10,6 +10,7 @@ from gateway.audit import trail as audit
 from gateway.identity.principal import Principal
 from gateway.issuing.plan import IssueParams
 from gateway.web.deps import RuntimeDep, requires
+from gateway.web.middleware import expect_delivery
 from gateway.errors import BadRequest, Gone, NotFound, Unauthenticated
 from gateway.runtime import Runtime
 from gateway.web.schemas import CredentialOut, CredentialRequest, UnwrapIn
@@ -36,7 +37,10 @@ async def issue_for(
     audit.note(lease_id=out.lease_id, details={"replayed": out.replayed})
     if runtime.metrics is not None:
         runtime.metrics.issue_seconds.labels(out.connector_type).observe(time.perf_counter() - started)
-    return CredentialOut(**out.as_dict())
+    response = CredentialOut(**out.as_dict())
+    if out.awaiting_delivery:
+        expect_delivery(out.lease_id)  # the lease stays undelivered until this response has left
+    return response
 
 
 @router.post("/v1/credentials", summary="Issue a short-lived credential (or a wrap token for it)")
