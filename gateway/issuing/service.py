@@ -252,7 +252,9 @@ class Credentials:
 
         taken = await self._store.grouped(activate)
         if taken:
-            # The reaper judged this issuance dead and is revoking it: never hand it out.
+            # The reaper judged this issuance dead and is revoking it: never hand it out, and
+            # revoke again what this call made (the reaper's attempt may predate it).
+            await self._revoke_after_takeover(lease_id)
             raise Unavailable("Issuing took too long and was rolled back; retry.", code="issue_rolled_back")
         lease.state = ACTIVE
         return Issuance.of(lease, plan.ttl, secret_part, awaiting_delivery=deadline is not None)
@@ -339,13 +341,30 @@ class Credentials:
 
     async def _abort(self, lease_id: str, exc: BaseException, connector_type: str | None = None) -> None:
         """Issuance failed: whatever may exist under the planned names is revoked now."""
-        await self.leases.transition(
+        mine = await self.leases.transition(
             lease_id, (PENDING,), REVOKING, next_attempt_at=utcnow(), last_error=describe(exc, connector_type)
         )
+        if not mine:  # the reaper took it first (a stale pending lease): its attempt may predate ours
+            await self._revoke_after_takeover(lease_id)
+            return
         try:
             await self.attempt_revoke(await self.leases.get(lease_id))
         except Exception:  # the reaper will retry
             log.warning("clean-up of failed issuance %s deferred to the reaper", lease_id)
+
+    async def _revoke_after_takeover(self, lease_id: str) -> None:
+        """The reaper moved a still-pending lease to ``revoking`` (pending_timeout_seconds passed)
+        while its issuance was still creating at the target. Its attempt may have found nothing
+        yet and ended ``revoked``, leaving what the issuance then created orphaned: wait out any
+        attempt in flight, then open the lease to one more attempt, made now that the issuance is
+        over (a name already gone counts as revoked, so a second pass costs one round trip)."""
+        try:
+            await self.attempt_revoke(await self.leases.get(lease_id))
+            await self.leases.transition(lease_id, (REVOKED, REVOKING), REVOKING, next_attempt_at=utcnow(),
+                                         revoked_at=None, last_error="issuance finished after the reaper took it")
+            await self.attempt_revoke(await self.leases.get(lease_id))
+        except Exception:  # the reaper will retry
+            log.warning("clean-up of late issuance %s deferred to the reaper", lease_id)
 
     # --- renew -------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from connectors.base import role_name
 from gateway.issuing.leases import REVOKED, REVOKING
@@ -460,3 +460,33 @@ def test_two_served_replicas_and_their_reaper_revoke_100_expired_leases_twice(
                 proc.wait(timeout=20)
     text = "\n".join(log.read_text() for log in logs)
     assert "failed" not in text and "Traceback" not in text, text[-2000:]
+
+
+async def test_an_issuance_the_reaper_took_over_leaves_no_role_behind(settings_factory, tmp_path, pg_cluster, pg_db) -> None:
+    """pending_timeout_seconds shorter than one issuance: the reaper moves the still-pending
+    lease to revoking and revokes it before the role exists; the issuance then creates the
+    role, finds its lease taken, answers 503 issue_rolled_back, and revokes the role itself."""
+    settings = settings_factory(data_dir=tmp_path / "a", pending_timeout_seconds=0.2)
+    async with replica(settings) as gw:
+        await connect_targets(gw, pg_cluster, pg_db)
+        rt = gw.runtime
+        connector = await rt.catalog.instance(await rt.catalog.get("pg"))
+        real_issue = connector.issue
+        reaped = asyncio.Event()
+
+        async def slow_issue(req):
+            await reaped.wait()  # the reaper has judged the issuance dead and revoked "it"
+            return await real_issue(req)
+
+        connector.issue = slow_issue  # type: ignore[method-assign]
+        request = asyncio.create_task(gw.client.post("/v1/credentials", json={"connector": "pg", "resource": pg_db}))
+        await asyncio.sleep(0.4)
+        done = await rt.reaper.tick()
+        assert done["stale_pending"] == 1 and done["revoked"] == 1, done
+        reaped.set()
+        r = await request
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "issue_rolled_back"), r.text
+        async with rt.store.read() as s:
+            rows = list((await s.execute(select(LeaseRow))).scalars())
+        assert len(rows) == 1 and rows[0].state == REVOKED, [(x.id, x.state) for x in rows]
+        assert pg_roles(pg_cluster, {role_name(rows[0].id)}) == set()  # what the issuance made is gone
