@@ -23,6 +23,16 @@ CANARY = "CANARY-outage-5d1e"
 on_postgres = pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 
 
+@pytest.fixture(autouse=True)
+def fresh_outage_log(monkeypatch) -> None:
+    """The store's throttled log line is per process: an earlier test's outage within its 10 s
+    must not hold back this test's first line."""
+    from gateway.store import database
+    from gateway.throttle import LogThrottle
+
+    monkeypatch.setattr(database, "_outage_log", LogThrottle(database.log, seconds=10.0))
+
+
 @pytest.fixture
 def proxied_store(postgres_url: str) -> tuple[str, TcpProxy]:
     url = make_url(postgres_url)

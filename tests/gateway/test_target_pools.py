@@ -45,7 +45,10 @@ def burst_target(pg_cluster) -> Iterator[BurstTarget]:
     """A non-superuser admin with CREATEROLE owning a database of one table, in the session's
     scram cluster (max_connections 100)."""
     admin, password, db = "burst_" + secrets.token_hex(3), secrets.token_urlsafe(18), "burst_" + secrets.token_hex(3)
+    ours = "SELECT rolname FROM pg_roles WHERE rolname LIKE 'cg\\_%'"
     with psycopg.connect(pg_cluster.dsn(), autocommit=True) as su:
+        # Other tests' lease roles in this session's cluster are theirs: only new ones are dropped.
+        others = {r for (r,) in su.execute(ours).fetchall()}
         su.execute(psycopg.sql.SQL("CREATE ROLE {} LOGIN CREATEROLE PASSWORD {}").format(
             psycopg.sql.Identifier(admin), password))
         su.execute(f'CREATE DATABASE "{db}" OWNER "{admin}"')
@@ -57,8 +60,9 @@ def burst_target(pg_cluster) -> Iterator[BurstTarget]:
     finally:
         with psycopg.connect(pg_cluster.dsn(), autocommit=True) as su:
             su.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            for (role,) in su.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'cg\\_%'").fetchall():
-                su.execute(f'DROP ROLE IF EXISTS "{role}"')
+            for (role,) in su.execute(ours).fetchall():
+                if role not in others:
+                    su.execute(f'DROP ROLE IF EXISTS "{role}"')
             su.execute(f'DROP ROLE IF EXISTS "{admin}"')
 
 
