@@ -36,6 +36,9 @@ def start(data: Path, kek: Path, port: int) -> subprocess.Popen:
         CREDGATE_PENDING_TIMEOUT_SECONDS="2",
         CREDGATE_REVOKE_BACKOFF_BASE_SECONDS="0.1",
         CREDGATE_DELIVERY_DEADLINE_SECONDS=str(DELIVERY_DEADLINE),
+        # A revocation claimed by the killed process lapses after this + 5 s (30 + 5 by default:
+        # the restart then waited up to 35 s for it).
+        CREDGATE_TARGET_TIMEOUT_SECONDS="8",
     )
     proc = subprocess.Popen(
         [CREDGATE, "serve", "--data-dir", str(data), "--port", str(port)],
