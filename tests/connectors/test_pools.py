@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -18,7 +16,6 @@ from typing import Any
 import pytest
 
 from connectors.base import IssueRequest, PoolLimits, TargetPool, TargetUnreachable
-from tests.conftest import service_missing
 
 pytestmark = pytest.mark.anyio
 
@@ -389,29 +386,10 @@ async def test_mysql_pool_bounds_a_burst_and_replaces_a_killed_connection(mariad
 @pytest.fixture(scope="module")
 def small_redis() -> Iterator[str]:
     """A private redis-server allowing 2 clients (the shared one is left alone)."""
-    from tests.services.pgcluster import free_port
+    from tests.services.redisserver import private_redis
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        service_missing("redis-server", "not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--maxclients", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        import redis
-
-        for _ in range(100):
-            try:
-                redis.Redis(port=port, socket_timeout=1).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with private_redis("--maxclients", "2") as url:
+        yield url
 
 
 async def test_redis_maxclients_is_reported_as_such_and_the_pool_reuses(small_redis: str) -> None:

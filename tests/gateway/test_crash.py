@@ -16,9 +16,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from gateway.crypto.keyring import new_key_file
 from tests.services.waiting import clean_env, free_port, wait_until_serving
 
@@ -84,6 +86,16 @@ def undelivered(db: Path) -> set[str]:
 
 def gateway_made(cluster, mariadb, redis_url) -> set[str]:
     return pg_roles(cluster) | maria_users(mariadb) | redis_users(redis_url)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[str]:
+    """This test's own redis-server: it counts every ACL user on it, and the shared Redis gets
+    users from other test files running at the same time (seen failing this test)."""
+    from tests.services.redisserver import private_redis
+
+    with private_redis() as url:
+        yield url
 
 
 def test_sigkill_mid_stream_loses_nothing(tmp_path: Path, pg_cluster, mariadb_server, redis_server) -> None:
