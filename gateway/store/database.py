@@ -215,11 +215,12 @@ class Store:
                 # Create the file owner-only; SQLite gives its -wal/-shm files the same mode.
                 os.close(os.open(db, os.O_CREAT | os.O_RDWR, 0o600))
         kwargs: dict[str, Any] = {"echo": echo}
+        pg_connect = _postgres_connect_args(connect_timeout)  # every connection to a PostgreSQL store
         if self.dialect == "postgresql":
             # Connections are kept, not churned: 32 concurrent requests against a pool of 10 (+20
             # overflow) opened ~90 PostgreSQL sessions a second and cost a third of the lease reads' rate.
             kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True, pool_timeout=connect_timeout,
-                          connect_args=_postgres_connect_args(connect_timeout))
+                          connect_args=pg_connect)
         else:
             # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
             # return would be one more hop to aiosqlite's thread per use.
@@ -230,7 +231,7 @@ class Store:
         self._group_engine = create_engine(
             sync_url(self.url), **({"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True,
                                     "pool_timeout": connect_timeout,
-                                    "connect_args": _postgres_connect_args(connect_timeout)}
+                                    "connect_args": pg_connect}
                                    if self.dialect == "postgresql" else
                                    {"pool_reset_on_return": None, "connect_args": {"check_same_thread": False}})
         )
@@ -244,7 +245,7 @@ class Store:
         for engine in (self.engine.sync_engine, self._group_engine):
             event.listen(engine, "handle_error", _store_outage)
         self.changes = Changes(self.url, self.dialect, stale_seconds=stale_seconds,
-                               connect_args=_postgres_connect_args(connect_timeout))
+                               connect_args=pg_connect)
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
         self._sole_use: int | None = None

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,27 @@ class Watch:
         self._thread.join(10)
 
 
+BURST_SPEC = {"type": "postgres", "auth_method": "password", "secret": "local/t/burst"}
+
+
+@contextlib.asynccontextmanager
+async def served_burst(tgt: BurstTarget, settings: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A gateway on ``settings`` with the ``burst`` connector on ``tgt``: (app, admin client)."""
+    import httpx
+
+    from gateway.web.app import create_app
+    from tests.conftest import ADMIN_TOKEN
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    ) as c:
+        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
+        await c.put("/v1/connectors/burst", json={**BURST_SPEC, "resources": [tgt.db]})
+        yield app, c
+
+
 async def test_200_concurrent_issuances_queue_for_four_admin_connections_and_the_target_stays_open(
     burst_target: BurstTarget, gateway: Gateway  # in this order: the gateway goes first, revoking what is left
 ) -> None:
@@ -147,20 +169,8 @@ async def test_200_concurrent_issuances_queue_for_four_admin_connections_and_the
 async def test_a_wait_for_an_admin_connection_that_runs_out_is_503_target_busy(
     burst_target: BurstTarget, settings_factory
 ) -> None:
-    import httpx
-
-    from gateway.web.app import create_app
-    from tests.conftest import ADMIN_TOKEN
-
     tgt = burst_target
-    app = create_app(settings_factory(target_pool_size=1, target_pool_wait_seconds=0.3))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as c:
-        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
-        await c.put("/v1/connectors/burst", json={"type": "postgres", "auth_method": "password",
-                                                  "secret": "local/t/burst", "resources": [tgt.db]})
+    async with served_burst(tgt, settings_factory(target_pool_size=1, target_pool_wait_seconds=0.3)) as (app, c):
         first = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
         assert first.status_code == 200, first.text
         pool = dict(app.state.runtime.catalog.pools())["burst"]
@@ -199,31 +209,20 @@ async def until(check: Any, timeout: float = 5.0) -> bool:
 async def test_a_replaced_connector_and_a_stopping_gateway_close_their_admin_connections(
     burst_target: BurstTarget, settings_factory
 ) -> None:
-    import httpx
-
-    from gateway.web.app import create_app
-    from tests.conftest import ADMIN_TOKEN
-
     tgt = burst_target
-    spec = {"type": "postgres", "auth_method": "password", "secret": "local/t/burst", "resources": [tgt.db]}
-    app = create_app(settings_factory())
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as c:
-            await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
-            await c.put("/v1/connectors/burst", json=spec)
-            leases = [(await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})).json()["lease_id"]
-                      for _ in range(3)]
-            old = admin_pids(tgt)
-            assert 1 <= len(old) <= 4
-            await c.put("/v1/connectors/burst", json={**spec, "resources": [tgt.db, "other"]})  # a config change
-            # the next use builds a new instance; the old one's pool is closed
-            r = await c.post(f"/v1/leases/{leases[0]}/revoke")
-            assert r.status_code == 200, r.text
-            assert await until(lambda: admin_pids(tgt).isdisjoint(old)), (old, admin_pids(tgt))
-            assert len(admin_pids(tgt)) == 1 and len(app.state.runtime.catalog.pools()) == 1
-            out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
-            assert out.status_code == 200 and out.json()["still_revoking"] == []
+    async with served_burst(tgt, settings_factory()) as (app, c):
+        leases = [(await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})).json()["lease_id"]
+                  for _ in range(3)]
+        old = admin_pids(tgt)
+        assert 1 <= len(old) <= 4
+        await c.put("/v1/connectors/burst", json={**BURST_SPEC, "resources": [tgt.db, "other"]})  # a config change
+        # the next use builds a new instance; the old one's pool is closed
+        r = await c.post(f"/v1/leases/{leases[0]}/revoke")
+        assert r.status_code == 200, r.text
+        assert await until(lambda: admin_pids(tgt).isdisjoint(old)), (old, admin_pids(tgt))
+        assert len(admin_pids(tgt)) == 1 and len(app.state.runtime.catalog.pools()) == 1
+        out = await c.post("/v1/leases/revoke", json={"connector": "burst"})
+        assert out.status_code == 200 and out.json()["still_revoking"] == []
     assert await until(lambda: admin_pids(tgt) == set())  # shutdown closed the pool
 
 
@@ -232,20 +231,8 @@ async def test_material_read_again_unchanged_keeps_the_instance_and_its_pool(
 ) -> None:
     """material_cache_seconds 0 reads the material for every use: equal values keep the
     connector (and its admin connections) instead of building a new one each time."""
-    import httpx
-
-    from gateway.web.app import create_app
-    from tests.conftest import ADMIN_TOKEN
-
     tgt = burst_target
-    app = create_app(settings_factory(material_cache_seconds=0))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-    ) as c:
-        await c.put("/v1/secrets/local/t/burst", json={"data": {"dsn": tgt.admin_dsn()}})
-        await c.put("/v1/connectors/burst", json={"type": "postgres", "auth_method": "password",
-                                                  "secret": "local/t/burst", "resources": [tgt.db]})
+    async with served_burst(tgt, settings_factory(material_cache_seconds=0)) as (app, c):
         for _ in range(5):
             r = await c.post("/v1/credentials", json={"connector": "burst", "resource": tgt.db})
             assert r.status_code == 200, r.text
