@@ -11,6 +11,10 @@ access key and a role, then runs, for ``--duration`` seconds each, at ``--concur
   (the reference of issue 15);
 - ``connector``: one ``AWSConnector`` instance, N asyncio tasks calling ``issue`` (what a
   live gateway instance does per credential, without the HTTP, store and audit work);
+- ``compared`` (with ``--compare FILE``): ``connector`` with the AWSConnector of another version
+  of connectors/aws.py (e.g. ``git show main:connectors/aws.py > /tmp/aws_main.py``);
+- ``fresh client`` (with ``--fresh``): a new instance, so a new boto3 session and client, per
+  issuance: the cost the connector avoids by keeping its clients;
 - ``gateway`` (with ``--gateway``): ``credgate serve`` on SQLite with an ``aws`` connector,
   N concurrent ``POST /v1/credentials`` over httpx.
 
@@ -73,13 +77,21 @@ def plain(moto: MotoServer, key: tuple[str, str], role: str, n: int, duration: f
     return sum(done)
 
 
-async def connector(moto: MotoServer, key: tuple[str, str], role: str, n: int, duration: float) -> int:
-    from connectors.aws import AWSConfig, AWSConnector, AWSKeysMaterial
+async def connector(moto: MotoServer, key: tuple[str, str], role: str, n: int, duration: float,
+                    fresh: bool = False, module: str = "connectors.aws") -> int:
+    import importlib
+
     from connectors.base import IssueRequest
 
-    conn = AWSConnector(
-        AWSConfig(endpoint_url=moto.endpoint_url, role_arn=role), "iam-role",
-        AWSKeysMaterial(aws_access_key_id=key[0], aws_secret_access_key=key[1]), name="bench")
+    aws = importlib.import_module(module)
+    AWSConfig, AWSConnector, AWSKeysMaterial = aws.AWSConfig, aws.AWSConnector, aws.AWSKeysMaterial
+
+    def build() -> AWSConnector:
+        return AWSConnector(
+            AWSConfig(endpoint_url=moto.endpoint_url, role_arn=role), "iam-role",
+            AWSKeysMaterial(aws_access_key_id=key[0], aws_secret_access_key=key[1]), name="bench")
+
+    conn = build()
 
     def request() -> IssueRequest:
         lease_id = "lease_" + secrets.token_hex(12)
@@ -94,7 +106,12 @@ async def connector(moto: MotoServer, key: tuple[str, str], role: str, n: int, d
     async def loop() -> None:
         nonlocal count
         while time.monotonic() < stop:
-            await conn.issue(request())
+            if fresh:  # what a client built per issuance costs: a new instance each time
+                one = build()
+                await one.issue(request())
+                await one.aclose()
+            else:
+                await conn.issue(request())
             count += 1
 
     await asyncio.gather(*(loop() for _ in range(n)))
@@ -172,6 +189,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gateway", action="store_true", help="also measure through `credgate serve`")
+    ap.add_argument("--fresh", action="store_true", help="also: a new connector instance (new client) per issuance")
+    ap.add_argument("--compare", metavar="FILE", help="also: the connector from another version of connectors/aws.py")
     ap.add_argument("--env", action="append", default=[], metavar="CREDGATE_X=V", help="a setting for the gateway")
     ap.add_argument("--py-spy", metavar="FILE", help="profile the gateway's first round with py-spy (collapsed stacks)")
     args = ap.parse_args()
@@ -189,6 +208,18 @@ def main() -> int:
             "plain boto3": (os.getpid(), lambda: plain(moto, key, role, args.concurrency, args.duration)),
             "connector": (os.getpid(), lambda: asyncio.run(connector(moto, key, role, args.concurrency, args.duration))),
         }
+        if args.compare:
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("connectors.aws_compared", args.compare)
+            assert spec is not None and spec.loader is not None
+            sys.modules[spec.name] = mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            scenarios["compared"] = (os.getpid(), lambda: asyncio.run(
+                connector(moto, key, role, args.concurrency, args.duration, module=spec.name)))
+        if args.fresh:
+            scenarios["fresh client"] = (os.getpid(), lambda: asyncio.run(
+                connector(moto, key, role, args.concurrency, args.duration, fresh=True)))
         if args.gateway:
             gw = Gateway(Path(tempfile.mkdtemp(prefix="credgate-aws-bench-")), moto, key, role, dict(e.split("=", 1) for e in args.env))
             scenarios["gateway"] = (gw.proc.pid, lambda: asyncio.run(gw.run(args.concurrency, args.duration)))
