@@ -250,14 +250,20 @@ ISSUE_STATEMENTS = [
     'GRANT USAGE ON SCHEMA "public" TO "{{name}}"',
     'GRANT SELECT ON ALL TABLES IN SCHEMA "public" TO "{{name}}"',
 ]
-REVOKE_STATEMENTS = [
-    'ALTER ROLE "{{name}}" NOLOGIN',
-    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_backend_pid()",
-    "SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))",
-    'REASSIGN OWNED BY "{{name}}" TO CURRENT_USER',
-    'DROP OWNED BY "{{name}}"',
-    'DROP ROLE IF EXISTS "{{name}}"',
-]
+# credgate treats a role already gone as revoked; so does this block (one statement: OpenBao
+# runs a statement holding $$ as it is, in the revocation transaction).
+REVOKE_STATEMENTS = ["""DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{{name}}') THEN
+    EXECUTE 'ALTER ROLE "{{name}}" NOLOGIN';
+    PERFORM pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{{name}}' AND pid <> pg_backend_pid();
+    PERFORM pg_advisory_xact_lock(hashtext('credgate:grant'));
+    EXECUTE 'REASSIGN OWNED BY "{{name}}" TO CURRENT_USER';
+    EXECUTE 'DROP OWNED BY "{{name}}"';
+    EXECUTE 'DROP ROLE IF EXISTS "{{name}}"';
+  END IF;
+END
+$$"""]
 
 
 class Bao:
@@ -448,6 +454,7 @@ def revoke_loop(scenario: str, side: str, url: str, headers: dict[str, str], cal
     """Revoke leases one request each, ``concurrency`` at a time, for at most ``duration`` s."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    first_error: list[str] = []
     todo = list(calls)
 
     async def main() -> float:
@@ -459,6 +466,8 @@ def revoke_loop(scenario: str, side: str, url: str, headers: dict[str, str], cal
                     t = time.perf_counter()
                     r = await c.request(method, path, json=body)
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code >= 300 and not first_error:
+                        first_error.append(r.text[:200])
                     if r.status_code < 300:
                         latencies.append((time.perf_counter() - t) * 1000)
             t0 = time.monotonic()
@@ -469,6 +478,8 @@ def revoke_loop(scenario: str, side: str, url: str, headers: dict[str, str], cal
     bad = sum(v for k, v in statuses.items() if k >= 300)
     run = Run(scenario, side, len(latencies) / elapsed if elapsed else 0.0, pct(latencies, 0.5), pct(latencies, 0.99),
               len(latencies), bad, "; ".join(f"HTTP {k}: {v}" for k, v in statuses.items() if k >= 300))
+    if first_error:
+        log(f"{scenario}/{side}: first error answer: {first_error[0]}")
     if not calls:
         run.errors = "nothing to revoke"
     return run
@@ -862,7 +873,9 @@ def run_all(args, wanted: set[str], work: Path, rep: Report, workers: int | None
         if "pg" in wanted:  # what the round did not revoke, so the next round starts even
             left = bao.active_leases()
             if left:
-                bao.root("PUT", "sys/leases/revoke-prefix/database/creds/bench", ok=(200, 204))
+                r = bao.root("PUT", "sys/leases/revoke-prefix/database/creds/bench", ok=(200, 204, 400))
+                if r.status_code == 400:
+                    log(f"OpenBao revoke-prefix: {r.text[:300]}")
             cleft = gw.call("POST", "/v1/leases/revoke", json={"connector": "pgbench"}).json()
             log(f"round {rnd + 1}: revoked the rest (OpenBao {len(left)}, credgate {cleft.get('matched')})")
             if issued_roles:
