@@ -1088,7 +1088,7 @@ def render(rep: Report, args) -> str:
              "(boto3, psycopg) this process's own CPU. target CPU: the PostgreSQL cluster's or moto's, per request. "
              "errors: non-2xx answers (or client exceptions) summed over the rounds. load: 1-minute load average, "
              "lowest before and highest after a run.", "",
-             "| scenario | server | req/s | p50 ms | p99 ms | CPU us/req | target CPU us/req | vs OpenBao | vs bare | errors | load before-after |",
+             "| scenario | server | req/s | p50 ms | p99 ms | CPU us/req | target CPU us/req | vs OpenBao (or reference) | vs bare | errors | load before-after |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     scen_order = list(SCENARIO_TEXT)
     for s in scen_order:
