@@ -29,8 +29,10 @@ async def events(gw: Gateway | httpx.AsyncClient, **params) -> list[dict]:
     return r.json()["items"]
 
 
-async def verify(c: httpx.AsyncClient) -> dict:
-    r = await c.get("/v1/audit/verify")
+async def verify(c: httpx.AsyncClient, full: bool = False) -> dict:
+    """``full``: walk the whole chain (the default starts after the last checkpoint an
+    earlier verification marked clean: tampering before it needs a full walk)."""
+    r = await c.get("/v1/audit/verify", params={"full": "true"} if full else None)
     assert r.status_code == 200, r.text
     return r.json()
 
