@@ -1061,10 +1061,10 @@ class AuditLog:
         hashes: dict[int, str] = {}
         last = start_seq - 1
         while True:
-            async with self._store.read() as s:
-                batch = [as_dict(r) for r in (await s.execute(
-                    select(AuditEventRow).where(AuditEventRow.seq > last).order_by(AuditEventRow.seq)
-                    .limit(VERIFY_BATCH))).scalars()]
+            async with self._store.read() as s:  # Core rows: no ORM identity map for a read-only walk
+                batch = [dict(r._mapping) for r in (await s.execute(
+                    select(*columns).where(AuditEventRow.seq > last).order_by(AuditEventRow.seq)
+                    .limit(VERIFY_BATCH)))]
             for e in batch:
                 walk.feed(e)
                 if e["seq"] in wanted:
