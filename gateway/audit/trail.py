@@ -922,35 +922,48 @@ class AuditLog:
             first = (await s.execute(select(func.min(AuditEventRow.seq)))).scalar()
             if not cut or first is None or cut < first:
                 return {"pruned": 0, "pruned_through": (first or 1) - 1, "archive": None}
-            rows = list((await s.execute(select(AuditEventRow).where(AuditEventRow.seq <= cut)
-                                         .order_by(AuditEventRow.seq))).scalars())
             cps = list((await s.execute(select(AuditCheckpointRow).where(AuditCheckpointRow.seq <= cut)
                                         .order_by(AuditCheckpointRow.seq))).scalars())
-        events = [{c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns} for r in rows]
-        anchor_hash = events[-1]["hash"]
-        now = utcnow()
-        anchor = {"type": CHECKPOINT_TYPE, "seq": cut, "hash": anchor_hash, "time": now, "chain_from": self.chain_from,
-                  "mac": checkpoint_mac(self._chain_key, cut, anchor_hash, now, self.chain_from)}
-        lines = [_line(e) for e in events]
-        lines += [_line({"type": CHECKPOINT_TYPE, "seq": c.seq, "hash": c.hash, "time": c.time,
-                         "chain_from": c.chain_from, "mac": c.mac}) for c in cps if c.mac and c.seq != cut]
-        lines.append(_line(anchor))
-        digest = hashlib.sha256(b"".join(lines)).hexdigest()
+        # Streamed: the events are read, written and hashed VERIFY_BATCH at a time (memory stays
+        # flat however many are pruned); the archive counts only once fsync'd and renamed.
+        columns = AuditEventRow.__table__.columns
+        sha = hashlib.sha256()
+        tmp = archive.with_name(archive.name + ".partial")
+        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        pruned, last, anchor_hash = 0, first - 1, GENESIS
+        try:
+            while last < cut:
+                async with self._store.read() as s:
+                    batch = [dict(r._mapping) for r in (await s.execute(
+                        select(*columns).where(AuditEventRow.seq > last, AuditEventRow.seq <= cut)
+                        .order_by(AuditEventRow.seq).limit(VERIFY_BATCH)))]
+                if not batch:
+                    break
+                chunk = b"".join(_line(e) for e in batch)
+                sha.update(chunk)
+                await asyncio.to_thread(os.write, fd, chunk)
+                pruned += len(batch)
+                last, anchor_hash = batch[-1]["seq"], batch[-1]["hash"]
+            now = utcnow()
+            anchor = {"type": CHECKPOINT_TYPE, "seq": cut, "hash": anchor_hash, "time": now,
+                      "chain_from": self.chain_from,
+                      "mac": checkpoint_mac(self._chain_key, cut, anchor_hash, now, self.chain_from)}
+            tail = b"".join([_line({"type": CHECKPOINT_TYPE, "seq": c.seq, "hash": c.hash, "time": c.time,
+                                    "chain_from": c.chain_from, "mac": c.mac}) for c in cps if c.mac and c.seq != cut]
+                            + [_line(anchor)])
+            sha.update(tail)
 
-        def write() -> None:
-            tmp = archive.with_name(archive.name + ".partial")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for line in lines:
-                    os.write(fd, line)
+            def finish() -> None:
+                os.write(fd, tail)
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, archive)
 
-        await asyncio.to_thread(write)
+            await asyncio.to_thread(finish)
+        finally:
+            os.close(fd)
+        await asyncio.to_thread(os.replace, tmp, archive)
+        digest = sha.hexdigest()
         details = {"before": _utc_text(before), "pruned_through": cut, "anchor_hash": anchor_hash,
-                   "events": len(events), "archive": archive.name[:200], "archive_sha256": digest}
+                   "events": pruned, "archive": archive.name[:200], "archive_sha256": digest}
         await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome="request", details=details),
                           fail_closed=True)
         async with self._store.write() as s:
@@ -962,10 +975,10 @@ class AuditLog:
                 ["seq"]))
             await s.execute(delete(AuditEventRow).where(AuditEventRow.seq <= cut))
             await s.execute(delete(AuditCheckpointRow).where(AuditCheckpointRow.seq < cut))
-        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome=f"pruned {len(events)} events",
+        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome=f"pruned {pruned} events",
                                         details=details), fail_closed=False)
         await self.checkpoint()
-        return {"pruned": len(events), "pruned_through": cut, "archive": str(archive), "archive_sha256": digest}
+        return {"pruned": pruned, "pruned_through": cut, "archive": str(archive), "archive_sha256": digest}
 
     # --- verifying ---------------------------------------------------------------
 
