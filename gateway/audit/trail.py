@@ -1058,7 +1058,7 @@ class AuditLog:
             if isinstance(sink, FileSink):
                 sources.append((sink.name, sink.tail()))
         split = [(name, *split_lines(lines)) for name, lines in sources]
-        wanted = {cp.seq for cp in checkpoints}
+        wanted: set[int] = set()  # the seqs whose stored hash is compared: sink lines, checkpoints
         for _, cps, evs in split:
             wanted.update(x["seq"] for x in cps + evs if isinstance(x.get("seq"), int) and not isinstance(x["seq"], bool))
 
@@ -1069,6 +1069,11 @@ class AuditLog:
             if mark_problems:
                 mark = None  # a mark that fails is evidence of tampering: walk everything
         start_seq, walk_hash = (mark.seq + 1, mark.hash) if mark is not None else (floor + 1, start_hash)
+        if mark is not None:  # the checkpoints up to the mark were checked by the walk that left it
+            checked = [cp for cp in checkpoints if cp.seq > mark.seq]
+        else:
+            checked = checkpoints
+        wanted.update(cp.seq for cp in checked)
 
         walk = ChainWalk(start_seq=start_seq, start_hash=walk_hash, key=self._chain_key, chain_from=self.chain_from)
         hashes: dict[int, str] = {}
@@ -1095,7 +1100,7 @@ class AuditLog:
 
         covered = mark.seq if mark is not None else 0
         uncovered: tuple[int, str] | None = None
-        for cp in checkpoints:
+        for cp in checked:
             if floor and cp.seq <= floor:
                 if cp.seq == floor and self._authentic_checkpoint(
                         {"seq": cp.seq, "hash": cp.hash, "time": cp.time, "chain_from": cp.chain_from, "mac": cp.mac}):
