@@ -72,13 +72,14 @@ class WrapTokens:
         return lease_id, payload
 
     async def end_for_lease(self, lease_id: str, reason: str) -> None:
-        """Destroy any unconsumed payload of a lease (revoked or expired)."""
-        async with self._store.write() as s:
-            await s.execute(
-                update(WrapRow)
-                .where(WrapRow.lease_id == lease_id, WrapRow.ended.is_(None))
-                .values(ended=reason, kek_version=None, wrapped_dek=None, ciphertext=None)
-            )
+        """Destroy any unconsumed payload of a lease (revoked or expired). One UPDATE that may run
+        again: it joins the group commit, so concurrent revocations share a transaction."""
+        statement = (
+            update(WrapRow)
+            .where(WrapRow.lease_id == lease_id, WrapRow.ended.is_(None))
+            .values(ended=reason, kek_version=None, wrapped_dek=None, ciphertext=None)
+        )
+        await self._store.grouped(lambda s: s.execute(statement))
 
     async def purge_expired(self, now: datetime) -> int:
         async with self._store.write() as s:
