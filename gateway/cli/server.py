@@ -76,7 +76,7 @@ def serve(
 
     n = worker_count(settings)
     if n > 1:
-        raise SystemExit(supervise(settings, n))
+        raise SystemExit(supervise(settings, n, _run_worker, graceful=GRACEFUL_SECONDS))
     web = create_app(settings)
     if server_tls is not None:
         web.state.metrics.watch_tls(server_tls)
@@ -84,6 +84,28 @@ def serve(
     server.run()
     if not server.started or server.failed:
         raise SystemExit(3)  # what uvicorn.run exits with when start-up fails
+
+
+def _run_worker(settings, index: int, workers: int, sock, ready, parent: int) -> None:  # noqa: ANN001
+    """Worker ``index`` of ``workers`` (gateway/cli/workers.py): its own app and runtime on the
+    parent's socket; the health listener in worker 0 only."""
+    import uvicorn
+
+    from gateway.web.app import create_app
+    from gateway.web.logs import configure
+    from gateway.web.tls import ServerTLS, uvicorn_options
+
+    configure(settings.log_format, settings.log_level)
+    server_tls = ServerTLS(settings) if settings.tls_cert_file else None
+    web = create_app(settings, workers=workers, worker=index)
+    if server_tls is not None:
+        web.state.metrics.watch_tls(server_tls)
+    config = uvicorn_config(uvicorn, web, settings, uvicorn_options(settings, server_tls))
+    server = _gateway_server(uvicorn)(config, settings, server_tls, health=index == 0, ready=ready, parent=parent,
+                                            worker=index)
+    server.run(sockets=[sock])
+    if not server.started or server.failed:
+        raise SystemExit(3)
 
 
 def uvicorn_config(uvicorn, web, settings, tls):  # noqa: ANN001, ANN201 - uvicorn is imported only when serving
@@ -116,8 +138,9 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
 
     class GatewayServer(uvicorn.Server):
         def __init__(self, config, settings, server_tls, *, health: bool = True, ready=None,  # noqa: ANN001
-                     parent: int | None = None) -> None:
+                     parent: int | None = None, worker: int = 0) -> None:
             super().__init__(config)
+            self.worker = worker
             self.settings = settings
             self.server_tls = server_tls
             self.serve_health = health
@@ -161,7 +184,12 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
                     self.health, self.failed, self.should_exit = None, True, True
                     return
                 log.info("health listener on http://%s (GET /healthz, /readyz)", self.settings.health_listen)
-            if self.ready is not None:
+            if self.ready is not None:  # a worker: uvicorn said nothing of the socket it was given
+                scheme = "https" if self.server_tls is not None else "http"
+                log.info("worker %d (pid %d) serving on %s://%s:%d", self.worker, os.getpid(), scheme,
+                         self.settings.host, self.settings.port)
+                if self.server_tls is not None:
+                    log.info("TLS certificate: %s", self.server_tls.loaded.describe())
                 self.ready.set()
 
         async def _watch_parent(self) -> None:

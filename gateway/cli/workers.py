@@ -31,6 +31,7 @@ import os
 import signal
 import time
 from multiprocessing.connection import wait
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("credgate")
@@ -51,30 +52,6 @@ def worker_count(settings: Any) -> int:
         return os.cpu_count() or 1
 
 
-def worker_main(settings: Any, index: int, workers: int, sock: Any, ready: Any, parent: int) -> None:
-    """One worker (runs in a forked process)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)  # the parent's handlers: uvicorn installs its own
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serving: then it reloads the TLS files
-    import uvicorn
-
-    from gateway.cli.server import _gateway_server, uvicorn_config
-    from gateway.web.app import create_app
-    from gateway.web.logs import configure
-    from gateway.web.tls import ServerTLS, uvicorn_options
-
-    configure(settings.log_format, settings.log_level)
-    server_tls = ServerTLS(settings) if settings.tls_cert_file else None
-    web = create_app(settings, workers=workers, worker=index)
-    if server_tls is not None:
-        web.state.metrics.watch_tls(server_tls)
-    config = uvicorn_config(uvicorn, web, settings, uvicorn_options(settings, server_tls))
-    server = _gateway_server(uvicorn)(config, settings, server_tls, health=index == 0, ready=ready, parent=parent)
-    server.run(sockets=[sock])
-    if not server.started or server.failed:
-        raise SystemExit(3)
-
-
 def _prepare(settings: Any, workers: int) -> None:
     """Migrations and first-run set-up, once, before any worker starts."""
     import asyncio
@@ -89,8 +66,11 @@ def _prepare(settings: Any, workers: int) -> None:
     log.info("migrations and first-run set-up done (once, in pid %d)", os.getpid())
 
 
-def supervise(settings: Any, n: int) -> int:
-    """Run ``n`` workers until SIGTERM/SIGINT; the exit status (0, or 3: start-up failed)."""
+def supervise(settings: Any, n: int, run_worker: Callable[..., None], *, graceful: float) -> int:
+    """Run ``n`` workers until SIGTERM/SIGINT; the exit status (0, or 3: start-up failed).
+
+    ``run_worker(settings, index, n, sock, ready, parent)`` serves in a forked worker;
+    ``graceful``: how long a worker drains at shutdown (then it is killed, 5 s later)."""
     import uvicorn
 
     from gateway.store.database import hold_sole_use
@@ -107,8 +87,8 @@ def supervise(settings: Any, n: int) -> int:
 
     def start(i: int) -> None:
         readies[i] = ctx.Event()
-        p = ctx.Process(target=worker_main, name=f"credgate-worker-{i}",
-                        args=(settings, i, n, sock, readies[i], os.getpid()))
+        p = ctx.Process(target=_worker, name=f"credgate-worker-{i}",
+                        args=(run_worker, settings, i, n, sock, readies[i], os.getpid()))
         p.start()
         procs[i], born[i] = p, time.monotonic()
 
@@ -152,20 +132,26 @@ def supervise(settings: Any, n: int) -> int:
                 starting = False
                 log.info("all %d workers serving", n)
     finally:
-        _stop([p for p in procs if p is not None])
+        _stop([p for p in procs if p is not None], graceful)
         sock.close()
         if lock is not None:
             os.close(lock)
     return status
 
 
-def _stop(procs: list[Any]) -> None:
-    from gateway.cli.server import GRACEFUL_SECONDS
+def _worker(run_worker: Callable[..., None], *args: Any) -> None:
+    """A forked worker's start: the parent's signal handlers undone, then ``run_worker``."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # uvicorn installs its own once serving
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serving: then it reloads the TLS files
+    run_worker(*args)
 
+
+def _stop(procs: list[Any], graceful: float) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()  # SIGTERM: uvicorn's graceful shutdown
-    deadline = time.monotonic() + GRACEFUL_SECONDS + 5
+    deadline = time.monotonic() + graceful + 5
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():

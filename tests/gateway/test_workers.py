@@ -77,7 +77,8 @@ def served(request: pytest.FixtureRequest, tmp_path: Path):
     kek = tmp_path / "kek"
     new_key_file(kek)
     settings = {"CREDGATE_KEK_FILE": str(kek), "CREDGATE_BOOTSTRAP_TOKEN": TOKEN,
-                "CREDGATE_REAPER_INTERVAL_SECONDS": "0.3", "CREDGATE_WORKERS": "2"}
+                "CREDGATE_REAPER_INTERVAL_SECONDS": "0.3", "CREDGATE_WORKERS": "2",
+                "CREDGATE_HEALTH_LISTEN": f"127.0.0.1:{free_port()}"}
     if request.param == "postgres":
         settings["CREDGATE_DATABASE_URL"] = request.getfixturevalue("postgres_url")
     port = free_port()
@@ -88,7 +89,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path):
     try:
         wait_until_serving(f"{addr}/readyz", proc, log=log)
         assert eventually(lambda: len(workers_of(proc.pid)) == 2 and "all 2 workers serving" in log.read_text(), 30)
-        yield request.param, proc, addr, log, tmp_path
+        yield request.param, proc, addr, log, tmp_path, settings["CREDGATE_HEALTH_LISTEN"]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -96,12 +97,15 @@ def served(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def test_two_workers_serve_one_store(served) -> None:
-    kind, proc, addr, log, tmp = served
+    kind, proc, addr, log, tmp, health = served
     a, b = sorted(workers_of(proc.pid))
     ca, cb = client_on(addr, a, ADMIN), client_on(addr, b, ADMIN)
     try:
         # Both answer, and they are this serve's workers.
         assert {scrape(ca)[0], scrape(cb)[0]} == {a, b}
+
+        # One health listener (worker 0's; a second on the same port would have stopped the serve).
+        assert httpx.get(f"http://{health}/readyz", timeout=5).status_code == 200
 
         # Migrations and first-run set-up ran once, in the parent; the workers did neither.
         text = log.read_text()
