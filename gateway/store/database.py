@@ -272,6 +272,11 @@ class Store:
                                connect_args=pg_connect, writer=writer,
                                poller=self._poll_changes, pruner=self._prune_changes)
         self._leading: int | None = None  # SQLite workers: the reaper leadership lock's descriptor
+        self._turns: int | None = None  # SQLite workers: the group committers' turn lock
+        if writer is not None:
+            db = make_url(self.url).database
+            if db and db != ":memory:":
+                self._turns = os.open(f"{db}.commit.lock", os.O_CREAT | os.O_RDWR, 0o600)
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
         self._sole_use: int | None = None
@@ -362,6 +367,18 @@ class Store:
         return outcomes, noted
 
     def _run_works(self, works: list[Callable[[Session], Any]], noted: list[Any]) -> list[Any]:
+        if self._turns is not None:
+            # SQLite workers: the group committers of the processes take turns by a kernel lock,
+            # which wakes the next one the moment it is free; SQLite's busy handler would sleep
+            # (up to 100 ms a try) while another process holds the write lock.
+            fcntl.flock(self._turns, fcntl.LOCK_EX)
+            try:
+                return self._run_works_now(works, noted)
+            finally:
+                fcntl.flock(self._turns, fcntl.LOCK_UN)
+        return self._run_works_now(works, noted)
+
+    def _run_works_now(self, works: list[Callable[[Session], Any]], noted: list[Any]) -> list[Any]:
         with self._group_engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn = conn.execution_options(**{_IMMEDIATE: True})
@@ -460,6 +477,9 @@ class Store:
         if self._grouper is not None:
             await asyncio.gather(self._grouper, return_exceptions=True)
         self._group_thread.shutdown(wait=True)
+        if self._turns is not None:
+            os.close(self._turns)
+            self._turns = None
         self._group_engine.dispose()
         await self.engine.dispose()
         if self._sole_use is not None:
