@@ -8,6 +8,7 @@ version)``; only key names and timestamps are kept in clear.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ from gateway.store import changes
 from gateway.errors import Conflict, NotFound
 from gateway.store.database import insert_if_absent
 from gateway.store.models import SecretRow, SecretVersionRow, utcnow
-from gateway.store.sealed import secret_context
+from gateway.store.sealed import Sealed, secret_context
 
 
 class LocalConfig(BaseModel):
@@ -29,6 +30,47 @@ class LocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+
+
+def _size(sealed: Sealed) -> int:
+    return len(sealed.wrapped_dek) + len(sealed.ciphertext)
+
+
+class _SealedCache:
+    """The sealed (still encrypted) values of recently read versions, so a read costs no store
+    round trip. An entry belongs to the metadata object it was read under: the metadata cache drops
+    that object on any change to the secret (a write, delete, destroy, here or on another replica,
+    through the change feed), and an entry whose metadata is no longer the cached one is read again.
+    Bounded in bytes; a value larger than ``max_value`` is never kept. Each read still opens the
+    value under the KEK: nothing is kept in clear."""
+
+    def __init__(self, budget: int = 16 * 1024 * 1024, max_value: int = 64 * 1024) -> None:
+        self._entries: OrderedDict[tuple[str, int], tuple[SecretMetadata, Sealed]] = OrderedDict()
+        self._budget = budget
+        self._max_value = max_value
+        self._bytes = 0
+
+    def get(self, path: str, version: int, meta: SecretMetadata) -> Sealed | None:
+        entry = self._entries.get((path, version))
+        if entry is None or entry[0] is not meta:
+            return None
+        self._entries.move_to_end((path, version))
+        return entry[1]
+
+    def drop(self, path: str, version: int) -> None:
+        old = self._entries.pop((path, version), None)
+        if old is not None:
+            self._bytes -= _size(old[1])
+
+    def put(self, path: str, version: int, meta: SecretMetadata, sealed: Sealed) -> None:
+        if _size(sealed) > self._max_value:
+            return
+        self.drop(path, version)
+        self._entries[(path, version)] = (meta, sealed)
+        self._bytes += _size(sealed)
+        while self._bytes > self._budget:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= _size(dropped)
 
 
 class LocalBackend(BackendBase):
@@ -45,6 +87,7 @@ class LocalBackend(BackendBase):
         self._store = context.store
         self._envelope = context.envelope
         self._cache = context.metadata_cache
+        self._sealed = _SealedCache()
 
     def _ref(self, path: str) -> str:
         return f"{self.name}/{path}"
@@ -81,6 +124,28 @@ class LocalBackend(BackendBase):
         )
 
     async def get(self, path: str, version: int | None = None) -> SecretValue:
+        if self._cache is None:
+            row_version, sealed = await self._load_sealed(path, version)
+        else:
+            # The metadata (cached, kept honest by the change feed) says whether the secret is live
+            # and which version is current; the sealed value is kept beside it (:class:`_SealedCache`).
+            meta = await self.metadata(path)
+            row_version = version if version is not None else meta.current_version
+            sealed = self._sealed.get(path, row_version, meta)
+            if sealed is not None:
+                try:
+                    return self._open(path, row_version, sealed)
+                except Exception:  # noqa: BLE001 - e.g. re-wrapped since under a KEK version now gone: read again
+                    self._sealed.drop(path, row_version)
+            row_version, sealed = await self._load_sealed(path, row_version)
+            self._sealed.put(path, row_version, meta, sealed)
+        return self._open(path, row_version, sealed)
+
+    def _open(self, path: str, version: int, sealed: Sealed) -> SecretValue:
+        plaintext = self._envelope.open(sealed, secret_context(self.name, path, version))
+        return SecretValue(path, version, json.loads(plaintext))
+
+    async def _load_sealed(self, path: str, version: int | None) -> tuple[int, Sealed]:
         async with self._store.read() as s:
             row = self._live(await self._row(s, path), path)
             want = version if version is not None else row.current_version
@@ -93,8 +158,7 @@ class LocalBackend(BackendBase):
             ).scalar_one_or_none()
         if ver is None or ver.sealed is None:
             raise NotFound(f"Secret {self._ref(path)} has no version {want}.", code="version_not_found")
-        plaintext = self._envelope.open(ver.sealed, secret_context(self.name, path, want))
-        return SecretValue(path, want, json.loads(plaintext))
+        return want, ver.sealed
 
     async def metadata(self, path: str) -> SecretMetadata:
         if self._cache is None:

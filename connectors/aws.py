@@ -21,6 +21,16 @@ Resources: ``s3-bucket:NAME`` (the bucket and its objects, ``s3:*``) and
 STS credentials can't be revoked or extended (``EXPIRY_ONLY``): ``revoke`` is
 a no-op and ``renew`` is refused. To cut off a live assume-role session early,
 attach an ``aws:TokenIssueTime`` deny to the role (not done here).
+
+Clients: an instance builds one boto3 session, and on it one client per service
+(``sts``; ``s3`` for listing buckets), on first use, and reuses them for every
+later call from any thread; building a client costs tens of milliseconds of CPU,
+a call about one. The gateway keeps one instance per connector while its
+configuration and material are unchanged, and builds a new one (new clients,
+signing with the new keys) when either changes; the old instance's ``aclose``
+closes its clients' connections, as does removing the connector. Calls run on
+the connector's own worker threads (``connector:NAME``, 8), so an endpoint that
+hangs holds only those.
 """
 
 from __future__ import annotations
@@ -263,7 +273,9 @@ class AWSConnector(ConnectorBase):
             )
         if auth_method == "iam-role" and not self.config.role_arn:
             raise ValidationFailed("Auth method iam-role needs config.role_arn.", code="invalid_connector_config")
-        self._clients: dict[str, Any] = {}
+        self._threads = f"connector:{name or 'aws'}"  # its own worker threads: a slow endpoint holds only these
+        self._session: Any = None  # boto3 session, built with the first client
+        self._clients: dict[str, Any] = {}  # service -> client (see "clients" below)
         self._lock = threading.Lock()
 
     @classmethod
@@ -295,36 +307,68 @@ class AWSConnector(ConnectorBase):
             state["federated_user"] = federation_name(self.config.session_name_prefix, lease_id)
         return state
 
-    # -- I/O ----------------------------------------------------------------
+    # -- clients ---------------------------------------------------------------
+    #
+    # One boto3 session and one client per service (sts, s3) per instance, built on first
+    # use and then reused by every call: building a client costs 40-150 ms of CPU (botocore
+    # loads the service model and endpoint rules), an STS call about 1.5 ms. An instance
+    # holds one configuration and one material for its whole life (the catalog builds a new
+    # instance when either changes, and closes the old one), so a client never outlives the
+    # material it signs with, and no other connector's instance can reach it.
 
     def _client(self, service: str) -> Any:
+        """This instance's client for ``service``, from any thread (botocore clients are
+        thread-safe; the session they are built from is not, so it is used under the lock)."""
+        client = self._clients.get(service)  # after the first call: no lock
+        if client is not None:
+            return client
         with self._lock:
             client = self._clients.get(service)
             if client is None:
-                import boto3
-                from botocore.config import Config
+                if self._session is None:
+                    import boto3
 
-                m = self._material
-                client = boto3.session.Session().client(
-                    service,
-                    region_name=self.config.region,
-                    endpoint_url=self.config.endpoint_url,
-                    aws_access_key_id=m.aws_access_key_id,
-                    aws_secret_access_key=m.aws_secret_access_key.get_secret_value(),
-                    aws_session_token=m.aws_session_token.get_secret_value() if m.aws_session_token else None,
-                    config=Config(
-                        connect_timeout=CONNECT_TIMEOUT,
-                        read_timeout=READ_TIMEOUT,
-                        retries={"total_max_attempts": 3, "mode": "standard"},  # 2 retries
-                        ignore_configured_endpoint_urls=True,  # no AWS_ENDPOINT_URL redirect of the keys
-                    ),
-                )
-                self._clients[service] = client
+                    self._session = boto3.session.Session()
+                client = self._clients[service] = self._new_client(self._session, service)
             return client
+
+    def _new_client(self, session: Any, service: str) -> Any:
+        """Build one client on the instance's session (the one place a client is made)."""
+        from botocore.config import Config
+
+        m = self._material
+        return session.client(
+            service,
+            region_name=self.config.region,
+            endpoint_url=self.config.endpoint_url,
+            aws_access_key_id=m.aws_access_key_id,
+            aws_secret_access_key=m.aws_secret_access_key.get_secret_value(),
+            aws_session_token=m.aws_session_token.get_secret_value() if m.aws_session_token else None,
+            config=Config(
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                retries={"total_max_attempts": 3, "mode": "standard"},  # 2 retries
+                ignore_configured_endpoint_urls=True,  # no AWS_ENDPOINT_URL redirect of the keys
+            ),
+        )
+
+    async def aclose(self) -> None:
+        """Close the clients' HTTP connections (the instance was replaced or removed, or the
+        gateway stops). A call in flight finishes, its connection closed after it; a call that
+        still arrives is served by the same client on a new connection, released with the
+        instance. Nothing is rebuilt. (No lock: the event loop must not wait for a thread
+        building a client; a client built while this runs is released with the instance.)"""
+        for client in list(self._clients.values()):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing sockets of a dropped instance: nothing to report
+                pass
+
+    # -- I/O ----------------------------------------------------------------
 
     async def _call(self, doing: str, timeout: float, fn: Callable[[], _T], hint: str = "") -> _T:
         try:
-            return await run_sync(fn, timeout=timeout)
+            return await run_sync(fn, timeout=timeout, pool=self._threads)
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - every botocore failure is mapped, never quoted

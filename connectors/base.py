@@ -60,6 +60,11 @@ driver callables (open, prepare, reusable, close; see :class:`TargetPool`):
 a connection goes back only in a clean state, and one whose call raised is
 closed, never reused.
 
+A connector whose SDK speaks HTTP keeps its SDK clients on the instance
+instead (``aws``: one boto3 session, one client per service): built on first
+use, reused by every call, closed by ``aclose``. Building one per call would
+cost far more than the call (about 130 ms of CPU for a boto3 client).
+
 The order of an issuance, and why
 ---------------------------------
 

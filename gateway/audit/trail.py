@@ -50,7 +50,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text, update
 
 from gateway.audit.search import Filter, Page, search
 from gateway.tasks import cancel_and_wait
@@ -127,6 +127,39 @@ class ChainReport:
     problems: tuple[tuple[int, str], ...] = ()  # every break found, in order
 
 
+class ChainWalk:
+    """:func:`verify_chain` one event at a time, so a walk over millions of events can
+    read them in batches (:meth:`AuditLog.verify`) instead of holding them all."""
+
+    def __init__(self, *, start_seq: int = 1, start_hash: str = GENESIS, key: bytes | None = None,
+                 chain_from: int = 1) -> None:
+        self.expected_seq, self.prev, self.n = start_seq, start_hash, 0
+        self.key, self.chain_from = key, chain_from
+        self.problems: list[tuple[int, str]] = []
+
+    def feed(self, event: Mapping[str, Any]) -> None:
+        self.n += 1
+        seq, expected_seq, problems = event["seq"], self.expected_seq, self.problems
+        if seq != expected_seq:
+            if seq > expected_seq:
+                gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
+                problems.append((expected_seq, f"event {gap} is missing (deleted)"))
+            else:
+                problems.append((seq, f"event {seq} is out of order or duplicated"))
+        elif event["prev_hash"] != self.prev:
+            problems.append((seq, f"event {seq} does not link to the event before it"))
+        link_key = self.key if self.key is not None and seq >= self.chain_from else None
+        if not hmac.compare_digest(str(event["hash"]), chain_hash(event["prev_hash"], event, link_key)):
+            problems.append((seq, f"event {seq} was modified"))
+        self.prev, self.expected_seq = event["hash"], max(expected_seq, seq + 1)
+
+    def report(self) -> ChainReport:
+        if not self.problems:
+            return ChainReport(True, self.n)
+        first = self.problems[0]
+        return ChainReport(False, self.n, first[0], first[1], tuple(self.problems))
+
+
 def verify_chain(events: Iterable[Mapping[str, Any]], *, start_seq: int = 1, start_hash: str = GENESIS,
                  key: bytes | None = None, chain_from: int = 1) -> ChainReport:
     """Walk events in storage order and report every break, the first one first.
@@ -137,27 +170,29 @@ def verify_chain(events: Iterable[Mapping[str, Any]], *, start_seq: int = 1, sta
     event *and* a later deleted one are both named. ``events`` are mappings with
     every field of :data:`FIELDS` plus ``prev_hash`` and ``hash``.
     """
-    expected_seq, prev, n = start_seq, start_hash, 0
-    problems: list[tuple[int, str]] = []
+    walk = ChainWalk(start_seq=start_seq, start_hash=start_hash, key=key, chain_from=chain_from)
     for event in events:
-        n += 1
-        seq = event["seq"]
-        if seq != expected_seq:
-            if seq > expected_seq:
-                gap = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
-                problems.append((expected_seq, f"event {gap} is missing (deleted)"))
-            else:
-                problems.append((seq, f"event {seq} is out of order or duplicated"))
-        elif event["prev_hash"] != prev:
-            problems.append((seq, f"event {seq} does not link to the event before it"))
-        link_key = key if key is not None and seq >= chain_from else None
-        if not hmac.compare_digest(str(event["hash"]), chain_hash(event["prev_hash"], event, link_key)):
-            problems.append((seq, f"event {seq} was modified"))
-        prev, expected_seq = event["hash"], max(expected_seq, seq + 1)
-    if not problems:
-        return ChainReport(True, n)
-    first = problems[0]
-    return ChainReport(False, n, first[0], first[1], tuple(problems))
+        walk.feed(event)
+    return walk.report()
+
+
+VERIFIED_TYPE = "audit-verified"
+VERIFY_BATCH = 5000  # events read per query by a verification walk
+
+
+def verified_mac(key: bytes, seq: int, head_hash: str, chain_from: int, floor: int, events: int) -> str:
+    """The MAC of a verification mark: a walk found the chain clean from ``floor`` + 1 up to
+    checkpoint ``seq`` (``events`` stored events in that range)."""
+    body = json.dumps({"typ": VERIFIED_TYPE, "seq": seq, "hash": head_hash, "chain_from": chain_from,
+                       "floor": floor, "events": events}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _parse_mark(mark: str) -> tuple[int, int, str] | None:
+    parts = mark.split(":")
+    if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2]), parts[3]
 
 
 # --- bounding ------------------------------------------------------------------
@@ -879,7 +914,7 @@ class AuditLog:
         assert self._chain_key is not None
         if before.tzinfo is None:
             before = before.replace(tzinfo=timezone.utc)
-        report = await self.verify()
+        report = await self.verify(full=True)  # nothing is pruned on the strength of an earlier walk
         if not report["ok"]:
             raise ValueError(f"the audit chain does not verify ({report['problem']}); not pruned")
         async with self._store.read() as s:
@@ -887,35 +922,48 @@ class AuditLog:
             first = (await s.execute(select(func.min(AuditEventRow.seq)))).scalar()
             if not cut or first is None or cut < first:
                 return {"pruned": 0, "pruned_through": (first or 1) - 1, "archive": None}
-            rows = list((await s.execute(select(AuditEventRow).where(AuditEventRow.seq <= cut)
-                                         .order_by(AuditEventRow.seq))).scalars())
             cps = list((await s.execute(select(AuditCheckpointRow).where(AuditCheckpointRow.seq <= cut)
                                         .order_by(AuditCheckpointRow.seq))).scalars())
-        events = [{c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns} for r in rows]
-        anchor_hash = events[-1]["hash"]
-        now = utcnow()
-        anchor = {"type": CHECKPOINT_TYPE, "seq": cut, "hash": anchor_hash, "time": now, "chain_from": self.chain_from,
-                  "mac": checkpoint_mac(self._chain_key, cut, anchor_hash, now, self.chain_from)}
-        lines = [_line(e) for e in events]
-        lines += [_line({"type": CHECKPOINT_TYPE, "seq": c.seq, "hash": c.hash, "time": c.time,
-                         "chain_from": c.chain_from, "mac": c.mac}) for c in cps if c.mac and c.seq != cut]
-        lines.append(_line(anchor))
-        digest = hashlib.sha256(b"".join(lines)).hexdigest()
+        # Streamed: the events are read, written and hashed VERIFY_BATCH at a time (memory stays
+        # flat however many are pruned); the archive counts only once fsync'd and renamed.
+        columns = AuditEventRow.__table__.columns
+        sha = hashlib.sha256()
+        tmp = archive.with_name(archive.name + ".partial")
+        fd = await asyncio.to_thread(os.open, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        pruned, last, anchor_hash = 0, first - 1, GENESIS
+        try:
+            while last < cut:
+                async with self._store.read() as s:
+                    batch = [dict(r._mapping) for r in (await s.execute(
+                        select(*columns).where(AuditEventRow.seq > last, AuditEventRow.seq <= cut)
+                        .order_by(AuditEventRow.seq).limit(VERIFY_BATCH)))]
+                if not batch:
+                    break
+                chunk = b"".join(_line(e) for e in batch)
+                sha.update(chunk)
+                await asyncio.to_thread(os.write, fd, chunk)
+                pruned += len(batch)
+                last, anchor_hash = batch[-1]["seq"], batch[-1]["hash"]
+            now = utcnow()
+            anchor = {"type": CHECKPOINT_TYPE, "seq": cut, "hash": anchor_hash, "time": now,
+                      "chain_from": self.chain_from,
+                      "mac": checkpoint_mac(self._chain_key, cut, anchor_hash, now, self.chain_from)}
+            tail = b"".join([_line({"type": CHECKPOINT_TYPE, "seq": c.seq, "hash": c.hash, "time": c.time,
+                                    "chain_from": c.chain_from, "mac": c.mac}) for c in cps if c.mac and c.seq != cut]
+                            + [_line(anchor)])
+            sha.update(tail)
 
-        def write() -> None:
-            tmp = archive.with_name(archive.name + ".partial")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                for line in lines:
-                    os.write(fd, line)
+            def finish() -> None:
+                os.write(fd, tail)
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, archive)
 
-        await asyncio.to_thread(write)
+            await asyncio.to_thread(finish)
+        finally:
+            os.close(fd)
+        await asyncio.to_thread(os.replace, tmp, archive)
+        digest = sha.hexdigest()
         details = {"before": _utc_text(before), "pruned_through": cut, "anchor_hash": anchor_hash,
-                   "events": len(events), "archive": archive.name[:200], "archive_sha256": digest}
+                   "events": pruned, "archive": archive.name[:200], "archive_sha256": digest}
         await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome="request", details=details),
                           fail_closed=True)
         async with self._store.write() as s:
@@ -927,10 +975,10 @@ class AuditLog:
                 ["seq"]))
             await s.execute(delete(AuditEventRow).where(AuditEventRow.seq <= cut))
             await s.execute(delete(AuditCheckpointRow).where(AuditCheckpointRow.seq < cut))
-        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome=f"pruned {len(events)} events",
+        await self.record(gateway_event(PRUNE_ACTION, subject=by, outcome=f"pruned {pruned} events",
                                         details=details), fail_closed=False)
         await self.checkpoint()
-        return {"pruned": len(events), "pruned_through": cut, "archive": str(archive), "archive_sha256": digest}
+        return {"pruned": pruned, "pruned_through": cut, "archive": str(archive), "archive_sha256": digest}
 
     # --- verifying ---------------------------------------------------------------
 
@@ -960,13 +1008,24 @@ class AuditLog:
         """The stored events matching ``where``, oldest first (:func:`gateway.audit.search.search`)."""
         return await search(self._store, where, limit)
 
-    async def verify(self, against: list[Mapping[str, Any]] | None = None, against_name: str = "FILE") -> dict[str, Any]:
+    async def verify(self, against: list[Mapping[str, Any]] | None = None, against_name: str = "FILE", *,
+                     full: bool = False) -> dict[str, Any]:
         """Walk the chain and the checkpoints; name every problem, the first one first.
 
         The head is checkpointed first (what the timer would do within seconds;
         refused if the tail was deleted). ``against``: checkpoint and event lines of a
         sink file; each must be authentic and match the store. The gateway's own file
-        sinks are always compared too."""
+        sinks are always compared too.
+
+        Incremental unless ``full`` (or ``against`` is given): the walk starts after the
+        newest checkpoint carrying a verification mark (``verified``, left by an earlier
+        verification that found the chain clean up to it) whose MAC under the chain key
+        verifies, whose checkpoint is authentic, whose event still holds the checkpoint's
+        hash, and whose count of stored events from the floor up to it is still the
+        count it was marked with; events before it are trusted as verified (a full walk
+        re-checks them). A mark that fails any of these is reported and the whole chain
+        is walked. A clean walk marks the newest covered checkpoint. The events are read
+        ``VERIFY_BATCH`` at a time: memory stays flat at any length of trail."""
         from gateway.store.models import AuditCheckpointRow, AuditEventRow
 
         assert self._chain_key is not None
@@ -975,22 +1034,73 @@ class AuditLog:
         except Exception as exc:  # noqa: BLE001 - verify what is there
             log.error("audit checkpoint before verification failed (%s)", type(exc).__name__)
         high = self._high  # committed before the events are read (see checkpoint)
+        columns = AuditEventRow.__table__.columns
+        as_dict = lambda r: {c.name: getattr(r, c.name) for c in columns}  # noqa: E731
         async with self._store.read() as s:
-            rows = [{c.name: getattr(r, c.name) for c in AuditEventRow.__table__.columns}
-                    for r in (await s.execute(select(AuditEventRow).order_by(AuditEventRow.seq))).scalars()]
+            first = (await s.execute(select(AuditEventRow.seq, AuditEventRow.prev_hash)
+                                     .order_by(AuditEventRow.seq).limit(1))).first()
+            head = (await s.execute(select(func.max(AuditEventRow.seq)))).scalar()
+            stored = (await s.execute(select(func.count()).select_from(AuditEventRow))).scalar() or 0
+            prunes = [as_dict(r) for r in (await s.execute(select(AuditEventRow).where(
+                AuditEventRow.action == PRUNE_ACTION, AuditEventRow.issuer == "credgate",
+                AuditEventRow.outcome == "request"))).scalars()]
             checkpoints = list((await s.execute(select(AuditCheckpointRow).order_by(AuditCheckpointRow.seq))).scalars())
-        hashes: dict[int, str] = {e["seq"]: e["hash"] for e in rows}
-        floor, start_hash, floor_problem = self._pruned_floor(rows, checkpoints)
-        report = verify_chain(rows, key=self._chain_key, chain_from=self.chain_from,
-                              start_seq=floor + 1, start_hash=start_hash)
-        head = max(hashes, default=floor)
-        problems: list[tuple[int, str]] = list(report.problems)
+        floor, start_hash, floor_problem = self._pruned_floor(first, prunes, checkpoints)
+        head = head if head is not None else floor
+        problems: list[tuple[int, str]] = []
         if floor_problem:
             problems.append(floor_problem)
 
-        covered = 0
+        sources: list[tuple[str, list[Mapping[str, Any]]]] = []
+        if against is not None:
+            sources.append((against_name, list(against)))
+        for sink in self.sinks:
+            if isinstance(sink, FileSink):
+                sources.append((sink.name, sink.tail()))
+        split = [(name, *split_lines(lines)) for name, lines in sources]
+        wanted: set[int] = set()  # the seqs whose stored hash is compared: sink lines, checkpoints
+        for _, cps, evs in split:
+            wanted.update(x["seq"] for x in cps + evs if isinstance(x.get("seq"), int) and not isinstance(x["seq"], bool))
+
+        mark = None
+        if not full and against is None and floor_problem is None:
+            mark, mark_problems = await self._verified_mark(checkpoints, floor)
+            problems += mark_problems
+            if mark_problems:
+                mark = None  # a mark that fails is evidence of tampering: walk everything
+        start_seq, walk_hash = (mark.seq + 1, mark.hash) if mark is not None else (floor + 1, start_hash)
+        if mark is not None:  # the checkpoints up to the mark were checked by the walk that left it
+            checked = [cp for cp in checkpoints if cp.seq > mark.seq]
+        else:
+            checked = checkpoints
+        wanted.update(cp.seq for cp in checked)
+
+        walk = ChainWalk(start_seq=start_seq, start_hash=walk_hash, key=self._chain_key, chain_from=self.chain_from)
+        hashes: dict[int, str] = {}
+        last = start_seq - 1
+        while True:
+            async with self._store.read() as s:  # Core rows: no ORM identity map for a read-only walk
+                batch = [dict(r._mapping) for r in (await s.execute(
+                    select(*columns).where(AuditEventRow.seq > last).order_by(AuditEventRow.seq)
+                    .limit(VERIFY_BATCH)))]
+            for e in batch:
+                walk.feed(e)
+                if e["seq"] in wanted:
+                    hashes[e["seq"]] = e["hash"]
+            if len(batch) < VERIFY_BATCH:
+                break
+            last = batch[-1]["seq"]
+        earlier = sorted(x for x in wanted if floor < x < start_seq)
+        for i in range(0, len(earlier), 1000):  # what the sink lines and checkpoints name before the walk
+            async with self._store.read() as s:
+                hashes.update((seq, h) for seq, h in (await s.execute(
+                    select(AuditEventRow.seq, AuditEventRow.hash).where(AuditEventRow.seq.in_(earlier[i:i + 1000])))))
+        report = walk.report()
+        problems += report.problems
+
+        covered = mark.seq if mark is not None else 0
         uncovered: tuple[int, str] | None = None
-        for cp in checkpoints:
+        for cp in checked:
             if floor and cp.seq <= floor:
                 if cp.seq == floor and self._authentic_checkpoint(
                         {"seq": cp.seq, "hash": cp.hash, "time": cp.time, "chain_from": cp.chain_from, "mac": cp.mac}):
@@ -1020,15 +1130,8 @@ class AuditLog:
             problems.append((found + 1, f"{_were(found + 1, high)} recorded by {by} "
                                         f"but deleted from the store (its tail was truncated)"))
 
-        sources: list[tuple[str, list[Mapping[str, Any]]]] = []
-        if against is not None:
-            sources.append((against_name, list(against)))
-        for sink in self.sinks:
-            if isinstance(sink, FileSink):
-                sources.append((sink.name, sink.tail()))
         compared = {"checkpoints": 0, "events": 0}
-        for i, (name, lines) in enumerate(sources):
-            cps, evs = split_lines(lines)
+        for i, (name, cps, evs) in enumerate(split):
             compared["checkpoints"] += len(cps)
             compared["events"] += len(evs)
             # The lines given (an archive of a prune) must chain up to the anchor; the gateway's own
@@ -1037,27 +1140,88 @@ class AuditLog:
                                       archive=against is not None and i == 0)
 
         problems = sorted(set(problems), key=lambda p: (p[0], p[1]))
+        if not problems and covered > floor:
+            await self._mark_verified(next(cp for cp in checkpoints if cp.seq == covered), floor)
         # The headline: the first tampering found; an uncovered tail only when nothing else is wrong.
-        first = next((p for p in problems if p != uncovered), problems[0]) if problems else None
+        first_problem = next((p for p in problems if p != uncovered), problems[0]) if problems else None
         out: dict[str, Any] = {
-            "ok": not problems, "events": report.events, "first_bad_seq": first[0] if first else None,
-            "problem": first[1] if first else None, "checkpoints": len(checkpoints),
+            "ok": not problems, "events": stored, "first_bad_seq": first_problem[0] if first_problem else None,
+            "problem": first_problem[1] if first_problem else None, "checkpoints": len(checkpoints),
             "covered_to": covered, "chain_from": self.chain_from, "compared": compared,
             "problems": [{"seq": seq, "problem": why} for seq, why in problems],
+            "incremental": mark is not None, "from_seq": start_seq, "walked": report.events,
         }
         return out
 
-    def _pruned_floor(self, rows: list[dict[str, Any]], checkpoints: list[Any]) -> tuple[int, str, tuple[int, str] | None]:
+    async def _verified_mark(self, checkpoints: list[Any], floor: int) -> tuple[Any, list[tuple[int, str]]]:
+        """The newest checkpoint an earlier verification marked clean and that still holds
+        (see :meth:`verify`), and the problems of the marks that don't."""
+        from gateway.store.models import AuditEventRow
+
+        assert self._chain_key is not None
+        problems: list[tuple[int, str]] = []
+        for cp in reversed(checkpoints):
+            if not cp.verified or cp.seq <= floor:
+                continue
+            parsed = _parse_mark(cp.verified)
+            authentic = parsed is not None and cp.mac is not None and cp.chain_from is not None \
+                and self._authentic_checkpoint({"seq": cp.seq, "hash": cp.hash, "time": cp.time,
+                                               "chain_from": cp.chain_from, "mac": cp.mac}) \
+                and hmac.compare_digest(parsed[2], verified_mac(self._chain_key, cp.seq, cp.hash, cp.chain_from,
+                                                                parsed[0], parsed[1]))
+            if not authentic or parsed is None:
+                problems.append((cp.seq, f"checkpoint {cp.seq} carries a forged verification mark"))
+                continue
+            marked_floor, marked_events, _ = parsed
+            if marked_floor != floor or cp.chain_from != self.chain_from:
+                continue  # marked before a prune moved the floor: an older mark, or the full walk
+            async with self._store.read() as s:
+                count = (await s.execute(select(func.count()).select_from(AuditEventRow).where(
+                    AuditEventRow.seq > floor, AuditEventRow.seq <= cp.seq))).scalar()
+                event = (await s.execute(select(AuditEventRow).where(AuditEventRow.seq == cp.seq))).scalar()
+            if count != marked_events:
+                problems.append((floor + 1, f"{count} events are stored up to checkpoint {cp.seq}, which a "
+                                            f"verification found clean with {marked_events}: events were deleted or added"))
+            elif event is None or event.hash != cp.hash or not self._authentic_event(
+                    {c.name: getattr(event, c.name) for c in AuditEventRow.__table__.columns}):
+                problems.append((cp.seq, f"event {cp.seq} differs from its checkpoint"))
+            else:
+                return cp, problems
+            break
+        return None, problems
+
+    async def _mark_verified(self, cp: Any, floor: int) -> None:
+        """Leave the verification mark on checkpoint ``cp`` (the newest one a clean walk covered)."""
+        from gateway.store.models import AuditCheckpointRow, AuditEventRow
+
+        assert self._chain_key is not None
+        try:
+            async with self._store.write() as s:
+                count = (await s.execute(select(func.count()).select_from(AuditEventRow).where(
+                    AuditEventRow.seq > floor, AuditEventRow.seq <= cp.seq))).scalar() or 0
+                mark = f"v1:{floor}:{count}:" + verified_mac(self._chain_key, cp.seq, cp.hash, cp.chain_from, floor, count)
+                await s.execute(update(AuditCheckpointRow).where(
+                    AuditCheckpointRow.seq == cp.seq, AuditCheckpointRow.hash == cp.hash).values(verified=mark))
+        except Exception as exc:  # noqa: BLE001 - the next verification walks further, nothing else
+            log.error("audit verification mark not written (%s)", type(exc).__name__)
+
+    def _pruned_floor(self, first: Any, prunes: list[dict[str, Any]],
+                      checkpoints: list[Any]) -> tuple[int, str, tuple[int, str] | None]:
         """Where the stored chain starts after a prune: (the last pruned event, its hash, a
         problem). A stored chain may start past event 1 only where an authentic prune event
         of the chain says it was cut (``pruned_through``) and an authentic checkpoint there
-        (the anchor) holds the hash the first stored event links to."""
-        if not rows or rows[0]["seq"] <= 1:
+        (the anchor) holds the hash the first stored event links to. ``first``: the first
+        stored event's (seq, prev_hash); ``prunes``: the stored prune events."""
+        if first is None or first[0] <= 1:
             return 0, GENESIS, None
-        floor, link = rows[0]["seq"] - 1, rows[0]["prev_hash"]
-        cuts = {int((e.get("details") or {}).get("pruned_through", -1)) for e in rows
-                if e.get("action") == PRUNE_ACTION and e.get("issuer") == "credgate" and e.get("outcome") == "request"
-                and self._authentic_event(e)}
+        floor, link = first[0] - 1, first[1]
+        cuts = set()
+        for e in prunes:
+            try:
+                if self._authentic_event(e):
+                    cuts.add(int((e.get("details") or {}).get("pruned_through", -1)))
+            except (TypeError, ValueError):
+                continue
         anchored = any(cp.seq == floor and cp.hash == link and cp.mac and self._authentic_checkpoint(
             {"seq": cp.seq, "hash": cp.hash, "time": cp.time, "chain_from": cp.chain_from, "mac": cp.mac})
             for cp in checkpoints)

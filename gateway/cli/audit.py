@@ -126,18 +126,24 @@ def audit_verify(
         "--against", help="An audit sink file (type file): its newest checkpoints and events must match the store, "
                           "so a tail deleted from the store with its checkpoints is found.",
         show_default=False)] = None,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Walk the whole chain (always so with --against); by default the walk starts after the "
+                       "last checkpoint an earlier verification found clean.")] = False,
 ) -> None:
     """Check the keyed chain and its checkpoints; exit 1 and name every bad, missing or uncovered event."""
     body = _against_lines(against) if against is not None else None
     with client() as c:
-        out = c.get("/v1/audit/verify") if body is None else c.request("POST", "/v1/audit/verify", json=body)
+        out = (c.get("/v1/audit/verify", params={"full": "true"} if full else None) if body is None
+               else c.request("POST", "/v1/audit/verify", json=body))
     def human(o: dict[str, Any]) -> None:
         if o["ok"]:
             compared = o.get("compared") or {}
             extra = (f", matches {compared.get('checkpoints', 0)} checkpoint(s) and {compared.get('events', 0)} event(s) "
                      f"of {against.name}") if against is not None else ""
+            walked = (f" (incremental: walked {o.get('walked', 0)} from event {o.get('from_seq')}, the earlier ones "
+                      f"verified before; --full walks them all)") if o.get("incremental") else ""
             typer.echo(f"ok: {o['events']} events, {o['checkpoints']} checkpoint(s), "
-                       f"covered to event {o.get('covered_to', o['events'])}{extra}")
+                       f"covered to event {o.get('covered_to', o['events'])}{extra}{walked}")
         else:
             typer.echo(f"BROKEN: first bad event {o['first_bad_seq']}: {o['problem']}")
             for p in o.get("problems", [])[1:]:

@@ -244,8 +244,11 @@ class Store:
                           connect_args=pg_connect)
         else:
             # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
-            # return would be one more hop to aiosqlite's thread per use.
-            kwargs.update(pool_reset_on_return=None)
+            # return would be one more hop to aiosqlite's thread per use. Kept, not churned: each
+            # aiosqlite connection is a thread of its own, and SQLAlchemy's default 5 (+10 overflow)
+            # started and joined a thread and re-ran the connect PRAGMAs for most requests at 32
+            # concurrent ones.
+            kwargs.update(pool_size=pool_size, max_overflow=10, pool_reset_on_return=None)
         self.engine = create_async_engine(self.url, **kwargs)
         # The group committer's own engine: plain DB-API on one dedicated thread, so a whole
         # group of writes costs one hand-off between threads, not one per statement.

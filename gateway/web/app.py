@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import __version__
+from gateway.web.deps import declare_bearer
 from gateway.web.errors import ErrorOut, install_error_handlers
 from gateway.web.middleware import AuditTrail, DeliveryConfirmation, RequestGuard
 from gateway.web.metrics import Metrics, MetricsMiddleware
@@ -59,8 +60,12 @@ def create_app(settings: Settings, *, workers: int = 1, worker: int = 0) -> Fast
         redirect_slashes=False,
     )
     install_error_handlers(app)
-    for module in (health, audit, backends, secrets, keys, admin_keys, connectors, credentials, leases, policies, identity, console):
+    # The routers' paths don't overlap, so their order is only how soon a request finds its
+    # route: the data path (secrets, credentials, leases) first, administration after.
+    for module in (secrets, credentials, leases, health, identity, connectors, audit, backends, keys, admin_keys,
+                   policies, console):
         app.include_router(module.router)
+    declare_bearer(app)
     app.state.metrics = Metrics(worker=worker)
     app.add_middleware(AuditTrail)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -152,12 +153,19 @@ class _PoolCollector:
         yield events
 
 
+_MEMO = 2048
+
+
 class MetricsMiddleware:
     """Counts requests and their latency by route template and status."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled children, kept: prometheus_client's labels() takes a lock and builds a key per call.
+        # Route templates (not paths) and statuses are finite; past _MEMO keys (odd methods) nothing more is kept.
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,8 +184,19 @@ class MetricsMiddleware:
             await self.app(scope, receive, counting_send)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            method = scope["method"]
+            counter = self._counted.get((method, route, status))
+            if counter is None:
+                counter = self.metrics.requests.labels(method, route, str(status))
+                if len(self._counted) < _MEMO:
+                    self._counted[(method, route, status)] = counter
+            timer = self._timed.get((method, route))
+            if timer is None:
+                timer = self.metrics.latency.labels(method, route)
+                if len(self._timed) < _MEMO:
+                    self._timed[(method, route)] = timer
+            counter.inc()
+            timer.observe(time.perf_counter() - start)
 
 
 class _TLSCollector:

@@ -281,6 +281,27 @@ async def test_revocations_of_one_user_at_the_same_moment_both_succeed(target: T
     assert [s["user"] for s in states if target.user_exists(s["user"])] == []
 
 
+async def test_a_burst_of_issuances_and_their_bulk_revocation_share_the_pooled_admin_connections(
+    target: Target,
+) -> None:
+    """Revocation does not open a connection per lease: 12 issuances, then their 12
+    revocations at once, run on the same 2 admin connections (issue 15, item 4)."""
+    from connectors.base import PoolLimits
+
+    conn = MySQLConnector(
+        MySQLConfig(), "password",
+        MySQLPasswordMaterial(host=HOST, port=PORT, username=ADMIN_USER, password=ADMIN_PASSWORD),
+        pool=PoolLimits(size=2),
+    )
+    issued = await asyncio.gather(*(issue(target, conn, target.db) for _ in range(12)))
+    await asyncio.gather(*(conn.revoke(state) for state, _ in issued))
+    stats = conn.target_pool.stats()
+    assert stats["opened"] == 2 and stats["reused"] == 22, stats
+    assert [s["user"] for s, _ in issued if target.user_exists(s["user"])] == []
+    await conn.aclose()
+    assert conn.target_pool.stats()["idle"] == 0
+
+
 async def test_a_user_dropped_out_of_band_revokes_as_gone(target: Target) -> None:
     conn = connector()
     state, _ = await issue(target, conn, target.db)

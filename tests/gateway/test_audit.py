@@ -29,8 +29,10 @@ async def events(gw: Gateway | httpx.AsyncClient, **params) -> list[dict]:
     return r.json()["items"]
 
 
-async def verify(c: httpx.AsyncClient) -> dict:
-    r = await c.get("/v1/audit/verify")
+async def verify(c: httpx.AsyncClient, full: bool = False) -> dict:
+    """``full``: walk the whole chain (the default starts after the last checkpoint an
+    earlier verification marked clean: tampering before it needs a full walk)."""
+    r = await c.get("/v1/audit/verify", params={"full": "true"} if full else None)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -318,7 +320,7 @@ async def test_an_upgraded_deployment_keeps_its_plain_chain_verifiable(settings_
                 prev = e["hash"]
                 await s.execute(update(AuditEventRow).where(AuditEventRow.seq == row.seq).values(
                     subject=e["subject"], prev_hash=e["prev_hash"], hash=e["hash"]))
-        out = await verify(c)
+        out = await verify(c, full=True)  # the rewritten part was verified before: only a full walk re-reads it
         assert out["ok"] is False
         assert any(p["seq"] == last_plain + 1 and "does not link" in p["problem"] for p in out["problems"])
         assert any(p["seq"] == last_plain and "differs from its checkpoint" in p["problem"] for p in out["problems"])
@@ -478,3 +480,113 @@ async def test_no_caller_input_can_fail_an_audit_write(gateway: Gateway) -> None
     assert len(json.dumps(stored["details"])) <= 4000
     assert (await gateway.client.get("/readyz")).status_code == 200
     assert (await verify(gateway.client))["ok"] is True
+
+
+# --- incremental verification and the query at scale ------------------------------------
+
+
+async def _writes(gw: Gateway, n: int, tag: str) -> None:
+    for i in range(n):
+        await gw.client.put(f"/v1/secrets/local/{tag}/{i}", json={"data": {"k": "v"}})
+
+
+async def test_incremental_verify_starts_at_the_marked_checkpoint_and_equals_a_full_walk(gateway: Gateway) -> None:
+    await _writes(gateway, 4, "a")
+    first = await verify(gateway.client)  # no mark yet: the whole chain, then the newest checkpoint is marked
+    assert first["ok"] is True and first["incremental"] is False and first["from_seq"] == 1
+    marked = first["covered_to"]
+    await _writes(gateway, 3, "b")
+    inc = await verify(gateway.client)
+    assert inc["ok"] is True and inc["incremental"] is True and inc["from_seq"] == marked + 1
+    assert inc["walked"] < inc["events"]
+    full = await verify(gateway.client, full=True)
+    assert full["incremental"] is False and full["from_seq"] == 1 and full["walked"] == full["events"]
+    same = ("ok", "first_bad_seq", "problem", "problems", "chain_from")  # (events: the first verify is audited too)
+    assert {k: inc[k] for k in same} == {k: full[k] for k in same}
+
+
+async def test_incremental_verify_finds_tampering_after_the_mark_and_only_a_full_walk_before_it(gateway: Gateway) -> None:
+    await _writes(gateway, 4, "a")
+    marked = (await verify(gateway.client))["covered_to"]
+    await _writes(gateway, 4, "b")
+    rows = await table(gateway.runtime.store, AuditEventRow, AuditEventRow.seq)
+    before, after = rows[1].seq, rows[-2].seq
+    assert before < marked < after
+    async with gateway.runtime.store.write() as s:
+        await s.execute(update(AuditEventRow).where(AuditEventRow.seq == after).values(subject="someone-else"))
+    out = await verify(gateway.client)
+    assert out["incremental"] is True and out["ok"] is False and out["first_bad_seq"] == after
+    async with gateway.runtime.store.write() as s:  # undo it; now edit an event the mark vouches for
+        await s.execute(update(AuditEventRow).where(AuditEventRow.seq == after).values(subject=rows[-2].subject))
+        await s.execute(update(AuditEventRow).where(AuditEventRow.seq == before).values(subject="someone-else"))
+    assert (await verify(gateway.client))["ok"] is True  # incremental: trusts what was verified before
+    out = await verify(gateway.client, full=True)
+    assert out["ok"] is False and out["first_bad_seq"] == before and "modified" in out["problem"]
+
+
+async def test_events_deleted_before_the_mark_are_found_by_the_incremental_walk(gateway: Gateway) -> None:
+    await _writes(gateway, 4, "a")
+    marked = (await verify(gateway.client))["covered_to"]
+    async with gateway.runtime.store.write() as s:
+        await s.execute(delete(AuditEventRow).where(AuditEventRow.seq == 2))
+    out = await verify(gateway.client)
+    assert out["ok"] is False and out["incremental"] is False  # the mark's count no longer holds: a full walk
+    assert any(p["seq"] == 2 and "missing" in p["problem"] for p in out["problems"])
+    assert any(f"checkpoint {marked}" in p["problem"] and "deleted or added" in p["problem"] for p in out["problems"])
+
+
+async def test_a_forged_or_copied_verification_mark_is_refused_and_reported(gateway: Gateway) -> None:
+    await _writes(gateway, 3, "a")
+    marked = (await verify(gateway.client))["covered_to"]
+    async with gateway.runtime.store.read() as s:
+        mark = (await s.get(AuditCheckpointRow, marked)).verified
+    assert mark and mark.startswith("v1:")
+    await _writes(gateway, 3, "b")
+    await gateway.runtime.audit.checkpoint()
+    newest = (await table(gateway.runtime.store, AuditCheckpointRow, AuditCheckpointRow.seq))[-1].seq
+    assert newest > marked
+    # Without the chain key, an attacker can only copy a real mark onto a newer checkpoint, or make one up;
+    # and edit an event after the real mark (which the forged one would have skipped).
+    for forged in (mark, f"v1:0:{newest}:" + "0" * 64):
+        async with gateway.runtime.store.write() as s:
+            await s.execute(update(AuditCheckpointRow).where(AuditCheckpointRow.seq == newest).values(verified=forged))
+            await s.execute(update(AuditEventRow).where(AuditEventRow.seq == marked + 1).values(subject="someone-else"))
+        out = await verify(gateway.client)
+        assert out["ok"] is False and out["incremental"] is False and out["from_seq"] == 1
+        assert any(p["seq"] == newest and "forged verification mark" in p["problem"] for p in out["problems"])
+        assert any(p["seq"] == marked + 1 and "modified" in p["problem"] for p in out["problems"])
+
+
+async def test_the_connector_filter_pages_in_sql_through_its_index(gateway: Gateway) -> None:
+    await static_for(gateway.client)
+    for i in range(5):
+        r = await gateway.client.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})
+        assert r.status_code in (200, 201), r.text
+        await gateway.client.put(f"/v1/secrets/local/x/{i}", json={"data": {"k": "v"}})
+    everything = await events(gateway)
+    want = [e["seq"] for e in everything if (e["details"] or {}).get("connector") == "vendor"]
+    assert len(want) >= 5
+    got, after = [], None
+    while True:  # pages of 2: each ends where the next starts, none skips or repeats an event
+        r = await gateway.client.get("/v1/audit", params={"connector": "vendor", "limit": 2,
+                                                           **({"after": after} if after is not None else {})})
+        page = r.json()
+        got += [e["seq"] for e in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+        assert len(page["items"]) == 2 and after == page["items"][-1]["seq"]
+    assert got == want
+    both = await events(gateway, connector="vendor", action=everything[-1]["action"])
+    assert all(e["details"]["connector"] == "vendor" for e in both)
+    store = gateway.runtime.store
+    if store.dialect == "sqlite":  # the planner finds the expression index (its SQL is the query's)
+        from gateway.audit.search import Filter, search
+
+        from sqlalchemy import text as sql
+        async with store.read() as s:
+            plan = " ".join(str(r) for r in (await s.execute(sql(
+                "EXPLAIN QUERY PLAN SELECT seq FROM audit_events WHERE json_extract(details, '$.connector') = 'vendor' "
+                "AND seq > 0 ORDER BY seq LIMIT 3"))).all())
+        assert "ix_audit_events_connector_seq" in plan
+        assert [e.seq for e in (await search(store, Filter(connector="vendor"), 2)).items] == want[:2]

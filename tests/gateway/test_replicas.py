@@ -89,6 +89,16 @@ def test_two_replicas_share_work_and_fail_over(tmp_path: Path, postgres_url: str
             assert c.get(f"{addr_b}/v1/secrets/local/shared/x").json()["current_version"] == 1
             c.put(f"{addr_a}/v1/secrets/local/shared/x", json={"data": {"k": "from-a-2"}})
             assert within_a_second(lambda: c.get(f"{addr_b}/v1/secrets/local/shared/x").json()["current_version"] == 2)
+            # B keeps the values it revealed (sealed) beside that metadata: a new version on A, then its
+            # destruction, are what B reveals next, not what it held.
+            reveal_b = lambda: c.get(f"{addr_b}/v1/secrets/local/shared/x", params={"reveal": "true"})  # noqa: E731
+            assert reveal_b().json()["data"] == {"k": "from-a-2"}
+            assert reveal_b().json()["data"] == {"k": "from-a-2"}  # (now held by B)
+            c.put(f"{addr_a}/v1/secrets/local/shared/x", json={"data": {"k": "from-a-2b"}})
+            assert within_a_second(lambda: reveal_b().json().get("data") == {"k": "from-a-2b"})
+            assert c.delete(f"{addr_a}/v1/secrets/local/shared/x", params={"destroy": "true"}).status_code == 204
+            assert within_a_second(lambda: reveal_b().status_code == 404)
+            c.put(f"{addr_a}/v1/secrets/local/shared/x", json={"data": {"k": "from-a-2"}})
 
             # Connector material cached by B (it issued with it) is dropped when the secret changes on A.
             c.put(f"{addr_a}/v1/connectors/vendor", json={"type": "static", "auth_method": "static",

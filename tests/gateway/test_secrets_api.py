@@ -138,3 +138,49 @@ async def test_sqlite_runs_in_wal_mode(gateway: Gateway) -> None:
     async with gateway.runtime.store.read() as s:
         assert (await s.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await s.execute(text("PRAGMA synchronous"))).scalar() == 2  # FULL
+
+
+async def test_a_revealed_value_is_held_sealed_and_every_change_is_what_the_next_reveal_shows(gateway: Gateway) -> None:
+    """A version's sealed value is kept beside the secret's cached metadata: repeated reveals read
+    nothing from the store, and a write, a soft delete, a restore and a destroy followed by a new
+    version 1 are each what the next reveal answers (backends/local.py _SealedCache)."""
+    from sqlalchemy import event
+
+    reads: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "secret_versions" in statement:
+            reads.append(statement)
+
+    engine = gateway.runtime.store.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+
+    async def reveal(**params):
+        return await gateway.client.get("/v1/secrets/local/app/held", params={"reveal": "true", **params})
+
+    try:
+        await put(gateway, "app/held", {"password": "one"})
+        assert (await reveal()).json()["data"] == {"password": "one"}
+        before = len(reads)
+        for _ in range(5):
+            assert (await reveal()).json()["data"] == {"password": "one"}
+        assert len(reads) == before, "a held version was read from the store again"
+
+        await put(gateway, "app/held", {"password": "two"})
+        assert (await reveal()).json()["data"] == {"password": "two"}
+        assert (await reveal(version=1)).json()["data"] == {"password": "one"}
+
+        assert (await gateway.client.delete("/v1/secrets/local/app/held")).status_code == 204
+        r = await reveal()
+        assert r.status_code == 404 and r.json()["error"]["code"] == "secret_deleted"
+        assert (await gateway.client.post("/v1/secrets/local/app/held:restore")).status_code == 200
+        assert (await reveal()).json()["data"] == {"password": "two"}
+
+        r = await gateway.client.delete("/v1/secrets/local/app/held", params={"destroy": "true"})
+        assert r.status_code == 204
+        r = await reveal(version=1)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "secret_not_found"
+        await put(gateway, "app/held", {"password": "three"})  # version 1 again, of a new secret
+        assert (await reveal(version=1)).json()["data"] == {"password": "three"}
+    finally:
+        event.remove(engine, "before_cursor_execute", count)

@@ -56,6 +56,9 @@ class VerifyOut(BaseModel):
     chain_from: int = Field(1, description="The first event of the keyed (HMAC) chain; earlier ones are plain SHA-256.")
     compared: Compared = Field(default_factory=Compared, description="Sink lines compared with the store.")
     problems: list[Problem] = Field(default_factory=list, description="Every break found, the first one first.")
+    incremental: bool = Field(False, description="The walk started after a checkpoint an earlier verification marked clean.")
+    from_seq: int = Field(1, description="The first event whose link this verification walked.")
+    walked: int = Field(0, description="How many events this verification walked.")
 
 
 _Text = Annotated[str | None, Field(max_length=4000)]
@@ -130,8 +133,11 @@ async def query(
 
 
 @router.get("/verify", summary="Walk the keyed chain and the checkpoints; name every bad, missing or uncovered event")
-async def verify(runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]) -> VerifyOut:
-    return VerifyOut(**await runtime.audit.verify())
+async def verify(
+    runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")],
+    full: Annotated[bool, Query(description="Walk the whole chain, not only what follows the last verified checkpoint.")] = False,
+) -> VerifyOut:
+    return VerifyOut(**await runtime.audit.verify(full=full))
 
 
 @router.post("/verify", summary="Verify as GET does, and compare the store with the checkpoint and event lines of a sink file")
@@ -139,7 +145,7 @@ async def verify_against(
     body: VerifyAgainstIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("audit:read")]
 ) -> VerifyOut:
     lines = [{**c.model_dump()} for c in body.checkpoints] + [e.model_dump() for e in body.events]
-    return VerifyOut(**await runtime.audit.verify(lines, against_name=body.source))
+    return VerifyOut(**await runtime.audit.verify(lines, against_name=body.source, full=True))
 
 
 @router.post("/hash", summary="The keyed hash under which a sensitive value (a wrap token, a client secret) is logged")

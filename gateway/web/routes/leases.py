@@ -50,7 +50,13 @@ async def list_leases(
     )
     # Only what the caller may read: a rule scoped to connector A does not show connector B's
     # leases (a page may come back shorter than ``limit``; the page token still goes on).
-    items = [i for i in items if principal.can("leases:read", i["connector"], i["resource"])]
+    # One policy decision per (connector, resource) of the page, not one per lease.
+    may: dict[tuple[str, str], bool] = {}
+    for i in items:
+        key = (i["connector"], i["resource"])
+        if key not in may:
+            may[key] = principal.can("leases:read", *key)
+    items = [i for i in items if may[(i["connector"], i["resource"])]]
     return LeaseList.model_validate({"items": items, "next_page_token": after})
 
 

@@ -104,8 +104,11 @@ async def get_secret(
         require(store, "versions")
     if not reveal:
         return _out(await store.metadata(path), version)
-    # Metadata and value at once: one backend round trip of latency, not two.
-    meta, value = await asyncio.gather(store.metadata(path), store.get(path, version))
+    if store.capabilities.cacheable:  # held in this process: no round trip to overlap, no tasks to pay for
+        value = await store.get(path, version)
+        meta = await store.metadata(path)
+    else:  # metadata and value at once: one backend round trip of latency, not two
+        meta, value = await asyncio.gather(store.metadata(path), store.get(path, version))
     if value.version != (version or meta.current_version):  # a write landed between the two reads
         meta = await store.metadata(path)
     out = _out(meta, value.version)

@@ -5,8 +5,8 @@ written as a row of ``change_log`` in the same transaction; the other workers po
 table for rows past the last they saw and drop what their caches hold (PostgreSQL uses
 NOTIFY instead and leaves the table empty). Rows are pruned after a minute.
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-11-28 05:00:00.000000
 """
 
@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = '0013'
-down_revision = '0012'
+revision = '0014'
+down_revision = '0013'
 branch_labels = None
 depends_on = None
 # Expand only: the previous release never reads or writes the table.
