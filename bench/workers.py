@@ -7,7 +7,8 @@ drops its own databases. Usage: python bench/workers.py [ROUNDS]
 Measured 2026-11-28, 2 cores, other sessions' tests running (load 1.6-1.8), 2 rounds:
 SQLite 1,143 / 1,174 req/s with 1 worker, 1,249 / 1,496 with 2; PostgreSQL 932 / 965 with 1,
 1,391 / 1,303 with 2; 820-1,065 us of server CPU per request either way (2 workers got
-1.0-1.4 cores: wrk and the other sessions had the rest).
+1.0-1.4 cores: wrk and the other sessions had the rest). After merging main (load 1.3):
+SQLite 1,240 -> 1,682 req/s (1.36x), PostgreSQL 1,096 -> 1,574 (1.44x), 790-870 us/req.
 """
 import os
 import secrets
@@ -38,20 +39,20 @@ try:
     gws = {}
     for store in ("sqlite", "postgres"):
         for n in (1, 2):
-            gw = Gateway(work, f"{store}-{n}", newdb() if store == "postgres" else None, CREDGATE_WORKERS=str(n))
-            gw.start(); time.sleep(1.5); gw.setup(postgres_target=False); gw.stop(); gws[f"{store}-{n}"] = gw
+            gw = Gateway(work, f"{store}-{n}", n, newdb() if store == "postgres" else None)
+            gw.start(); time.sleep(1.5); gw.setup(); gw.stop(); gws[f"{store}-{n}"] = gw
     for rnd in range(int(sys.argv[1]) if len(sys.argv) > 1 else 2):
         for name, gw in gws.items():
             gw.start(); time.sleep(1.5)
             try:
                 gw.refresh_jwt()
                 s = lua_script(work, name, path="/v1/secrets/local/vendor/key", headers={"Authorization": f"Bearer {gw.jwt}"})
-                wrk("warm", gw.url + "/v1/secrets/local/vendor/key", s, connections=32, duration=2)
+                wrk("warm", "credgate", gw.url + "/v1/secrets/local/vendor/key", s, connections=32, duration=2)
                 c0 = tree_cpu(gw.proc.pid)
-                r = wrk(name, gw.url + "/v1/secrets/local/vendor/key", s, connections=32, duration=5)
+                r = wrk(name, "credgate", gw.url + "/v1/secrets/local/vendor/key", s, connections=32, duration=5)
                 cpu = tree_cpu(gw.proc.pid) - c0
                 print(f"round {rnd} {name}: {r.rps:.0f} req/s p50 {r.p50_ms:.1f} ms p99 {r.p99_ms:.1f} ms, "
-                      f"server CPU {cpu / max(r.requests, 1) * 1e6:.0f} us/req ({cpu / 5:.2f} cores) {r.errors} "
+                      f"server CPU {cpu / max(r.requests, 1) * 1e6:.0f} us/req ({cpu / 5:.2f} cores) {r.errors or r.non2xx or ''} "
                       f"load={os.getloadavg()[0]:.1f}", flush=True)
             finally:
                 gw.stop()
