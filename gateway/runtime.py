@@ -179,15 +179,26 @@ class Runtime:
     metrics: Any = None  # gateway.web.metrics.Metrics, set by the app
 
     @classmethod
-    async def start(cls, settings: Settings) -> Runtime:
+    async def start(cls, settings: Settings, *, workers: int = 1, prepare: bool = False) -> Runtime:
+        """Build and start the gateway's parts for one process.
+
+        ``workers`` > 1: this process is one of that many workers of one ``credgate serve``
+        (gateway/cli/workers.py): the store is shared with the other workers (see
+        :class:`Store`), its PostgreSQL pool is this worker's share of ``database_pool_size``,
+        and the migrations and the first-run set-up are left to the parent, which ran them
+        once with ``prepare`` (then no background work starts: the parent closes it at once).
+        """
         keyring = keyring_for(settings, probe=False)
-        store = Store(settings.store_url, pool_size=settings.database_pool_size,
+        store = Store(settings.store_url, pool_size=-(-settings.database_pool_size // workers),
+                      max_overflow=-(-10 // workers),
                       connect_timeout=settings.database_connect_timeout_seconds,
                       statement_timeout=settings.database_statement_timeout_seconds,
-                      stale_seconds=settings.cache_stale_seconds)
+                      stale_seconds=settings.cache_stale_seconds, shared=workers > 1)
+        first_run = workers == 1 or prepare
         try:
             store.claim_sole_use()
-            await asyncio.to_thread(store.upgrade)
+            if first_run:
+                await asyncio.to_thread(store.upgrade)
             await store.changes.start()
             if isinstance(keyring, KmsKeyRing):
                 await keyring.open(store)  # ConfigurationError naming the source if the KMS can't unwrap
@@ -255,7 +266,10 @@ class Runtime:
             await rt.mounts.ensure_builtin()
             await rt.signing.ensure()
             await rt.audit.start()
-            await _bootstrap(rt.admin_keys, settings)
+            if first_run:
+                await _bootstrap(rt.admin_keys, settings)
+            if prepare:
+                return rt
             if await rt.keys.needs_rewrap():
                 log.info("data keys under an older KEK version found; resuming re-wrap")
                 rt.keys.start_rewrap()

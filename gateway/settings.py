@@ -216,6 +216,12 @@ class Settings(BaseSettings):
     )
     max_header_bytes: int = Field(16384, ge=1024, description="Largest accepted request header block (431 past it).")
     max_concurrency: int = Field(1000, ge=1, description="Connections+tasks a worker serves at once (503 past it).")
+    workers: int | None = Field(
+        None, ge=1, le=256,
+        description="Worker processes `credgate serve` runs on its one socket (unset: the CPUs this process may "
+        "use). Migrations and the first-run set-up run once, in the parent; caches, rate limits and /metrics "
+        "are per worker; database_pool_size is divided among them. 1: one process, no supervisor.",
+    )
     keep_alive_seconds: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
 
     log_format: Literal["text", "json"] = "text"
@@ -269,7 +275,9 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(
         20, ge=1, le=500,
         description="PostgreSQL connections each replica keeps open (plus up to 10 more under bursts, one listener "
-        "and one for the reaper's lock); size it against max_connections and the number of replicas.",
+        "and one for the reaper's lock); size it against max_connections and the number of replicas. With several "
+        "workers each gets ceil(size / workers) and ceil(10 / workers) more under bursts, plus its own listener, "
+        "group-commit connection and reaper lock.",
     )
     database_connect_timeout_seconds: float = Field(
         5.0, gt=0, le=300,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +15,7 @@ import typer
 from gateway.cli.common import UsageProblem, group, server_code
 
 app = group("The gateway's store.")
+GRACEFUL_SECONDS = 10  # in-flight requests get this long to finish at shutdown
 log = logging.getLogger("credgate")
 
 ConfigFile = Annotated[
@@ -36,6 +38,10 @@ def serve(
     tls_require_client_cert: Annotated[
         bool, typer.Option("--tls-require-client-cert", help="Refuse connections without a client certificate.")
     ] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=256,
+                                 help="Worker processes [default: setting `workers`, else the CPUs available].")
+    ] = None,
 ) -> None:
     """Run the gateway."""
     with server_code("serve"):
@@ -54,6 +60,7 @@ def serve(
     settings = load_settings(
         config, dev=dev or None, data_dir=data_dir, host=host, port=port, tls_cert_file=tls_cert,
         tls_key_file=tls_key, tls_client_ca_file=tls_client_ca, tls_require_client_cert=tls_require_client_cert or None,
+        workers=workers,
     )
     configure(settings.log_format, settings.log_level)
     keyring_for(settings)  # fail fast, with one line, before the server starts
@@ -65,45 +72,83 @@ def serve(
     if settings.dev:
         scheme = "https" if tls else "http"
         typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on {scheme}://{settings.host}:{settings.port}")
+    from gateway.cli.workers import supervise, worker_count
+
+    n = worker_count(settings)
+    if n > 1:
+        raise SystemExit(supervise(settings, n, _run_worker, graceful=GRACEFUL_SECONDS))
     web = create_app(settings)
     if server_tls is not None:
         web.state.metrics.watch_tls(server_tls)
-    server = _gateway_server(uvicorn)(
-        uvicorn.Config(
-            web,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            timeout_graceful_shutdown=10,
-            # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
-            limit_concurrency=settings.max_concurrency,
-            timeout_keep_alive=settings.keep_alive_seconds,
-            h11_max_incomplete_event_size=settings.max_header_bytes,
-            server_header=False,
-            # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
-            # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
-            proxy_headers=False,
-            **tls,
-        ),
-        settings,
-        server_tls,
-    )
+    server = _gateway_server(uvicorn)(uvicorn_config(uvicorn, web, settings, tls), settings, server_tls)
     server.run()
     if not server.started or server.failed:
         raise SystemExit(3)  # what uvicorn.run exits with when start-up fails
 
 
+def _run_worker(settings, index: int, workers: int, sock, ready, parent: int) -> None:  # noqa: ANN001
+    """Worker ``index`` of ``workers`` (gateway/cli/workers.py): its own app and runtime on the
+    parent's socket; the health listener in worker 0 only."""
+    import uvicorn
+
+    from gateway.web.app import create_app
+    from gateway.web.logs import configure
+    from gateway.web.tls import ServerTLS, uvicorn_options
+
+    configure(settings.log_format, settings.log_level)
+    server_tls = ServerTLS(settings) if settings.tls_cert_file else None
+    web = create_app(settings, workers=workers, worker=index)
+    if server_tls is not None:
+        web.state.metrics.watch_tls(server_tls)
+    config = uvicorn_config(uvicorn, web, settings, uvicorn_options(settings, server_tls))
+    server = _gateway_server(uvicorn)(config, settings, server_tls, health=index == 0, ready=ready, parent=parent,
+                                            worker=index)
+    server.run(sockets=[sock])
+    if not server.started or server.failed:
+        raise SystemExit(3)
+
+
+def uvicorn_config(uvicorn, web, settings, tls):  # noqa: ANN001, ANN201 - uvicorn is imported only when serving
+    """The uvicorn Config every serving process uses."""
+    return uvicorn.Config(
+        web,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        # Slow or greedy clients: bounded concurrency, short keep-alive, bounded header blocks.
+        limit_concurrency=settings.max_concurrency,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        server_header=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS); the
+        # gateway resolves the client address itself, from CREDGATE_TRUSTED_PROXIES only.
+        proxy_headers=False,
+        **tls,
+    )
+
+
 def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only when serving
     """uvicorn's Server, plus what the gateway runs beside it once started: the TLS
-    reloads (SIGHUP, the file watcher) and the loopback health listener."""
+    reloads (SIGHUP, the file watcher) and the loopback health listener.
+
+    As a worker of several (gateway/cli/workers.py): ``health`` False for all but worker 0
+    (one health listener per serve), ``ready`` set once serving, and ``parent`` (its pid)
+    watched: a worker whose parent is gone stops."""
 
     class GatewayServer(uvicorn.Server):
-        def __init__(self, config, settings, server_tls) -> None:  # noqa: ANN001
+        def __init__(self, config, settings, server_tls, *, health: bool = True, ready=None,  # noqa: ANN001
+                     parent: int | None = None, worker: int = 0) -> None:
             super().__init__(config)
+            self.worker = worker
             self.settings = settings
             self.server_tls = server_tls
+            self.serve_health = health
+            self.ready = ready
+            self.parent = parent
             self.health = None
             self.watcher = None
+            self.orphan_watch = None
             self.failed = False  # something started beside uvicorn failed: stop, exit 3
 
         def _log_started_message(self, listeners) -> None:  # noqa: ANN001
@@ -125,7 +170,9 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
             loop.add_signal_handler(signal.SIGHUP, self.hangup)
             if self.server_tls is not None:
                 self.watcher = loop.create_task(self.server_tls.watch(self.settings.tls_reload_check_seconds))
-            if self.settings.health_address is not None:
+            if self.parent is not None:
+                self.orphan_watch = loop.create_task(self._watch_parent())
+            if self.settings.health_address is not None and self.serve_health:
                 from gateway.web.routes.health import HealthListener
 
                 host, port = self.settings.health_address
@@ -137,6 +184,19 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
                     self.health, self.failed, self.should_exit = None, True, True
                     return
                 log.info("health listener on http://%s (GET /healthz, /readyz)", self.settings.health_listen)
+            if self.ready is not None:  # a worker: uvicorn said nothing of the socket it was given
+                scheme = "https" if self.server_tls is not None else "http"
+                log.info("worker %d (pid %d) serving on %s://%s:%d", self.worker, os.getpid(), scheme,
+                         self.settings.host, self.settings.port)
+                if self.server_tls is not None:
+                    log.info("TLS certificate: %s", self.server_tls.loaded.describe())
+                self.ready.set()
+
+        async def _watch_parent(self) -> None:
+            while os.getppid() == self.parent:
+                await asyncio.sleep(1.0)
+            log.warning("the credgate serve that started this worker is gone: stopping")
+            self.should_exit = True
 
         def hangup(self) -> None:
             if self.server_tls is None:
@@ -149,6 +209,8 @@ def _gateway_server(uvicorn):  # noqa: ANN001, ANN202 - uvicorn is imported only
                 await self.health.close()  # not ready any more while draining
             if self.watcher is not None:
                 self.watcher.cancel()
+            if self.orphan_watch is not None:
+                self.orphan_watch.cancel()
             await super().shutdown(sockets=sockets)
 
     return GatewayServer

@@ -48,7 +48,12 @@ against the store, and each attempt only while the local deadline holds; the
 claim keeps it to one attempt at a time even in the remaining window. (A reaper
 only ever ticked by hand, with no leadership round, as tests do, is unfenced.)
 
-On SQLite the single process is always the leader (no row, no fence).
+On SQLite a single process is always the leader (no row, no fence). The workers of one
+``credgate serve --workers N`` on SQLite lead by a file lock instead
+(:meth:`Store.try_lead <gateway.store.Store.try_lead>`): the worker holding
+``<store file>.reaper.lock`` leads until it stops or dies (the kernel frees the lock with the
+process); the others ask every tick and the first to get it takes over. A stalled leader
+keeps the lock, so there are never two.
 """
 
 from __future__ import annotations
@@ -167,8 +172,8 @@ class Reaper:
     async def _lead(self) -> bool:
         """The work loop's question: may this replica run a tick now?"""
         if not self._pg:
-            self._sqlite_leader = True
-            return True
+            self._sqlite_leader = self._store.try_lead()
+            return self._sqlite_leader
         self._lapsed()
         return self.is_leader
 
@@ -282,6 +287,8 @@ class Reaper:
     async def _release(self) -> None:
         """Step down (a clean stop): free the row at once so another replica need not wait."""
         epoch, self.epoch = self.epoch, None
+        if self._sqlite_leader:
+            self._store.resign()
         self._sqlite_leader = False
         if self._pg and epoch is not None:
             try:

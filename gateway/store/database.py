@@ -14,20 +14,22 @@ import asyncio
 import fcntl
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from gateway.store.changes import Changes, committed
+from gateway.store.changes import Changes, committed, rows_info
 from gateway.errors import ConfigurationError, StoreUnavailable
 from gateway.throttle import LogThrottle
 
@@ -114,6 +116,15 @@ def _lock_sqlite(url: str) -> int | None:
             "(run several replicas on PostgreSQL: CREDGATE_DATABASE_URL=postgresql://...)"
         ) from None
     return fd
+
+
+def hold_sole_use(url: str) -> int | None:
+    """The lock of a SQLite store (its folder made first), for ``credgate serve --workers N``'s
+    parent to hold for its workers (:meth:`Store.claim_sole_use` with ``shared``)."""
+    u = make_url(async_url(url))
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return _lock_sqlite(url)
 
 
 def check_sole_use(url: str) -> None:
@@ -203,11 +214,21 @@ def _statement_timeout(sync_engine: Engine, seconds: float) -> None:
 
 
 class Store:
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20,
+    """The store of one gateway process.
+
+    ``shared``: this process is one of the workers of a ``credgate serve --workers N``
+    (gateway/cli/workers.py), whose parent holds the SQLite file's lock. On SQLite the
+    workers then write the changes they note as ``change_log`` rows the others poll for
+    (gateway/store/changes.py), and the reaper leads by a second file lock
+    (:meth:`try_lead`). ``max_overflow``: pooled PostgreSQL connections past ``pool_size``
+    under bursts."""
+
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20, max_overflow: int = 10,
                  connect_timeout: float = 5.0, statement_timeout: float = 60.0,
-                 stale_seconds: float = 0.0) -> None:
+                 stale_seconds: float = 0.0, shared: bool = False) -> None:
         self.url = async_url(url)
         self.dialect = make_url(self.url).get_backend_name()
+        self.shared = shared
         if self.dialect == "sqlite":
             db = make_url(self.url).database
             if db and db != ":memory:":
@@ -219,7 +240,7 @@ class Store:
         if self.dialect == "postgresql":
             # Connections are kept, not churned: 32 concurrent requests against a pool of 10 (+20
             # overflow) opened ~90 PostgreSQL sessions a second and cost a third of the lease reads' rate.
-            kwargs.update(pool_size=pool_size, max_overflow=10, pool_pre_ping=True, pool_timeout=connect_timeout,
+            kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True, pool_timeout=connect_timeout,
                           connect_args=pg_connect)
         else:
             # Every session and write() ends its own transaction; the pool's extra ROLLBACK on
@@ -247,8 +268,18 @@ class Store:
             _statement_timeout(self._group_engine, statement_timeout)
         for engine in (self.engine.sync_engine, self._group_engine):
             event.listen(engine, "handle_error", _store_outage)
+        # SQLite shared by workers: changes go through change_log rows, this process's marked as its own.
+        writer = f"{os.getpid()}:{secrets.token_hex(4)}" if shared and self.dialect == "sqlite" else None
+        self._session_info = rows_info(writer)
         self.changes = Changes(self.url, self.dialect, stale_seconds=stale_seconds,
-                               connect_args=pg_connect)
+                               connect_args=pg_connect, writer=writer,
+                               poller=self._poll_changes, pruner=self._prune_changes)
+        self._leading: int | None = None  # SQLite workers: the reaper leadership lock's descriptor
+        self._turns: int | None = None  # SQLite workers: the group committers' turn lock
+        if writer is not None:
+            db = make_url(self.url).database
+            if db and db != ":memory:":
+                self._turns = os.open(f"{db}.commit.lock", os.O_CREAT | os.O_RDWR, 0o600)
         self._grouped: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         self._grouper: asyncio.Task[None] | None = None
         self._sole_use: int | None = None
@@ -269,7 +300,7 @@ class Store:
             if self.dialect == "sqlite":
                 conn = await conn.execution_options(**{_IMMEDIATE: True})
             async with conn.begin():
-                session = AsyncSession(bind=conn, expire_on_commit=False)
+                session = AsyncSession(bind=conn, expire_on_commit=False, info=dict(self._session_info))
                 try:
                     yield session
                     await session.flush()
@@ -339,11 +370,23 @@ class Store:
         return outcomes, noted
 
     def _run_works(self, works: list[Callable[[Session], Any]], noted: list[Any]) -> list[Any]:
+        if self._turns is not None:
+            # SQLite workers: the group committers of the processes take turns by a kernel lock,
+            # which wakes the next one the moment it is free; SQLite's busy handler would sleep
+            # (up to 100 ms a try) while another process holds the write lock.
+            fcntl.flock(self._turns, fcntl.LOCK_EX)
+            try:
+                return self._run_works_now(works, noted)
+            finally:
+                fcntl.flock(self._turns, fcntl.LOCK_UN)
+        return self._run_works_now(works, noted)
+
+    def _run_works_now(self, works: list[Callable[[Session], Any]], noted: list[Any]) -> list[Any]:
         with self._group_engine.connect() as conn:
             if self.dialect == "sqlite":
                 conn = conn.execution_options(**{_IMMEDIATE: True})
             with conn.begin():
-                session = Session(bind=conn, expire_on_commit=False)
+                session = Session(bind=conn, expire_on_commit=False, info=dict(self._session_info))
                 try:
                     results = [work(session) for work in works]
                     session.flush()
@@ -360,9 +403,67 @@ class Store:
         second process writing the same file would leave them stale. Several
         replicas share a PostgreSQL database instead. The lock is the kernel's and
         goes with the process, however it ends.
+
+        ``shared`` (a worker of ``credgate serve --workers N``): the parent holds the lock for
+        its workers, which poll the change log; a worker finding the lock free (its parent
+        gone) refuses to start.
         """
+        if self.shared:
+            try:
+                fd = _lock_sqlite(self.url)
+            except ConfigurationError:
+                return  # held: by the serve that started this worker
+            if fd is not None:
+                os.close(fd)
+                raise ConfigurationError("this worker's credgate serve no longer holds the SQLite store's lock")
+            return
         if self._sole_use is None:
             self._sole_use = _lock_sqlite(self.url)
+
+    def try_lead(self) -> bool:
+        """Whether this process may run the reaper now. Always, but for a SQLite worker of
+        several: then the one holding ``<file>.reaper.lock`` (kept until it stops or dies;
+        the kernel frees it with the process, and the next worker to ask takes it)."""
+        if not self.shared or self.dialect != "sqlite":
+            return True
+        if self._leading is not None:
+            return True
+        db = make_url(self.url).database
+        if not db or db == ":memory:":
+            return True
+        fd = os.open(f"{db}.reaper.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._leading = fd
+        return True
+
+    def resign(self) -> None:
+        """Give up the reaper leadership :meth:`try_lead` took (a clean stop)."""
+        fd, self._leading = self._leading, None
+        if fd is not None:
+            os.close(fd)
+
+    async def _poll_changes(self, after: int | None) -> list[tuple[int, str, str | None, str]]:
+        """The change rows past ``after``, oldest first; ``after`` None: the newest row's id alone."""
+        from gateway.store.models import ChangeLogRow
+
+        c = ChangeLogRow.__table__.c
+        async with self.read() as s:
+            if after is None:
+                return [((await s.execute(select(func.max(c.id)))).scalar() or 0, "", None, "")]
+            return [tuple(r) for r in await s.execute(  # type: ignore[misc]
+                select(c.id, c.topic, c.key, c.writer).where(c.id > after).order_by(c.id))]
+
+    async def _prune_changes(self) -> None:
+        from gateway.store.changes import PRUNE_AFTER_SECONDS
+        from gateway.store.models import ChangeLogRow, utcnow
+
+        cutoff = utcnow() - timedelta(seconds=PRUNE_AFTER_SECONDS)
+        async with self.write() as s:
+            await s.execute(delete(ChangeLogRow).where(ChangeLogRow.at < cutoff))
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -379,8 +480,12 @@ class Store:
         if self._grouper is not None:
             await asyncio.gather(self._grouper, return_exceptions=True)
         self._group_thread.shutdown(wait=True)
+        if self._turns is not None:
+            os.close(self._turns)
+            self._turns = None
         self._group_engine.dispose()
         await self.engine.dispose()
         if self._sole_use is not None:
             os.close(self._sole_use)  # releases the lock
             self._sole_use = None
+        self.resign()

@@ -409,3 +409,17 @@ class ReaperLeadershipRow(Base):
     renewed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     locked: Mapped[bool] = mapped_column(Boolean, default=False)
     taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ChangeLogRow(Base):
+    """The change feed between the worker processes of one ``credgate serve`` on SQLite (see
+    gateway/store/changes.py): one row per change noted, written in the changing transaction,
+    read by the other workers' pollers, pruned after a minute. Unused on PostgreSQL (NOTIFY)."""
+
+    __tablename__ = "change_log"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused: a poller reads id > last
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str | None] = mapped_column(String(512))
+    writer: Mapped[str] = mapped_column(String(40))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

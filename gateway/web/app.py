@@ -33,10 +33,13 @@ from gateway.settings import Settings
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 431, 503)}
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, workers: int = 1, worker: int = 0) -> FastAPI:
+    """The app of one process; ``worker`` of ``workers`` when ``credgate serve`` runs several
+    (gateway/cli/workers.py; the migrations and first-run set-up are then the parent's)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.runtime = await Runtime.start(settings)
+        app.state.runtime = await Runtime.start(settings, workers=workers)
         app.state.runtime.metrics = app.state.metrics
         app.state.metrics.watch_caches(app.state.runtime.store.changes)
         app.state.metrics.watch_pools(app.state.runtime.catalog)
@@ -63,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
                    policies, console):
         app.include_router(module.router)
     declare_bearer(app)
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(worker=worker)
     app.add_middleware(AuditTrail)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.state.limiter = Limiter()

@@ -9,6 +9,7 @@ read when Prometheus scrapes.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -22,8 +23,12 @@ BACKEND_CHECK_TIMEOUT = 2.0
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, worker: int = 0) -> None:
         r = self.registry = CollectorRegistry()
+        # Every count here is this process's: with `credgate serve --workers N` a scrape is
+        # answered by one worker, and says which (scrape each, or sum over pid).
+        Gauge("credgate_process", "The process (worker of credgate serve) answering this scrape.",
+              ["worker", "pid"], registry=r).labels(str(worker), str(os.getpid())).set(1)
         self.requests = Counter("credgate_http_requests", "HTTP requests by route and status.",
                                 ["method", "route", "status"], registry=r)
         self.latency = Histogram("credgate_http_request_seconds", "HTTP request latency by route.",

@@ -18,10 +18,10 @@ UID = 10001
 
 def drain_seconds() -> int:
     """How long `credgate serve` lets in-flight requests finish after SIGTERM
-    (uvicorn's timeout_graceful_shutdown in gateway/cli/server.py): every grace period in
-    deploy/ must be longer."""
-    m = re.search(r"timeout_graceful_shutdown=(\d+)", (ROOT / "gateway" / "cli" / "server.py").read_text())
-    assert m, "gateway/cli/server.py no longer sets timeout_graceful_shutdown: update deploy/ and this test"
+    (uvicorn's timeout_graceful_shutdown, GRACEFUL_SECONDS in gateway/cli/server.py; with
+    several workers they drain at once): every grace period in deploy/ must be longer."""
+    m = re.search(r"GRACEFUL_SECONDS = (\d+)", (ROOT / "gateway" / "cli" / "server.py").read_text())
+    assert m, "gateway/cli/server.py no longer sets GRACEFUL_SECONDS: update deploy/ and this test"
     return int(m[1])
 
 

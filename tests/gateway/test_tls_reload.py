@@ -274,6 +274,25 @@ def test_sighup_reloads_and_leaves_the_gateway_running(hup: tuple[Gateway, Secre
     assert gw.proc.poll() is None
 
 
+def test_sighup_to_the_parent_reloads_every_worker(tmp_path: Path, pki: dict) -> None:
+    gw, secret = start(tmp_path, pki, _issue("CN=localhost", pki["ca"], server=True),
+                       {"tls_reload_check_seconds": 3600}, "--workers", "2")
+    try:
+        gw.wait_log(r"all 2 workers serving")
+        pair = _issue("CN=localhost", pki["ca"], server=True)
+        cert, key = pem(pair)
+        secret.publish({"tls.crt": cert, "tls.key": key, "ca.crt": pem(pki["client_ca1"])[0]})
+        mark = len(gw.log())
+        gw.proc.send_signal(signal.SIGHUP)  # to the parent only: it forwards it to each worker
+        reloaded = r"TLS certificate reloaded \(SIGHUP\): serial " + serial(pair)
+        first = gw.wait_log(reloaded, mark)
+        gw.wait_log(reloaded, first.end())  # the other worker
+        # New connections, whichever worker accepts them, get the new certificate.
+        assert {get(gw, pki)[1] for _ in range(12)} == {serial(pair)}
+    finally:
+        gw.stop()
+
+
 def test_a_bad_pair_is_refused_in_one_line_and_the_old_one_keeps_serving(hup: tuple[Gateway, SecretDir], pki: dict) -> None:
     gw, secret = hup
     serving = get(gw, pki)[1]

@@ -25,8 +25,13 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any ``CREDGATE_*`` setting, plus ``extra``."""
+    """This process's environment without any ``CREDGATE_*`` setting, plus ``extra``.
+
+    ``credgate serve`` runs one process unless ``extra`` says otherwise (CREDGATE_WORKERS,
+    or --workers): the suites that start it observe one process; tests/gateway/test_workers.py
+    runs several."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDGATE_")}
+    env["CREDGATE_WORKERS"] = "1"
     env.update(extra)
     return env
 
