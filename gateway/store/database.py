@@ -99,6 +99,18 @@ def _settle(future: asyncio.Future[Any], result: Any = None, *, exc: BaseExcepti
         future.set_result(result)
 
 
+def _flock(path: str) -> int | None:
+    """An owner-only lock file's descriptor, exclusively locked (the kernel frees it with the
+    process); None when another process holds it."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _lock_sqlite(url: str) -> int | None:
     """The descriptor holding the exclusive lock of a SQLite store's file (None: not a SQLite
     file, or its folder doesn't exist yet); ConfigurationError if another process holds it."""
@@ -106,15 +118,12 @@ def _lock_sqlite(url: str) -> int | None:
     db = u.database
     if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or not Path(db).parent.is_dir():
         return None
-    fd = os.open(f"{db}.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    fd = _flock(f"{db}.lock")
+    if fd is None:
         raise ConfigurationError(
             f"another credgate process is serving the SQLite store {db}; one process per SQLite file "
             "(run several replicas on PostgreSQL: CREDGATE_DATABASE_URL=postgresql://...)"
-        ) from None
+        )
     return fd
 
 
@@ -431,11 +440,8 @@ class Store:
         db = make_url(self.url).database
         if not db or db == ":memory:":
             return True
-        fd = os.open(f"{db}.reaper.lock", os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+        fd = _flock(f"{db}.reaper.lock")
+        if fd is None:
             return False
         self._leading = fd
         return True

@@ -25,15 +25,11 @@ import pytest
 from connectors.aws import AWSConfig, AWSConnector, AWSKeysMaterial
 from connectors.base import IssueRequest
 from tests.conftest import service_missing
+from tests.connectors.test_aws import TRUST  # moto's account may assume the role
 from tests.services.motoserver import MotoServer
 
 pytestmark = pytest.mark.anyio
 
-ACCOUNT = "123456789012"
-TRUST = {
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}, "Action": "sts:AssumeRole"}],
-}
 
 
 @dataclass

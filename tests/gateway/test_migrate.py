@@ -397,6 +397,13 @@ def test_connectors_repointed_and_still_issuing(gw: ServedGateway, tmp_path: Pat
     assert gw.http.get("/v1/connectors/lone").json()["secret"] == "local/lone/x"
 
 
+def _as_from_a_terminal() -> None:
+    """The CLI starts with Ctrl-C at its default, as from a shell. A process started with SIGINT
+    ignored (a background job, ``nohup``) passes that on, and Python then never turns it into
+    KeyboardInterrupt: a CI run started that way ran the migration to its end (exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(gw: ServedGateway, tmp_path: Path, sig: int) -> None:
     folder = f"int{int(sig)}"
@@ -405,7 +412,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_says_how_to_resume(gw: ServedGatewa
     env = clean_env(CREDGATE_ADDR=gw.addr, CREDGATE_TOKEN=ADMIN_TOKEN)
     proc = subprocess.Popen([CREDGATE, "secret", "migrate", "--from", f"local/{folder}", "--to", f"team/{folder}", "--report",
                              str(report), "--concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=_as_from_a_terminal)
     assert proc.stderr is not None
     for line in proc.stderr:
         if re.match(r"migrate: \d+/60 done", line):
