@@ -15,7 +15,7 @@ import contextlib
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +24,6 @@ import pytest
 
 from connectors.aws import AWSConfig, AWSConnector, AWSKeysMaterial
 from connectors.base import IssueRequest
-from tests.conftest import service_missing
 from tests.connectors.test_aws import TRUST  # moto's account may assume the role
 from tests.services.motoserver import MotoServer
 
@@ -41,24 +40,17 @@ class Moto:
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = MotoServer()
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - any failure means moto can't run here
-        service_missing("moto server", type(exc).__name__)
-    try:
-        iam = server.boto3_client("iam")
-        keys, arns = {}, {}
-        for user in ("admin-a", "admin-b"):
-            arns[user] = iam.create_user(UserName=user)["User"]["Arn"]
-            key = iam.create_access_key(UserName=user)["AccessKey"]
-            keys[user] = (key["AccessKeyId"], key["SecretAccessKey"])
-        role = iam.create_role(RoleName="cg-clients", AssumeRolePolicyDocument=json.dumps(TRUST))["Role"]
-        server.boto3_client("s3").create_bucket(Bucket="cg-clients")
-        yield Moto(server, role["Arn"], keys, arns)
-    finally:
-        server.stop()
+def moto(moto_server: MotoServer) -> Moto:
+    """The session's moto server (tests/conftest.py), with this module's users, role and bucket."""
+    iam = moto_server.boto3_client("iam")
+    keys, arns = {}, {}
+    for user in ("admin-a", "admin-b"):
+        arns[user] = iam.create_user(UserName=user)["User"]["Arn"]
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        keys[user] = (key["AccessKeyId"], key["SecretAccessKey"])
+    role = iam.create_role(RoleName="cg-clients", AssumeRolePolicyDocument=json.dumps(TRUST))["Role"]
+    moto_server.boto3_client("s3").create_bucket(Bucket="cg-clients")
+    return Moto(moto_server, role["Arn"], keys, arns)
 
 
 @dataclass
