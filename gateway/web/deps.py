@@ -54,9 +54,6 @@ async def authenticate(request: Request) -> Principal:
     return principal
 
 
-PrincipalDep = Annotated[Principal, Depends(authenticate)]
-
-
 def requires(action: str) -> Any:
     """A dependency that authenticates and checks ``action`` (no connector or resource
     yet) before the body is validated, so a caller without the right gets 403, not 422.
