@@ -454,6 +454,13 @@ class PostgresConnector(ConnectorBase):
             return False
 
     async def _drop(self, conn: AsyncConnection[Any], role: str, database: str | None) -> None:
+        """End the role's sessions and drop it, in three round trips: look it up; NOLOGIN and
+        signal its sessions; then, once they are gone, one transaction that takes the grant
+        lock, reassigns and drops what it owns, signals any session that logged in before
+        NOLOGIN was committed, and drops the role. The statements of a round trip go as one
+        simple query (no parameters: the name is a checked identifier, quoted as a literal
+        and as an identifier), which PostgreSQL runs as one implicit transaction: all of it
+        or, on an error, none of it, the session left idle either way."""
         from psycopg import sql
 
         r = sql.Identifier(role)
@@ -466,26 +473,26 @@ class PostgresConnector(ConnectorBase):
         if not row[0]:
             # A non-superuser admin needs the role's privileges to end its sessions and drop what it owns.
             await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(r))
-        await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(r))  # autocommit: no new logins from here
-        await self._wait_gone(conn, await self._terminate(conn, role))
-        async with conn.transaction():
+        terminate = sql.SQL(_TERMINATE).format(sql.Literal(role))
+        # Committed before the block below: no new logins from here (a login between the signal
+        # and this commit is what the block's second signal is for).
+        cur = await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN; {}").format(r, terminate))
+        cur.nextset()
+        await self._wait_gone(conn, [pid for pid, _ in await cur.fetchall()])
+        steps = [
             # Same catalog rows as the GRANTs of issue(): take turns with them (see issue()).
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))")
-            if database is not None:
-                await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r))
-                await conn.execute(sql.SQL("DROP OWNED BY {}").format(r))
-            late = await self._terminate(conn, role)  # anything that slipped in before NOLOGIN was committed
-            await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(r))
-        await self._wait_gone(conn, late)
-
-    @staticmethod
-    async def _terminate(conn: AsyncConnection[Any], role: str) -> list[int]:
-        """Signal every session of ``role`` to end; return their pids."""
-        cur = await conn.execute(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()",
-            (role,),
-        )
-        return [pid for pid, _ in await cur.fetchall()]
+            sql.SQL("SELECT pg_advisory_xact_lock(hashtext('credgate:grant'))"),
+            *(
+                (sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(r), sql.SQL("DROP OWNED BY {}").format(r))
+                if database is not None else ()
+            ),
+            terminate,  # anything that slipped in before NOLOGIN was committed
+            sql.SQL("DROP ROLE IF EXISTS {}").format(r),
+        ]
+        cur = await conn.execute(sql.SQL("; ").join(steps))
+        for _ in range(len(steps) - 2):
+            cur.nextset()
+        await self._wait_gone(conn, [pid for pid, _ in await cur.fetchall()])
 
     @staticmethod
     async def _wait_gone(conn: AsyncConnection[Any], pids: list[int], timeout: float = 5.0) -> None:
@@ -505,6 +512,9 @@ class PostgresConnector(ConnectorBase):
                 )
             await asyncio.sleep(0.02)
 
+
+# Signal every session of a role (the placeholder: its name as a literal) to end; their pids.
+_TERMINATE = "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {} AND pid <> pg_backend_pid()"
 
 # Run on every admin connection a call takes from the pool, in one round trip: whatever an
 # earlier call left in the session (a role, a search_path, settings) goes back to the

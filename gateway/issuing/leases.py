@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, or_, select, update
+from sqlalchemy import Select, Update, and_, bindparam, func, or_, select, update
 
 from gateway.identity.principal import GATEWAY
 from gateway.errors import NotFound, ValidationFailed
@@ -131,6 +131,17 @@ def transition_values(to: str, values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def transition_statement(
+    lease_id: str, frm: tuple[str, ...], to: str, *, where: tuple[Any, ...] = (), **values: Any
+) -> Update:
+    """The UPDATE of :meth:`Leases.transition`, for a caller that runs it in a transaction of its
+    own making (a group commit). Core semantics: no ORM session objects are synchronised."""
+    return (
+        update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), *where)
+        .values(**transition_values(to, values)).execution_options(synchronize_session=False)
+    )
+
+
 def owner_filter(value: str) -> str:
     """A principal as the lease list and bulk revocation take it: an owner key
     (``ISSUER/SUBJECT``, see ``Principal.owner``) as it is, or a bare gateway
@@ -201,11 +212,8 @@ class Leases:
     ) -> bool:
         """Move a lease from one of ``frm`` to ``to`` (and whatever else ``where`` asks of the
         row, in the same statement); False if it was not so."""
-        values = transition_values(to, values)
         async with self._store.write() as s:
-            res = await s.execute(
-                update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), *where).values(**values)
-            )
+            res = await s.execute(transition_statement(lease_id, frm, to, where=where, **values))
             return res.rowcount == 1
 
     # --- delivery ------------------------------------------------------------
@@ -266,8 +274,36 @@ class Leases:
                     or_(LeaseRow.revoke_claim_until.is_(None), LeaseRow.revoke_claim_until <= now),
                 )
                 .values(revoke_owner=owner, revoke_claim_until=until)
+                .execution_options(synchronize_session=False)
             )
             return res.rowcount == 1
+
+    async def revoke_and_claim(self, lease_id: str, owner: str, now: datetime, until: datetime) -> LeaseRow | None:
+        """Mark one live lease ``revoking`` (due now) and claim its revocation attempt for
+        ``owner``, in one statement of a group commit: what :meth:`mark_revoking` then
+        :meth:`claim` do for a single lease. The claimed row as it is now, or None when there
+        is no such lease, it is over, or another actor's claim on it holds (the caller then
+        waits for that actor as :meth:`claim`'s callers do)."""
+        statement = (
+            update(LeaseRow)
+            .where(
+                LeaseRow.id == lease_id,
+                or_(
+                    LeaseRow.state.in_((PENDING, ACTIVE)),
+                    and_(
+                        LeaseRow.state == REVOKING,
+                        or_(LeaseRow.revoke_claim_until.is_(None), LeaseRow.revoke_claim_until <= now),
+                    ),
+                ),
+            )
+            .values(
+                state=REVOKING, next_attempt_at=now, updated_at=now, delivery_due_at=None,
+                revoke_owner=owner, revoke_claim_until=until,
+            )
+            .returning(LeaseRow)
+            .execution_options(synchronize_session=False)
+        )
+        return await self._store.grouped(lambda s: s.execute(statement).scalar_one_or_none())
 
     async def revoke_failed(self, lease_id: str, owner: str, **values: Any) -> bool:
         """Record a failed attempt (``attempts``, ``next_attempt_at``, ``last_error``) and
@@ -278,6 +314,7 @@ class Leases:
                 update(LeaseRow)
                 .where(LeaseRow.id == lease_id, LeaseRow.state == REVOKING, LeaseRow.revoke_owner == owner)
                 .values(**values, revoke_owner=None, revoke_claim_until=None, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
             )
             return res.rowcount == 1
 

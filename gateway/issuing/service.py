@@ -51,6 +51,7 @@ from gateway.issuing.leases import (
     TTLDecision,
     calculate_ttl,
     new_lease_id,
+    transition_statement,
 )
 from gateway.plugins.registry import connector_class
 from gateway.store import Store
@@ -422,6 +423,31 @@ class Credentials:
         done = await asyncio.gather(*(one(i) for i in lease_ids))
         return [lease_id for lease_id, ok in zip(lease_ids, done) if not ok]
 
+    async def revoke_one(self, lease_id: str) -> dict[str, Any]:
+        """Revoke one lease now (a caller's single revocation) and return its view after.
+
+        The short way of ``mark_revoking`` then :meth:`revoke` for one lease: marking it and
+        claiming its attempt are one statement, the outcome and the end of its wrap payloads
+        one more, both in group commits. When the claim isn't to be had (another actor holds
+        it, or the lease is over) it goes the long way, which waits for that actor."""
+        if lease_id not in self._running:
+            future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+            self._running[lease_id] = future
+            mine: bool | None = None
+            ended: dict[str, Any] = {}
+            try:
+                now = utcnow()
+                lease = await self.leases.revoke_and_claim(lease_id, self._actor, now, now + self._claim_for)
+                if lease is not None:
+                    mine = await self._revoke_claimed(lease_id, lease, ended=ended)
+            finally:
+                del self._running[lease_id]
+                future.set_result(mine)
+            if lease is not None and mine:
+                return {**lease_view(lease), **ended}
+        await self.revoke(await self.leases.mark_revoking(lease_ids=[lease_id]))
+        return await self.leases.view(lease_id)
+
     async def attempt_revoke(
         self, lease: LeaseRow, *, wait: bool = True, limit: asyncio.Semaphore | None = None
     ) -> bool | None:
@@ -468,9 +494,14 @@ class Credentials:
                 return outcome
         return False
 
-    async def _revoke_claimed(self, lease_id: str) -> bool:
-        """The attempt itself, by the claim's holder: the target, then the outcome, committed."""
-        lease = await self.leases.get(lease_id)  # the claimed row: its attempts as of now
+    async def _revoke_claimed(
+        self, lease_id: str, lease: LeaseRow | None = None, *, ended: dict[str, Any] | None = None
+    ) -> bool:
+        """The attempt itself, by the claim's holder: the target, then the outcome, committed.
+        ``lease``: the claimed row when the claim returned it (else it is read); ``ended``
+        receives what the outcome changed in the lease's view (state, revoked_at, last_error)."""
+        if lease is None:
+            lease = await self.leases.get(lease_id)  # the claimed row: its attempts as of now
         if lease.state != REVOKING:
             return lease.state in (REVOKED, EXPIRED)
         if lease.revocability == str(Revocability.REVOCABLE):
@@ -489,9 +520,19 @@ class Credentials:
                 )
                 log.warning("revoking %s failed (attempt %d): %s", lease.id, attempts, describe(exc, lease.connector_type))
                 return False
-        # Committed before anyone is answered. The claim goes with the state (Leases.transition).
-        await self.leases.transition(lease.id, (REVOKING,), REVOKED, revoked_at=utcnow(), last_error=None)
-        await self._wraps.end_for_lease(lease.id, "revoked")
+        # Committed before anyone is answered, in one group commit: the state (the claim goes
+        # with it: transition_values) and the end of the lease's unconsumed wrap payloads.
+        outcome = {"state": REVOKED, "revoked_at": utcnow(), "last_error": None}
+        to_revoked = transition_statement(lease.id, (REVOKING,), REVOKED, **outcome)
+        wraps_end = self._wraps.end_statement(lease.id, "revoked")
+
+        def finish(s: Any) -> None:
+            s.execute(to_revoked)
+            s.execute(wraps_end)
+
+        await self._store.grouped(finish)
+        if ended is not None:
+            ended.update(outcome)
         return True
 
     async def _await_claim(self, lease_id: str) -> bool | None:

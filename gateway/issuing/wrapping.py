@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Update, select, update
 
 from gateway.identity.principal import hash_token
 from gateway.crypto.envelope import Envelope
@@ -74,12 +74,18 @@ class WrapTokens:
     async def end_for_lease(self, lease_id: str, reason: str) -> None:
         """Destroy any unconsumed payload of a lease (revoked or expired). One UPDATE that may run
         again: it joins the group commit, so concurrent revocations share a transaction."""
-        statement = (
+        statement = self.end_statement(lease_id, reason)
+        await self._store.grouped(lambda s: s.execute(statement))
+
+    @staticmethod
+    def end_statement(lease_id: str, reason: str) -> Update:
+        """The UPDATE of :meth:`end_for_lease`, for a caller that runs it in its own transaction."""
+        return (
             update(WrapRow)
             .where(WrapRow.lease_id == lease_id, WrapRow.ended.is_(None))
             .values(ended=reason, kek_version=None, wrapped_dek=None, ciphertext=None)
+            .execution_options(synchronize_session=False)
         )
-        await self._store.grouped(lambda s: s.execute(statement))
 
     async def purge_expired(self, now: datetime) -> int:
         async with self._store.write() as s:

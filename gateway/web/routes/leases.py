@@ -147,8 +147,6 @@ async def revoke(
 ) -> LeaseOut:
     audit.note(lease_id=lease_id)
     _owned_or(principal, await runtime.leases.view(lease_id), "leases:revoke", "revoke")
-    await runtime.leases.mark_revoking(lease_ids=[lease_id])
-    await runtime.credentials.revoke([lease_id])
-    lease = await runtime.leases.view(lease_id)
+    lease = await runtime.credentials.revoke_one(lease_id)
     response.status_code = 200 if lease["state"] in (REVOKED, EXPIRED) else 202
     return LeaseOut.model_validate(lease)
