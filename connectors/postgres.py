@@ -76,6 +76,7 @@ from connectors.base import (
     generic_sanitize,
     privileges_for,
     role_name,
+    run_sync,
 )
 
 if TYPE_CHECKING:
@@ -94,6 +95,27 @@ DEFAULT_TIMEOUT = 30.0  # seconds, for calls without an IssueRequest (renew, rev
 # DROP not committed yet), 23505 (both GRANT the role to the admin), deadlock, serialization
 # failure. Revoke looks again after these.
 RACE_SQLSTATES = frozenset({"XX000", "42704", "23505", "40P01", "40001"})
+
+
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default (its scram_iterations setting, reported by 16 and later)
+
+
+def scram_verifier(password: str, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802, RFC 7677; the
+    form of libpq's ``PQencryptPasswordConn``), so a ``CREATE ROLE`` carries no password.
+    The passwords this connector makes are ASCII, which SASLprep leaves as they are."""
+    import base64
+    import hashlib
+    import hmac
+
+    if not password.isascii():
+        raise ValueError("scram_verifier takes the connector's own ASCII passwords only")
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
 class PostgresPasswordMaterial(BaseModel):
@@ -192,8 +214,20 @@ class PostgresConnector(ConnectorBase):
         failure: TargetError | None = None
         try:
             async with self._connection(database, req.timeout_seconds) as conn:
-                (algorithm,) = await (await conn.execute("SHOW password_encryption")).fetchone()  # type: ignore[misc]
-                verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), algorithm.encode())
+                # SCRAM (every server's default since PostgreSQL 14) is hashed while the setting is
+                # asked for, in a worker thread: PBKDF2 in hashlib releases the GIL, libpq's doesn't.
+                iterations = int(conn.info.parameter_status("scram_iterations") or SCRAM_ITERATIONS)
+                scram = asyncio.ensure_future(
+                    run_sync(scram_verifier, password, iterations, timeout=req.timeout_seconds, pool="scram")
+                )
+                try:
+                    (algorithm,) = await (await conn.execute("SHOW password_encryption")).fetchone()  # type: ignore[misc]
+                    if algorithm == "scram-sha-256":
+                        verifier = (await scram).encode()
+                    else:  # md5, the only other: cheap, and libpq knows it
+                        verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), algorithm.encode())
+                finally:
+                    scram.cancel()
                 r, s = sql.Identifier(role), sql.Identifier(schema)
                 # A GRANT the admin may not give is only a WARNING (01007): collect them and roll back.
                 not_granted: list[str] = []

@@ -226,7 +226,7 @@ class Leases:
         def clear(s: Any) -> int:
             return s.execute(
                 update(LeaseRow).where(LeaseRow.id.in_(ids), LeaseRow.delivery_due_at.is_not(None))
-                .values(delivery_due_at=None)
+                .values(delivery_due_at=None).execution_options(synchronize_session=False)
             ).rowcount
 
         return await self._store.grouped(clear)
@@ -241,7 +241,7 @@ class Leases:
             res = s.execute(
                 update(LeaseRow)
                 .where(LeaseRow.id == lease_id, LeaseRow.state == ACTIVE, LeaseRow.delivery_due_at.is_not(None))
-                .values(delivery_due_at=due)
+                .values(delivery_due_at=due).execution_options(synchronize_session=False)
             )
             if res.rowcount == 1:
                 return True
@@ -356,6 +356,7 @@ class Leases:
                     update(LeaseRow)
                     .where(LeaseRow.id.in_(ids), LeaseRow.state.in_((PENDING, ACTIVE)))
                     .values(state=REVOKING, next_attempt_at=now, updated_at=now, delivery_due_at=None)
+                    .execution_options(synchronize_session=False)
                 )
         return ids
 

@@ -268,7 +268,7 @@ class Reaper:
         async with self._store.write() as s:
             res = await s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state.in_(frm), *where, self._fence())
-                .values(**values)
+                .values(**values).execution_options(synchronize_session=False)
             )
             return res.rowcount == 1
 

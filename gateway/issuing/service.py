@@ -244,6 +244,7 @@ class Credentials:
         def activate(s: Any) -> bool:
             res = s.execute(
                 update(LeaseRow).where(LeaseRow.id == lease_id, LeaseRow.state == PENDING).values(**values)
+                .execution_options(synchronize_session=False)
             )
             if res.rowcount != 1:
                 return True

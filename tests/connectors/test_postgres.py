@@ -454,3 +454,23 @@ def test_sanitize_keeps_the_class_and_sqlstate_never_the_statement() -> None:
     exc = errors.InsufficientPrivilege("permission denied: CREATE ROLE cg_x PASSWORD 'hunter2-canary'")
     assert PostgresConnector.sanitize(exc) == "InsufficientPrivilege (42501)"
     assert PostgresConnector.sanitize(ConnectionRefusedError(111, "hunter2-canary")) == "ConnectionRefusedError (111)"
+
+
+def test_scram_verifier_is_the_one_libpq_makes() -> None:
+    """The connector hashes SCRAM itself (hashlib's PBKDF2 lets other threads run, libpq's
+    holds the GIL): for libpq's own salt and iteration count it must come out byte for byte
+    the same, and a different password must not."""
+    import base64
+
+    from connectors.postgres import scram_verifier
+
+    pgconn = psycopg.pq.PGconn.connect(b"")  # encrypt_password needs a handle, not a live server
+    for _ in range(3):
+        password = secrets.token_urlsafe(24)
+        theirs = pgconn.encrypt_password(password.encode(), b"cg_x", b"scram-sha-256").decode()
+        count, salt = theirs.split("$")[1].split(":")
+        assert scram_verifier(password, int(count), base64.b64decode(salt)) == theirs
+        assert scram_verifier(password + "x", int(count), base64.b64decode(salt)) != theirs
+    assert scram_verifier("pw").split("$")[1].split(":")[0] == "4096"
+    with pytest.raises(ValueError):
+        scram_verifier("pässword")
