@@ -782,7 +782,6 @@ def run_all(args, wanted: set[str], work: Path, rep: Report, workers: int | None
             wrk_side("wrap", "credgate", gw.url, lua_script(work, "cg-wrap", method="POST", path="/v1/credentials",
                                                             headers=jauth, body=json.dumps(body)), gw.pid),
             bare_side("wrap")]
-    issued_roles: list[str] = []
     if "pg" in wanted:
         body = {"connector": "pgbench", "resource": TARGET_DB, "ttl_seconds": 600}
         check_once(gw.url, "POST", "/v1/credentials", auth, json=body)
@@ -790,7 +789,10 @@ def run_all(args, wanted: set[str], work: Path, rep: Report, workers: int | None
 
         def psycopg_side() -> Run:
             run, roles = plain_psycopg(pg.dsn(TARGET_DB), P, D)
-            issued_roles.extend(roles)
+            # Dropped at once (after the measured run): every role holds CONNECT on the target
+            # database, and the database's ACL row has room for a few thousand; the credgate and
+            # OpenBao roles of the round stay until pg-revoke, which needs them.
+            drop_roles(pg.dsn(TARGET_DB), roles)
             return run
         scen["pg-issue"] = [
             wrk_side("pg-issue", "openbao", bao.url, lua_script(work, "bao-creds", path="/v1/database/creds/bench", headers=bauth),
@@ -893,9 +895,6 @@ def run_all(args, wanted: set[str], work: Path, rep: Report, workers: int | None
                     log(f"OpenBao revoke-prefix: {r.text[:300]}")
             cleft = gw.call("POST", "/v1/leases/revoke", json={"connector": "pgbench"}).json()
             log(f"round {rnd + 1}: revoked the rest (OpenBao {len(left)}, credgate {cleft.get('matched')})")
-            if issued_roles:
-                drop_roles(pg.dsn(TARGET_DB), issued_roles)
-                issued_roles.clear()
 
     if sgw is not None and "e" in wanted:
         scenario_e(args, sgw, work, rep)
