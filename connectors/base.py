@@ -46,6 +46,24 @@ default to no-ops in :class:`ConnectorBase` (``aclose`` closes ``target_pool``
 if one is set). Calls may still be in flight on an instance being closed:
 ``aclose`` must let them finish or fail cleanly.
 
+Keyless auth methods (``web-identity``)
+---------------------------------------
+
+Where the target trusts an OIDC issuer, a connector needs no secret at all: the
+gateway is that issuer (``/.well-known/openid-configuration``, ``/v1/jwks``).
+An auth method whose model is :class:`KeylessMaterial` (or a subclass with no
+fields) is *keyless*: a connector using it names no backend secret, and is
+built with an empty material. Everything the exchange needs that is not secret
+(a role ARN, a workload identity pool provider, a tenant and client id) lives in
+``config``. The gateway sets :attr:`ConnectorBase.identity` (a
+:class:`WorkloadIdentity`) on every instance before ``start()``; such a
+connector asks it for a short-lived token per call (``await self.identity_token(audience, req)``)
+and trades it at the target (AWS ``AssumeRoleWithWebIdentity``, a GCP STS token
+exchange, an Entra federated client assertion). The token's ``sub`` is the
+principal of the issuance (``IssueRequest.principal``, e.g. ``credgate/run:RUN``)
+and its ``run`` claim the run, so a cloud's trust policy can match on them; for
+``verify``/``list_resources`` the subject is ``connector:<name>``.
+
 Admin connections
 -----------------
 
@@ -166,7 +184,7 @@ from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.errors import (  # the plugin-facing errors a connector raises (see "Errors" above)
     BadRequest,
@@ -187,7 +205,7 @@ __all__ = [
     "ResourceRejected", "TargetError", "TargetUnreachable", "ValidationFailed",
     "ConnectorBase", "ConnectorCapabilities", "IssueRequest", "Issued", "PoolLimits", "RESOURCE", "Revocability",
     "ServiceConnector", "TTLLimits", "Verification", "as_utc", "coerce", "generic_sanitize",
-    "privileges_for", "role_name", "run_sync", "TargetPool",
+    "privileges_for", "role_name", "run_sync", "TargetPool", "KeylessMaterial", "WorkloadIdentity", "is_keyless",
 ]
 
 _T = TypeVar("_T")
@@ -534,6 +552,40 @@ class IssueRequest:
     expires_at: datetime  # computed by the gateway: now + ttl
     revoke_state: Mapping[str, Any]  # what plan() returned, as committed
     timeout_seconds: float = 30.0
+    principal: str = ""  # who the credential is for (an owner key, ``ISSUER/SUBJECT``): a web-identity token's sub
+    run_id: str | None = None  # the run it is for, if any: a web-identity token's ``run`` claim
+
+
+class KeylessMaterial(BaseModel):
+    """The material of an auth method that holds no secret (``web-identity``): nothing. A
+    connector using such an auth method names no backend secret (see "Keyless auth methods")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def is_keyless(model: type[BaseModel]) -> bool:
+    """Whether an auth method's material model is keyless: a :class:`KeylessMaterial` with no fields."""
+    return issubclass(model, KeylessMaterial) and not model.model_fields
+
+
+class WorkloadIdentity(Protocol):
+    """The gateway as an OIDC issuer, as a connector sees it: tokens signed with the gateway's
+    active signing key, verifiable by anyone through ``{issuer}/.well-known/openid-configuration``
+    and its ``jwks_uri``. Never a long-lived secret: a token lives minutes."""
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of every token (the gateway's public URL): what a cloud's trust is set up for."""
+        ...
+
+    async def token(
+        self, *, audience: str, subject: str, run_id: str | None = None, lease_id: str | None = None,
+        ttl: timedelta = timedelta(minutes=5),
+    ) -> str:
+        """A signed JWT: ``iss``, ``sub``, ``aud``, ``iat``, ``nbf``, ``exp`` (``ttl``, at most an
+        hour), ``jti``, and ``run`` / ``lease`` when given. Raises :class:`TargetError`
+        ``oidc_issuer_unconfigured`` when the gateway has no public URL to be an issuer at."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -685,6 +737,25 @@ class ConnectorBase:
             cls.creates_at_target = caps.creates_at_target
 
     target_pool: TargetPool[Any] | None = None  # set by a connector that keeps admin connections
+    identity: WorkloadIdentity | None = None  # set by the gateway before start(): see "Keyless auth methods"
+
+    async def identity_token(
+        self, audience: str, req: IssueRequest | None = None, *, ttl: timedelta | None = None
+    ) -> str:
+        """A web-identity token for one call: for ``req``'s principal, run and lease, or (no
+        request: verify, list) for ``connector:<name>``; lives ``ttl`` (default 5 minutes)."""
+        if self.identity is None:
+            raise TargetError(
+                "This gateway is not set up as an OIDC issuer (no public URL), so web-identity can't be used.",
+                code="oidc_issuer_unconfigured",
+            )
+        if req is None:
+            return await self.identity.token(audience=audience, subject=f"connector:{self.name}",
+                                             ttl=ttl or timedelta(minutes=5))
+        return await self.identity.token(
+            audience=audience, subject=req.principal or f"connector:{self.name}", run_id=req.run_id,
+            lease_id=req.lease_id, ttl=ttl or timedelta(minutes=5),
+        )
 
     def __init__(
         self, config: Any, auth_method: str, material: Any, *, name: str = "", pool: PoolLimits | None = None
