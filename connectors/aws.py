@@ -1,6 +1,13 @@
 """AWS: temporary STS credentials, optionally scoped to one S3 bucket.
 
-Three kinds of credential, chosen by ``credential_type``:
+Four kinds of credential, chosen by ``credential_type``:
+
+- ``web-identity`` (auth method ``web-identity``): ``AssumeRoleWithWebIdentity``
+  on ``role_arn`` with a session policy, trading a JWT the gateway signs for
+  this issuance (``sub`` the principal, ``run`` the run, ``aud``
+  ``web_identity_audience``). No secret exists for such a connector anywhere:
+  the role trusts the gateway as an IAM OIDC provider (README, "Keyless
+  federation"), and the STS call itself is unsigned.
 
 - ``assume-role`` (auth method ``iam-role``, the default there): ``AssumeRole``
   on ``role_arn`` with a session policy. The role's trust policy must let the
@@ -51,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from connectors.base import (
     PoolLimits,
     ConnectorBase,
+    KeylessMaterial,
     IssueRequest,
     Issued,
     ResourceNotSupported,
@@ -70,18 +78,20 @@ __all__ = [
     "AWSConnector",
     "AWSConfig",
     "AWSKeysMaterial",
+    "AWSWebIdentityMaterial",
     "CredentialType",
     "session_policy",
     "parse_resource",
     "federation_name",
 ]
 
-CredentialType = Literal["assume-role", "federation-token", "session-token"]
+CredentialType = Literal["assume-role", "federation-token", "session-token", "web-identity"]
 CREDENTIAL_TYPES: dict[str, tuple[str, ...]] = {
     "iam-role": ("assume-role",),
     "secret-key": ("federation-token", "session-token"),
+    "web-identity": ("web-identity",),
 }
-DEFAULT_CREDENTIAL_TYPE = {"iam-role": "assume-role", "secret-key": "federation-token"}
+DEFAULT_CREDENTIAL_TYPE = {"iam-role": "assume-role", "secret-key": "federation-token", "web-identity": "web-identity"}
 
 GENERIC = "aws-generic"
 S3_PREFIX = "s3-bucket:"
@@ -102,6 +112,12 @@ class AWSKeysMaterial(BaseModel):
     aws_session_token: SecretStr | None = None
 
 
+class AWSWebIdentityMaterial(KeylessMaterial):
+    """Auth method ``web-identity``: no material. The gateway signs a JWT per issuance (its
+    ``sub`` the principal, ``run`` the run) and STS ``AssumeRoleWithWebIdentity`` trades it for
+    the role's credentials; the role trusts the gateway as an IAM OIDC provider."""
+
+
 class AWSConfig(BaseModel):
     """Where to call STS and which credential to make.
 
@@ -118,6 +134,10 @@ class AWSConfig(BaseModel):
     external_id: str | None = Field(None, min_length=2, max_length=1224, pattern=r"^[A-Za-z0-9_+=,.@:/-]+$")
     credential_type: CredentialType | None = None
     session_name_prefix: str = Field("credgate", pattern=r"^[A-Za-z0-9_+=,.@-]{1,32}$")
+    web_identity_audience: str = Field(
+        "sts.amazonaws.com", min_length=1, max_length=255,
+        description="web-identity: the token's aud, the client ID registered with the IAM OIDC provider",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
@@ -137,8 +157,8 @@ class AWSConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> AWSConfig:
-        if self.credential_type == "assume-role" and not self.role_arn:
-            raise ValueError("credential_type assume-role needs role_arn")
+        if self.credential_type in ("assume-role", "web-identity") and not self.role_arn:
+            raise ValueError(f"credential_type {self.credential_type} needs role_arn")
         if self.credential_type in ("federation-token", "session-token") and self.role_arn:
             raise ValueError(f"role_arn is only used by assume-role, not {self.credential_type}")
         if self.external_id and not self.role_arn:
@@ -250,7 +270,7 @@ class AWSConnector(ConnectorBase):
 
     type: ClassVar[str] = "aws"
     auth_methods: ClassVar[Mapping[str, type[BaseModel]]] = MappingProxyType(
-        {"secret-key": AWSKeysMaterial, "iam-role": AWSKeysMaterial}
+        {"secret-key": AWSKeysMaterial, "iam-role": AWSKeysMaterial, "web-identity": AWSWebIdentityMaterial}
     )
     config_model: ClassVar[type[BaseModel]] = AWSConfig
     resource_types: ClassVar[tuple[str, ...]] = ("s3-bucket", GENERIC)
@@ -271,8 +291,10 @@ class AWSConnector(ConnectorBase):
                 f"it makes: {', '.join(CREDENTIAL_TYPES[auth_method])}.",
                 code="invalid_connector_config",
             )
-        if auth_method == "iam-role" and not self.config.role_arn:
-            raise ValidationFailed("Auth method iam-role needs config.role_arn.", code="invalid_connector_config")
+        if auth_method in ("iam-role", "web-identity") and not self.config.role_arn:
+            raise ValidationFailed(f"Auth method {auth_method} needs config.role_arn.", code="invalid_connector_config")
+        if self.config.external_id and auth_method == "web-identity":
+            raise ValidationFailed("external_id is not used with web-identity.", code="invalid_connector_config")
         self._threads = f"connector:{name or 'aws'}"  # its own worker threads: a slow endpoint holds only these
         self._session: Any = None  # boto3 session, built with the first client
         self._clients: dict[str, Any] = {}  # service -> client (see "clients" below)
@@ -322,34 +344,42 @@ class AWSConnector(ConnectorBase):
         client = self._clients.get(service)  # after the first call: no lock
         if client is not None:
             return client
+        session = self._own_session()
         with self._lock:
             client = self._clients.get(service)
             if client is None:
-                if self._session is None:
-                    import boto3
-
-                    self._session = boto3.session.Session()
-                client = self._clients[service] = self._new_client(self._session, service)
+                client = self._clients[service] = self._new_client(session, service)
             return client
 
-    def _new_client(self, session: Any, service: str) -> Any:
-        """Build one client on the instance's session (the one place a client is made)."""
+    def _new_client(self, session: Any, service: str, keys: Mapping[str, str] | None = None) -> Any:
+        """Build one client on the instance's session (the one place a client is made): signed
+        with the material's keys, with ``keys`` (temporary ones), or, for web-identity's STS
+        (``AssumeRoleWithWebIdentity`` is called unsigned: the token is the authentication),
+        unsigned."""
+        from botocore import UNSIGNED
         from botocore.config import Config
 
-        m = self._material
+        options: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT,
+            "read_timeout": READ_TIMEOUT,
+            "retries": {"total_max_attempts": 3, "mode": "standard"},  # 2 retries
+            "ignore_configured_endpoint_urls": True,  # no AWS_ENDPOINT_URL redirect of the keys
+        }
+        signing: dict[str, Any] = {}
+        if keys is not None:
+            signing = dict(keys)
+        elif isinstance(self._material, AWSKeysMaterial):
+            m = self._material
+            signing = {
+                "aws_access_key_id": m.aws_access_key_id,
+                "aws_secret_access_key": m.aws_secret_access_key.get_secret_value(),
+                "aws_session_token": m.aws_session_token.get_secret_value() if m.aws_session_token else None,
+            }
+        else:
+            options["signature_version"] = UNSIGNED
         return session.client(
-            service,
-            region_name=self.config.region,
-            endpoint_url=self.config.endpoint_url,
-            aws_access_key_id=m.aws_access_key_id,
-            aws_secret_access_key=m.aws_secret_access_key.get_secret_value(),
-            aws_session_token=m.aws_session_token.get_secret_value() if m.aws_session_token else None,
-            config=Config(
-                connect_timeout=CONNECT_TIMEOUT,
-                read_timeout=READ_TIMEOUT,
-                retries={"total_max_attempts": 3, "mode": "standard"},  # 2 retries
-                ignore_configured_endpoint_urls=True,  # no AWS_ENDPOINT_URL redirect of the keys
-            ),
+            service, region_name=self.config.region, endpoint_url=self.config.endpoint_url,
+            config=Config(**options), **signing,
         )
 
     async def aclose(self) -> None:
@@ -381,9 +411,20 @@ class AWSConnector(ConnectorBase):
         policy = session_policy(req.resource, ct, self.config.partition)
         policy_json = json.dumps(policy, separators=(",", ":")) if policy else None
         seconds = int(req.ttl.total_seconds())
+        token = await self.identity_token(self.config.web_identity_audience, req) if ct == "web-identity" else None
 
         def call() -> dict[str, Any]:
             sts = self._client("sts")
+            if ct == "web-identity":
+                kwargs = {
+                    "RoleArn": self.config.role_arn,
+                    "RoleSessionName": req.revoke_state["session_name"],
+                    "WebIdentityToken": token,
+                    "DurationSeconds": seconds,
+                }
+                if policy_json:
+                    kwargs["Policy"] = policy_json
+                return sts.assume_role_with_web_identity(**kwargs)["Credentials"]
             if ct == "assume-role":
                 kwargs: dict[str, Any] = {
                     "RoleArn": self.config.role_arn,
@@ -407,7 +448,7 @@ class AWSConnector(ConnectorBase):
 
         hint = (
             " A TTL above the role's MaxSessionDuration (1 h unless raised) is refused by AWS."
-            if ct == "assume-role"
+            if ct in ("assume-role", "web-identity")
             else ""
         )
         creds = await self._call(f"the {ct} request", req.timeout_seconds, call, hint)
@@ -436,26 +477,75 @@ class AWSConnector(ConnectorBase):
         return None
 
     async def _buckets(self) -> list[str]:
-        """The buckets the material may list, as resources (``s3-bucket:NAME``)."""
+        """The buckets the material (web-identity: the role, assumed for this call) may list,
+        as resources (``s3-bucket:NAME``)."""
+        keys = await self._own_role_keys() if self.credential_type == "web-identity" else None
 
         def call() -> list[str]:
-            names = (b["Name"] for b in self._client("s3").list_buckets().get("Buckets", []))
-            return sorted(S3_PREFIX + name for name in names)
+            s3 = self._client("s3") if keys is None else self._temp_client("s3", keys)
+            try:
+                names = (b["Name"] for b in s3.list_buckets().get("Buckets", []))
+                return sorted(S3_PREFIX + name for name in names)
+            finally:
+                if keys is not None:
+                    s3.close()
 
         return await self._call("listing S3 buckets", DEFAULT_TIMEOUT, call)
+
+    def _own_session(self) -> Any:
+        with self._lock:
+            if self._session is None:
+                import boto3
+
+                self._session = boto3.session.Session()
+            return self._session
+
+    def _temp_client(self, service: str, keys: Mapping[str, str]) -> Any:
+        """A client signed with temporary keys, for one call (closed by the caller)."""
+        session = self._own_session()
+        with self._lock:  # a boto3 session is not thread-safe
+            return self._new_client(session, service, keys)
+
+    async def _own_role_keys(self) -> dict[str, str]:
+        """web-identity, for the connector's own checks (verify, list): the role's keys for 15
+        minutes, from a token whose subject is ``connector:NAME``."""
+        token = await self.identity_token(self.config.web_identity_audience)
+        session_name = _NAME_CHARS.sub("", f"{self.config.session_name_prefix}-verify")[:64]
+
+        def call() -> dict[str, str]:
+            creds = self._client("sts").assume_role_with_web_identity(
+                RoleArn=self.config.role_arn, RoleSessionName=session_name, WebIdentityToken=token,
+                DurationSeconds=900,
+            )["Credentials"]
+            return {"aws_access_key_id": creds["AccessKeyId"], "aws_secret_access_key": creds["SecretAccessKey"],
+                    "aws_session_token": creds["SessionToken"]}
+
+        return await self._call("the AssumeRoleWithWebIdentity request", DEFAULT_TIMEOUT, call)
 
     async def verify(self) -> Verification:
         """``GetCallerIdentity`` (the material's ARN), then the buckets it may list
         (``reachable={"s3-bucket": ["s3-bucket:NAME", ...]}``)."""
 
-        def whoami() -> str:
-            return self._client("sts").get_caller_identity()["Arn"]
+        def whoami(keys: Mapping[str, str] | None = None) -> str:
+            if keys is None:
+                return self._client("sts").get_caller_identity()["Arn"]
+            sts = self._temp_client("sts", keys)
+            try:
+                return sts.get_caller_identity()["Arn"]
+            finally:
+                sts.close()
 
         try:
-            arn = await self._call("the GetCallerIdentity request", DEFAULT_TIMEOUT, whoami)
+            if self.credential_type == "web-identity":
+                keys = await self._own_role_keys()
+                arn = await self._call("the GetCallerIdentity request", DEFAULT_TIMEOUT, lambda: whoami(keys))
+            else:
+                arn = await self._call("the GetCallerIdentity request", DEFAULT_TIMEOUT, whoami)
         except TargetError as exc:
             return Verification(ok=False, message=exc.message)
         message = f"Authenticated to AWS as {arn}; issues {self.credential_type} credentials."
+        if self.credential_type == "web-identity" and self.identity is not None:
+            message += f" No secret is held: the role trusts this gateway as OIDC issuer {self.identity.issuer}."
         if self.credential_type == "session-token":
             return Verification(ok=True, message=message, identity=arn)
         try:

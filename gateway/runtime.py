@@ -33,6 +33,7 @@ from gateway.settings import Settings
 from gateway.identity.signing import SigningKeys
 from gateway.store import Store
 from gateway.identity.tokens import Tokens
+from gateway.identity.workload import WebIdentityTokens
 from gateway.issuing.wrapping import WrapTokens
 
 log = logging.getLogger("credgate")
@@ -204,6 +205,7 @@ class Runtime:
                 await keyring.open(store)  # ConfigurationError naming the source if the KMS can't unwrap
             envelope = Envelope(keyring)
             mounts = Mounts(store, envelope, timeout=settings.backend_timeout_seconds)
+            signing = SigningKeys(store, envelope)
             catalog = Catalog(
                 store, mounts, material_seconds=settings.material_cache_seconds,
                 pool=PoolLimits(
@@ -211,6 +213,7 @@ class Runtime:
                     wait_seconds=settings.target_pool_wait_seconds,
                     idle_seconds=settings.target_pool_idle_seconds,
                 ),
+                identity=lambda name: WebIdentityTokens(signing, settings.issuer_url, name),
             )
             mounts.in_use_by = catalog.count_using_backend
             leases = Leases(store)
@@ -226,7 +229,6 @@ class Runtime:
                                    if settings.delivery_deadline_seconds else None),
             )
             admin_keys = AdminKeys(store)
-            signing = SigningKeys(store, envelope)
             tokens = Tokens(signing, settings.issuer_url)
             issuers = TrustedIssuers(store)
             policies = Policies(store)

@@ -41,15 +41,16 @@ def connector_add(
     name: str,
     type_: Annotated[str, typer.Option("--type", help="Connector type (see `credgate connector types`).")],
     auth_method: Annotated[str, typer.Option("--auth-method", help="One of the type's auth methods.")],
-    secret: Annotated[str, typer.Option("--secret", help="BACKEND/PATH of the secret holding the material.")],
     resource: Annotated[list[str], typer.Option("--resource", help="Allowed resource pattern (repeatable).")],
+    secret: Annotated[str | None, typer.Option("--secret", help="BACKEND/PATH of the secret holding the material (none for web-identity).")] = None,
     settings: Annotated[list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", show_default=False)] = None,
     config_file: Annotated[Path | None, typer.Option("--config-file", help="JSON object of settings.")] = None,
     default_ttl: Annotated[str | None, typer.Option("--default-ttl", help="e.g. 15m")] = None,
     max_ttl: Annotated[str | None, typer.Option("--max-ttl", help="e.g. 1h")] = None,
 ) -> None:
     """Register (or replace) a connector."""
-    split_ref(secret)
+    if secret is not None:
+        split_ref(secret)
     config = read_json_file(config_file) if config_file else parse_pairs(settings or [], json_values=True)
     body = {
         "type": type_, "auth_method": auth_method, "secret": secret, "config": config, "resources": resource,
@@ -61,7 +62,8 @@ def connector_add(
 
 
 crud.add_list(app, "/v1/connectors", [
-    ("NAME", "name"), ("TYPE", "type"), ("AUTH", "auth_method"), ("SECRET", "secret"), ("RESOURCES", "resources"),
+    ("NAME", "name"), ("TYPE", "type"), ("AUTH", "auth_method"), ("SECRET", "secret"), ("HOLDS SECRET", "holds_secret"),
+    ("RESOURCES", "resources"),
 ], "List connectors.")
 crud.add_show(app, "/v1/connectors", "Show a connector (never its material).")
 

@@ -598,7 +598,7 @@ def repoint(c: Client, src: Location, dst: Location, dry_run: bool) -> list[dict
     connector needs). One entry per connector: name, from, to, status, error."""
     results: list[dict[str, Any]] = []
     for row in c.get("/v1/connectors")["items"]:
-        rel = src.holds(row["secret"])
+        rel = src.holds(row["secret"]) if row.get("secret") else None  # keyless: no secret to move
         if rel is None:
             continue
         entry: dict[str, Any] = {"connector": row["name"], "from": row["secret"], "to": dst.ref(rel), "error": None}

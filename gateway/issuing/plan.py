@@ -105,7 +105,8 @@ class IssuePlan:
     def request(self, lease: LeaseRow, timeout_seconds: float) -> IssueRequest:
         """What the connector is asked to create, for ``lease`` (recorded from this plan)."""
         return IssueRequest(
-            lease.id, self.resource, self.ttl.ttl, lease.expires_at, lease.revoke_state, timeout_seconds
+            lease.id, self.resource, self.ttl.ttl, lease.expires_at, lease.revoke_state, timeout_seconds,
+            principal=lease.principal, run_id=lease.run_id,
         )
 
 

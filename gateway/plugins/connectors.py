@@ -34,13 +34,14 @@ import asyncio
 import fnmatch
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 
-from connectors.base import RESOURCE, PoolLimits, ServiceConnector
+from connectors.base import RESOURCE, PoolLimits, ServiceConnector, WorkloadIdentity, is_keyless
 from gateway.audit import trail as audit
 from gateway.store import changes
 from gateway import paths
@@ -62,7 +63,7 @@ CONNECTOR_NAME = paths.BACKEND_NAME  # same grammar as backend names
 class ConnectorSpec:
     type: str
     auth_method: str
-    secret: str  # "backend/path"
+    secret: str | None  # "backend/path"; None for a keyless auth method
     config: dict[str, Any]
     resources: list[str]
     default_ttl_seconds: int | None
@@ -79,6 +80,7 @@ def type_info(type_name: str) -> dict[str, Any]:
         "type": type_name,
         "available": True,
         "auth_methods": {name: model.model_json_schema() for name, model in cls.auth_methods.items()},
+        "keyless_auth_methods": sorted(name for name, model in cls.auth_methods.items() if is_keyless(model)),
         "config_schema": cls.config_model.model_json_schema(),
         "resource_types": list(cls.resource_types),
         "revocability": str(cls.capabilities.revocability),
@@ -133,10 +135,14 @@ def validate_material(cls: Any, auth_method: str, data: Any, ref: str) -> BaseMo
 
 
 def _construct(
-    cls: Any, name: str, config: Any, auth_method: str, material: Any, pool: PoolLimits | None = None
+    cls: Any, name: str, config: Any, auth_method: str, material: Any, pool: PoolLimits | None = None,
+    identity: Callable[[str], WorkloadIdentity] | None = None,
 ) -> ServiceConnector:
     try:
-        return cls(config, auth_method, material, name=name, pool=pool)
+        connector = cls(config, auth_method, material, name=name, pool=pool)
+        if identity is not None:
+            connector.identity = identity(name)  # the gateway as its OIDC issuer (web-identity)
+        return connector
     except ValueError as exc:
         # A plain ValueError carries a connector's own sentence; anything richer (a pydantic
         # error quotes its input, which may be material) is reduced to its type.
@@ -150,16 +156,19 @@ def resource_allowed(row: ConnectorRow, resource: str) -> bool:
 
 @dataclass(frozen=True)
 class _Material:
-    secret: str  # "backend/path" it was read from
+    secret: str | None  # "backend/path" it was read from; None: keyless, nothing read
     config: Any
     material: Any
 
 
 class Catalog:
     def __init__(
-        self, store: Store, mounts: Mounts, *, material_seconds: float = 30.0, pool: PoolLimits | None = None
+        self, store: Store, mounts: Mounts, *, material_seconds: float = 30.0, pool: PoolLimits | None = None,
+        identity: Callable[[str], WorkloadIdentity] | None = None,
     ) -> None:
         self._store = store
+        # connector name -> the gateway as its OIDC issuer, for keyless auth methods (web-identity)
+        self._identity = identity
         self._pool = pool or PoolLimits()  # each live instance's bounds on admin connections to its target
         self._mounts = mounts
         feed = store.changes
@@ -184,11 +193,13 @@ class Catalog:
 
     def _secret_changed(self, ref: str | None) -> None:
         if self.material is not None:
-            self.material.invalidate_where(lambda _name, m: ref is None or m.secret == ref)
+            self.material.invalidate_where(lambda _name, m: m.secret is not None and (ref is None or m.secret == ref))
 
     def _backend_changed(self, name: str | None) -> None:
         if self.material is not None:
-            self.material.invalidate_where(lambda _n, m: name is None or m.secret.partition("/")[0] == name)
+            self.material.invalidate_where(
+                lambda _n, m: m.secret is not None and (name is None or m.secret.partition("/")[0] == name)
+            )
 
     async def get(self, name: str) -> ConnectorRow:
         """The connector's row (shared with other requests: read it, never change it)."""
@@ -262,11 +273,24 @@ class Catalog:
                 code="unknown_auth_method",
             )
         config = validate_model(cls.config_model, spec.config, f"{spec.type} config", "config.")
-        backend, _, path = spec.secret.partition("/")
-        paths.backend_name(backend)
-        paths.secret_path(path)
-        await self.authorize_material(principal, backend, path, bind=name)  # before the secret is touched
-        await self._mounts.info(backend)  # 404 backend_not_found
+        keyless = is_keyless(cls.auth_methods[spec.auth_method])
+        if keyless and spec.secret is not None:
+            raise BadRequest(
+                f"Auth method {spec.auth_method} of connector type {spec.type} draws on no secret; omit secret.",
+                code="secret_not_used",
+            )
+        if not keyless and spec.secret is None:
+            raise BadRequest(
+                f"Auth method {spec.auth_method} of connector type {spec.type} needs a secret (BACKEND/PATH).",
+                code="secret_required",
+            )
+        backend = path = None
+        if spec.secret is not None:
+            backend, _, path = spec.secret.partition("/")
+            paths.backend_name(backend)
+            paths.secret_path(path)
+            await self.authorize_material(principal, backend, path, bind=name)  # before the secret is touched
+            await self._mounts.info(backend)  # 404 backend_not_found
         for pattern in spec.resources:
             if not RESOURCE.match(pattern):
                 raise ValidationFailed(
@@ -283,8 +307,12 @@ class Catalog:
                 code="invalid_ttl",
             )
         # The material, checked now: a connector that can't work is refused when it is added.
-        material = validate_material(cls, spec.auth_method, await self._secret_data(name, backend, path), spec.secret)
-        missing = _construct(cls, name, config, spec.auth_method, material).missing_keys()
+        if backend is None or path is None:
+            material = cls.auth_methods[spec.auth_method]()
+        else:
+            data = await self._secret_data(name, backend, path)
+            material = validate_material(cls, spec.auth_method, data, f"{backend}/{path}")
+        missing = _construct(cls, name, config, spec.auth_method, material, identity=self._identity).missing_keys()
         if missing:
             keys = [_key(k) for k in missing]
             raise ValidationFailed(
@@ -343,7 +371,7 @@ class Catalog:
             # The same material, or the same values read again once the cache lapsed: the
             # instance (and its pool of admin connections) stays.
             return live[1]
-        connector = _construct(cls, row.name, loaded.config, row.auth_method, loaded.material, self._pool)
+        connector = _construct(cls, row.name, loaded.config, row.auth_method, loaded.material, self._pool, self._identity)
         await connector.start()
         old = self._live.get(row.name)
         self._live[row.name] = (loaded, connector)
@@ -395,6 +423,8 @@ class Catalog:
     async def _read_material(self, row: ConnectorRow) -> _Material:
         cls = connector_class(row.type)
         config = validate_model(cls.config_model, row.config, f"{row.type} config", "config.")
+        if row.secret_backend is None or row.secret_path is None:  # keyless: nothing to read
+            return _Material(None, config, cls.auth_methods[row.auth_method]())
         ref = f"{row.secret_backend}/{row.secret_path}"
         data = await self._secret_data(row.name, row.secret_backend, row.secret_path)
         return _Material(ref, config, validate_material(cls, row.auth_method, data, ref))

@@ -159,8 +159,9 @@ class ConnectorRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     type: Mapped[str] = mapped_column(String(32))
     auth_method: Mapped[str] = mapped_column(String(32))
-    secret_backend: Mapped[str] = mapped_column(ForeignKey("backends.name"), index=True)
-    secret_path: Mapped[str] = mapped_column(String(512))
+    # None for a keyless auth method (web-identity): the connector draws on no secret at all.
+    secret_backend: Mapped[str | None] = mapped_column(ForeignKey("backends.name"), index=True, nullable=True)
+    secret_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     resources: Mapped[list[str]] = mapped_column(JSON, default=list)
     default_ttl_seconds: Mapped[int] = mapped_column(Integer)

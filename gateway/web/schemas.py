@@ -153,8 +153,10 @@ ResourcePattern = Annotated[str, StringConstraints(min_length=1, max_length=256)
 class ConnectorPut(Input):
     type: Annotated[str, StringConstraints(min_length=1, max_length=32)]
     auth_method: Annotated[str, StringConstraints(min_length=1, max_length=32)]
-    secret: Annotated[str, StringConstraints(min_length=3, max_length=600)] = Field(
-        description="The backend secret holding the material, as BACKEND/PATH."
+    secret: Annotated[str, StringConstraints(min_length=3, max_length=600)] | None = Field(
+        None,
+        description="The backend secret holding the material, as BACKEND/PATH; none for a keyless auth method "
+        "(web-identity), which draws on no secret at all.",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="Non-secret settings of the connector type.")
     resources: list[ResourcePattern] = Field(..., min_length=1, max_length=100, description="Allowed resource patterns (globs).")
@@ -166,7 +168,9 @@ class ConnectorOut(BaseModel):
     name: str
     type: str
     auth_method: str
-    secret: str
+    secret: str | None = Field(description="BACKEND/PATH of the secret it draws on; null when it holds none.")
+    holds_secret: bool = Field(description="False for a keyless auth method (web-identity): no long-lived "
+                                           "secret exists for this connector anywhere, here or in a backend.")
     config: dict[str, Any]
     resources: list[str]
     default_ttl_seconds: int

@@ -132,7 +132,7 @@ def s3_client(aws: Account, credential: dict[str, str]) -> Any:
 
 def test_metadata() -> None:
     assert AWSConnector.type == "aws"
-    assert set(AWSConnector.auth_methods) == {"secret-key", "iam-role"}
+    assert set(AWSConnector.auth_methods) == {"secret-key", "iam-role", "web-identity"}
     assert set(AWSConnector.resource_types) == {"s3-bucket", "aws-generic"}
     assert AWSConnector.revocability is Revocability.EXPIRY_ONLY
     assert AWSConnector.renewable is False and AWSConnector.wrap_only is False
