@@ -25,6 +25,7 @@ is kept in :attr:`accepted` (the decoded claims), what failed in :attr:`rejected
 from __future__ import annotations
 
 import fnmatch
+import json
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -60,6 +61,7 @@ class StsOidcStandIn:
         self._keys: dict[str, KeySet] = {}
         self.accepted: list[dict[str, Any]] = []
         self.rejected: list[str] = []
+        self.why = ""  # why the last token failed verification (for a failing test's message)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -121,8 +123,8 @@ class StsOidcStandIn:
     async def _check(self, form: dict[str, str]) -> tuple[int, bytes] | None:
         token, role = form.get("WebIdentityToken", ""), form.get("RoleArn", "")
         try:
-            header = jwt.extract(token).header  # unverified: only to find the key
-            unverified = jwt.extract(token).claims
+            compact = jws.extract_compact(token.encode())  # unverified: only to find the issuer and key
+            header, unverified = dict(compact.headers()), json.loads(compact.payload)
         except Exception:  # noqa: BLE001
             return self._reject("InvalidIdentityToken", "The token is not a JWT.")
         issuer = str(unverified.get("iss", "")).rstrip("/")
@@ -131,7 +133,8 @@ class StsOidcStandIn:
         try:
             keys = await self._jwks(issuer, header.get("kid"))
             claims = jwt.decode(token, keys, algorithms=["RS256"]).claims
-        except (JoseError, ValueError, KeyError, httpx.HTTPError):
+        except (JoseError, ValueError, KeyError, httpx.HTTPError) as exc:
+            self.why = f"{type(exc).__name__}: {exc}"
             return self._reject("InvalidIdentityToken", "The token's signature could not be verified.")
         now = time.time()
         aud = claims.get("aud")
