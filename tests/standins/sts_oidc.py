@@ -59,6 +59,7 @@ class StsOidcStandIn:
         self.providers: dict[str, set[str]] = {}  # issuer URL -> client IDs (audiences)
         self.trusts: dict[str, tuple[str, list[str]]] = {}  # role ARN -> (issuer, allowed sub patterns)
         self._keys: dict[str, KeySet] = {}
+        self._client: httpx.AsyncClient | None = None
         self.accepted: list[dict[str, Any]] = []
         self.rejected: list[str] = []
         self.why = ""  # why the last token failed verification (for a failing test's message)
@@ -112,7 +113,7 @@ class StsOidcStandIn:
         keys = self._keys.get(issuer)
         if keys is not None and (kid is None or any(k.kid == kid for k in keys.keys)):
             return keys
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with httpx.AsyncClient(timeout=5) as client:  # once per issuer and new kid: not the hot path
             doc = (await client.get(f"{issuer}/.well-known/openid-configuration")).raise_for_status().json()
             if doc.get("issuer", "").rstrip("/") != issuer:
                 raise ValueError("the discovery document names another issuer")
@@ -180,9 +181,10 @@ class StsOidcStandIn:
             await send({"type": "http.response.body", "body": out})
             return
         url = self.upstream + scope["path"] + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
-        async with httpx.AsyncClient(timeout=30) as client:
-            resp = await client.request(scope["method"], url, content=body,
-                                        headers=[(k, v) for k, v in headers if k.lower() not in ("host", "content-length")])
+        if self._client is None:  # one client, on the server's own event loop
+            self._client = httpx.AsyncClient(timeout=30)
+        resp = await self._client.request(scope["method"], url, content=body,
+                                          headers=[(k, v) for k, v in headers if k.lower() not in ("host", "content-length")])
         await send({"type": "http.response.start", "status": resp.status_code,
                     "headers": [(k.encode(), v.encode()) for k, v in resp.headers.items()
                                 if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")]})
