@@ -303,6 +303,23 @@ async def test_web_identity_checks_audience_subject_length_and_condition(gcp_tar
             await c.aclose()
 
 
+async def test_web_identity_with_a_configured_audience(gcp_target: Target) -> None:
+    provider = gcp_target.gcp.add_provider(POOL, "credgate-custom-aud", gcp_target.issuer.issuer,
+                                           audiences=["credgate-gcp"])
+    default_aud = connector(gcp_target, "web-identity", workload_identity_provider=provider)
+    custom = connector(gcp_target, "web-identity", workload_identity_provider=provider,
+                       web_identity_audience="credgate-gcp")
+    try:
+        with pytest.raises(TargetError):  # the provider no longer accepts its own name as audience
+            await default_aud.issue(request(f"gcp-project:{PROJECT}"))
+        issued = await custom.issue(request(f"gcp-project:{PROJECT}"))
+    finally:
+        await default_aud.aclose()
+        await custom.aclose()
+    assert gcp_target.gcp.accepted_claims[-1]["aud"] == "credgate-gcp"
+    assert gcp_target.gcp.token_info(issued.credential["access_token"]).principal == f"serviceAccount:{TARGET}"
+
+
 async def test_web_identity_without_an_issuer_is_a_clear_error(gcp_target: Target) -> None:
     conn = connector(gcp_target, "web-identity")
     conn.identity = None

@@ -32,8 +32,8 @@ to it unchanged. Everything it is handed is VERIFIED, never assumed:
   registered provider's resource name (:meth:`GCPAuthStandIn.add_provider`). The JWT is verified as
   Google does for an OIDC provider: keys from ``{issuer}/.well-known/openid-configuration`` and
   its ``jwks_uri`` (the provider's configured issuer, not whatever the token claims), RS256
-  signature, ``iss`` = that issuer, ``aud`` one of the provider's allowed audiences (default:
-  ``https:`` + the provider's resource name, as Google defaults), live ``exp`` (a minute's
+  signature, ``iss`` = that issuer, ``aud`` one of the provider's allowed audiences (none configured:
+  the provider's resource name with or without an ``https:`` prefix, as Google defaults), live ``exp`` (a minute's
   leeway), ``iat`` not in the future; attribute mapping ``google.subject = assertion.sub`` (at
   most 127 bytes, else refused) and an optional attribute condition (a predicate on the claims).
   The federated token's principal is ``principal://.../subject/SUB``; it lives at most an hour
@@ -245,8 +245,10 @@ class GCPAuthStandIn:
         name = (f"//iam.googleapis.com/projects/{self.project_number}/locations/global/"
                 f"workloadIdentityPools/{pool}/providers/{provider}")
         with self._lock:
-            self._providers[name] = _Provider(name, issuer.rstrip("/"), frozenset(audiences) or frozenset({"https:" + name}),
-                                              condition)
+            # No allowed audiences configured: Google accepts the provider's full canonical
+            # resource name, with or without the https: prefix.
+            default = frozenset({name, "https:" + name})
+            self._providers[name] = _Provider(name, issuer.rstrip("/"), frozenset(audiences) or default, condition)
         return name
 
     def pool_principal(self, pool: str, subject: str) -> str:
