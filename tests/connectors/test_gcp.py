@@ -127,6 +127,53 @@ def test_standin_grants_google_auths_jwt_bearer_and_refuses_a_wrong_signature(gc
     assert objects(gcp_target, "ya29.not-issued-here", ALLOWED) == 401
 
 
+@pytest.mark.parametrize("change", [
+    {"aud": "https://elsewhere.example/token"}, {"exp_in": -600}, {"exp_in": 7200}, {"scope": ""},
+    {"sub": "someone@example.com"}, {"iss": f"nobody@{PROJECT}.iam.gserviceaccount.com"},
+])
+def test_standin_checks_every_claim_of_the_assertion(gcp_target: Target, change: dict[str, Any]) -> None:
+    """Assertions signed with the account's real key, each with one claim wrong: all refused."""
+    import time
+
+    import httpx
+    from google.auth import crypt
+    from google.auth import jwt as gjwt
+
+    signer = crypt.RSASigner.from_service_account_info(gcp_target.key)
+    now = int(time.time())
+    claims = {"iss": gcp_target.key["client_email"], "aud": "https://oauth2.googleapis.com/token",
+              "scope": CLOUD_PLATFORM, "iat": now, "exp": now + 3600}
+    good = gjwt.encode(signer, claims).decode()
+    exp_in = change.pop("exp_in", None)
+    bad_claims = claims | change | ({"exp": now + exp_in} if exp_in is not None else {})
+    bad = gjwt.encode(signer, bad_claims).decode()
+    grant = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    assert httpx.post(gcp_target.gcp.token_uri, data={"grant_type": grant, "assertion": good}).status_code == 200
+    r = httpx.post(gcp_target.gcp.token_uri, data={"grant_type": grant, "assertion": bad})
+    assert r.status_code == 400 and r.json()["error"] in ("invalid_grant", "invalid_scope", "unauthorized_client")
+
+
+def test_standin_iam_checks_the_caller_and_the_lifetime(gcp_target: Target) -> None:
+    import httpx
+    from google.auth.transport.requests import Request
+
+    creds = _sa_credentials(gcp_target.key)
+    creds.refresh(Request())
+    url = f"{gcp_target.gcp.endpoint}/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken"
+
+    def call(bearer: str, lifetime: str) -> httpx.Response:
+        return httpx.post(url, headers={"Authorization": f"Bearer {bearer}"},
+                          json={"scope": [CLOUD_PLATFORM], "lifetime": lifetime})
+
+    ok = call(creds.token, "300s")
+    assert ok.status_code == 200 and gcp_target.gcp.token_info(ok.json()["accessToken"]).principal == f"serviceAccount:{TARGET}"
+    assert call(creds.token, "7200s").status_code == 400  # above the hour
+    assert call("ya29.forged", "300s").status_code == 401
+    lone = _sa_credentials(gcp_target.gcp.add_service_account())
+    lone.refresh(Request())
+    assert call(lone.token, "300s").status_code == 403  # no tokenCreator binding on TARGET
+
+
 def test_standin_downscopes_what_google_auths_sts_client_sends(gcp_target: Target) -> None:
     from google.auth import downscoped
     from google.auth.transport.requests import Request
@@ -228,12 +275,14 @@ async def test_bucket_token_is_downscoped_to_the_bucket(gcp_target: Target) -> N
 
 async def test_impersonation_honours_the_lease_lifetime(gcp_target: Target) -> None:
     conn = connector(gcp_target, "impersonation")
+    tokens_before = gcp_target.gcp.calls.get("token", 0)
     try:
         issued = await conn.issue(request(f"gcs-bucket:{ALLOWED}", timedelta(minutes=10)))
         second = await conn.issue(request(f"gcp-project:{PROJECT}", timedelta(minutes=20)))
     finally:
         await conn.aclose()
     assert gcp_target.gcp.lifetimes[-2:] == [600, 1200]
+    assert gcp_target.gcp.calls["token"] == tokens_before + 1  # the source token was reused
     assert issued.expires_at <= datetime.now(UTC) + timedelta(minutes=10)
     assert datetime.fromisoformat(issued.credential["expiry"]) <= datetime.now(UTC) + timedelta(minutes=10)
     assert gcp_target.gcp.token_info(issued.credential["access_token"]).principal == f"serviceAccount:{TARGET}"
@@ -391,3 +440,12 @@ async def test_a_refused_or_unloadable_key_never_shows_its_secret(gcp_target: Ta
                           v.message, repr(conn), repr(conn._material)])
         assert not v.ok
         assert secret not in shown and secret.splitlines()[len(secret.splitlines()) // 2] not in shown
+
+
+def test_sanitize_keeps_the_class_and_googles_code_only() -> None:
+    from google.auth.exceptions import RefreshError
+
+    body = {"error": "invalid_grant", "error_description": "key SECRETVALUE refused"}
+    exc = RefreshError("invalid_grant: key SECRETVALUE refused", body)
+    assert GCPConnector.sanitize(exc) == "RefreshError (invalid_grant)"
+    assert GCPConnector.sanitize(ValueError("SECRETVALUE")) == "ValueError"
