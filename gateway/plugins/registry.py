@@ -27,6 +27,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "mysql": ("connectors.mysql:MySQLConnector", "mysql"),
     "redis": ("connectors.redis:RedisConnector", "redis"),
     "aws": ("connectors.aws:AWSConnector", "aws"),
+    "gcp": ("connectors.gcp:GCPConnector", "gcp"),  # OAuth2 access tokens, GCS-downscoped
     "static": ("connectors.static:StaticConnector", None),
 }
 

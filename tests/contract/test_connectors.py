@@ -39,6 +39,7 @@ from gateway.plugins.registry import CONNECTOR_TYPES
 from tests.conftest import Gateway
 from tests.connectors.test_aws import ALLOWED, OTHER
 from tests.connectors.test_aws import aws as aws_account  # noqa: F401 - fixture
+from tests.connectors.test_gcp import gcp_target  # noqa: F401 - fixture
 from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
@@ -180,6 +181,23 @@ def aws_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def gcp_case(request: pytest.FixtureRequest) -> Case:
+    from tests.connectors.test_gcp import ALLOWED as GCS_ALLOWED
+    from tests.connectors.test_gcp import OTHER as GCS_OTHER
+    from tests.connectors.test_gcp import objects
+
+    target = request.getfixturevalue("gcp_target")
+    config = target.endpoints()
+    unloadable = f"-----BEGIN PRIVATE KEY-----\n{CANARY}\n-----END PRIVATE KEY-----\n"
+    return Case(
+        type="gcp", auth_method="service-account", material=target.key, config=config,
+        resource=f"gcs-bucket:{GCS_ALLOWED}", outside=f"gcs-bucket:{GCS_OTHER}",
+        works=lambda cred: objects(target, cred["access_token"], GCS_ALLOWED) == 200,
+        down=(target.key | {"token_uri": f"http://127.0.0.1:{closed_port()}/token"}, config),
+        canary=(target.key | {"private_key": unloadable}, config),
+    )
+
+
 def static_case(request: pytest.FixtureRequest) -> Case:
     material = {"api_key": "sk-" + secrets.token_hex(12), "entity": "ml-team"}
     return Case(
@@ -193,6 +211,7 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "mysql": mysql_case,
     "redis": redis_case,
     "aws": aws_case,
+    "gcp": gcp_case,
     "static": static_case,
 }
 
