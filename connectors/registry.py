@@ -612,7 +612,8 @@ def _aws_error(exc: BaseException, doing: str) -> TargetError:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException",
-                    "ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId"):
+                    "ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId",
+                    "InvalidSignatureException"):
             return TargetError(f"AWS refused the connector's keys while {doing} ({what}).", code="target_auth_failed")
         if code in ("AccessDenied", "AccessDeniedException"):
             return TargetError(f"AWS denied {doing} ({what}).", code="target_permission_denied")
