@@ -267,7 +267,8 @@ class RegistryConnector(ConnectorBase):
         if cfg.external_id and not cfg.role_arn:
             raise ValidationFailed("external_id is only used with role_arn.", code="invalid_connector_config")
         self._threads = f"connector:{name or 'registry'}"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the boto3 session (not thread-safe)
+        self._clients_lock = threading.Lock()
         self._session: Any = None
         self._clients: dict[str, Any] = {}
         self._http: Any = None
@@ -480,9 +481,13 @@ class RegistryConnector(ConnectorBase):
                                   config=config, **keys)
 
     def _client(self, service: str) -> Any:
+        """This instance's client for ``service`` (signed with the material), built once."""
         client = self._clients.get(service)
         if client is None:
-            client = self._clients.setdefault(service, self._new_client(service))
+            with self._clients_lock:
+                client = self._clients.get(service)
+                if client is None:
+                    client = self._clients[service] = self._new_client(service)
         return client
 
     async def _call(self, doing: str, timeout: float, fn: Callable[[], _T]) -> _T:
@@ -499,6 +504,9 @@ class RegistryConnector(ConnectorBase):
 
     async def _issue_ecr(self, req: IssueRequest, name: str, actions: tuple[str, ...]) -> Issued:
         registry_id = self.config.registry_id
+        # The role session lives as long as the lease (15 min to 1 h: STS's floor, and the default
+        # MaxSessionDuration); the ECR token minted from it states its own expiry.
+        session_seconds = int(min(max(req.ttl.total_seconds(), 900), 3600))
 
         def call() -> tuple[dict[str, Any], str]:
             from botocore.exceptions import ClientError
@@ -520,7 +528,7 @@ class RegistryConnector(ConnectorBase):
             assume: dict[str, Any] = {
                 "RoleArn": self.config.role_arn, "RoleSessionName": req.revoke_state.get("session_name")
                 or _NAME_CHARS.sub("", f"{self.config.session_name_prefix}-{req.lease_id}")[:64],
-                "DurationSeconds": 900, "Policy": json.dumps(policy, separators=(",", ":")),
+                "DurationSeconds": session_seconds, "Policy": json.dumps(policy, separators=(",", ":")),
             }
             if self.config.external_id:
                 assume["ExternalId"] = self.config.external_id
