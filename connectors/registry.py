@@ -34,6 +34,11 @@ Two auth methods, two kinds of credential:
   ``jti`` (the lease id) and ``access``: ``[{"type": "repository", "name": NAME,
   "actions": [...]}]``.
 
+  The credential is the token itself (``token``, with ``registry``, ``scope``, ``service``):
+  a client sends it as ``Authorization: Bearer`` to the registry. ``docker login`` can't
+  take it (docker fetches its own token from the registry's realm); tools that accept a
+  registry bearer token, or an HTTP client, can.
+
   Resources ``repository:NAME`` (``config.default_actions``, pull unless set) or
   ``repository:NAME:ACTIONS`` with ACTIONS ``pull``, ``push`` or ``pull+push`` (a ``+``, as
   resource strings have no commas). The actions are part of the resource string, so the
