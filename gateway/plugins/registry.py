@@ -29,6 +29,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "aws": ("connectors.aws:AWSConnector", "aws"),
     "gcp": ("connectors.gcp:GCPConnector", "gcp"),  # OAuth2 access tokens, GCS-downscoped
     "static": ("connectors.static:StaticConnector", None),
+    "registry": ("connectors.registry:RegistryConnector", "aws"),  # ECR needs boto3; token auth only cryptography/joserfc
 }
 
 

@@ -44,6 +44,9 @@ from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
 from tests.connectors.test_redis import redis_url  # noqa: F401 - fixture
+from tests.connectors.test_registry import ecr as ecr_account  # noqa: F401 - fixture
+from tests.connectors.test_registry import pki  # noqa: F401 - fixture (the stand-in's PKI)
+from tests.connectors.test_registry import registry as registry_v2  # noqa: F401 - fixture
 from tests.services.pgcluster import free_port
 
 SQLITE = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)  # the store is not under test
@@ -206,6 +209,61 @@ def static_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def registry_token_case(request: pytest.FixtureRequest) -> Case:
+    """Distribution token auth against the registry v2 stand-in (it verifies every token)."""
+    import httpx
+
+    from tests.connectors.test_registry import ISSUER, OTHER, REPO, SERVICE
+    from tests.standins.registry_v2 import make_chain
+
+    pki, server = request.getfixturevalue("pki"), request.getfixturevalue("registry_v2")
+    config = {"registry_url": server.url, "service": SERVICE, "issuer": ISSUER}
+
+    def works(cred: dict[str, str]) -> bool:
+        with httpx.Client(base_url=cred["registry"], timeout=10) as http:
+            r = http.get(f"/v2/{REPO}/manifests/v1", headers={"Authorization": f"Bearer {cred['token']}"})
+        return r.status_code == 200
+
+    material = {"private_key": pki.key, "certificate_chain": pki.chain}
+    _, rogue_key, rogue_chain = make_chain("ec", ca_name="untrusted CA")  # the registry does not trust it
+    canary = {"private_key": f"{CANARY}\n{rogue_key}", "certificate_chain": rogue_chain}  # PEM explanatory text
+    return Case(
+        type="registry", auth_method="token", material=material, config=config,
+        resource=f"repository:{REPO}:pull", outside=f"repository:{OTHER}:pull", works=works,
+        down=({**material, "private_key": f"{CANARY}\n{pki.key}"},
+              config | {"registry_url": f"http://127.0.0.1:{closed_port()}"}),
+        canary=(canary, config),
+    )
+
+
+def registry_ecr_case(request: pytest.FixtureRequest) -> Case:
+    """ECR on moto. moto serves no registry, so ``works`` checks the docker login's shape
+    (user AWS, a password, the account's proxy endpoint): it can't pull with it."""
+    acct = request.getfixturevalue("ecr_account")
+    repo = acct.repo_arn.split(":repository/")[1]
+    config = {"endpoint_url": acct.moto.endpoint_url}
+    keys = {"aws_access_key_id": acct.key_id, "aws_secret_access_key": acct.secret}
+
+    def works(cred: dict[str, str]) -> bool:
+        return (cred["username"] == "AWS" and bool(cred["password"]) and cred["repository"] == repo
+                and cred["proxy_endpoint"] == "https://123456789012.dkr.ecr.us-east-1.amazonaws.com")
+
+    @contextlib.contextmanager
+    def enforce() -> Iterator[None]:
+        acct.moto.enable_auth()
+        try:
+            yield
+        finally:
+            acct.moto.disable_auth()
+
+    return Case(
+        type="registry", auth_method="ecr", material=keys, config=config,
+        resource=f"ecr-repository:{repo}", outside=f"ecr-repository:{repo.replace('app', 'other')}", works=works,
+        down=(keys | {"aws_secret_access_key": CANARY}, {"endpoint_url": f"http://127.0.0.1:{closed_port()}"}),
+        canary=(keys | {"aws_secret_access_key": CANARY}, config), enforce=enforce,
+    )
+
+
 CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "postgres": postgres_case,
     "mysql": mysql_case,
@@ -213,11 +271,13 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "aws": aws_case,
     "gcp": gcp_case,
     "static": static_case,
+    "registry": registry_token_case,
+    "registry+ecr": registry_ecr_case,  # a second auth method of a type: "<type>+<auth method>"
 }
 
 
 def test_every_registered_connector_type_runs_the_contract() -> None:
-    assert set(CASES) == set(CONNECTOR_TYPES)
+    assert {name.partition("+")[0] for name in CASES} == set(CONNECTOR_TYPES)
 
 
 @pytest.fixture(params=sorted(CASES))
