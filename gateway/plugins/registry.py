@@ -27,6 +27,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "mysql": ("connectors.mysql:MySQLConnector", "mysql"),
     "redis": ("connectors.redis:RedisConnector", "redis"),
     "aws": ("connectors.aws:AWSConnector", "aws"),
+    "azure": ("connectors.azure:AzureConnector", "azure"),  # Entra tokens, user-delegation SAS
     "static": ("connectors.static:StaticConnector", None),
 }
 
