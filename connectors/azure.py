@@ -230,9 +230,10 @@ def _sas_time(when: datetime) -> str:
 
 
 def sas_string_to_sign(fields: Mapping[str, str], canonicalized_resource: str) -> str:
-    """The string to sign of a user-delegation service SAS (versions 2025-07-05 and later):
-    one line per field in the reference's order, an empty line for an absent field, the
-    ``/blob/ACCOUNT/CONTAINER[/BLOB]`` resource after ``se``. Pure."""
+    """The string to sign of a user-delegation service SAS of version :data:`SAS_VERSION` (the
+    one azure-storage-blob 12.31 signs too): one line per field in the reference's order, an
+    empty line for an absent field, the ``/blob/ACCOUNT/CONTAINER[/BLOB]`` resource after
+    ``se``. Pure."""
     get = lambda k: fields.get(k, "")  # noqa: E731
     lines = [
         get("sp"), get("st"), get("se"), canonicalized_resource,
