@@ -450,14 +450,16 @@ class AzureConnector(ConnectorBase):
     async def _delegation_key(self, account: str, token: str, start: datetime, expiry: datetime,
                               timeout: float) -> dict[str, str]:
         """Get User Delegation Key: the key's fields, by the names a SAS gives them."""
-        import httpx
+        import ssl
         from xml.etree import ElementTree
+
+        import httpx
 
         body = (f'<?xml version="1.0" encoding="utf-8"?><KeyInfo><Start>{_sas_time(start)}</Start>'
                 f"<Expiry>{_sas_time(expiry)}</Expiry></KeyInfo>")
         headers = {"Authorization": f"Bearer {token}", "x-ms-version": SAS_VERSION,
                    "Content-Type": "application/xml"}
-        verify: Any = self.config.ca_bundle or True
+        verify: Any = ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
         try:
             async with httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(
                     timeout, connect=self.config.connection_timeout)) as client:
