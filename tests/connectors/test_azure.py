@@ -444,3 +444,20 @@ async def test_web_identity_needs_the_gateway_as_issuer(entra: Azure) -> None:
         with pytest.raises(TargetError) as err:
             await conn.issue(lease(conn, "key-vault:team-kv", principal="p"))
         assert err.value.code == "oidc_issuer_unconfigured"
+
+
+def test_sanitize_keeps_class_status_and_aadsts_never_the_message() -> None:
+    from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
+
+    secret = "CANARY" + secrets.token_hex(6)
+    refused = ClientAuthenticationError(message=f"AADSTS7000215: Invalid client secret {secret} provided.")
+    assert AzureConnector.sanitize(refused) == "ClientAuthenticationError (AADSTS7000215)"
+    try:
+        try:
+            raise ServiceRequestError(f"cannot connect to https://{secret}.example")
+        except ServiceRequestError as inner:
+            raise ClientAuthenticationError(message=f"failed {secret}") from inner
+    except ClientAuthenticationError as wrapped:
+        text = AzureConnector.sanitize(wrapped)
+    assert text == "ClientAuthenticationError from ServiceRequestError" and secret not in text
+    assert AzureConnector.sanitize(ValueError(secret)) == "ValueError"
