@@ -46,10 +46,13 @@ Nothing can be revoked (``EXPIRY_ONLY``): a token or a SAS is waited out (revoki
 delegation keys of an account, ``revokeUserDelegationKeys``, would cut every SAS of every
 lease at once: not done here). ``renew`` raises NotRenewable.
 
+``list_resources("azure-subscription")`` asks Azure Resource Manager (``GET /subscriptions``)
+which subscriptions the app sees; vaults and containers are not listed.
+
 Endpoints are configurable for tests and sovereign clouds: ``authority`` (``host[:port]``;
 instance discovery is disabled for a host that is not Microsoft's), ``blob_endpoint`` (a
-template with ``{account}``), ``key_vault_endpoint`` (with ``{vault}``), ``ca_bundle`` (a CA
-file for all of them).
+template with ``{account}``), ``key_vault_endpoint`` (with ``{vault}``), ``arm_endpoint``,
+``ca_bundle`` (a CA file for all of them).
 """
 
 from __future__ import annotations
@@ -172,6 +175,8 @@ class AzureConfig(BaseModel):
                                   description="a CA file for the authority and the services (tests, proxies)")
     blob_endpoint: str = Field("https://{account}.blob.core.windows.net", max_length=512)
     key_vault_endpoint: str = Field("https://{vault}.vault.azure.net", max_length=512)
+    arm_endpoint: str = Field("https://management.azure.com", max_length=512,
+                              description="Azure Resource Manager, where subscriptions are listed")
     blob_permissions: str = Field("r", min_length=1, max_length=len(PERMISSION_ORDER))
     federated_subject: Literal["connector", "principal"] = "connector"
     connection_timeout: float = Field(5.0, gt=0, le=60)
@@ -186,6 +191,11 @@ class AzureConfig(BaseModel):
     @classmethod
     def _vault(cls, value: str) -> str:
         return _https_template(value, "{vault}")
+
+    @field_validator("arm_endpoint")
+    @classmethod
+    def _arm(cls, value: str) -> str:
+        return _https_template(value + "{}", "{}").removesuffix("{}")
 
     @field_validator("blob_permissions")
     @classmethod
@@ -263,8 +273,8 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
-class _BlobRefused(Exception):
-    """The blob service answered a user delegation key request with an error (status and code only)."""
+class _Refused(Exception):
+    """The blob service or Resource Manager answered with an error (status and code only)."""
 
     def __init__(self, status: int, code: str | None) -> None:
         super().__init__(status, code)
@@ -315,8 +325,8 @@ class AzureConnector(ConnectorBase):
     def sanitize(cls, exc: BaseException) -> str:
         """An azure-core/azure-identity error as its class, HTTP status and AADSTS number (a
         wrapper names what it wraps the same way); never its message, which quotes ids and URLs."""
-        if isinstance(exc, _BlobRefused):
-            return f"blob service {exc.status}" + (f" ({exc.code})" if exc.code else "")
+        if isinstance(exc, _Refused):
+            return f"HTTP {exc.status}" + (f" ({exc.code})" if exc.code else "")
         root = _root(exc)
         if root is not exc:
             return f"{type(exc).__name__} from {cls.sanitize(root)}"
@@ -344,15 +354,13 @@ class AzureConnector(ConnectorBase):
         if isinstance(exc, ClientAuthenticationError):
             return TargetError(f"Entra refused connector {self.name!r}'s credentials while {doing} ({what}).",
                                code="target_auth_failed")
-        if isinstance(exc, _BlobRefused):
+        if isinstance(exc, _Refused):
             if exc.status == 403:
-                return TargetError(f"The storage account denied {doing} ({what}).", code="target_permission_denied")
+                return TargetError(f"Azure denied {doing} ({what}).", code="target_permission_denied")
             if exc.status == 401:
-                return TargetError(f"The storage account refused the token while {doing} ({what}).",
-                                   code="target_auth_failed")
+                return TargetError(f"Azure refused the token while {doing} ({what}).", code="target_auth_failed")
             if exc.status == 404:
-                return TargetError(f"The storage account found nothing while {doing} ({what}).",
-                                   code="resource_not_found")
+                return TargetError(f"Azure found nothing while {doing} ({what}).", code="resource_not_found")
         return TargetError(f"Azure failed while {doing} ({what}).")
 
     # -- pure ------------------------------------------------------------------
@@ -468,7 +476,7 @@ class AzureConnector(ConnectorBase):
                                       content=body.encode(), headers=headers)
             if r.status_code != 200:
                 code = r.headers.get("x-ms-error-code")
-                raise _BlobRefused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
+                raise _Refused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
             root = ElementTree.fromstring(r.content)
         except TargetError:
             raise
@@ -536,14 +544,49 @@ class AzureConnector(ConnectorBase):
         return Verification(ok=True, message=f"Entra issued a token to {who}.", identity=who)
 
     async def list_resources(self, resource_type: str) -> list[str]:
+        """``azure-subscription``: the subscriptions Azure Resource Manager shows the app
+        (``GET /subscriptions``), as resources. Vaults and containers are not listed (that
+        needs a resource query per subscription and account): name them in the connector."""
         if resource_type not in SCOPES:
             raise ResourceNotSupported(
                 f"Connector type azure has no resource type {resource_type!r}; it has: {', '.join(SCOPES)}."
             )
-        raise ResourceNotSupported(
-            f"Connector type azure can't list {resource_type} resources (that needs Azure Resource Manager); "
-            "name them in the connector's resources."
-        )
+        if resource_type != "azure-subscription":
+            raise ResourceNotSupported(
+                f"Connector type azure can't list {resource_type} resources; name them in the connector's resources."
+            )
+        return await self._subscriptions()
+
+    async def _subscriptions(self, timeout: float = 30.0) -> list[str]:
+        import ssl
+
+        import httpx
+
+        token = await self._token(SCOPES["azure-subscription"], None, timeout)
+        verify: Any = ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
+        found: list[str] = []
+        url: str | None = f"{self.config.arm_endpoint}/subscriptions?api-version=2022-12-01"
+        prefix = self.config.arm_endpoint + "/"
+        try:
+            async with httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(
+                    timeout, connect=self.config.connection_timeout)) as client:
+                for _ in range(50):  # pages
+                    if url is None:
+                        break
+                    r = await client.get(url, headers={"Authorization": f"Bearer {token.token}"})
+                    if r.status_code != 200:
+                        code = r.headers.get("x-ms-failure-cause") or None
+                        raise _Refused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
+                    page = r.json()
+                    found += [str(v.get("subscriptionId", "")).lower() for v in page.get("value", [])]
+                    url = page.get("nextLink")
+                    if url is not None and not str(url).startswith(prefix):
+                        raise TargetError("Azure Resource Manager sent a next page on another host.")
+        except TargetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, never quoted
+            raise self._error(exc, "listing subscriptions") from None
+        return sorted(f"azure-subscription:{sub}" for sub in set(found) if _GUID.match(sub))
 
     async def aclose(self) -> None:
         credential, self._credential = self._credential, None

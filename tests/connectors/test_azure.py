@@ -60,7 +60,8 @@ class Azure:
 
     def config(self, client_id: str, **extra: Any) -> dict[str, Any]:
         return {"tenant_id": self.s.tenant_id, "client_id": client_id, "authority": self.s.authority,
-                "ca_bundle": self.s.ca_file, "blob_endpoint": self.s.blob_endpoint(), **extra}
+                "ca_bundle": self.s.ca_file, "blob_endpoint": self.s.blob_endpoint(),
+                "arm_endpoint": self.s.arm_endpoint, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ async def test_renew_refused_revoke_noop_and_no_listing() -> None:
     with pytest.raises(NotRenewable):
         await conn.renew({}, datetime.now(UTC))
     assert await conn.revoke({}) is None
-    for kind in ("blob-container", "nothing"):
+    for kind in ("blob-container", "key-vault", "nothing"):  # before any call: no target configured
         with pytest.raises(ResourceNotSupported):
             await conn.list_resources(kind)
 
@@ -265,6 +266,11 @@ def test_standin_delegation_key_needs_a_storage_token(entra: Azure) -> None:
         r = httpx.post(url, content=body, headers={"Authorization": f"Bearer {token}"}, verify=ssl.create_default_context(cafile=entra.s.ca_file))
         assert r.status_code == status, r.text  # a management token is refused; a storage one reaches the 7-day check
     r = httpx.post(url, content=body, headers={"Authorization": "Bearer forged.token.here"}, verify=ssl.create_default_context(cafile=entra.s.ca_file))
+    assert r.status_code == 401
+    # Resource Manager wants a management token: a storage one is refused there.
+    storage = cred.get_token("https://storage.azure.com/.default").token
+    r = httpx.get(f"{entra.s.arm_endpoint}/subscriptions?api-version=2022-12-01",
+                  headers={"Authorization": f"Bearer {storage}"}, verify=ssl.create_default_context(cafile=entra.s.ca_file))
     assert r.status_code == 401
 
 
@@ -378,6 +384,23 @@ async def test_wrong_secret_refused_without_leaking(entra: Azure) -> None:
 async def test_verify(entra: Azure) -> None:
     result = await secret_connector(entra).verify()
     assert result.ok and entra.secret_app[0] in (result.identity or "")
+
+
+async def test_list_subscriptions_through_resource_manager(entra: Azure) -> None:
+    app = entra.s.add_secret_app()
+    other = "9a8b7c6d-0000-4000-8000-000000000001"
+    entra.s.add_subscription(app[0], SUB)
+    entra.s.add_subscription(app[0], other)
+    entra.s.add_subscription(entra.reader_app[0], "9a8b7c6d-0000-4000-8000-0000000000ff")  # not this app's
+    conn = secret_connector(entra, app)
+    assert await conn.list_resources("azure-subscription") == sorted(
+        [f"azure-subscription:{SUB}", f"azure-subscription:{other}"])
+    with pytest.raises(ResourceNotSupported):
+        await conn.list_resources("key-vault")
+    bad = secret_connector(entra, (app[0], "wrong"))
+    with pytest.raises(TargetError) as err:
+        await bad.list_resources("azure-subscription")
+    assert err.value.code == "target_auth_failed"
 
 
 async def test_unreachable_authority_and_blob_service(entra: Azure) -> None:

@@ -50,7 +50,11 @@ What it verifies, never assumes:
   (403 ``AuthenticationFailed``, ``AuthorizationPermissionMismatch``; 404 ``ContainerNotFound``,
   ``BlobNotFound``).
 
-Not implemented: Azure Resource Manager, Key Vault (see azure_keyvault.py), listing blobs,
+- Resource Manager ``GET /arm/subscriptions?api-version=...`` (Subscriptions - List, one page): a
+  management-scope bearer token this stand-in issued; the subscriptions :meth:`add_subscription`
+  gave the app.
+
+Not implemented: the rest of Azure Resource Manager, Key Vault (see azure_keyvault.py), listing blobs,
 block/page/append blob APIs beyond a single-shot Put Blob, ``sip``, stored access policies,
 ``saoid``/``suoid``/``scid`` semantics (they are signed, not enforced), key revocation.
 
@@ -114,6 +118,7 @@ class App:
     certificates: list[x509.Certificate] = field(default_factory=list)
     federated: list[tuple[str, str, str]] = field(default_factory=list)  # (issuer, subject, audience)
     roles: dict[str, str] = field(default_factory=dict)  # storage account -> data permissions ("rwdc")
+    subscriptions: set[str] = field(default_factory=set)  # what Resource Manager shows the app
 
 
 class EntraError(Exception):
@@ -188,6 +193,11 @@ class EntraStorageStandIn:
         with self._lock:
             self.apps[client_id].roles[account] = permissions
 
+    def add_subscription(self, client_id: str, subscription_id: str) -> None:
+        """A role for the app on a subscription: Resource Manager's ``GET /subscriptions`` lists it."""
+        with self._lock:
+            self.apps[client_id].subscriptions.add(subscription_id)
+
     def object_id(self, client_id: str) -> str:
         return self.apps[client_id].object_id
 
@@ -208,6 +218,11 @@ class EntraStorageStandIn:
     def authority(self) -> str:
         assert self.port is not None, "start() first"
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def arm_endpoint(self) -> str:
+        """The connector's ``arm_endpoint`` for this stand-in (the account name ``arm`` is reserved)."""
+        return f"https://{self.authority}/arm"
 
     def blob_endpoint(self, port: int | None = None) -> str:
         """The connector's ``blob_endpoint`` template for this stand-in (path-style accounts)."""
@@ -383,12 +398,12 @@ class EntraStorageStandIn:
 
     # --- Blob storage ---------------------------------------------------------------------------
 
-    def _bearer_app(self, authorization: str | None) -> App:
+    def _bearer_app(self, authorization: str | None, audience: str = STORAGE) -> App:
         if not authorization or not authorization.startswith("Bearer "):
             raise StorageError(401, "NoAuthenticationInformation", "Server failed to authenticate the request.")
         try:
             claims = jwt.decode(authorization[7:], self._signing_key.public_key(), algorithms=["RS256"],
-                                audience=STORAGE, leeway=CLOCK_SKEW, options={"require": ["exp", "oid", "tid"]})
+                                audience=audience, leeway=CLOCK_SKEW, options={"require": ["exp", "oid", "tid"]})
         except jwt.PyJWTError:
             raise StorageError(401, "InvalidAuthenticationInfo", "Authentication information is not given in the correct format.") from None
         if claims["tid"] != self.tenant_id:
@@ -552,6 +567,19 @@ class EntraStorageStandIn:
                 return JSONResponse(await self._token(base_of(request), tenant, form), headers={"Cache-Control": "no-store"})
             except EntraError as exc:
                 return entra_error(exc)
+
+        @api.get("/arm/subscriptions")
+        async def subscriptions(request: Request) -> Response:
+            """Resource Manager's Subscriptions - List (one page), for a management-scope token."""
+            try:
+                if not request.query_params.get("api-version"):
+                    raise StorageError(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+                app = self._bearer_app(request.headers.get("authorization"), audience=RESOURCES[0])
+            except StorageError as exc:
+                return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+            items = [{"id": f"/subscriptions/{sub}", "subscriptionId": sub, "tenantId": self.tenant_id,
+                      "displayName": f"sub {sub[:8]}", "state": "Enabled"} for sub in sorted(app.subscriptions)]
+            return JSONResponse({"value": items})
 
         @api.api_route("/{rest:path}", methods=["GET", "HEAD", "PUT", "DELETE", "POST"])
         async def storage(rest: str, request: Request) -> Response:
