@@ -307,6 +307,13 @@ class AzureConnector(ConnectorBase):
     def __repr__(self) -> str:
         return f"<AzureConnector {self.auth_method} tenant={self.config.tenant_id} client={self.config.client_id}>"
 
+    async def start(self) -> None:
+        """Refuse a ``ca_bundle`` that can't be read (else every call would look like a network failure)."""
+        import os
+
+        if self.config.ca_bundle and not os.access(self.config.ca_bundle, os.R_OK):
+            raise ValidationFailed(f"Connector {self.name!r}: its ca_bundle can't be read.", code="invalid_ca_bundle")
+
     @staticmethod
     def _check_certificate(pem: str) -> None:
         from cryptography import x509

@@ -381,6 +381,14 @@ async def test_wrong_secret_refused_without_leaking(entra: Azure) -> None:
     assert 7000215 in entra.s.refused
 
 
+async def test_unreadable_ca_bundle_refused_at_start(entra: Azure, tmp_path: Any) -> None:
+    await secret_connector(entra).start()
+    conn = secret_connector(entra, ca_bundle=str(tmp_path / "missing.pem"))
+    with pytest.raises(ValidationFailed) as err:
+        await conn.start()
+    assert err.value.code == "invalid_ca_bundle"
+
+
 async def test_verify(entra: Azure) -> None:
     result = await secret_connector(entra).verify()
     assert result.ok and entra.secret_app[0] in (result.identity or "")
