@@ -2,7 +2,8 @@
 
 Parametrised over every type in the registry (today: ``postgres`` on a
 throwaway scram cluster, ``mysql`` on MariaDB, ``redis``, ``aws`` on moto in
-server mode, ``static``), each against its real target. For each type:
+server mode, ``azure`` on the Entra + blob stand-in, ``static``), each against
+its real target or stand-in. For each type:
 
 - a credential is issued, then *used* at the target (static: the material
   comes back intact, through its wrap token);
@@ -40,6 +41,7 @@ from tests.conftest import Gateway
 from tests.connectors.test_aws import ALLOWED, OTHER
 from tests.connectors.test_aws import aws as aws_account  # noqa: F401 - fixture
 from tests.connectors.test_gcp import gcp_target  # noqa: F401 - fixture
+from tests.connectors.test_azure import entra as azure_entra  # noqa: F401 - fixture
 from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
@@ -201,6 +203,35 @@ def gcp_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def azure_case(request: pytest.FixtureRequest) -> Case:
+    """service-principal (client secret) against the Entra + blob stand-in: a user-delegation SAS
+    for one container, used with azure-storage-blob."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.storage.blob import ContainerClient
+
+    az = request.getfixturevalue("azure_entra")
+    tag = "cgc" + secrets.token_hex(4)
+    client_id, secret = az.s.add_secret_app()
+    az.s.grant(client_id, "cgcontract", "r")
+    az.s.seed("cgcontract", tag, {"report.txt": tag.encode()})
+    config = az.config(client_id)
+
+    def works(cred: dict[str, str]) -> bool:
+        client = ContainerClient.from_container_url(f"{cred['container_url']}?{cred['sas_token']}",
+                                                    connection_verify=az.s.ca_file, retry_total=0)
+        try:
+            return client.download_blob("report.txt").readall() == tag.encode()
+        except HttpResponseError:
+            return False
+
+    return Case(
+        type="azure", auth_method="service-principal", material={"client_secret": secret}, config=config,
+        resource=f"blob-container:cgcontract/{tag}", outside=f"blob-container:cgcontract/{tag}x", works=works,
+        down=({"client_secret": CANARY}, config | {"authority": f"127.0.0.1:{closed_port()}"}),
+        canary=({"client_secret": CANARY}, config),
+    )
+
+
 def static_case(request: pytest.FixtureRequest) -> Case:
     material = {"api_key": "sk-" + secrets.token_hex(12), "entity": "ml-team"}
     return Case(
@@ -270,6 +301,7 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "redis": redis_case,
     "aws": aws_case,
     "gcp": gcp_case,
+    "azure": azure_case,
     "static": static_case,
     "registry": registry_token_case,
     "registry+ecr": registry_ecr_case,  # a second auth method of a type: "<type>+<auth method>"
