@@ -248,9 +248,52 @@ def postgres_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
     return [Case("postgres", "postgres", "password", {}, "postgres", direct, material={"dsn": dsn}, cleanup=[drop])]
 
 
+def gcp_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
+    """The gcp connector against tests/standins/gcp_auth.py (a stand-in: no Google here): a
+    service-account token (the JWT-bearer grant) beside google-auth's own refresh, and an
+    impersonated token beside a direct ``generateAccessToken`` with the broker's token."""
+    from google.auth.transport.requests import Request
+    from google.oauth2 import service_account
+
+    from tests.standins.gcp_auth import GCPAuthStandIn
+
+    project, target = "credgate-bench", "pipelines@credgate-bench.iam.gserviceaccount.com"
+    gcp = GCPAuthStandIn(project).start()
+    stack.append(gcp.stop)
+    key = gcp.add_service_account(f"broker@{project}.iam.gserviceaccount.com")
+    gcp.add_service_account(target)
+    gcp.grant_token_creator(target, f"serviceAccount:{key['client_email']}")
+    gcp.add_bucket("bench-bucket", {"x": b"x"})
+    endpoints = {"iam_endpoint": gcp.endpoint, "sts_endpoint": gcp.endpoint, "storage_endpoint": gcp.endpoint}
+    scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+    session = httpx.Client(timeout=30)
+    stack.append(session.close)
+
+    def refresh() -> service_account.Credentials:
+        creds = service_account.Credentials.from_service_account_info(key, scopes=scopes)
+        creds.refresh(Request())
+        return creds
+
+    broker = refresh()
+
+    def generate() -> None:
+        r = session.post(f"{gcp.endpoint}/v1/projects/-/serviceAccounts/{target}:generateAccessToken",
+                         headers={"Authorization": f"Bearer {broker.token}"},
+                         json={"scope": scopes, "lifetime": "900s"})
+        r.raise_for_status()
+
+    return [
+        Case("gcp-service-account", "gcp", "service-account", endpoints, f"gcp-project:{project}",
+             lambda: None if refresh() else None, material=key),
+        Case("gcp-impersonation", "gcp", "impersonation", endpoints | {"target_service_account": target},
+             f"gcp-project:{project}", generate, material=key),
+    ]
+
+
 CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "aws": aws_cases,
     "postgres": postgres_cases,
+    "gcp": gcp_cases,
 }
 
 
