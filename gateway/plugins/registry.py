@@ -28,6 +28,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "redis": ("connectors.redis:RedisConnector", "redis"),
     "aws": ("connectors.aws:AWSConnector", "aws"),
     "static": ("connectors.static:StaticConnector", None),
+    "kubernetes": ("connectors.kubernetes:KubernetesConnector", None),  # httpx only (a base dependency)
 }
 
 
