@@ -117,7 +117,6 @@ def review(api: KubernetesAPIStandin, token: str, audiences: list[str] | None = 
 
 
 def test_shape_and_capabilities() -> None:
-    assert isinstance(KubernetesConnector, type) and issubclass(KubernetesConnector, object)
     assert KubernetesConnector.revocability is Revocability.REVOCABLE and not KubernetesConnector.renewable
     assert KubernetesConnector.ttl.min == timedelta(seconds=600)  # TokenRequest's minimum
     assert KubernetesConnector.resource_types == ("kubernetes-namespace",)
