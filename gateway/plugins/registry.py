@@ -31,6 +31,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "azure": ("connectors.azure:AzureConnector", "azure"),  # Entra tokens, user-delegation SAS
     "static": ("connectors.static:StaticConnector", None),
     "registry": ("connectors.registry:RegistryConnector", "aws"),  # ECR needs boto3; token auth only cryptography/joserfc
+    "kubernetes": ("connectors.kubernetes:KubernetesConnector", None),  # httpx only (a base dependency)
 }
 
 

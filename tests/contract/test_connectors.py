@@ -42,6 +42,7 @@ from tests.connectors.test_aws import ALLOWED, OTHER
 from tests.connectors.test_aws import aws as aws_account  # noqa: F401 - fixture
 from tests.connectors.test_gcp import gcp_target  # noqa: F401 - fixture
 from tests.connectors.test_azure import entra as azure_entra  # noqa: F401 - fixture
+from tests.connectors.test_kubernetes import api as k8s_api  # noqa: F401 - fixture
 from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
@@ -295,6 +296,24 @@ def registry_ecr_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def kubernetes_case(request: pytest.FixtureRequest) -> Case:
+    from tests.connectors.test_kubernetes import configmaps
+
+    api = request.getfixturevalue("k8s_api")
+    config = {"server": api.url, "certificate_authority": api.ca_pem.decode(), "service_account": "pipeline"}
+
+    def works(cred: dict[str, str]) -> bool:
+        r = configmaps(cred["kubeconfig"], "team-a")
+        return r.status_code == 200 and [i["data"] for i in r.json()["items"]] == [{"namespace": "team-a"}]
+
+    return Case(
+        type="kubernetes", auth_method="token", material={"token": api.admin_token}, config=config,
+        resource="kubernetes-namespace:team-a", outside="kubernetes-namespace:team-b", works=works,
+        down=({"token": CANARY}, config | {"server": f"https://127.0.0.1:{closed_port()}"}),
+        canary=({"token": CANARY}, config),
+    )
+
+
 CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "postgres": postgres_case,
     "mysql": mysql_case,
@@ -305,6 +324,7 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "static": static_case,
     "registry": registry_token_case,
     "registry+ecr": registry_ecr_case,  # a second auth method of a type: "<type>+<auth method>"
+    "kubernetes": kubernetes_case,
 }
 
 
