@@ -269,8 +269,10 @@ def gcp_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
     session = httpx.Client(timeout=30)
     stack.append(session.close)
 
+    parsed = service_account.Credentials.from_service_account_info(key)  # the key parsed once, as the connector does
+
     def refresh() -> service_account.Credentials:
-        creds = service_account.Credentials.from_service_account_info(key, scopes=scopes)
+        creds = parsed.with_scopes(scopes)
         creds.refresh(Request())
         return creds
 

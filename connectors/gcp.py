@@ -59,6 +59,7 @@ import asyncio
 import ipaddress
 import json
 import re
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -306,6 +307,8 @@ class GCPConnector(ConnectorBase):
         self._session: Any = None  # requests.Session for google-auth, built on first use
         self._http: Any = None  # httpx.AsyncClient, built on first use
         self._source: tuple[str, datetime] | None = None  # impersonation: the source key's token, cached
+        self._key_creds: Any = None  # the material key, parsed once (see _key_credentials)
+        self._key_lock = threading.Lock()
 
     @classmethod
     def sanitize(cls, exc: BaseException) -> str:
@@ -376,23 +379,32 @@ class GCPConnector(ConnectorBase):
 
     async def _key_token(self, scopes: list[str], timeout: float) -> tuple[str, datetime]:
         """The material key's own access token (JWT-bearer grant, google-auth, in a worker thread)."""
-        key: GCPServiceAccountKey = self._material  # type: ignore[assignment]
-        info = key.info(self.config.token_uri)
-
         def refresh() -> tuple[str, datetime]:
             from google.auth.transport.requests import Request
-            from google.oauth2 import service_account
 
-            try:
-                creds = service_account.Credentials.from_service_account_info(info, scopes=scopes)
-            except (ValueError, TypeError):
-                raise TargetError("The service-account key's private_key could not be loaded.",
-                                  code="target_auth_failed") from None
+            creds = self._key_credentials().with_scopes(scopes)  # a copy: its own token, the same signer
             creds.refresh(_TimeoutRequest(Request(self._requests_session()), min(timeout, DEFAULT_TIMEOUT)))
             expiry = creds.expiry.replace(tzinfo=UTC) if creds.expiry.tzinfo is None else creds.expiry
             return creds.token, expiry
 
         return await self._call("the OAuth 2.0 token request", timeout, refresh)
+
+    def _key_credentials(self) -> Any:
+        """The material key as google-auth credentials, its private key parsed once per instance
+        (loading an RSA key costs ~60 ms of CPU: its primes are checked); each issuance refreshes
+        a scoped copy of it, which shares the signer and holds its own token."""
+        with self._key_lock:
+            if self._key_creds is None:
+                from google.oauth2 import service_account
+
+                key: GCPServiceAccountKey = self._material  # type: ignore[assignment]
+                try:
+                    self._key_creds = service_account.Credentials.from_service_account_info(
+                        key.info(self.config.token_uri))
+                except (ValueError, TypeError):
+                    raise TargetError("The service-account key's private_key could not be loaded.",
+                                      code="target_auth_failed") from None
+            return self._key_creds
 
     async def _source_token(self, timeout: float) -> str:
         cached = self._source
