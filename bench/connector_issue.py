@@ -292,10 +292,45 @@ def gcp_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
     ]
 
 
+def kubernetes_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
+    """The kubernetes connector against tests/standins/k8s_api.py (a stand-in API server): a
+    per-lease Secret and a TokenRequest bound to it, beside the same two calls from httpx."""
+    import ssl
+
+    from tests.standins.k8s_api import KubernetesAPIStandin
+
+    api = KubernetesAPIStandin({"team-a": ["pipeline"]}, admin_namespaces={"team-a"}).start()
+    stack.append(api.stop)
+    client = httpx.Client(base_url=api.url, verify=ssl.create_default_context(cadata=api.ca_pem.decode()),
+                          headers={"Authorization": f"Bearer {api.admin_token}"}, timeout=30)
+    stack.append(client.close)
+    made: list[str] = []
+
+    def direct() -> None:
+        name = "direct-" + secrets.token_hex(6)
+        secret = client.post("/api/v1/namespaces/team-a/secrets", json={
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque"}).raise_for_status().json()
+        client.post("/api/v1/namespaces/team-a/serviceaccounts/pipeline/token", json={
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600, "boundObjectRef": {
+                "kind": "Secret", "apiVersion": "v1", "name": name, "uid": secret["metadata"]["uid"]}}}).raise_for_status()
+        made.append(name)
+
+    def clean() -> None:
+        for name in made:
+            client.delete(f"/api/v1/namespaces/team-a/secrets/{name}")
+        made.clear()
+
+    return [Case("kubernetes", "kubernetes", "token",
+                 {"server": api.url, "certificate_authority": api.ca_pem.decode(), "service_account": "pipeline"},
+                 "kubernetes-namespace:team-a", direct, material={"token": api.admin_token}, cleanup=[clean])]
+
+
 CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "aws": aws_cases,
     "postgres": postgres_cases,
     "gcp": gcp_cases,
+    "kubernetes": kubernetes_cases,
 }
 
 
