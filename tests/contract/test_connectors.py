@@ -11,7 +11,9 @@ server mode, ``static``), each against its real target. For each type:
 - a resource outside the connector's patterns is refused before any remote
   call (the connector points at a port nothing listens on: any call would be a
   503, not the 403 asked for);
-- a target that is down answers 503 ``target_unreachable``;
+- a target that is down answers 503 ``target_unreachable``, and leaves no lease active;
+- a revocable credential whose target is away at revoke time stays ``revoking`` and still
+  works, and the reaper revokes it once the target is back;
 - a canary planted in the material appears in no response, lease error or log.
 
 A new connector type joins by adding a factory to CASES; the first test fails
@@ -274,6 +276,8 @@ async def test_refusals_outside_patterns_and_target_down(gateway: Gateway, case:
     down = await ask(gateway, case, name)
     assert down.status_code == 503 and down.json()["error"]["code"] == "target_unreachable", down.text
     assert CANARY not in down.text
+    states = [item["state"] for item in (await gateway.client.get("/v1/leases", params={"connector": name})).json()["items"]]
+    assert "active" not in states and "pending" not in states, states
 
 
 @SQLITE
@@ -302,3 +306,34 @@ async def test_errors_never_carry_the_material(
     texts.append(json.dumps([r.getMessage() for r in caplog.records]))
     for text in texts:
         assert CANARY not in text and quote(CANARY) not in text
+
+
+@SQLITE
+async def test_revocation_is_retried_when_the_target_returns(gateway: Gateway, case: Case) -> None:
+    """A revocable credential whose target is away at revoke time stays ``revoking`` (202, its
+    error recorded, never reported revoked) and still works; once the target is back the reaper's
+    retry revokes it and it stops working. An expiry-only type has nothing to retry: skipped."""
+    from dataclasses import replace
+
+    if case.down is None:
+        pytest.skip(f"{case.type} reaches no target")
+    name = await configure(gateway, case)
+    r = await ask(gateway, case, name)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    if out["revocability"] != "revocable":
+        pytest.skip(f"{case.type} credentials are {out['revocability']}: nothing to revoke at the target")
+    cred = await credential_of(gateway, out)
+    await configure(gateway, case, *case.down)  # the same connector, now aimed at a closed port
+    creds = gateway.runtime.credentials
+    creds.policy = replace(creds.policy, backoff_base=0.01, backoff_cap=0.05)
+    away = await gateway.client.post(f"/v1/leases/{out['lease_id']}/revoke")
+    assert away.status_code == 202 and away.json()["state"] == "revoking" and away.json()["last_error"], away.text
+    assert CANARY not in away.text
+    assert await asyncio.to_thread(case.works, cred)  # not pretended revoked
+    await configure(gateway, case)  # the target is back
+    await asyncio.sleep(0.1)  # past the (tiny) backoff
+    await gateway.runtime.reaper.tick()
+    lease = (await gateway.client.get(f"/v1/leases/{out['lease_id']}")).json()
+    assert lease["state"] == "revoked", lease
+    assert not await asyncio.to_thread(case.works, cred)
