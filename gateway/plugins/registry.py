@@ -28,6 +28,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "redis": ("connectors.redis:RedisConnector", "redis"),
     "aws": ("connectors.aws:AWSConnector", "aws"),
     "static": ("connectors.static:StaticConnector", None),
+    "vault": ("connectors.vault:VaultConnector", "vault"),  # a Vault/OpenBao dynamic secrets engine's creds
 }
 
 
