@@ -2,7 +2,7 @@
 
 Parametrised over every type in the registry (today: ``postgres`` on a
 throwaway scram cluster, ``mysql`` on MariaDB, ``redis``, ``aws`` on moto in
-server mode, ``static``), each against its real target. For each type:
+server mode, ``static``, ``vault`` on OpenBao's database engine), each against its real target. For each type:
 
 - a credential is issued, then *used* at the target (static: the material
   comes back intact, through its wrap token);
@@ -43,6 +43,7 @@ from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
 from tests.connectors.test_redis import redis_url  # noqa: F401 - fixture
+from tests.connectors.test_vault import vault_target  # noqa: F401 - fixture
 from tests.services.pgcluster import free_port
 
 SQLITE = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)  # the store is not under test
@@ -188,12 +189,24 @@ def static_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def vault_case(request: pytest.FixtureRequest) -> Case:
+    tgt = request.getfixturevalue("vault_target")  # OpenBao's database engine on a scram cluster
+    config = tgt.config()
+    return Case(
+        type="vault", auth_method="token", material={"token": tgt.token}, config=config,
+        resource="vault-role:reader", outside="vault-role:writer", works=tgt.works,
+        down=({"token": CANARY}, config | {"address": f"http://127.0.0.1:{closed_port()}"}),
+        canary=({"token": CANARY}, config),
+    )
+
+
 CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "postgres": postgres_case,
     "mysql": mysql_case,
     "redis": redis_case,
     "aws": aws_case,
     "static": static_case,
+    "vault": vault_case,
 }
 
 
