@@ -421,7 +421,7 @@ async def test_concurrent_unwraps_succeed_exactly_once(gateway: Gateway) -> None
 
 async def test_connector_types_are_listed(gateway: Gateway) -> None:
     items = {t["type"]: t for t in (await gateway.client.get("/v1/connector-types")).json()["items"]}
-    assert set(items) == {"postgres", "mysql", "redis", "aws", "static"}
+    assert set(items) == {"postgres", "mysql", "redis", "aws", "static", "vault"}
     assert items["postgres"]["revocability"] == "revocable" and items["postgres"]["renewable"] is True
     assert items["aws"]["revocability"] == "expiry-only" and set(items["aws"]["auth_methods"]) == {"secret-key", "iam-role"}
     assert items["static"]["wrap_only"] is True
