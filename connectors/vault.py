@@ -104,7 +104,7 @@ from connectors.base import (
     generic_sanitize,
 )
 
-__all__ = ["VaultConnector", "VaultConfig", "VaultTokenMaterial", "VaultAppRoleMaterial", "ENGINES", "parse_resource"]
+__all__ = ["VaultConnector", "VaultConfig", "VaultTokenMaterial", "VaultAppRoleMaterial", "ENGINES", "credential_from", "parse_resource"]
 
 PREFIX = "vault-role:"
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -188,6 +188,16 @@ class VaultConfig(BaseModel):
         if v is not None and "-----BEGIN CERTIFICATE-----" not in v:
             raise ValueError("ca_cert is the PEM text of one or more certificates")
         return v
+
+
+def credential_from(engine: str, data: Mapping[str, Any]) -> dict[str, str] | None:
+    """The credential in a ``{mount}/creds/{role}`` answer's ``data`` for ``engine`` (see
+    ``ENGINES``), or None if a key the engine always returns is missing or empty. Empty
+    optional keys (an ``iam_user`` role's ``security_token``) are left out."""
+    mapping, required = ENGINES[engine]
+    if not required <= {k for k, v in data.items() if v}:
+        return None
+    return {out: str(data[key]) for key, out in mapping.items() if data.get(key)}
 
 
 def parse_resource(resource: str) -> str:
@@ -401,15 +411,14 @@ class VaultConnector(ConnectorBase):
         now = datetime.now(UTC)
         lease_id = body.get("lease_id")
         data = body.get("data") or {}
-        mapping, required = ENGINES[self.config.engine]
-        if not isinstance(lease_id, str) or not lease_id or not required <= {k for k, v in data.items() if v}:
+        credential = credential_from(self.config.engine, data if isinstance(data, Mapping) else {})
+        if not isinstance(lease_id, str) or not lease_id or credential is None:
             if isinstance(lease_id, str) and lease_id:
                 await self._revoke_id(lease_id)  # nothing usable: don't leave it behind
             raise TargetError(
                 f"Vault's answer for {mount}/creds/{role} is not a {self.config.engine} engine's credential.",
                 code="unexpected_answer",
             )
-        credential = {out: str(data[key]) for key, out in mapping.items() if data.get(key)}
         duration = int(body.get("lease_duration") or 0)
         expires = as_utc(req.expires_at)
         if duration > 0:

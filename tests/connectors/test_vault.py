@@ -28,7 +28,7 @@ import pytest
 
 from connectors.base import IssueRequest, NotRenewable, ResourceNotSupported, ResourceRejected, TargetError
 from connectors.base import TargetUnreachable
-from connectors.vault import VaultConnector, parse_resource
+from connectors.vault import VaultConnector, credential_from, parse_resource
 from tests.conftest import service_missing
 from tests.services.pgcluster import free_port
 
@@ -177,6 +177,19 @@ def test_resource_grammar_and_plan() -> None:
         with pytest.raises(ResourceNotSupported):
             conn.validate_resource(bad)
     assert conn.plan("L1", "vault-role:reader") == {"mount": "db/prod", "role": "reader"}
+
+
+def test_engine_mapping() -> None:
+    """Only ``database`` runs against OpenBao; ``aws`` (an external plugin there) is this mapping
+    of the aws engine's documented answer, checked here and nowhere else."""
+    assert credential_from("database", {"username": "u", "password": "p"}) == {"username": "u", "password": "p"}
+    assert credential_from("database", {"username": "u"}) is None
+    sts = {"access_key": "AKIA1", "secret_key": "s", "security_token": "t", "arn": "arn:aws:sts::1:x"}
+    assert credential_from("aws", sts) == {
+        "aws_access_key_id": "AKIA1", "aws_secret_access_key": "s", "aws_session_token": "t"}
+    assert credential_from("aws", sts | {"security_token": None}) == {
+        "aws_access_key_id": "AKIA1", "aws_secret_access_key": "s"}  # an iam_user role: no session token
+    assert credential_from("aws", {"access_key": "AKIA1"}) is None
 
 
 def test_material_never_in_repr() -> None:
