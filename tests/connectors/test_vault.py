@@ -510,3 +510,44 @@ async def test_ca_bundle_is_trusted_and_required() -> None:
             await untrusted.aclose()
     finally:
         bao.stop()
+
+
+# --- namespaces ---------------------------------------------------------------------------
+
+
+async def test_namespace_is_sent(vault_target: VaultTarget) -> None:
+    """A role and a token that exist only in namespace ``team`` (OpenBao 2.x namespaces): the
+    connector configured with ``namespace`` issues from it; one without is refused."""
+    bao, pg = vault_target.bao, vault_target.pg
+    api, root = bao.url + "/v1/", {"X-Vault-Token": bao.root_token}
+    ns = root | {"X-Vault-Namespace": "team"}
+    with httpx.Client(timeout=30) as http:
+        for method, path, headers, body in (
+            ("POST", "sys/namespaces/team", root, {}),
+            ("POST", "sys/mounts/database", ns, {"type": "database"}),
+            ("POST", "database/config/pg", ns, {
+                "plugin_name": "postgresql-database-plugin", "allowed_roles": "*",
+                "connection_url": f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres",
+                "username": pg.superuser, "password": pg.password}),
+            ("POST", "database/roles/ns-reader", ns, {"db_name": "pg", "creation_statements": CREATION,
+                                                       "default_ttl": "1h", "max_ttl": "2h"}),
+            ("PUT", "sys/policies/acl/credgate-vault", ns, {"policy": POLICY}),
+        ):
+            r = http.request(method, api + path, headers=headers, json=body)
+            assert r.status_code in (200, 204), (path, r.status_code, r.text)
+        r = http.post(api + "auth/token/create-orphan", headers=ns, json={"policies": ["credgate-vault"], "ttl": "1h"})
+        token = r.json()["auth"]["client_token"]
+    inside = vault_target.connector(material={"token": token}, namespace="team")
+    outside = vault_target.connector(material={"token": token})
+    try:
+        req = request(inside, resource="vault-role:ns-reader")
+        issued = await inside.issue(req)
+        assert vault_target.works(issued.credential)
+        await inside.revoke(merged(req, issued))
+        assert not vault_target.works(issued.credential)
+        with pytest.raises(TargetError) as err:  # a live token, but its policy is the namespace's, not the root's
+            await outside.issue(request(outside, resource="vault-role:ns-reader"))
+        assert err.value.code == "target_permission_denied"
+    finally:
+        await inside.aclose()
+        await outside.aclose()
