@@ -14,6 +14,7 @@ Configuration::
     engine      "database" | "aws"              how the engine's answer maps to a credential
     approle_mount "approle"                     auth method ``approle`` only
     timeout     10                              seconds, each HTTP call (connect and read)
+    per_lease_token false                       a child token per lease (see "What a crash...")
 
 Auth methods (the material): ``token`` (``token``: a Vault token, used as given) and
 ``approle`` (``role_id`` and ``secret_id``: a login at first use, and again when the
@@ -23,6 +24,13 @@ token is about to expire or stops working). The token needs::
     path "<mount>/roles"       { capabilities = ["list"] }     # list_resources, verify
     path "sys/leases/renew"    { capabilities = ["update"] }
     path "sys/leases/revoke"   { capabilities = ["update"] }
+    path "sys/leases/lookup"   { capabilities = ["update"] }   # tells "not renewable" from "gone"
+
+plus Vault's ``default`` policy (``auth/token/lookup-self``). With ``per_lease_token``
+(below) also ``update`` on ``auth/token/create``, ``auth/token/renew-accessor`` and
+``auth/token/revoke-accessor``. The connector does not renew its own token: give it a
+token that lives as long as the connector (a periodic token renewed elsewhere), or use
+``approle``.
 
 Resources: ``vault-role:ROLE`` is ``GET {mount}/creds/ROLE``.
 
@@ -66,7 +74,15 @@ reading token's expiry. What bounds it, and what does not:
   ``sys/leases/revoke-prefix/{mount}/creds/{role}`` (sudo) ends all of them, credgate's
   live ones too: an operator's tool, not something the gateway can do for one lease;
 - the role's ``default_ttl``: set it no longer than the connector's default TTL and the
-  orphan lives no longer than a credential would have anyway.
+  orphan lives no longer than a credential would have anyway;
+- ``per_lease_token: true`` makes that bound the credgate lease itself: each credential
+  is read with a fresh child token (``auth/token/create``, the connector token's policies,
+  TTL until the lease's expiry), so the Vault lease dies with that token at the credgate
+  expiry at the latest, whatever the gateway knows. Its accessor joins the revoke state;
+  ``renew`` renews the token (``renew-accessor``) and then the lease, ``revoke`` revokes
+  the lease and then the token (``revoke-accessor``). One more Vault call per issuance
+  and per renewal. A crash between the token's creation and the read leaves only a
+  token with no lease, which dies at the same time.
 
 Errors: no answer, a 5xx, 429 or a sealed server is :class:`TargetUnreachable` (503); a
 refused token or login ``target_auth_failed``; a 403 with a working token
@@ -164,6 +180,9 @@ class VaultConfig(BaseModel):
     engine: Literal["database", "aws"] = "database"
     approle_mount: str = Field("approle", min_length=1, max_length=128)
     timeout: float = Field(10.0, gt=0, le=120)
+    per_lease_token: bool = Field(
+        False, description="read each credential with a child token living as long as the credgate lease",
+    )
 
     @field_validator("address")
     @classmethod
@@ -347,7 +366,8 @@ class VaultConnector(ConnectorBase):
             assert self._token is not None
             return self._token
 
-    async def _call(self, doing: str, method: str, path: str, json: Any = None) -> dict[str, Any]:
+    async def _call(self, doing: str, method: str, path: str, json: Any = None, *, token: str | None = None
+                    ) -> dict[str, Any]:
         """An authenticated request, translated: unreachable -> TargetUnreachable, a refused or
         dead token -> target_auth_failed, a denial with a live token -> target_permission_denied.
         An AppRole token that stopped working is replaced once. Other Vault statuses are
@@ -355,6 +375,14 @@ class VaultConnector(ConnectorBase):
         import httpx
 
         try:
+            if token is not None:  # a per-lease child token: it has its parent's policies
+                try:
+                    return await self._send(method, path, token=token, json=json)
+                except VaultHTTPError as exc:
+                    if exc.status not in (401, 403):
+                        raise
+                    raise TargetError(f"Vault denied the lease's token while {doing} ({self.sanitize(exc)}).",
+                                      code="target_permission_denied") from None
             token = await self._ensure_token()
             try:
                 return await self._send(method, path, token=token, json=json)
@@ -401,13 +429,21 @@ class VaultConnector(ConnectorBase):
     async def issue(self, req: IssueRequest) -> Issued:
         state = req.revoke_state
         mount, role = state.get("mount", self.config.mount), state.get("role") or parse_resource(req.resource)
+        child: dict[str, Any] | None = None
+        if self.config.per_lease_token:
+            child = await self._child_token(req)
         try:
-            body = await self._call(f"reading {mount}/creds/{role}", "GET", f"{mount}/creds/{role}")
-        except VaultHTTPError as exc:
-            if exc.status in (400, 404):  # Vault: 400 "unknown role", 404 no such mount
-                raise ResourceRejected(f"Vault has no role {role} under {mount} ({self.sanitize(exc)}).",
-                                       resource=req.resource, reason="not_found") from None
-            raise TargetError(f"Vault refused reading {mount}/creds/{role} ({self.sanitize(exc)}).") from None
+            body = await self._call(f"reading {mount}/creds/{role}", "GET", f"{mount}/creds/{role}",
+                                    token=child["token"] if child else None)
+        except Exception as exc:  # a cancellation leaves the child token to its TTL
+            if child is not None:
+                await self._revoke_accessor_quietly(child["accessor"])
+            if isinstance(exc, VaultHTTPError):
+                if exc.status in (400, 404):  # Vault: 400 "unknown role", 404 no such mount
+                    raise ResourceRejected(f"Vault has no role {role} under {mount} ({self.sanitize(exc)}).",
+                                           resource=req.resource, reason="not_found") from None
+                raise TargetError(f"Vault refused reading {mount}/creds/{role} ({self.sanitize(exc)}).") from None
+            raise
         now = datetime.now(UTC)
         lease_id = body.get("lease_id")
         data = body.get("data") or {}
@@ -415,6 +451,8 @@ class VaultConnector(ConnectorBase):
         if not isinstance(lease_id, str) or not lease_id or credential is None:
             if isinstance(lease_id, str) and lease_id:
                 await self._revoke_id(lease_id)  # nothing usable: don't leave it behind
+            if child is not None:
+                await self._revoke_accessor_quietly(child["accessor"])
             raise TargetError(
                 f"Vault's answer for {mount}/creds/{role} is not a {self.config.engine} engine's credential.",
                 code="unexpected_answer",
@@ -423,11 +461,48 @@ class VaultConnector(ConnectorBase):
         expires = as_utc(req.expires_at)
         if duration > 0:
             expires = min(expires, now + timedelta(seconds=duration))
-        expires = self._capped(expires)
         revoke_state: dict[str, Any] = {"lease_id": lease_id, "renewable": bool(body.get("renewable"))}
-        if self._token_expires is not None:
-            revoke_state["token_expires_at"] = self._token_expires.isoformat()
+        token_expires = child["expires"] if child is not None else self._token_expires
+        if token_expires is not None:
+            expires = min(expires, token_expires)
+            revoke_state["token_expires_at"] = token_expires.isoformat()
+        if child is not None:
+            revoke_state["token_accessor"] = child["accessor"]
         return Issued(credential=credential, expires_at=expires, revoke_state=revoke_state)
+
+    async def _child_token(self, req: IssueRequest) -> dict[str, Any]:
+        """``per_lease_token``: a child of the connector's token (its policies), living until the
+        credgate lease's expiry: the Vault lease read with it ends with it at the latest, even if
+        the gateway never learns the lease id (see "What a crash leaves behind")."""
+        seconds = max(1, int((as_utc(req.expires_at) - datetime.now(UTC)).total_seconds()))
+        try:
+            body = await self._call("creating the lease's token", "POST", "auth/token/create", {
+                "ttl": f"{seconds}s", "renewable": True, "display_name": "credgate-" + req.lease_id[-24:],
+                "meta": {"credgate_lease": req.lease_id}, "no_default_policy": False,
+            })
+        except VaultHTTPError as exc:
+            raise TargetError(f"Vault refused creating the lease's token ({self.sanitize(exc)}).") from None
+        auth = body.get("auth") or {}
+        if not auth.get("client_token") or not auth.get("accessor"):
+            raise TargetError("Vault's answer to a token creation has no token.", code="unexpected_answer")
+        duration = int(auth.get("lease_duration") or 0)
+        expires = datetime.now(UTC) + timedelta(seconds=duration) if duration else None
+        return {"token": auth["client_token"], "accessor": auth["accessor"], "expires": expires}
+
+    async def _revoke_accessor(self, accessor: str) -> None:
+        """Revoke a per-lease token (and with it every lease it read); unknown is success."""
+        try:
+            await self._call("revoking the lease's token", "POST", "auth/token/revoke-accessor", {"accessor": accessor})
+        except VaultHTTPError as exc:
+            if exc.status == 400:  # Vault: "invalid accessor": expired or already revoked
+                return
+            raise TargetError(f"Vault refused revoking the lease's token ({self.sanitize(exc)}).") from None
+
+    async def _revoke_accessor_quietly(self, accessor: str) -> None:
+        try:
+            await self._revoke_accessor(accessor)
+        except Exception:  # noqa: BLE001 - clean-up of a failed issuance: the token dies at its TTL anyway
+            pass
 
     async def renew(self, revoke_state: Mapping[str, Any], expires_at: datetime) -> datetime:
         lease_id = revoke_state.get("lease_id")
@@ -438,6 +513,9 @@ class VaultConnector(ConnectorBase):
             raise NotRenewable("Vault issued this lease as not renewable; issue a new credential.")
         token_cap = _parse_time(revoke_state.get("token_expires_at"))
         wanted = as_utc(expires_at)
+        accessor = revoke_state.get("token_accessor")
+        if isinstance(accessor, str) and accessor:
+            token_cap = await self._renew_accessor(accessor, wanted)
         if token_cap is not None:
             wanted = min(wanted, token_cap)
         increment = max(1, int((wanted - datetime.now(UTC)).total_seconds()))
@@ -454,6 +532,19 @@ class VaultConnector(ConnectorBase):
         new = datetime.now(UTC) + timedelta(seconds=duration)
         return min(new, token_cap) if token_cap is not None else new
 
+    async def _renew_accessor(self, accessor: str, wanted: datetime) -> datetime | None:
+        """Move a per-lease token's expiry to ``wanted`` (Vault may grant less); its new expiry."""
+        increment = max(1, int((wanted - datetime.now(UTC)).total_seconds()))
+        try:
+            body = await self._call("renewing the lease's token", "POST", "auth/token/renew-accessor",
+                                    {"accessor": accessor, "increment": f"{increment}s"})
+        except VaultHTTPError as exc:
+            if exc.status == 400:  # "invalid accessor": the token, and so its leases, are gone
+                raise TargetError("Vault no longer has this lease's token.", code="credential_gone") from None
+            raise TargetError(f"Vault refused renewing the lease's token ({self.sanitize(exc)}).") from None
+        duration = int((body.get("auth") or {}).get("lease_duration") or 0)
+        return datetime.now(UTC) + timedelta(seconds=duration) if duration else None
+
     async def _lease_exists(self, lease_id: str) -> bool:
         """``sys/leases/lookup`` (needs update on it); unknown if denied: assume it exists."""
         try:
@@ -468,11 +559,14 @@ class VaultConnector(ConnectorBase):
 
     async def revoke(self, revoke_state: Mapping[str, Any]) -> None:
         lease_id = revoke_state.get("lease_id")
+        accessor = revoke_state.get("token_accessor")
         if not lease_id:
             return  # issuance never completed: nothing known to revoke (see "What a crash leaves behind")
-        if not isinstance(lease_id, str):
+        if not isinstance(lease_id, str) or not isinstance(accessor, (str, type(None))):
             raise TargetError("The revoke state's lease id is not a string.", code="invalid_revoke_state")
-        await self._revoke_id(lease_id)
+        await self._revoke_id(lease_id)  # synchronous: the credential is gone when it answers
+        if accessor:
+            await self._revoke_accessor(accessor)
 
     async def _revoke_id(self, lease_id: str) -> None:
         try:

@@ -43,6 +43,11 @@ path "sys/leases/renew"   { capabilities = ["update"] }
 path "sys/leases/revoke"  { capabilities = ["update"] }
 path "sys/leases/lookup"  { capabilities = ["update"] }
 """
+CHILD_POLICY = POLICY + """
+path "auth/token/create"          { capabilities = ["update"] }
+path "auth/token/renew-accessor"  { capabilities = ["update"] }
+path "auth/token/revoke-accessor" { capabilities = ["update"] }
+"""
 NO_REVOKE_POLICY = """
 path "database/creds/*"   { capabilities = ["read"] }
 """
@@ -108,6 +113,7 @@ def _setup_bao(bao: Any, pg: Any) -> VaultTarget:
         }))
         ok(http.put(api + "sys/policies/acl/credgate-vault", json={"policy": POLICY}))
         ok(http.put(api + "sys/policies/acl/credgate-no-revoke", json={"policy": NO_REVOKE_POLICY}))
+        ok(http.put(api + "sys/policies/acl/credgate-vault-child", json={"policy": CHILD_POLICY}))
         auths = ok(http.get(api + "sys/auth")).json()["data"]
         if "approle/" not in auths:
             ok(http.post(api + "sys/auth/approle", json={"type": "approle"}))
@@ -551,3 +557,78 @@ async def test_namespace_is_sent(vault_target: VaultTarget) -> None:
     finally:
         await inside.aclose()
         await outside.aclose()
+
+
+# --- per-lease child tokens -----------------------------------------------------------------
+
+
+def _accessor(tgt: VaultTarget, accessor: str) -> dict[str, Any] | None:
+    r = httpx.post(f"{tgt.bao.url}/v1/auth/token/lookup-accessor", headers={"X-Vault-Token": tgt.bao.root_token},
+                   json={"accessor": accessor}, timeout=10)
+    return r.json()["data"] if r.status_code == 200 else None
+
+
+def _vault_time(value: str) -> datetime:
+    return datetime.fromisoformat(value[:26].rstrip("Z") + "+00:00")
+
+
+async def test_per_lease_token_lives_and_dies_with_the_lease(vault_target: VaultTarget) -> None:
+    token = vault_target.bao.create_token(policies=["credgate-vault-child"], ttl="2h")
+    conn = vault_target.connector(material={"token": token}, per_lease_token=True)
+    try:
+        req = request(conn, ttl=timedelta(minutes=15))
+        issued = await conn.issue(req)
+        state = merged(req, issued)
+        child = _accessor(vault_target, state["token_accessor"])
+        assert child is not None and child["meta"] == {"credgate_lease": req.lease_id}
+        # the token (and so the Vault lease it read) ends at the credgate expiry at the latest
+        assert _vault_time(child["expire_time"]) <= req.expires_at + timedelta(seconds=2)
+        assert issued.expires_at <= _vault_time(child["expire_time"]) + timedelta(seconds=1)
+        assert vault_target.works(issued.credential)
+
+        wanted = datetime.now(UTC) + timedelta(minutes=45)
+        got = await conn.renew(state, wanted)
+        assert abs((got - wanted).total_seconds()) < 5
+        assert abs((_vault_time(_accessor(vault_target, state["token_accessor"])["expire_time"]) - wanted)
+                   .total_seconds()) < 5  # the token moved with the lease
+        assert vault_target.works(issued.credential)
+
+        await conn.revoke(state)
+        assert not vault_target.works(issued.credential)
+        assert _accessor(vault_target, state["token_accessor"]) is None
+        await conn.revoke(state)  # lease and token already gone: success
+    finally:
+        await conn.aclose()
+
+
+async def test_per_lease_token_bounds_an_answer_the_gateway_lost(vault_target: VaultTarget) -> None:
+    """A crash after Vault's answer: the gateway only has the planned state, so revoke does
+    nothing; the orphaned Vault lease is bound to a token that expires at the credgate expiry.
+    Vault revokes a token's leases when the token ends; here its end is brought forward with
+    revoke-accessor (the same revocation its expiry triggers), and the login stops working."""
+    token = vault_target.bao.create_token(policies=["credgate-vault-child"], ttl="2h")
+    conn = vault_target.connector(material={"token": token}, per_lease_token=True)
+    try:
+        req = request(conn, ttl=timedelta(minutes=5))
+        issued = await conn.issue(req)  # ... and the gateway dies before it records the answer
+        await conn.revoke(req.revoke_state)  # the reaper with the planned state only: no-op
+        assert vault_target.works(issued.credential)
+        child = _accessor(vault_target, issued.revoke_state["token_accessor"])
+        assert _vault_time(child["expire_time"]) <= req.expires_at + timedelta(seconds=2)
+        httpx.post(f"{vault_target.bao.url}/v1/auth/token/revoke-accessor",
+                   headers={"X-Vault-Token": vault_target.bao.root_token},
+                   json={"accessor": issued.revoke_state["token_accessor"]}, timeout=10).raise_for_status()
+        assert vault_target.lookup(issued.revoke_state["lease_id"]) is None
+        assert not vault_target.works(issued.credential)
+    finally:
+        await conn.aclose()
+
+
+async def test_per_lease_token_needs_token_create(vault_target: VaultTarget) -> None:
+    conn = vault_target.connector(per_lease_token=True)  # policy credgate-vault: no auth/token/create
+    try:
+        with pytest.raises(TargetError) as err:
+            await conn.issue(request(conn))
+        assert err.value.code == "target_permission_denied"
+    finally:
+        await conn.aclose()
