@@ -580,13 +580,15 @@ class VaultConnector(ConnectorBase):
         try:
             me = (await self._call("looking the token up", "GET", "auth/token/lookup-self")).get("data") or {}
             roles = await self._roles()
+            updates = ["sys/leases/renew", "sys/leases/revoke"]
+            if self.config.per_lease_token:
+                updates += ["auth/token/create", "auth/token/renew-accessor", "auth/token/revoke-accessor"]
             caps = await self._call("reading the token's capabilities", "POST", "sys/capabilities-self", {"paths": [
-                f"{self.config.mount}/creds/{r}" for r in roles[:1]] + ["sys/leases/renew", "sys/leases/revoke"]})
+                f"{self.config.mount}/creds/{r}" for r in roles[:1]] + updates})
         except (TargetError, VaultHTTPError) as exc:
             what = exc.message if isinstance(exc, TargetError) else f"({self.sanitize(exc)})"
             return Verification(ok=False, message=f"Could not verify the vault connector: {what}")
-        missing = [p for p in ("sys/leases/renew", "sys/leases/revoke")
-                   if not {"update", "root", "sudo"} & set(caps.get(p) or [])]
+        missing = [p for p in updates if not {"update", "root", "sudo"} & set(caps.get(p) or [])]
         if roles and not {"read", "root"} & set(caps.get(f"{self.config.mount}/creds/{roles[0]}") or []):
             missing.append(f"{self.config.mount}/creds/*")
         identity = f"token accessor {me.get('accessor')}" if me.get("accessor") else None

@@ -579,6 +579,7 @@ async def test_per_lease_token_lives_and_dies_with_the_lease(vault_target: Vault
         req = request(conn, ttl=timedelta(minutes=15))
         issued = await conn.issue(req)
         state = merged(req, issued)
+        assert (await conn.verify()).ok
         child = _accessor(vault_target, state["token_accessor"])
         assert child is not None and child["meta"] == {"credgate_lease": req.lease_id}
         # the token (and so the Vault lease it read) ends at the credgate expiry at the latest
@@ -627,6 +628,8 @@ async def test_per_lease_token_bounds_an_answer_the_gateway_lost(vault_target: V
 async def test_per_lease_token_needs_token_create(vault_target: VaultTarget) -> None:
     conn = vault_target.connector(per_lease_token=True)  # policy credgate-vault: no auth/token/create
     try:
+        check = await conn.verify()
+        assert not check.ok and "auth/token/create" in check.message
         with pytest.raises(TargetError) as err:
             await conn.issue(request(conn))
         assert err.value.code == "target_permission_denied"
