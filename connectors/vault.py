@@ -325,6 +325,8 @@ class VaultConnector(ConnectorBase):
         return body if isinstance(body, dict) else {}
 
     def _unreachable(self, exc: BaseException, doing: str) -> TargetUnreachable:
+        if isinstance(exc, VaultHTTPError):  # sealed, overloaded, or its own target (a database) down
+            return TargetUnreachable(f"Vault could not serve {doing} now ({self.sanitize(exc)}).")
         code = "target_timeout" if "Timeout" in type(exc).__name__ else "target_unreachable"
         return TargetUnreachable(f"Vault did not answer while {doing} ({self.sanitize(exc)}).", code=code)
 
