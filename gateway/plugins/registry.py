@@ -27,7 +27,11 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "mysql": ("connectors.mysql:MySQLConnector", "mysql"),
     "redis": ("connectors.redis:RedisConnector", "redis"),
     "aws": ("connectors.aws:AWSConnector", "aws"),
+    "gcp": ("connectors.gcp:GCPConnector", "gcp"),  # OAuth2 access tokens, GCS-downscoped
+    "azure": ("connectors.azure:AzureConnector", "azure"),  # Entra tokens, user-delegation SAS
     "static": ("connectors.static:StaticConnector", None),
+    "registry": ("connectors.registry:RegistryConnector", "aws"),  # ECR needs boto3; token auth only cryptography/joserfc
+    "kubernetes": ("connectors.kubernetes:KubernetesConnector", None),  # httpx only (a base dependency)
     "vault": ("connectors.vault:VaultConnector", "vault"),  # a Vault/OpenBao dynamic secrets engine's creds
 }
 

@@ -2,7 +2,8 @@
 
 Parametrised over every type in the registry (today: ``postgres`` on a
 throwaway scram cluster, ``mysql`` on MariaDB, ``redis``, ``aws`` on moto in
-server mode, ``static``, ``vault`` on OpenBao's database engine), each against its real target. For each type:
+server mode, ``azure`` on the Entra + blob stand-in, ``static``, ``vault`` on OpenBao's database engine), each against
+its real target or stand-in. For each type:
 
 - a credential is issued, then *used* at the target (static: the material
   comes back intact, through its wrap token);
@@ -39,10 +40,16 @@ from gateway.plugins.registry import CONNECTOR_TYPES
 from tests.conftest import Gateway
 from tests.connectors.test_aws import ALLOWED, OTHER
 from tests.connectors.test_aws import aws as aws_account  # noqa: F401 - fixture
+from tests.connectors.test_gcp import gcp_target  # noqa: F401 - fixture
+from tests.connectors.test_azure import entra as azure_entra  # noqa: F401 - fixture
+from tests.connectors.test_kubernetes import api as k8s_api  # noqa: F401 - fixture
 from tests.connectors.test_mysql import ADMIN_USER, HOST, PORT
 from tests.connectors.test_mysql import target as mysql_target  # noqa: F401 - fixture
 from tests.connectors.test_postgres import target as pg_target  # noqa: F401 - fixture
 from tests.connectors.test_redis import redis_url  # noqa: F401 - fixture
+from tests.connectors.test_registry import ecr as ecr_account  # noqa: F401 - fixture
+from tests.connectors.test_registry import pki  # noqa: F401 - fixture (the stand-in's PKI)
+from tests.connectors.test_registry import registry as registry_v2  # noqa: F401 - fixture
 from tests.connectors.test_vault import vault_target  # noqa: F401 - fixture
 from tests.services.pgcluster import free_port
 
@@ -181,11 +188,130 @@ def aws_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def gcp_case(request: pytest.FixtureRequest) -> Case:
+    from tests.connectors.test_gcp import ALLOWED as GCS_ALLOWED
+    from tests.connectors.test_gcp import OTHER as GCS_OTHER
+    from tests.connectors.test_gcp import objects
+
+    target = request.getfixturevalue("gcp_target")
+    config = target.endpoints()
+    unloadable = f"-----BEGIN PRIVATE KEY-----\n{CANARY}\n-----END PRIVATE KEY-----\n"
+    return Case(
+        type="gcp", auth_method="service-account", material=target.key, config=config,
+        resource=f"gcs-bucket:{GCS_ALLOWED}", outside=f"gcs-bucket:{GCS_OTHER}",
+        works=lambda cred: objects(target, cred["access_token"], GCS_ALLOWED) == 200,
+        down=(target.key | {"token_uri": f"http://127.0.0.1:{closed_port()}/token"}, config),
+        canary=(target.key | {"private_key": unloadable}, config),
+    )
+
+
+def azure_case(request: pytest.FixtureRequest) -> Case:
+    """service-principal (client secret) against the Entra + blob stand-in: a user-delegation SAS
+    for one container, used with azure-storage-blob."""
+    from azure.core.exceptions import HttpResponseError
+    from azure.storage.blob import ContainerClient
+
+    az = request.getfixturevalue("azure_entra")
+    tag = "cgc" + secrets.token_hex(4)
+    client_id, secret = az.s.add_secret_app()
+    az.s.grant(client_id, "cgcontract", "r")
+    az.s.seed("cgcontract", tag, {"report.txt": tag.encode()})
+    config = az.config(client_id)
+
+    def works(cred: dict[str, str]) -> bool:
+        client = ContainerClient.from_container_url(f"{cred['container_url']}?{cred['sas_token']}",
+                                                    connection_verify=az.s.ca_file, retry_total=0)
+        try:
+            return client.download_blob("report.txt").readall() == tag.encode()
+        except HttpResponseError:
+            return False
+
+    return Case(
+        type="azure", auth_method="service-principal", material={"client_secret": secret}, config=config,
+        resource=f"blob-container:cgcontract/{tag}", outside=f"blob-container:cgcontract/{tag}x", works=works,
+        down=({"client_secret": CANARY}, config | {"authority": f"127.0.0.1:{closed_port()}"}),
+        canary=({"client_secret": CANARY}, config),
+    )
+
+
 def static_case(request: pytest.FixtureRequest) -> Case:
     material = {"api_key": "sk-" + secrets.token_hex(12), "entity": "ml-team"}
     return Case(
         type="static", auth_method="static", material=material, resource="default", outside="other",
         works=lambda cred: cred == material, down=None, canary=({"api_key": CANARY}, {}), wrap=True,
+    )
+
+
+def registry_token_case(request: pytest.FixtureRequest) -> Case:
+    """Distribution token auth against the registry v2 stand-in (it verifies every token)."""
+    import httpx
+
+    from tests.connectors.test_registry import ISSUER, OTHER, REPO, SERVICE
+    from tests.standins.registry_v2 import make_chain
+
+    pki, server = request.getfixturevalue("pki"), request.getfixturevalue("registry_v2")
+    config = {"registry_url": server.url, "service": SERVICE, "issuer": ISSUER}
+
+    def works(cred: dict[str, str]) -> bool:
+        with httpx.Client(base_url=cred["registry"], timeout=10) as http:
+            r = http.get(f"/v2/{REPO}/manifests/v1", headers={"Authorization": f"Bearer {cred['token']}"})
+        return r.status_code == 200
+
+    material = {"private_key": pki.key, "certificate_chain": pki.chain}
+    _, rogue_key, rogue_chain = make_chain("ec", ca_name="untrusted CA")  # the registry does not trust it
+    canary = {"private_key": f"{CANARY}\n{rogue_key}", "certificate_chain": rogue_chain}  # PEM explanatory text
+    return Case(
+        type="registry", auth_method="token", material=material, config=config,
+        resource=f"repository:{REPO}:pull", outside=f"repository:{OTHER}:pull", works=works,
+        down=({**material, "private_key": f"{CANARY}\n{pki.key}"},
+              config | {"registry_url": f"http://127.0.0.1:{closed_port()}"}),
+        canary=(canary, config),
+    )
+
+
+def registry_ecr_case(request: pytest.FixtureRequest) -> Case:
+    """ECR on moto. moto serves no registry, so ``works`` checks the docker login's shape
+    (user AWS, a password, the account's proxy endpoint): it can't pull with it."""
+    acct = request.getfixturevalue("ecr_account")
+    repo = acct.repo_arn.split(":repository/")[1]
+    config = {"endpoint_url": acct.moto.endpoint_url}
+    keys = {"aws_access_key_id": acct.key_id, "aws_secret_access_key": acct.secret}
+
+    def works(cred: dict[str, str]) -> bool:
+        return (cred["username"] == "AWS" and bool(cred["password"]) and cred["repository"] == repo
+                and cred["proxy_endpoint"] == "https://123456789012.dkr.ecr.us-east-1.amazonaws.com")
+
+    @contextlib.contextmanager
+    def enforce() -> Iterator[None]:
+        acct.moto.enable_auth()
+        try:
+            yield
+        finally:
+            acct.moto.disable_auth()
+
+    return Case(
+        type="registry", auth_method="ecr", material=keys, config=config,
+        resource=f"ecr-repository:{repo}", outside=f"ecr-repository:{repo.replace('app', 'other')}", works=works,
+        down=(keys | {"aws_secret_access_key": CANARY}, {"endpoint_url": f"http://127.0.0.1:{closed_port()}"}),
+        canary=(keys | {"aws_secret_access_key": CANARY}, config), enforce=enforce,
+    )
+
+
+def kubernetes_case(request: pytest.FixtureRequest) -> Case:
+    from tests.connectors.test_kubernetes import configmaps
+
+    api = request.getfixturevalue("k8s_api")
+    config = {"server": api.url, "certificate_authority": api.ca_pem.decode(), "service_account": "pipeline"}
+
+    def works(cred: dict[str, str]) -> bool:
+        r = configmaps(cred["kubeconfig"], "team-a")
+        return r.status_code == 200 and [i["data"] for i in r.json()["items"]] == [{"namespace": "team-a"}]
+
+    return Case(
+        type="kubernetes", auth_method="token", material={"token": api.admin_token}, config=config,
+        resource="kubernetes-namespace:team-a", outside="kubernetes-namespace:team-b", works=works,
+        down=({"token": CANARY}, config | {"server": f"https://127.0.0.1:{closed_port()}"}),
+        canary=({"token": CANARY}, config),
     )
 
 
@@ -205,13 +331,18 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "mysql": mysql_case,
     "redis": redis_case,
     "aws": aws_case,
+    "gcp": gcp_case,
+    "azure": azure_case,
     "static": static_case,
+    "registry": registry_token_case,
+    "registry+ecr": registry_ecr_case,  # a second auth method of a type: "<type>+<auth method>"
+    "kubernetes": kubernetes_case,
     "vault": vault_case,
 }
 
 
 def test_every_registered_connector_type_runs_the_contract() -> None:
-    assert set(CASES) == set(CONNECTOR_TYPES)
+    assert {name.partition("+")[0] for name in CASES} == set(CONNECTOR_TYPES)
 
 
 @pytest.fixture(params=sorted(CASES))

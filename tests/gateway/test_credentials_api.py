@@ -421,9 +421,14 @@ async def test_concurrent_unwraps_succeed_exactly_once(gateway: Gateway) -> None
 
 async def test_connector_types_are_listed(gateway: Gateway) -> None:
     items = {t["type"]: t for t in (await gateway.client.get("/v1/connector-types")).json()["items"]}
-    assert set(items) == {"postgres", "mysql", "redis", "aws", "static", "vault"}
+    from gateway.plugins.registry import CONNECTOR_TYPES
+
+    assert set(items) == set(CONNECTOR_TYPES) >= {"postgres", "mysql", "redis", "aws", "gcp", "azure", "kubernetes", "static", "registry", "vault"}
+    assert items["registry"]["revocability"] == "expiry-only" and set(items["registry"]["auth_methods"]) == {"ecr", "token"}
     assert items["postgres"]["revocability"] == "revocable" and items["postgres"]["renewable"] is True
-    assert items["aws"]["revocability"] == "expiry-only" and set(items["aws"]["auth_methods"]) == {"secret-key", "iam-role"}
+    assert items["aws"]["revocability"] == "expiry-only"
+    assert set(items["aws"]["auth_methods"]) == {"secret-key", "iam-role", "web-identity"}
+    assert items["aws"]["keyless_auth_methods"] == ["web-identity"] and items["postgres"]["keyless_auth_methods"] == []
     assert items["static"]["wrap_only"] is True
     assert "dsn" in json.dumps(items["postgres"]["auth_methods"]["password"])
 

@@ -25,6 +25,7 @@ is kept in :attr:`accepted` (the decoded claims), what failed in :attr:`rejected
 from __future__ import annotations
 
 import fnmatch
+import json
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
@@ -58,8 +59,10 @@ class StsOidcStandIn:
         self.providers: dict[str, set[str]] = {}  # issuer URL -> client IDs (audiences)
         self.trusts: dict[str, tuple[str, list[str]]] = {}  # role ARN -> (issuer, allowed sub patterns)
         self._keys: dict[str, KeySet] = {}
+        self._client: httpx.AsyncClient | None = None
         self.accepted: list[dict[str, Any]] = []
         self.rejected: list[str] = []
+        self.why = ""  # why the last token failed verification (for a failing test's message)
         self._lock = threading.Lock()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -110,7 +113,7 @@ class StsOidcStandIn:
         keys = self._keys.get(issuer)
         if keys is not None and (kid is None or any(k.kid == kid for k in keys.keys)):
             return keys
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with httpx.AsyncClient(timeout=5) as client:  # once per issuer and new kid: not the hot path
             doc = (await client.get(f"{issuer}/.well-known/openid-configuration")).raise_for_status().json()
             if doc.get("issuer", "").rstrip("/") != issuer:
                 raise ValueError("the discovery document names another issuer")
@@ -121,8 +124,8 @@ class StsOidcStandIn:
     async def _check(self, form: dict[str, str]) -> tuple[int, bytes] | None:
         token, role = form.get("WebIdentityToken", ""), form.get("RoleArn", "")
         try:
-            header = jwt.extract(token).header  # unverified: only to find the key
-            unverified = jwt.extract(token).claims
+            compact = jws.extract_compact(token.encode())  # unverified: only to find the issuer and key
+            header, unverified = dict(compact.headers()), json.loads(compact.payload)
         except Exception:  # noqa: BLE001
             return self._reject("InvalidIdentityToken", "The token is not a JWT.")
         issuer = str(unverified.get("iss", "")).rstrip("/")
@@ -131,7 +134,8 @@ class StsOidcStandIn:
         try:
             keys = await self._jwks(issuer, header.get("kid"))
             claims = jwt.decode(token, keys, algorithms=["RS256"]).claims
-        except (JoseError, ValueError, KeyError, httpx.HTTPError):
+        except (JoseError, ValueError, KeyError, httpx.HTTPError) as exc:
+            self.why = f"{type(exc).__name__}: {exc}"
             return self._reject("InvalidIdentityToken", "The token's signature could not be verified.")
         now = time.time()
         aud = claims.get("aud")
@@ -177,9 +181,10 @@ class StsOidcStandIn:
             await send({"type": "http.response.body", "body": out})
             return
         url = self.upstream + scope["path"] + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
-        async with httpx.AsyncClient(timeout=30) as client:
-            resp = await client.request(scope["method"], url, content=body,
-                                        headers=[(k, v) for k, v in headers if k.lower() not in ("host", "content-length")])
+        if self._client is None:  # one client, on the server's own event loop
+            self._client = httpx.AsyncClient(timeout=30)
+        resp = await self._client.request(scope["method"], url, content=body,
+                                          headers=[(k, v) for k, v in headers if k.lower() not in ("host", "content-length")])
         await send({"type": "http.response.start", "status": resp.status_code,
                     "headers": [(k.encode(), v.encode()) for k, v in resp.headers.items()
                                 if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")]})
