@@ -591,10 +591,17 @@ class WorkloadIdentity(Protocol):
 @dataclass(frozen=True)
 class Issued:
     """A fresh credential. ``credential`` values are secret; ``expires_at`` is
-    the target's own expiry (it may be earlier than requested, never later)."""
+    the target's own expiry (it may be earlier than requested, never later).
+
+    ``revoke_state``: what ``revoke`` needs that only the target's answer told (a Vault
+    lease id), never secret; the gateway merges it into the planned revoke state when it
+    activates the lease. A crash between the target's answer and that activation leaves
+    only the planned state: ``revoke`` must still succeed with it (see the connector's docs
+    for what then outlives the lease)."""
 
     credential: dict[str, str]
     expires_at: datetime
+    revoke_state: Mapping[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"Issued(keys={sorted(self.credential)}, expires_at={self.expires_at.isoformat()})"

@@ -235,6 +235,8 @@ class Credentials:
         secret_part, wrap_row = self._hand_out(lease, plan, issued.credential)
         now = utcnow()
         values: dict[str, Any] = {"state": ACTIVE, "expires_at": expires_at, "updated_at": now}
+        if issued.revoke_state:  # what only the target's answer told (a Vault lease id)
+            values["revoke_state"] = {**lease.revoke_state, **issued.revoke_state}
         deadline = self._delivery_deadline(lease)
         if deadline is not None:
             values["delivery_due_at"] = now + deadline
@@ -247,6 +249,11 @@ class Credentials:
                 .execution_options(synchronize_session=False)
             )
             if res.rowcount != 1:
+                if "revoke_state" in values:  # taken by the reaper: its next attempt needs it too
+                    s.execute(
+                        update(LeaseRow).where(LeaseRow.id == lease_id).values(revoke_state=values["revoke_state"])
+                        .execution_options(synchronize_session=False)
+                    )
                 return True
             if wrap_row is not None:
                 s.add(wrap_row)

@@ -32,6 +32,7 @@ CONNECTOR_TYPES: dict[str, tuple[str, str | None]] = {
     "static": ("connectors.static:StaticConnector", None),
     "registry": ("connectors.registry:RegistryConnector", "aws"),  # ECR needs boto3; token auth only cryptography/joserfc
     "kubernetes": ("connectors.kubernetes:KubernetesConnector", None),  # httpx only (a base dependency)
+    "vault": ("connectors.vault:VaultConnector", "vault"),  # a Vault/OpenBao dynamic secrets engine's creds
 }
 
 

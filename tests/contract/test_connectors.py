@@ -2,7 +2,7 @@
 
 Parametrised over every type in the registry (today: ``postgres`` on a
 throwaway scram cluster, ``mysql`` on MariaDB, ``redis``, ``aws`` on moto in
-server mode, ``azure`` on the Entra + blob stand-in, ``static``), each against
+server mode, ``azure`` on the Entra + blob stand-in, ``static``, ``vault`` on OpenBao's database engine), each against
 its real target or stand-in. For each type:
 
 - a credential is issued, then *used* at the target (static: the material
@@ -50,6 +50,7 @@ from tests.connectors.test_redis import redis_url  # noqa: F401 - fixture
 from tests.connectors.test_registry import ecr as ecr_account  # noqa: F401 - fixture
 from tests.connectors.test_registry import pki  # noqa: F401 - fixture (the stand-in's PKI)
 from tests.connectors.test_registry import registry as registry_v2  # noqa: F401 - fixture
+from tests.connectors.test_vault import vault_target  # noqa: F401 - fixture
 from tests.services.pgcluster import free_port
 
 SQLITE = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)  # the store is not under test
@@ -314,6 +315,17 @@ def kubernetes_case(request: pytest.FixtureRequest) -> Case:
     )
 
 
+def vault_case(request: pytest.FixtureRequest) -> Case:
+    tgt = request.getfixturevalue("vault_target")  # OpenBao's database engine on a scram cluster
+    config = tgt.config()
+    return Case(
+        type="vault", auth_method="token", material={"token": tgt.token}, config=config,
+        resource="vault-role:reader", outside="vault-role:writer", works=tgt.works,
+        down=({"token": CANARY}, config | {"address": f"http://127.0.0.1:{closed_port()}"}),
+        canary=({"token": CANARY}, config),
+    )
+
+
 CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "postgres": postgres_case,
     "mysql": mysql_case,
@@ -325,6 +337,7 @@ CASES: dict[str, Callable[[pytest.FixtureRequest], Case]] = {
     "registry": registry_token_case,
     "registry+ecr": registry_ecr_case,  # a second auth method of a type: "<type>+<auth method>"
     "kubernetes": kubernetes_case,
+    "vault": vault_case,
 }
 
 

@@ -423,7 +423,7 @@ async def test_connector_types_are_listed(gateway: Gateway) -> None:
     items = {t["type"]: t for t in (await gateway.client.get("/v1/connector-types")).json()["items"]}
     from gateway.plugins.registry import CONNECTOR_TYPES
 
-    assert set(items) == set(CONNECTOR_TYPES) >= {"postgres", "mysql", "redis", "aws", "gcp", "azure", "kubernetes", "static", "registry"}
+    assert set(items) == set(CONNECTOR_TYPES) >= {"postgres", "mysql", "redis", "aws", "gcp", "azure", "kubernetes", "static", "registry", "vault"}
     assert items["registry"]["revocability"] == "expiry-only" and set(items["registry"]["auth_methods"]) == {"ecr", "token"}
     assert items["postgres"]["revocability"] == "revocable" and items["postgres"]["renewable"] is True
     assert items["aws"]["revocability"] == "expiry-only"
