@@ -71,6 +71,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from connectors.aws import AWSKeysMaterial
 from connectors.base import (
     ConnectorBase,
     ConnectorCapabilities,
@@ -117,14 +118,9 @@ DEFAULT_TIMEOUT = 30.0
 _T = TypeVar("_T")
 
 
-class ECRMaterial(BaseModel):
-    """Auth method ``ecr``: an AWS access key pair (and a session token if the keys are temporary)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    aws_access_key_id: str = Field(min_length=4, max_length=128, pattern=r"^[A-Za-z0-9]+$")
-    aws_secret_access_key: SecretStr
-    aws_session_token: SecretStr | None = None
+class ECRMaterial(AWSKeysMaterial):
+    """Auth method ``ecr``: an AWS access key pair (and a session token if the keys are
+    temporary), as the ``aws`` connector takes it."""
 
 
 class TokenSigningMaterial(BaseModel):

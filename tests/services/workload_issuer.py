@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
-import threading
 import time
 from datetime import timedelta
 from typing import Any
 
 from joserfc import jwt
 from joserfc.jwk import RSAKey
+
+from tests.standins.serving import Served
 
 
 class WorkloadIssuer:
@@ -31,10 +31,12 @@ class WorkloadIssuer:
         self._key = RSAKey.generate_key(2048, parameters={"kid": self.kid, "use": "sig", "alg": "RS256"}, private=True)
         self._rogue_key = RSAKey.generate_key(2048, parameters={"kid": self.kid}, private=True)
         self.rogue = False
-        self.port = 0
+        self._served = Served(self._asgi, "workload issuer")
         self.issued: list[dict[str, Any]] = []  # claims of every token signed
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._served.port
 
     @property
     def issuer(self) -> str:
@@ -75,29 +77,8 @@ class WorkloadIssuer:
         await send({"type": "http.response.body", "body": raw})
 
     def start(self) -> WorkloadIssuer:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        sock.listen(64)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="workload-issuer")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the workload issuer did not start")
-            time.sleep(0.01)
-        sock.close()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._served.stop()

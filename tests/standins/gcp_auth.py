@@ -58,7 +58,6 @@ import base64
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -76,6 +75,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from tests.standins.gcp_secretmanager import make_service_account_key
+from tests.standins.serving import Served
 
 __all__ = ["GCPAuthStandIn", "CLOUD_PLATFORM", "GOOGLE_TOKEN_URL", "ROLE_PERMISSIONS", "make_service_account_key"]
 
@@ -162,21 +162,23 @@ class GCPAuthStandIn:
     def __init__(self, project: str = "credgate-test", project_number: str = "424242424242") -> None:
         self.project = project
         self.project_number = project_number
-        self.port = 0
+        self._served = Served(self._asgi, "GCP auth stand-in")
         self._keys: dict[str, dict[str, rsa.RSAPublicKey]] = {}  # email -> kid -> public key
         self._creators: dict[str, set[str]] = {}  # target email -> members with tokenCreator
         self._tokens: dict[str, _Token] = {}
         self._providers: dict[str, _Provider] = {}
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.RLock()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
         self.calls: dict[str, int] = {}
         self.rejected: list[str] = []
         self.accepted_claims: list[dict[str, Any]] = []  # verified federation JWT claims
         self.lifetimes: list[int] = []  # generateAccessToken lifetimes granted, seconds
 
     # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._served.port
 
     @property
     def endpoint(self) -> str:
@@ -187,33 +189,11 @@ class GCPAuthStandIn:
         return f"{self.endpoint}/token"
 
     def start(self) -> GCPAuthStandIn:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="gcp-auth-standin")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the GCP auth stand-in did not start")
-            time.sleep(0.01)
-        sock.close()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._served.stop()
 
     def __enter__(self) -> GCPAuthStandIn:
         return self.start()

@@ -64,7 +64,6 @@ import base64
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,6 +74,7 @@ from urllib.parse import parse_qs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tests.standins.serving import Served
 
 __all__ = [
     "ALL_PERMISSIONS", "API_AUDIENCE", "GCPSecretManagerStandIn", "READ_PERMISSIONS", "make_service_account_key",
@@ -197,18 +197,20 @@ class GCPSecretManagerStandIn:
         self.project = project
         self.project_number = project_number
         self.page_size_max = page_size_max
-        self.port = 0
+        self._served = Served(self._asgi, "GCP Secret Manager stand-in")
         self._secrets: dict[str, _Secret] = {}
         self._accounts: dict[str, _Account] = {}
         self._tokens: dict[str, tuple[str, float]] = {}  # access token -> (account, expires at)
         self._lock = threading.RLock()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
         self.calls: dict[str, int] = {}  # method -> count (e.g. "token", "secrets.create")
         self.auth_failures = 0
         self.delay = 0.0  # seconds to wait before answering an API call (a slow store)
 
     # --- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._served.port
 
     @property
     def address(self) -> tuple[str, int]:
@@ -224,38 +226,14 @@ class GCPSecretManagerStandIn:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._served.running
 
     def start(self) -> GCPSecretManagerStandIn:
-        if self.running:
-            return self
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True, name="gcp-standin")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the GCP Secret Manager stand-in did not start")
-            time.sleep(0.01)
-        sock.close()  # uvicorn listens on its own duplicate
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server.force_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = None
-        self._thread = None
+        self._served.stop()
 
     def __enter__(self) -> GCPSecretManagerStandIn:
         return self.start()

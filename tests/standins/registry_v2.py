@@ -39,11 +39,11 @@ import base64
 import hashlib
 import json
 import re
-import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from tests.standins.serving import Served
 
 LEEWAY = 60
 _MANIFEST = re.compile(r"^/v2/(?P<name>.+)/manifests/(?P<ref>[A-Za-z0-9_.:+-]{1,128})$")
@@ -104,13 +104,15 @@ class RegistryV2StandIn:
 
         self.roots = x509.load_pem_x509_certificates(root_bundle_pem.encode())
         self.issuer, self.service, self.realm = issuer, service, realm
-        self.port = 0
+        self._served = Served(self._asgi, "registry v2 stand-in")
         self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.accepted: list[dict[str, Any]] = []
         self.rejected: list[str] = []
         self._lock = threading.Lock()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._served.port
 
     @property
     def url(self) -> str:
@@ -123,41 +125,18 @@ class RegistryV2StandIn:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> RegistryV2StandIn:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        sock.listen(64)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="registry-v2-standin")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the registry v2 stand-in did not start")
-            time.sleep(0.01)
-        sock.close()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._served.stop()
 
     # --- the checks ------------------------------------------------------------------
 
     def _signing_key(self, header: dict[str, Any]) -> Any:
         """The public key that must have signed the token, from a chain the bundle trusts."""
         from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
 
-        pub, der = serialization.PublicFormat.SubjectPublicKeyInfo, serialization.Encoding.DER
         now = datetime.now(UTC)
         if header.get("x5c"):
             try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import socket
 import threading
 import time
 from typing import Any
@@ -36,6 +35,7 @@ import httpx
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from tests.standins.serving import Served
 
 LEEWAY = 60
 
@@ -55,7 +55,7 @@ class StsOidcStandIn:
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
-        self.port = 0
+        self._served = Served(self._asgi, "STS OIDC stand-in")
         self.providers: dict[str, set[str]] = {}  # issuer URL -> client IDs (audiences)
         self.trusts: dict[str, tuple[str, list[str]]] = {}  # role ARN -> (issuer, allowed sub patterns)
         self._keys: dict[str, KeySet] = {}
@@ -64,8 +64,10 @@ class StsOidcStandIn:
         self.rejected: list[str] = []
         self.why = ""  # why the last token failed verification (for a failing test's message)
         self._lock = threading.Lock()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._served.port
 
     @property
     def endpoint(self) -> str:
@@ -80,32 +82,11 @@ class StsOidcStandIn:
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> StsOidcStandIn:
-        import uvicorn
-
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.listen(64)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", access_log=False, interface="asgi3")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                        name="sts-oidc-standin")
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the STS OIDC stand-in did not start")
-            time.sleep(0.01)
-        sock.close()
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = self._thread = None
+        self._served.stop()
 
     # --- the checks ------------------------------------------------------------------
 
