@@ -326,11 +326,49 @@ def kubernetes_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]
                  "kubernetes-namespace:team-a", direct, material={"token": api.admin_token}, cleanup=[clean])]
 
 
+def registry_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
+    """The registry connector's Docker Registry v2 tokens against tests/standins/registry_v2.py
+    (a stand-in registry that verifies every token): the connector signs a token and presents it
+    once to ``GET /v2/``; the direct side signs the same claims with the same key (joserfc, the
+    chain in ``x5c``) and makes the same check."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    from tests.standins.registry_v2 import RegistryV2StandIn, make_chain
+
+    ca, key_pem, chain_pem = make_chain("ec")
+    server = RegistryV2StandIn(root_bundle_pem=ca, issuer="bench-issuer", service="registry.bench").start()
+    stack.append(server.stop)
+    server.put_manifest("team/app", "v1", b"{}")
+    key = ECKey.import_key(key_pem)
+    x5c = [base64.b64encode(c.public_bytes(Encoding.DER)).decode()
+           for c in x509.load_pem_x509_certificates(chain_pem.encode())]
+    http = httpx.Client(base_url=server.url, timeout=30)
+    stack.append(http.close)
+
+    def direct() -> None:
+        now = int(time.time())
+        token = jwt.encode({"alg": "ES256", "x5c": x5c, "typ": "JWT"}, {
+            "iss": "bench-issuer", "sub": "bench", "aud": "registry.bench", "iat": now, "nbf": now,
+            "exp": now + 900, "jti": secrets.token_hex(8),
+            "access": [{"type": "repository", "name": "team/app", "actions": ["pull"]}]}, key)
+        http.get("/v2/", headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+
+    return [Case("registry-token", "registry", "token",
+                 {"registry_url": server.url, "service": "registry.bench", "issuer": "bench-issuer"},
+                 "repository:team/app:pull", direct, material={"private_key": key_pem, "certificate_chain": chain_pem})]
+
+
 CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "aws": aws_cases,
     "postgres": postgres_cases,
     "gcp": gcp_cases,
     "kubernetes": kubernetes_cases,
+    "registry": registry_cases,
 }
 
 
