@@ -363,12 +363,47 @@ def registry_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
                  "repository:team/app:pull", direct, material={"private_key": key_pem, "certificate_chain": chain_pem})]
 
 
+def azure_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
+    """The azure connector's container SAS against tests/standins/entra_storage.py (a stand-in
+    for Entra and Azure Storage): the connector's token, user delegation key and SAS, beside
+    azure-storage-blob's ``get_user_delegation_key`` and ``generate_container_sas`` on one
+    azure-identity credential (which caches its token, as the connector's does)."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.identity import ClientSecretCredential
+    from azure.storage.blob import BlobServiceClient, generate_container_sas
+
+    from tests.standins.entra_storage import EntraStorageStandIn
+
+    s = EntraStorageStandIn().start()
+    stack.append(s.stop)
+    client_id, secret = s.add_secret_app()
+    s.grant(client_id, "benchstore", "r")
+    s.seed("benchstore", "models", {"x": b"x"})
+    credential = ClientSecretCredential(s.tenant_id, client_id, secret, authority=s.authority,
+                                        disable_instance_discovery=True, connection_verify=s.ca_file)
+    service = BlobServiceClient(s.blob_endpoint().format(account="benchstore"), credential=credential,
+                                connection_verify=s.ca_file)
+
+    def direct() -> None:
+        now = datetime.now(UTC)
+        key = service.get_user_delegation_key(now - timedelta(minutes=5), now + timedelta(hours=1))
+        generate_container_sas("benchstore", "models", user_delegation_key=key, permission="r",
+                               expiry=now + timedelta(hours=1))
+
+    config = {"tenant_id": s.tenant_id, "client_id": client_id, "authority": s.authority, "ca_bundle": s.ca_file,
+              "blob_endpoint": s.blob_endpoint(), "arm_endpoint": s.arm_endpoint}
+    return [Case("azure-blob-sas", "azure", "service-principal", config, "blob-container:benchstore/models", direct,
+                 material={"client_secret": secret})]
+
+
 CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "aws": aws_cases,
     "postgres": postgres_cases,
     "gcp": gcp_cases,
     "kubernetes": kubernetes_cases,
     "registry": registry_cases,
+    "azure": azure_cases,
 }
 
 
