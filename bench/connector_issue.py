@@ -397,6 +397,32 @@ def azure_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
                  material={"client_secret": secret})]
 
 
+def vault_cases(stack: list[Callable[[], None]], gw: Gateway) -> list[Case]:
+    """The vault connector against a real OpenBao whose database engine manages logins on a
+    throwaway scram PostgreSQL cluster (tests/connectors/test_vault.py's set-up): a
+    ``database/creds/ROLE`` read through the gateway, beside the same read with httpx (what hvac
+    sends). The direct side's leases are revoked after each round, unmeasured."""
+    from tests.connectors.test_vault import ROLE, vault_stack
+
+    ctx = vault_stack()
+    target = ctx.__enter__()
+    stack.append(lambda: ctx.__exit__(None, None, None))
+    http = httpx.Client(base_url=target.bao.url, headers={"X-Vault-Token": target.token}, timeout=30)
+    stack.append(http.close)
+    leases: list[str] = []
+
+    def direct() -> None:
+        leases.append(http.get(f"/v1/database/creds/{ROLE}").raise_for_status().json()["lease_id"])
+
+    def revoke() -> None:
+        for lease in leases:
+            http.put("/v1/sys/leases/revoke", json={"lease_id": lease})
+        leases.clear()
+
+    return [Case("vault-database", "vault", "token", target.config(), f"vault-role:{ROLE}", direct,
+                 material={"token": target.token}, cleanup=[revoke])]
+
+
 CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "aws": aws_cases,
     "postgres": postgres_cases,
@@ -404,6 +430,7 @@ CASES: dict[str, Callable[[list[Callable[[], None]], Gateway], list[Case]]] = {
     "kubernetes": kubernetes_cases,
     "registry": registry_cases,
     "azure": azure_cases,
+    "vault": vault_cases,
 }
 
 
