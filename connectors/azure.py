@@ -302,6 +302,7 @@ class AzureConnector(ConnectorBase):
             self._check_certificate(self._material.client_certificate.get_secret_value())
         self._threads = f"connector:{name or 'azure'}"
         self._credential: Any = None  # service-principal: built on first use, caches tokens per scope
+        self._client: Any = None  # httpx.AsyncClient for Storage and Resource Manager, built on first use
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -465,7 +466,6 @@ class AzureConnector(ConnectorBase):
     async def _delegation_key(self, account: str, token: str, start: datetime, expiry: datetime,
                               timeout: float) -> dict[str, str]:
         """Get User Delegation Key: the key's fields, by the names a SAS gives them."""
-        import ssl
         from xml.etree import ElementTree
 
         import httpx
@@ -474,13 +474,11 @@ class AzureConnector(ConnectorBase):
                 f"<Expiry>{_sas_time(expiry)}</Expiry></KeyInfo>")
         headers = {"Authorization": f"Bearer {token}", "x-ms-version": SAS_VERSION,
                    "Content-Type": "application/xml"}
-        verify: Any = ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
         try:
-            async with httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(
-                    timeout, connect=self.config.connection_timeout)) as client:
-                r = await client.post(f"{self._blob_url(account)}/", params={"restype": "service",
-                                                                             "comp": "userdelegationkey"},
-                                      content=body.encode(), headers=headers)
+            r = await self._http().post(f"{self._blob_url(account)}/", params={"restype": "service",
+                                                                               "comp": "userdelegationkey"},
+                                        content=body.encode(), headers=headers, timeout=httpx.Timeout(
+                                            timeout, connect=self.config.connection_timeout))
             if r.status_code != 200:
                 code = r.headers.get("x-ms-error-code")
                 raise _Refused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
@@ -565,37 +563,49 @@ class AzureConnector(ConnectorBase):
         return await self._subscriptions()
 
     async def _subscriptions(self, timeout: float = 30.0) -> list[str]:
-        import ssl
-
         import httpx
 
         token = await self._token(SCOPES["azure-subscription"], None, timeout)
-        verify: Any = ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
         found: list[str] = []
         url: str | None = f"{self.config.arm_endpoint}/subscriptions?api-version=2022-12-01"
         prefix = self.config.arm_endpoint + "/"
         try:
-            async with httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(
-                    timeout, connect=self.config.connection_timeout)) as client:
-                for _ in range(50):  # pages
-                    if url is None:
-                        break
-                    r = await client.get(url, headers={"Authorization": f"Bearer {token.token}"})
-                    if r.status_code != 200:
-                        code = r.headers.get("x-ms-failure-cause") or None
-                        raise _Refused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
-                    page = r.json()
-                    found += [str(v.get("subscriptionId", "")).lower() for v in page.get("value", [])]
-                    url = page.get("nextLink")
-                    if url is not None and not str(url).startswith(prefix):
-                        raise TargetError("Azure Resource Manager sent a next page on another host.")
+            client = self._http()
+            for _ in range(50):  # pages
+                if url is None:
+                    break
+                r = await client.get(url, headers={"Authorization": f"Bearer {token.token}"},
+                                     timeout=httpx.Timeout(timeout, connect=self.config.connection_timeout))
+                if r.status_code != 200:
+                    code = r.headers.get("x-ms-failure-cause") or None
+                    raise _Refused(r.status_code, code if code and re.fullmatch(r"[A-Za-z0-9]{1,64}", code) else None)
+                page = r.json()
+                found += [str(v.get("subscriptionId", "")).lower() for v in page.get("value", [])]
+                url = page.get("nextLink")
+                if url is not None and not str(url).startswith(prefix):
+                    raise TargetError("Azure Resource Manager sent a next page on another host.")
         except TargetError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped, never quoted
             raise self._error(exc, "listing subscriptions") from None
         return sorted(f"azure-subscription:{sub}" for sub in set(found) if _GUID.match(sub))
 
+    def _http(self) -> Any:
+        """The instance's HTTP client for Storage and Resource Manager: one TLS context (the
+        configured CA bundle, else the system's) and its kept-alive connections, for every call."""
+        if self._client is None:
+            import ssl
+
+            import httpx
+
+            verify: Any = ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
+            self._client = httpx.AsyncClient(verify=verify, trust_env=False)
+        return self._client
+
     async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
         credential, self._credential = self._credential, None
         if credential is not None:
             try:
