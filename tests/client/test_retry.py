@@ -59,13 +59,14 @@ def test_a_429_is_retried_after_its_retry_after(settings_factory, caplog: pytest
         async with client(app) as c:
             await c.credentials("vendor", "a", ttl=30)
             caplog.clear()
-            started = time.monotonic()
-            await c.credentials("vendor", "b", ttl=30)  # the bucket is empty: 429, then a retry
-            waited = time.monotonic() - started
-            cred = await c.credentials("vendor", "b", ttl=30)
+            durations = []
+            for resource in ("b", "c"):  # the bucket is empty: 429, then a retry (on a slow machine it may
+                started = time.monotonic()  # have refilled before "b": then "c" is the one refused)
+                cred = await c.credentials("vendor", resource, ttl=30)
+                durations.append(time.monotonic() - started)
         assert cred["api_key"] == CANARY
-        assert "429 (rate_limited), retrying in 1.0s" in caplog.text, caplog.text
-        assert waited >= 0.8, waited  # it waited as Retry-After said
+        assert caplog.text.count("429 (rate_limited), retrying in 1.0s") >= 1, caplog.text
+        assert max(durations) >= 0.8, durations  # the refused call waited as Retry-After said
         assert CANARY not in caplog.text
 
     with_gateway(settings_factory, body)
