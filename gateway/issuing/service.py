@@ -451,8 +451,8 @@ class Credentials:
             finally:
                 del self._running[lease_id]
                 future.set_result(mine)
-            if lease is not None and mine:
-                return {**lease_view(lease), **ended}
+            if lease is not None:  # this call's attempt: revoked, or failed and recorded for the reaper
+                return {**lease_view(lease), **ended} if mine else await self.leases.view(lease_id)
         await self.revoke(await self.leases.mark_revoking(lease_ids=[lease_id]))
         return await self.leases.view(lease_id)
 

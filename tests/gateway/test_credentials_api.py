@@ -295,6 +295,7 @@ async def test_revocation_is_retried_until_the_target_is_back(gateway: Gateway, 
     creds.policy = replace(creds.policy, backoff_base=0.01)
     r = await gateway.client.post(f"/v1/leases/{out['lease_id']}/revoke")
     assert r.status_code == 202 and r.json()["state"] == "revoking" and r.json()["last_error"]
+    assert r.json()["attempts"] == 1  # one attempt at the target per request; the reaper retries
     for _ in range(6):
         await asyncio.sleep(0.05)
         await gateway.runtime.reaper.tick()
