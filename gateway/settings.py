@@ -165,6 +165,15 @@ class Settings(BaseSettings):
     login_client_id: str | None = Field(None, description="The OAuth2 client id credgate uses at that issuer.")
     login_scopes: str = Field("openid email profile groups", description="Scopes asked for at sign-in.")
 
+    console: bool = Field(True, description="Serve the web console at /console (sign-in: an admin key, or the "
+                          "identity provider named by login_issuer).")
+    console_session_seconds: int = Field(
+        3600, ge=300, le=43200, description="How long a console sign-in lasts (an IdP sign-in: never past its id_token).")
+    console_reveal_seconds: int = Field(30, ge=2, le=600, description="How long the console shows a revealed value.")
+    console_reauth_seconds: int = Field(
+        900, ge=60, le=43200, description="A reveal in the console needs a sign-in at most this old; older, the "
+        "console asks to sign in again.")
+
     audit_sinks: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Extra audit sinks besides the store, set in the config file: "

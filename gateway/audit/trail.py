@@ -76,7 +76,7 @@ AUTHORITY_ACTIONS = frozenset({
 })
 # Requests that hand out a bearer credential without an authenticated caller: their
 # response event is fail-closed (the token endpoint answers 503 rather than unrecorded).
-FAIL_CLOSED_PATHS = frozenset({"/v1/auth/token", "/v1/auth/console/callback"})
+FAIL_CLOSED_PATHS = frozenset({"/v1/auth/token", "/v1/auth/console/callback", "/v1/auth/console/key"})
 
 
 def canonical(event: Mapping[str, Any]) -> bytes:

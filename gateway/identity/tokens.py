@@ -104,7 +104,7 @@ class Tokens:
                                   act.get("claims") or {}),
             )
             return Principal("run", jti, scope.run_id, scope=scope, source=(f"jti:{jti}", *_sources(act.get("src"))))
-        if kind in ("client", "workload"):
+        if kind in ("client", "workload", "admin_key"):  # admin_key: a console session signed in with a key
             issuer = claims.get("cg_iss") or GATEWAY
             sub = str(claims.get("sub"))
             name = sub.split(":", 1)[1] if issuer == GATEWAY and ":" in sub else sub

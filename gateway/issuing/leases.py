@@ -360,6 +360,24 @@ class Leases:
                 )
         return ids
 
+    async def count_live(
+        self, *, connector: str | None = None, principal: str | None = None,
+        permit: Callable[[str, str], bool] | None = None,
+    ) -> int:
+        """How many leases :meth:`mark_revoking` would match now (nothing changes): one grouped
+        query, ``permit`` asked once per (connector, resource)."""
+        conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
+        if connector:
+            conds.append(LeaseRow.connector == connector)
+        if principal:
+            conds.append(LeaseRow.principal == principal)
+        async with self._store.read() as s:
+            rows = (await s.execute(
+                select(LeaseRow.connector, LeaseRow.resource, func.count()).where(and_(*conds))
+                .group_by(LeaseRow.connector, LeaseRow.resource)
+            )).all()
+        return sum(n for c, r, n in rows if permit is None or permit(c, r))
+
     async def due_for_expiry(self, now: datetime, limit: int) -> list[LeaseRow]:
         async with self._store.read() as s:
             q = (

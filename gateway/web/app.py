@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from gateway import __version__
+from gateway import console as web_console
+from gateway.console import routes as console_pages
+from gateway.console.session import ConsoleHeaders
 from gateway.web.deps import declare_bearer
 from gateway.web.errors import ErrorOut, install_error_handlers
 from gateway.web.middleware import AuditTrail, DeliveryConfirmation, RequestGuard
@@ -65,9 +69,13 @@ def create_app(settings: Settings, *, workers: int = 1, worker: int = 0) -> Fast
     for module in (secrets, credentials, leases, health, identity, connectors, audit, backends, keys, admin_keys,
                    policies, console):
         app.include_router(module.router)
+    if settings.console:  # the web console: pages, and its assets from the gateway itself
+        app.include_router(console_pages.router)
+        app.mount("/console/static", StaticFiles(directory=web_console.STATIC), name="console-static")
     declare_bearer(app)
     app.state.metrics = Metrics(worker=worker)
     app.add_middleware(AuditTrail)
+    app.add_middleware(ConsoleHeaders)  # CSP, no framing, no-store: on every console page and sign-in route
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.state.limiter = Limiter()
     app.add_middleware(

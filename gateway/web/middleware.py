@@ -50,6 +50,9 @@ _OTHER_MEDIA = {
     "/v1/auth/token": (b"application/x-www-form-urlencoded",),
     "/v1/auth/revoke": (b"application/x-www-form-urlencoded",),  # RFC 7009
     "/v1/policies/": (b"application/yaml", b"application/x-yaml", b"text/yaml"),
+    # The web console's forms (gateway/console), and its admin-key sign-in.
+    "/console/": (b"application/x-www-form-urlencoded",),
+    "/v1/auth/console/key": (b"application/x-www-form-urlencoded",),
 }
 
 

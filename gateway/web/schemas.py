@@ -277,6 +277,7 @@ class BulkRevokeIn(Input):
     principal: str | None = Field(
         None, max_length=600, description="An owner, ISSUER/SUBJECT; a bare gateway subject (client:x) means credgate/client:x."
     )
+    dry_run: bool = Field(False, description="Only count what would be revoked (matched), revoking nothing.")
 
 
 class BulkRevokeOut(BaseModel):

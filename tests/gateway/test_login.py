@@ -32,12 +32,13 @@ COOKIE = "credgate_login"
 class LoginGateway:
     """`credgate serve --dev` signing admins in at ``idp`` (a trusted issuer set up over the API)."""
 
-    def __init__(self, data_dir: Path, idp: OIDCProvider) -> None:
+    def __init__(self, data_dir: Path, idp: OIDCProvider, **settings: str) -> None:
         self.port = free_port()
         self.addr = f"http://127.0.0.1:{self.port}"
         self.callback = f"{self.addr}/v1/auth/console/callback"
         self.out = data_dir.parent / "serve.out"
-        env = clean_env(CREDGATE_LOGIN_ISSUER="idp", CREDGATE_LOGIN_CLIENT_ID=CLIENT_ID, CREDGATE_BOOTSTRAP_TOKEN=ADMIN)
+        env = clean_env(CREDGATE_LOGIN_ISSUER="idp", CREDGATE_LOGIN_CLIENT_ID=CLIENT_ID, CREDGATE_BOOTSTRAP_TOKEN=ADMIN,
+                        **settings)
         self.proc = subprocess.Popen(
             [CREDGATE, "serve", "--dev", "--data-dir", str(data_dir), "--port", str(self.port)],
             stdout=self.out.open("w"), stderr=subprocess.STDOUT, env=env,

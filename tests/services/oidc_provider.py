@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import html
 import hashlib
 import hmac
 import json
@@ -304,6 +305,8 @@ class OIDCProvider(ManagedService):
         issuer: ``http://127.0.0.1:<port>`` (set by :meth:`start`).
         kid: the ``kid`` of the signing key (set by :meth:`start`).
         users: the users, by username (change freely between requests).
+        login_form: ``/authorize`` without ``login_hint`` shows a sign-in page (a username
+            field that resubmits the request with ``login_hint``), for a browser to fill in.
     """
 
     host = "127.0.0.1"
@@ -315,7 +318,9 @@ class OIDCProvider(ManagedService):
         device_interval: int = 1,
         device_code_ttl: int = 300,
         token_ttl: int = 3600,
+        login_form: bool = False,
     ) -> None:
+        self.login_form = login_form
         self.users: dict[str, dict[str, Any]] = copy.deepcopy(DEFAULT_USERS if users is None else users)
         self.device_interval = device_interval
         self.device_code_ttl = device_code_ttl
@@ -607,6 +612,13 @@ class OIDCProvider(ManagedService):
 
         @app.get("/authorize")
         def authorize() -> Any:
+            if provider.login_form and request.args.get("login_hint") is None:
+                hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                                 for k, v in request.args.items())
+                page = ('<!doctype html><title>Test IdP: sign in</title><h1>Test IdP</h1>'
+                        f'<form method="get" action="/authorize">{hidden}<label>Username '
+                        '<input name="login_hint" id="username"></label> <button id="sign-in">Sign in</button></form>')
+                return Response(page, mimetype="text/html")
             # Test-only shortcut: login_hint names the user who "signs in".
             user = provider._user(request.args.get("login_hint"))
             try:

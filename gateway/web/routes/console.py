@@ -1,8 +1,9 @@
-"""Sign-in for the (future) web console: OAuth2 authorization code with PKCE
+"""Sign-in for the web console (gateway/console): OAuth2 authorization code with PKCE
 (RFC 6749 4.1, RFC 7636) at the identity provider named by
-``CREDGATE_LOGIN_ISSUER``, as the public client ``CREDGATE_LOGIN_CLIENT_ID``.
+``CREDGATE_LOGIN_ISSUER``, as the public client ``CREDGATE_LOGIN_CLIENT_ID``, or with an
+admin key.
 
-Both routes are anonymous (public):
+The routes are anonymous (public):
 
 =====================================  ==============================================================
 ``GET /v1/auth/console/login``         302 to the IdP's ``authorization_endpoint`` (from its
@@ -11,8 +12,17 @@ Both routes are anonymous (public):
 ``GET /v1/auth/console/callback``      ``?code&state``: checks the cookie and ``state``, redeems the
                                        code with the ``code_verifier``, verifies the ``id_token``
                                        through the trusted issuer and its ``nonce``, and answers
-                                       ``{access_token, token_type, expires_in, subject, roles}``
+                                       ``{access_token, token_type, expires_in, subject, roles}``;
+                                       begun with ``?console=true``, it sets the console's session
+                                       cookie instead and continues to ``/console``
+``POST /v1/auth/console/key``          the console's sign-in form (``key``, ``pre``): an admin key
+                                       becomes a console session (an access token of kind
+                                       ``admin_key`` deriving from the key: revoking the key ends it)
 =====================================  ==============================================================
+
+A console session is never the admin key itself: the cookie holds a gateway token of at most
+``CREDGATE_CONSOLE_SESSION_SECONDS`` (gateway/console/session.py). Both sign-ins are audited
+fail-closed (gateway/audit/trail.py ``FAIL_CLOSED_PATHS``): no session is handed out unrecorded.
 
 Nothing is kept server-side between the two: the ``code_verifier``, ``state``
 and ``nonce`` travel in a cookie (``credgate_login``: HttpOnly, SameSite=Lax,
@@ -51,10 +61,15 @@ from authlib.common.security import generate_token
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from gateway.console import pages
+from gateway.console import session as console_session
+from gateway.console.forms import read_form
 from gateway.web.deps import RuntimeDep
-from gateway.errors import BadRequest, NotFound, Unauthenticated, Unavailable
+from gateway.audit import trail as audit
+from gateway.identity.principal import GATEWAY
+from gateway.errors import BadRequest, CredgateError, NotFound, Unauthenticated, Unavailable
 from gateway.identity.issuers import Issuer, check_audience, check_times, utc_from_ts
 from gateway.identity.replay import use_once
 from gateway.web.routes.identity import MAX_EXCHANGED_TTL
@@ -119,7 +134,11 @@ def _secure(runtime: Runtime) -> bool:
 
 
 @router.get(f"{PREFIX}/login", summary="Console sign-in (anonymous): redirect to the identity provider", status_code=302)
-async def console_login(runtime: RuntimeDep) -> RedirectResponse:
+async def console_login(
+    runtime: RuntimeDep,
+    console: Annotated[bool, Query(description="Sign in to the web console: the callback sets its session "
+                                               "cookie and continues to /console.")] = False,
+) -> RedirectResponse:
     row = await _login_issuer(runtime)
     doc = await _endpoints(row)
     verifier = generate_token(64)  # 64 characters of [A-Za-z0-9] (RFC 7636 4.1)
@@ -129,6 +148,7 @@ async def console_login(runtime: RuntimeDep) -> RedirectResponse:
         {
             "iss": runtime.settings.issuer_url, "aud": COOKIE_AUD, "iat": now, "exp": now + COOKIE_TTL,
             "jti": secrets.token_urlsafe(16), "idp": row.name, "state": state, "nonce": nonce, "cv": verifier,
+            **({"to": "console"} if console else {}),
         },
         typ=COOKIE_TYP,
     )
@@ -208,7 +228,7 @@ async def console_callback(
     state: Annotated[str | None, Query(max_length=512)] = None,
     error: Annotated[str | None, Query(max_length=256)] = None,
     iss: Annotated[str | None, Query(max_length=1024)] = None,
-) -> JSONResponse:
+) -> Response:
     row = await _login_issuer(runtime)
     claims = await _login_claims(runtime, request.cookies.get(COOKIE), row)
     if not state or not hmac.compare_digest(state.encode(), claims["state"].encode()):
@@ -238,10 +258,19 @@ async def console_callback(
     if remaining <= 0:  # inside the issuer's leeway, but nothing left to hand on
         raise BadRequest("The identity provider's id_token has expired.", code="login_id_token_invalid")
     ttl = min(MAX_EXCHANGED_TTL, timedelta(seconds=remaining))
+    to_console = claims.get("to") == "console"
+    if to_console:
+        ttl = min(ttl, timedelta(seconds=runtime.settings.console_session_seconds))
     access = await runtime.tokens.mint_access(
         kind="workload", name=verified.subject, issuer=verified.issuer, roles=verified.roles,
         claims={k: v for k, v in verified.claims.items() if k in EXCHANGED_CLAIMS}, ttl=ttl, source=verified.source,
     )
+    if to_console:
+        audit.note(details={"console": True})
+        page = pages.continue_page(f"Signed in as {verified.subject}.")
+        console_session.set_session(page, request, access, int(ttl.total_seconds()))
+        page.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="lax", secure=_secure(runtime))
+        return page
     resp = JSONResponse(
         {"access_token": access, "token_type": "Bearer", "expires_in": int(ttl.total_seconds()),
          "subject": verified.subject, "roles": sorted(verified.roles)},
@@ -249,3 +278,37 @@ async def console_callback(
     )
     resp.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="lax", secure=_secure(runtime))
     return resp
+
+
+@router.post(console_session.KEY_SIGN_IN, summary="Console sign-in (anonymous) with an admin key: sets the console's session cookie",
+             status_code=303, include_in_schema=False)
+async def console_key(request: Request, runtime: RuntimeDep) -> Response:
+    """The sign-in form of ``/console/login``. Any refusal goes back to that form with the
+    reason in words (the key itself is never repeated, logged or kept)."""
+    audit.note(action="auth:console", details={"method": "admin_key"})
+    form = await read_form(request)
+    back = RedirectResponse("/console/login", status_code=303)
+    try:
+        console_session.check_csrf(request, form.one("pre"), request.cookies.get(console_session.PRE_COOKIE))
+        key = form.one("key") or ""
+        if not key.startswith("cgt_"):
+            raise Unauthenticated("That is not an admin key (they begin with cgt_).", code="invalid_token")
+        principal = await runtime.authenticator.authenticate(key)
+        if principal.kind != "admin_key":
+            raise Unauthenticated("That is not an admin key.", code="invalid_token")
+    except CredgateError as exc:
+        audit.note(decision="deny", details={"error": exc.code})
+        console_session.set_flash(back, request, "error", exc.message, exc.code)
+        back.status_code = 303
+        return back
+    ttl = runtime.settings.console_session_seconds
+    access = await runtime.tokens.mint_access(
+        kind="admin_key", name=principal.name, issuer=GATEWAY, roles=principal.roles, claims={},
+        ttl=timedelta(seconds=ttl), source=principal.source,
+    )
+    audit.note(issuer=principal.issuer, subject=principal.subject, decision="allow")
+    done = RedirectResponse("/console", status_code=303)
+    console_session.set_session(done, request, access, ttl)
+    done.delete_cookie(console_session.PRE_COOKIE, path=console_session.KEY_SIGN_IN, httponly=True, samesite="strict",
+                       secure=console_session.secure(request))
+    return done

@@ -73,10 +73,14 @@ async def bulk_revoke(body: BulkRevokeIn, runtime: RuntimeDep, principal: Annota
     owner = owner_filter(body.principal) if body.principal else None
     # Only the leases whose connector and resource the caller may revoke (a rule scoped to
     # connector A does not revoke connector B's leases); the others are not matched.
-    ids = await runtime.leases.mark_revoking(
-        connector=body.connector, principal=owner,
-        permit=lambda connector, resource: principal.can("leases:revoke", connector, resource),
-    )
+    def permit(connector: str, resource: str) -> bool:
+        return principal.can("leases:revoke", connector, resource)
+
+    if body.dry_run:  # the console's confirmation: how many, before anything is revoked
+        audit.note(details={"dry_run": True})
+        matched = await runtime.leases.count_live(connector=body.connector, principal=owner, permit=permit)
+        return BulkRevokeOut(matched=matched, revoked=0, still_revoking=[])
+    ids = await runtime.leases.mark_revoking(connector=body.connector, principal=owner, permit=permit)
     audit.note(ended_leases=ids)  # one audit event per lease ended
     still = await runtime.credentials.revoke(ids)
     return BulkRevokeOut(matched=len(ids), revoked=len(ids) - len(still), still_revoking=still)

@@ -1,0 +1,193 @@
+"""The console's security over plain HTTP (the in-process app): headers on every page, the
+session cookie, CSRF and origin checks, sign-in and sign-out, re-authorisation of a reveal,
+and that no page or template loads anything from outside the gateway or runs inline script.
+The browser drives the same console in tests/console/test_console_browser.py."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.console import session as sess
+from gateway.web.app import create_app
+from tests.conftest import ADMIN_TOKEN
+
+TEMPLATES = Path(__file__).parents[2] / "gateway" / "console" / "templates"
+STATIC = Path(__file__).parents[2] / "gateway" / "console" / "static"
+BASE = "http://gateway"
+CANARY = "CANARY-console-http-91b2"
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"  # the console is store-agnostic: one store is enough
+
+
+def browser(gateway) -> httpx.AsyncClient:
+    """A client without a bearer token (the console's only credential is its cookie), sending
+    the Origin a browser would."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url=BASE,
+                             headers={"Origin": BASE}, follow_redirects=False)
+
+
+async def sign_in(client: httpx.AsyncClient, key: str = ADMIN_TOKEN) -> httpx.Response:
+    page = await client.get("/console/login")
+    pre = re.search(r'name="pre" value="([^"]+)"', page.text).group(1)
+    return await client.post(sess.KEY_SIGN_IN, data={"pre": pre, "key": key})
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', html).group(1)
+
+
+async def test_every_console_response_carries_the_security_headers(gateway) -> None:
+    async with browser(gateway) as c:
+        r = await sign_in(c)
+        assert r.status_code == 303 and r.headers["location"] == "/console"
+        for path in ("/console", "/console/login", "/console/leases", "/console/static/console.js", "/console/nope"):
+            r = await c.get(path)
+            csp = r.headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, path
+            assert "unsafe-inline" not in csp and r.headers["x-frame-options"] == "DENY", path
+            assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff", path
+        api = await gateway.client.get("/v1/leases")
+        assert "content-security-policy" not in api.headers  # the API's own answers are untouched
+
+
+async def test_the_session_cookie_is_httponly_strict_and_never_the_admin_key(gateway) -> None:
+    async with browser(gateway) as c:
+        r = await sign_in(c)
+        cookie = next(h for h in r.headers.get_list("set-cookie") if h.startswith(sess.COOKIE + "="))
+        low = cookie.lower()
+        assert "httponly" in low and "samesite=strict" in low and "path=/console" in low and "max-age=3600" in low
+        token = cookie.split(";")[0].split("=", 1)[1]
+        assert ADMIN_TOKEN not in cookie and token.count(".") == 2  # a gateway token, not the key
+        me = await gateway.as_token(token).get("/v1/auth/whoami")
+        assert me.json()["subject"] == "admin_key:bootstrap" and me.json()["kind"] == "admin_key"
+    events = (await gateway.client.get("/v1/audit", params={"action": "auth:console"})).json()["items"]
+    assert events and events[-1]["subject"] == "admin_key:bootstrap" and events[-1]["decision"] == "allow"
+    assert ADMIN_TOKEN not in str(events)
+
+
+async def test_a_wrong_key_or_a_forged_sign_in_form_is_refused_in_words(gateway) -> None:
+    async with browser(gateway) as c:
+        r = await sign_in(c, "cgt_not-a-key-" + "x" * 30)
+        assert r.status_code == 303 and r.headers["location"] == "/console/login"
+        assert sess.COOKIE + "=" not in "".join(r.headers.get_list("set-cookie")).replace(sess.COOKIE + '=""', "")
+        page = await c.get("/console/login")
+        assert "invalid_token" in page.text and "not valid" in page.text
+        # no pre-session cookie (a form posted from elsewhere): refused
+        async with browser(gateway) as other:
+            r = await other.post(sess.KEY_SIGN_IN, data={"pre": "guess", "key": ADMIN_TOKEN})
+            assert r.status_code == 303 and sess.COOKIE + "=ey" not in "".join(r.headers.get_list("set-cookie"))
+
+
+async def test_state_changing_posts_need_the_csrf_token_and_the_same_origin(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        page = await c.get("/console/policies")
+        token = csrf_of(page.text)
+        url = "/console/policies/p1/delete"
+        await gateway.client.put("/v1/policies/p1", json={"rules": [{"principals": {"subject": "x"}, "actions": ["leases:read"]}]})
+        for data, headers in (
+            ({"x": "1"}, {}),  # no token
+            ({"csrf": "0" * 64}, {}),  # a wrong one
+            ({"csrf": token}, {"Origin": "http://evil.example"}),  # the right one, from another origin
+            ({"csrf": token}, {"Sec-Fetch-Site": "cross-site"}),
+            ({"csrf": token}, {"Origin": "null"}),
+        ):
+            r = await c.post(url, data=data, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed", (data, headers)
+            assert (await gateway.client.get("/v1/policies/p1")).status_code == 200
+        r = await c.post(url, data={"csrf": token})
+        assert r.status_code == 303
+        assert (await gateway.client.get("/v1/policies/p1")).status_code == 404
+        page = await c.get("/console/policies")
+        assert "Policy p1 deleted." in page.text
+
+
+async def test_a_token_of_another_session_is_no_csrf_token(gateway) -> None:
+    async with browser(gateway) as a, browser(gateway) as b:
+        await sign_in(a)
+        await sign_in(b)
+        theirs = csrf_of((await b.get("/console/policies")).text)
+        r = await a.post("/console/leases/bulk", data={"csrf": theirs, "connector": "x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
+
+
+async def test_signing_out_revokes_the_session_and_revoking_the_key_ends_it(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = c.cookies[sess.COOKIE]
+        r = await c.post("/console/logout", data={"csrf": csrf_of((await c.get("/console")).text)})
+        assert r.status_code == 303 and r.headers["location"] == "/console/login"
+        assert (await gateway.as_token(token).get("/v1/auth/whoami")).status_code == 401
+
+    created = (await gateway.client.post("/v1/admin-keys", json={"name": "temp", "role": "admin"})).json()
+    async with browser(gateway) as c:
+        await sign_in(c, created["token"])
+        assert (await c.get("/console")).status_code == 200
+        await gateway.client.post(f"/v1/admin-keys/{created['id']}/revoke")
+        r = await c.get("/console")
+        assert r.status_code == 303 and r.headers["location"] == "/console/login"
+        assert "admin_key_revoked" in (await c.get("/console/login")).text
+
+
+async def test_a_reveal_is_post_only_no_store_audited_and_needs_a_recent_sign_in(gateway, monkeypatch) -> None:
+    await gateway.client.put("/v1/secrets/local/ml/db", json={"data": {"password": CANARY}})
+    async with browser(gateway) as c:
+        await sign_in(c)
+        page = await c.get("/console/secrets/local/ml/db")
+        assert page.status_code == 200 and CANARY not in page.text and "data-reveal" in page.text
+        token = csrf_of(page.text)
+        assert (await c.get("/console/reveal")).status_code in (404, 405)
+        r = await c.post("/console/reveal", data={"csrf": token, "backend": "local", "path": "ml/db", "version": "1"})
+        assert r.status_code == 200 and r.json()["data"] == {"password": CANARY} and r.headers["cache-control"] == "no-store"
+        bad = await c.post("/console/reveal", data={"csrf": "x", "backend": "local", "path": "ml/db"})
+        assert bad.status_code == 403 and CANARY not in bad.text
+        # an old sign-in must sign in again before a value is shown
+        monkeypatch.setattr(sess.time, "time", lambda: time.time_ns() / 1e9 + 3600)
+        r = await c.post("/console/reveal", data={"csrf": token, "backend": "local", "path": "ml/db", "version": "1"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "reauth_required" and CANARY not in r.text
+    reveals = [e for e in (await gateway.client.get("/v1/audit", params={"action": "secrets:read"})).json()["items"]
+               if (e.get("details") or {}).get("reveal")]
+    assert len(reveals) == 1 and reveals[0]["subject"] == "admin_key:bootstrap"
+
+
+async def test_api_errors_are_shown_with_their_code_never_a_500(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        for path, code in (("/console/secrets/nope/x", "backend_not_found"), ("/console/connectors/nope", "connector_not_found"),
+                           ("/console/leases?state=bogus", "invalid_filter"), ("/console/audit?since=yesterday", "validation_failed")):
+            r = await c.get(path)
+            assert 400 <= r.status_code < 500 and code in r.text, (path, r.status_code, r.text[-800:])
+        token = csrf_of((await c.get("/console")).text)
+        r = await c.post("/console/connectors", data={"csrf": token, "type": "redis", "auth_method": "password", "name": "c1",
+                                                      "secret": "local/none", "resources": "x"})
+        assert r.status_code == 303
+        shown = (await c.get("/console/connectors")).text
+        assert 'class="flash error"' in shown and "<code>" in shown
+
+
+async def test_the_console_can_be_turned_off(settings_factory) -> None:
+    app = create_app(settings_factory(console=False))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+            assert (await c.get("/console")).status_code == 404
+            assert (await c.get("/console/static/console.js")).status_code == 404
+
+
+def test_no_template_loads_from_outside_or_runs_inline_script() -> None:
+    for path in [*TEMPLATES.glob("*.html"), *STATIC.glob("*")]:
+        text = path.read_text()
+        assert not re.search(r"""(src|href|action)=["']?(https?:)?//""", text), path  # nothing from elsewhere
+        assert not re.search(r"@import|url\(\s*['\"]?(https?:)?//", text), path
+        if path.suffix == ".html":
+            assert not re.search(r"<script(?![^>]*\ssrc=)", text), path  # every script is a file of the gateway
+            assert not re.search(r"\son[a-z]+\s*=", text), path  # no inline handlers
+            assert not re.search(r"\sstyle\s*=|<style", text), path  # no inline style (style-src 'self')
+            assert "javascript:" not in text, path
