@@ -423,14 +423,17 @@ class Leases:
         too): ``[(hour start, count)]``. One ``GROUP BY`` hour over a range of the issued_at
         index (migration 0016): counted in SQL, never by fetching rows. The hour is the
         whole hours since the epoch, computed the same way on PostgreSQL and SQLite (where
-        timestamps are naive UTC text), so no session time zone enters it."""
+        timestamps are naive UTC text, ``YYYY-MM-DD HH:MM:SS.ffffff``), so no session time
+        zone enters it."""
         now = now or utcnow()
         current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         first = current - timedelta(hours=hours - 1)
         if self._store.dialect == "postgresql":
             bucket = cast(func.floor(func.extract("epoch", _c.issued_at)), BigInteger) // 3600
         else:
-            bucket = cast(func.strftime("%s", _c.issued_at), Integer) // 3600
+            # Whole seconds first: SQLite's date functions round to the millisecond, which
+            # would move 10:59:59.9996 into the next hour.
+            bucket = cast(func.strftime("%s", func.substr(_c.issued_at, 1, 19)), Integer) // 3600
         q = select(bucket.label("bucket"), func.count()).where(_c.issued_at >= first).group_by("bucket")
         async with self._reader.connect() as conn:
             counted = {int(h): n for h, n in (await conn.execute(q)).all()}
