@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import and_, or_, select, text
 
 from gateway.store import Store
-from gateway.store.models import AuditConnector, AuditEventRow
+from gateway.store.models import HMAC_DETAILS, AuditConnector, AuditEventRow, AuditRunId
 
 AuditEvent = AuditEventRow  # what a search returns: one stored event, every chained field
 
@@ -16,7 +16,13 @@ AuditEvent = AuditEventRow  # what a search returns: one stored event, every cha
 @dataclass(frozen=True)
 class Filter:
     """Every field is optional; given ones must all match. ``connector`` is the
-    ``details.connector`` of the event; ``after`` a sequence number (exclusive)."""
+    ``details.connector`` of the event; ``after`` a sequence number (exclusive).
+
+    ``run``: the events of one run: those whose ``details.run_id`` names it (issuing for the
+    run, minting its token, revoking it) and the requests made with its run token (issuer
+    ``credgate``, subject ``run:RUN``). ``hmac``: the events whose ``details`` carry that keyed
+    hash under one of :data:`~gateway.store.models.HMAC_DETAILS` (``wrap_token``,
+    ``client_secret``)."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -25,6 +31,8 @@ class Filter:
     connector: str | None = None
     lease_id: str | None = None
     decision: str | None = None
+    run: str | None = None
+    hmac: str | None = None
     after: int | None = None
 
 
@@ -52,6 +60,13 @@ async def search(store: Store, where: Filter, limit: int) -> Page:
         q = q.where(AuditConnector() == where.connector)
         if store.dialect == "postgresql":  # ->> also turns a number into text: only a JSON string matches
             q = q.where(text("json_typeof(audit_events.details -> 'connector') = 'string'"))
+    if where.run is not None:
+        # Two index ranges, (details.run_id, seq) and (subject, seq) (migrations 0016 and 0013).
+        q = q.where(or_(AuditRunId() == where.run,
+                        and_(AuditEventRow.subject == f"run:{where.run}", AuditEventRow.issuer == "credgate")))
+    if where.hmac is not None:
+        # One partial index per key, on the few events that carry it (migration 0016).
+        q = q.where(or_(*(expr() == where.hmac for expr in HMAC_DETAILS.values())))
     if where.since is not None:
         q = q.where(AuditEventRow.time >= where.since)
     if where.until is not None:

@@ -14,19 +14,46 @@ its delegator came through, ends it too.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import base64
+import binascii
+import re
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 
 from gateway.identity.principal import Principal, RunScope
 from gateway.store.cache import Cache
-from gateway.errors import Forbidden, Unauthenticated, ValidationFailed
+from gateway.errors import BadRequest, Forbidden, Unauthenticated, ValidationFailed
 from gateway.store import Store
 from gateway.store.models import RunRow, utcnow
 from gateway.store.rows import revoke_row
 from gateway.identity.tokens import Tokens
 
 MAX_RUN_TOKEN_TTL = timedelta(hours=24)
+RUN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+RunsAfter = tuple[datetime, str]  # where a page of runs resumes: the last run's (created_at, run_id)
+
+
+def encode_page_token(after: RunsAfter) -> str:
+    """The opaque page token of ``GET /v1/runs``: the last run's creation time and id."""
+    created_at, run_id = after
+    raw = f"{created_at.astimezone(UTC).isoformat()}|{run_id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> RunsAfter:
+    """The (created_at, run_id) a page token names; 400 ``invalid_page_token`` for anything
+    this gateway did not issue."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        when, run_id = raw.split("|", 1)
+        created_at = datetime.fromisoformat(when)
+        if created_at.tzinfo is None or not RUN_ID.match(run_id):
+            raise ValueError(raw)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadRequest("The page_token is not one this gateway issued.", code="invalid_page_token") from None
+    return created_at, run_id
 
 
 class Runs:
@@ -83,6 +110,32 @@ class Runs:
     async def get(self, run_id: str) -> RunRow | None:
         async with self._store.read() as s:
             return await s.get(RunRow, run_id)
+
+    async def page(
+        self, *, created_by: str | None = None, state: str | None = None, after: RunsAfter | None = None,
+        limit: int = 100,
+    ) -> tuple[list[RunRow], RunsAfter | None]:
+        """One page of runs, newest first (``ORDER BY created_at DESC, run_id DESC``; keyset:
+        runs before ``after``), and where the next page resumes, or None on the last page.
+        ``created_by``: only one delegator's runs (``Principal.owner``); ``state``: ``live``
+        (not revoked) or ``revoked``. Served by the (created_at, run_id) index, or the
+        (created_by, created_at, run_id) one (migration 0016); ``state`` filters along it."""
+        q = select(RunRow)
+        if created_by is not None:
+            q = q.where(RunRow.created_by == created_by)
+        if state == "live":
+            q = q.where(RunRow.revoked_at.is_(None))
+        elif state == "revoked":
+            q = q.where(RunRow.revoked_at.is_not(None))
+        if after is not None:
+            q = q.where(tuple_(RunRow.created_at, RunRow.run_id) < tuple_(
+                literal(after[0], RunRow.created_at.type), literal(after[1], RunRow.run_id.type)))
+        q = q.order_by(RunRow.created_at.desc(), RunRow.run_id.desc()).limit(limit + 1)
+        async with self._store.read() as s:
+            rows = list((await s.execute(q)).scalars())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, ((rows[-1].created_at, rows[-1].run_id) if more else None)
 
     async def mark_revoked(self, run_id: str) -> bool:
         """Revoke run ``run_id`` (once; every replica hears it); False if there is no such run."""

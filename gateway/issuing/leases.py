@@ -32,10 +32,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, Update, and_, bindparam, func, or_, select, update
+from sqlalchemy import BigInteger, Integer, Select, Update, and_, bindparam, cast, func, or_, select, update
 
 from gateway.identity.principal import GATEWAY
 from gateway.errors import NotFound, ValidationFailed
@@ -422,6 +422,41 @@ class Leases:
         out.update({state: n for state, n in rows})
         out["stuck_revoking"] = stuck
         return out
+
+    async def counts_by_run(self, run_ids: list[str]) -> dict[str, dict[str, int]]:
+        """Lease counts by state (every state, zeros too) of each of ``run_ids``: one grouped
+        query (``GROUP BY run_id, state``) over the (run_id, id) index, whatever the page size."""
+        out = {run_id: {state: 0 for state in STATES} for run_id in run_ids}
+        if not run_ids:
+            return out
+        q = (select(_c.run_id, _c.state, func.count()).where(_c.run_id.in_(run_ids))
+             .group_by(_c.run_id, _c.state))
+        async with self._reader.connect() as conn:
+            for run_id, state, n in (await conn.execute(q)).all():
+                out[run_id][state] = n
+        return out
+
+    async def issued_per_hour(self, hours: int, now: datetime | None = None) -> list[tuple[datetime, int]]:
+        """Leases issued in each of the last ``hours`` UTC hours (the current one last, zeros
+        too): ``[(hour start, count)]``. One ``GROUP BY`` hour over a range of the issued_at
+        index (migration 0016): counted in SQL, never by fetching rows. The hour is the
+        whole hours since the epoch, computed the same way on PostgreSQL and SQLite (where
+        timestamps are naive UTC text, ``YYYY-MM-DD HH:MM:SS.ffffff``), so no session time
+        zone enters it."""
+        now = now or utcnow()
+        current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        first = current - timedelta(hours=hours - 1)
+        if self._store.dialect == "postgresql":
+            bucket = cast(func.floor(func.extract("epoch", _c.issued_at)), BigInteger) // 3600
+        else:
+            # Whole seconds first: SQLite's date functions round to the millisecond, which
+            # would move 10:59:59.9996 into the next hour.
+            bucket = cast(func.strftime("%s", func.substr(_c.issued_at, 1, 19)), Integer) // 3600
+        q = select(bucket.label("bucket"), func.count()).where(_c.issued_at >= first).group_by("bucket")
+        async with self._reader.connect() as conn:
+            counted = {int(h): n for h, n in (await conn.execute(q)).all()}
+        base = int(first.timestamp()) // 3600
+        return [(first + timedelta(hours=i), counted.get(base + i, 0)) for i in range(hours)]
 
     async def live_count(self, connector: str) -> int:
         async with self._store.read() as s:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -52,7 +53,7 @@ from gateway.errors import (
 )
 from gateway.audit import trail as audit
 from gateway.identity.principal import Principal
-from gateway.plugins.registry import backend_class
+from gateway.plugins.registry import BACKEND_TYPES, backend_class
 from gateway.store import Store
 from gateway.store.models import BackendRow, utcnow
 from gateway.store.sealed import backend_config_context
@@ -491,3 +492,23 @@ class Mounts:
             await backend.aclose()
         self._live.clear()
 
+
+
+def backend_type_info(type_name: str) -> dict[str, Any]:
+    """What ``GET /v1/backend-types`` says about one type (as ``type_info`` does for connector
+    types): its configuration's JSON schema and capabilities, or why it is unavailable (its
+    optional SDK is not installed)."""
+    try:
+        cls = backend_class(type_name)
+    except CredgateError as exc:
+        return {"type": type_name, "available": False, "reason": exc.message}
+    return {
+        "type": type_name,
+        "available": True,
+        "config_schema": cls.config_model.model_json_schema(),
+        "capabilities": dataclasses.asdict(cls.capabilities),
+    }
+
+
+def all_backend_type_info() -> list[dict[str, Any]]:
+    return [backend_type_info(t) for t in sorted(BACKEND_TYPES)]

@@ -189,6 +189,9 @@ class LeaseRow(SealedMixin, Base):
         Index("ix_leases_connector_id", "connector", "id"),
         Index("ix_leases_principal_id", "principal", "id"),
         Index("ix_leases_state_id", "state", "id"),
+        Index("ix_leases_run_id_id", "run_id", "id"),  # GET /v1/leases?run= (migration 0016)
+        # Leases issued per hour (GET /v1/leases/issuance): one index range over issued_at.
+        Index("ix_leases_issued_at", "issued_at"),
         # The reaper's search for undelivered leases: only rows with the marker are indexed.
         Index("ix_leases_delivery_due", "delivery_due_at", postgresql_where=text("delivery_due_at IS NOT NULL"),
               sqlite_where=text("delivery_due_at IS NOT NULL")),
@@ -198,7 +201,7 @@ class LeaseRow(SealedMixin, Base):
     connector_type: Mapped[str] = mapped_column(String(32))
     resource: Mapped[str] = mapped_column(String(256))
     principal: Mapped[str] = mapped_column(String(600))  # the owner: Principal.owner, ISSUER/SUBJECT
-    run_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16))
     revocability: Mapped[str] = mapped_column(String(16))
     renewable: Mapped[bool] = mapped_column(Boolean)
@@ -296,6 +299,12 @@ class RunRow(Base):
     """A pipeline run that was delegated credentials; revoking it ends its token and leases."""
 
     __tablename__ = "runs"
+    __table_args__ = (
+        # Keyset pages of GET /v1/runs, newest first (ORDER BY created_at DESC, run_id DESC), for
+        # every run and for one delegator's (migration 0016).
+        Index("ix_runs_created_at_run_id", "created_at", "run_id"),
+        Index("ix_runs_created_by_created_at_run_id", "created_by", "created_at", "run_id"),
+    )
     run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     created_by: Mapped[str] = mapped_column(String(600))  # the owner: Principal.owner, ISSUER/SUBJECT
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -340,6 +349,35 @@ def _connector_sqlite(element: AuditConnector, compiler: Any, **kw: Any) -> str:
     return "json_extract(details, '$.connector')"
 
 
+# Other keys of an audit event's ``details`` that GET /v1/audit filters on (migration 0016),
+# each an expression rendered as the connector's is: the same text in the index and the query.
+AUDIT_DETAIL_SQL = {
+    "postgresql": "(details ->> '{key}')",
+    "sqlite": "json_extract(details, '$.{key}')",
+}
+
+
+def _audit_detail(key: str, doc: str) -> type[ColumnElement[str]]:
+    cls = type(f"AuditDetail_{key}", (ColumnElement,), {"inherit_cache": True, "type": String(), "__doc__": doc})
+
+    @compiles(cls, "postgresql")
+    def _pg(element: Any, compiler: Any, **kw: Any) -> str:
+        return AUDIT_DETAIL_SQL["postgresql"].format(key=key)
+
+    @compiles(cls)
+    def _sqlite(element: Any, compiler: Any, **kw: Any) -> str:
+        return AUDIT_DETAIL_SQL["sqlite"].format(key=key)
+
+    return cls
+
+
+AuditRunId = _audit_detail("run_id", "``details.run_id``: the run a request issued for, minted a token for or revoked.")
+# The keyed hashes (gateway/audit/trail.py, ``AuditLog.hmac``) of sensitive values an event names.
+AuditWrapToken = _audit_detail("wrap_token", "``details.wrap_token``: the keyed hash of the wrap token unwrapped.")
+AuditClientSecret = _audit_detail("client_secret", "``details.client_secret``: the keyed hash of a client secret presented.")
+HMAC_DETAILS = {"wrap_token": AuditWrapToken, "client_secret": AuditClientSecret}
+
+
 class AuditEventRow(Base):
     """One audit event, hash-chained to the one before (see gateway/audit/trail.py)."""
 
@@ -351,6 +389,15 @@ class AuditEventRow(Base):
         Index("ix_audit_events_lease_id_seq", "lease_id", "seq"),
         Index("ix_audit_events_decision_seq", "decision", "seq"),
         Index("ix_audit_events_connector_seq", AuditConnector(), "seq"),
+        # GET /v1/audit?run= and ?hmac= (migration 0016); the keyed-hash ones only index the events
+        # that carry the key (few: unwraps and token requests with a client secret).
+        Index("ix_audit_events_run_id_seq", AuditRunId(), "seq"),
+        Index("ix_audit_events_wrap_token_seq", AuditWrapToken(), "seq",
+              postgresql_where=text("(details ->> 'wrap_token') IS NOT NULL"),
+              sqlite_where=text("json_extract(details, '$.wrap_token') IS NOT NULL")),
+        Index("ix_audit_events_client_secret_seq", AuditClientSecret(), "seq",
+              postgresql_where=text("(details ->> 'client_secret') IS NOT NULL"),
+              sqlite_where=text("json_extract(details, '$.client_secret') IS NOT NULL")),
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

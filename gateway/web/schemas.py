@@ -187,6 +187,18 @@ class ConnectorTypeList(BaseModel):
     items: list[dict[str, Any]]
 
 
+class BackendTypeOut(BaseModel):
+    type: str
+    available: bool = Field(description="False when the type's optional package is not installed.")
+    reason: str | None = Field(None, description="Why the type is unavailable (how to install it).")
+    config_schema: dict[str, Any] | None = Field(None, description="The JSON schema of the type's configuration.")
+    capabilities: dict[str, Any] | None = Field(None, description="What the type can do (absent: not installed).")
+
+
+class BackendTypeList(BaseModel):
+    items: list[BackendTypeOut]
+
+
 class VerificationOut(BaseModel):
     connector: str
     ok: bool
@@ -256,6 +268,15 @@ class LeaseOut(BaseModel):
 class LeaseList(BaseModel):
     items: list[LeaseOut]
     next_page_token: str | None
+
+
+class IssuanceBucket(BaseModel):
+    start: datetime = Field(description="The beginning of the UTC hour.")
+    count: int = Field(description="Leases issued in that hour.")
+
+
+class LeaseIssuance(BaseModel):
+    buckets: list[IssuanceBucket] = Field(description="One per hour, oldest first, the current hour last.")
 
 
 class LeaseSummary(BaseModel):

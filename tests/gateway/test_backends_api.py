@@ -53,3 +53,34 @@ async def test_backend_management_needs_permission(gateway: Gateway) -> None:
         assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
         assert (await aud.delete("/v1/backends/local")).status_code == 403
     assert [b["name"] for b in (await gateway.client.get("/v1/backends")).json()["items"]] == ["local"]
+
+
+async def test_backend_types_describe_every_registered_type(gateway: Gateway, monkeypatch) -> None:
+    import dataclasses
+
+    from gateway.plugins import registry
+    from gateway.plugins.registry import backend_class
+
+    monkeypatch.setitem(registry.BACKEND_TYPES, "zz-missing", ("backends.zz_missing:Nope", "zz"))
+    r = await gateway.client.get("/v1/backend-types")
+    assert r.status_code == 200, r.text
+    items = {i["type"]: i for i in r.json()["items"]}
+    assert list(items) == sorted(registry.BACKEND_TYPES)
+    for name in ("local", "vault", "aws", "gcp", "azure"):
+        cls = backend_class(name)
+        assert items[name]["available"] is True and items[name]["reason"] is None
+        assert items[name]["config_schema"] == cls.config_model.model_json_schema()
+        assert items[name]["capabilities"] == dataclasses.asdict(cls.capabilities)
+    assert items["local"]["capabilities"]["cacheable"] is True and items["aws"]["capabilities"]["cacheable"] is False
+    missing = items["zz-missing"]
+    assert missing["available"] is False and missing["config_schema"] is None and missing["capabilities"] is None
+    assert "pip install 'credgate[zz]'" in missing["reason"]
+    # backends:read is needed (tests/gateway/test_authz_matrix.py tries every caller): an auditor has it.
+    token = (await gateway.client.post("/v1/admin-keys", json={"name": "auditor-k", "role": "auditor"})).json()["token"]
+    async with gateway.as_token(token) as c:
+        assert (await c.get("/v1/backend-types")).status_code == 200
+    async with gateway.as_token(None) as anon:
+        assert (await anon.get("/v1/backend-types")).status_code == 401
+    op = gateway.app.openapi()["paths"]["/v1/backend-types"]["get"]
+    assert op["description"] and op["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/BackendTypeList"}

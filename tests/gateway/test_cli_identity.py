@@ -181,7 +181,8 @@ def test_run_token_works_until_the_run_is_revoked(server: Server) -> None:
     assert token.count(".") == 2
     r = whoami(server, token)
     assert r.status_code == 200, r.text
-    assert r.json() == {"kind": "run", "subject": "run:run-42", "issuer": "credgate", "roles": [], "run_id": "run-42"}
+    assert r.json() == {"kind": "run", "subject": "run:run-42", "issuer": "credgate", "roles": [], "run_id": "run-42",
+                        "may": ["credentials:issue", "credentials:wrap"]}
 
     env = server.cli("run", "token", "run-42", "--connector", "warehouse", "--resource", "analytics/*",
                      "--format", "env").stdout

@@ -216,7 +216,8 @@ async def test_run_token_scope_delegation_and_revocation(gateway: Gateway) -> No
     server_token = await setup_server_client(gateway)
     async with gateway.as_token(server_token) as server:
         who = (await server.get("/v1/auth/whoami")).json()
-        assert who == {"kind": "client", "subject": "client:zenml-server", "issuer": "credgate", "roles": [], "run_id": None}
+        assert who == {"kind": "client", "subject": "client:zenml-server", "issuer": "credgate", "roles": [], "run_id": None,
+                       "may": ["credentials:issue", "credentials:wrap", "runs:delegate"]}
         # Never more than the caller holds: vendor-c is not the server's to give.
         r = await server.post("/v1/runs/run-A/token", json={"connectors": ["wandb", "vendor-c"], "resources": ["default"]})
         assert r.status_code == 403 and r.json()["error"]["code"] == "delegation_exceeds_caller"
@@ -396,3 +397,37 @@ async def test_signing_key_rotation_with_grace_keeps_old_tokens_valid(gateway: G
     assert (await status(gateway, current))[0] == 200
     time.sleep(1.1)
     assert await status(gateway, current) == (401, "token_kid_unknown")
+
+
+# --- whoami: what the caller may do ---------------------------------------------
+
+
+async def test_whoami_lists_the_actions_the_caller_may_take(gateway: Gateway) -> None:
+    from gateway.policy.rules import ACTIONS
+
+    me = (await gateway.client.get("/v1/auth/whoami")).json()
+    assert me["may"] == sorted(ACTIONS)  # the bootstrap admin
+    tokens = {}
+    for role in ("operator", "auditor"):
+        r = await gateway.client.post("/v1/admin-keys", json={"name": f"{role}-key", "role": role})
+        assert r.status_code == 201, r.text
+        tokens[role] = r.json()["token"]
+    async with gateway.as_token(tokens["operator"]) as operator:
+        may = (await operator.get("/v1/auth/whoami")).json()["may"]
+    assert may == ["backends:read", "connectors:read", "credentials:issue", "credentials:wrap", "leases:read",
+                   "secrets:read", "secrets:write"]
+    assert "secrets:reveal" not in may and "leases:revoke" not in may
+    async with gateway.as_token(tokens["auditor"]) as auditor:
+        may = (await auditor.get("/v1/auth/whoami")).json()["may"]
+    assert {"leases:read", "audit:read"} <= set(may) and "leases:revoke" not in may
+    assert may == sorted(may)
+    # A policy scoped to one connector counts (the coarse decision): an operator granted
+    # leases:revoke on one connector may now revoke, somewhere.
+    r = await gateway.client.put("/v1/policies/ops-revoke", json={"rules": [
+        {"principals": {"roles": ["operator"]}, "actions": ["leases:revoke"], "connectors": ["vendor"]}]})
+    assert r.status_code == 201, r.text
+    async with gateway.as_token(tokens["operator"]) as operator:
+        assert "leases:revoke" in (await operator.get("/v1/auth/whoami")).json()["may"]
+    # The route documents the field.
+    schema = gateway.app.openapi()["components"]["schemas"]["WhoAmI"]
+    assert schema["properties"]["may"]["description"]

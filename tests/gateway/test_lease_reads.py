@@ -121,3 +121,80 @@ async def test_the_response_schemas_are_unchanged(gateway: Gateway) -> None:
     ok = lambda op: op["responses"]["200"]["content"]["application/json"]["schema"]  # noqa: E731
     assert ok(paths["/v1/leases"]["get"]) == {"$ref": "#/components/schemas/LeaseList"}
     assert ok(paths["/v1/leases/{lease_id}"]["get"]) == {"$ref": "#/components/schemas/LeaseOut"}
+
+
+@both_stores
+async def test_the_run_filter_pages_through_its_index(gateway: Gateway) -> None:
+    ids = await issue_static(gateway, 5)
+    rt = gateway.runtime
+    async with rt.store.write() as s:
+        await s.execute(update(LeaseRow).where(LeaseRow.id.in_([ids[0], ids[2], ids[4]])).values(run_id="run-7"))
+        await s.execute(update(LeaseRow).where(LeaseRow.id == ids[1]).values(run_id="run-8"))
+    page = (await gateway.client.get("/v1/leases", params={"run": "run-7", "limit": 2})).json()
+    assert [x["lease_id"] for x in page["items"]] == [ids[0], ids[2]] and page["next_page_token"] == ids[2]
+    assert all(x["run_id"] == "run-7" for x in page["items"])
+    rest = (await gateway.client.get("/v1/leases", params={"run": "run-7", "page_token": ids[2]})).json()
+    assert [x["lease_id"] for x in rest["items"]] == [ids[4]] and rest["next_page_token"] is None
+    both = (await gateway.client.get("/v1/leases", params={"run": "run-8", "state": "active"})).json()["items"]
+    assert [x["lease_id"] for x in both] == [ids[1]]
+    assert (await gateway.client.get("/v1/leases", params={"run": "run-9"})).json()["items"] == []
+    for bad in ("", "a b", "x" * 129, "run/1"):
+        r = await gateway.client.get("/v1/leases", params={"run": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"], (bad, r.text)
+    param = next(p for p in gateway.app.openapi()["paths"]["/v1/leases"]["get"]["parameters"] if p["name"] == "run")
+    assert param["description"]
+    if rt.store.dialect == "sqlite":
+        from sqlalchemy import text as sql
+
+        async with rt.store.read() as s:
+            plan = " ".join(str(r) for r in (await s.execute(sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM leases WHERE run_id = 'run-7' AND id > 'lease_' ORDER BY id LIMIT 3"
+            ))).all())
+        assert "ix_leases_run_id_id" in plan, plan
+
+
+@both_stores
+async def test_issuance_counts_leases_per_hour_with_every_hour_present(gateway: Gateway) -> None:
+    from datetime import UTC, datetime
+
+    ids = await issue_static(gateway, 6)
+    rt = gateway.runtime
+    now = datetime(2026, 11, 28, 10, 30, tzinfo=UTC)
+    when = [
+        datetime(2026, 11, 28, 10, 5, tzinfo=UTC),
+        datetime(2026, 11, 28, 10, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 28, 9, 0, tzinfo=UTC),
+        datetime(2026, 11, 28, 7, 15, tzinfo=UTC),
+        datetime(2026, 11, 27, 10, 59, tzinfo=UTC),  # 24 hours back from 10:00 starts at 11:00 the day before
+        datetime(2026, 11, 27, 11, 0, tzinfo=UTC),
+    ]
+    async with rt.store.write() as s:
+        for lease_id, at in zip(ids, when):
+            await s.execute(update(LeaseRow).where(LeaseRow.id == lease_id).values(issued_at=at))
+    # A revoked lease still counts: it was issued.
+    await gateway.client.post(f"/v1/leases/{ids[0]}/revoke")
+    buckets = await rt.leases.issued_per_hour(24, now)
+    assert len(buckets) == 24
+    assert buckets[0][0] == datetime(2026, 11, 27, 11, 0, tzinfo=UTC) and buckets[-1][0] == datetime(2026, 11, 28, 10, tzinfo=UTC)
+    assert all(b[0] - a[0] == timedelta(hours=1) for a, b in zip(buckets, buckets[1:]))
+    counts = {start.hour if start.day == 28 else -start.hour: n for start, n in buckets}
+    assert counts[10] == 2 and counts[9] == 1 and counts[7] == 1 and counts[-11] == 1 and counts[8] == 0
+    assert sum(n for _, n in buckets) == 5
+    longer = await rt.leases.issued_per_hour(25, now)
+    assert longer[0] == (datetime(2026, 11, 27, 10, tzinfo=UTC), 1) and sum(n for _, n in longer) == 6
+    assert await rt.leases.issued_per_hour(1, now) == [(datetime(2026, 11, 28, 10, tzinfo=UTC), 2)]
+
+    # Over HTTP: every hour up to the current one, each a UTC hour start.
+    async with rt.store.write() as s:
+        await s.execute(update(LeaseRow).where(LeaseRow.id == ids[1]).values(issued_at=utcnow()))
+    r = await gateway.client.get("/v1/leases/issuance", params={"hours": 3})
+    assert r.status_code == 200, r.text
+    got = r.json()["buckets"]
+    assert len(got) == 3 and sum(b["count"] for b in got) >= 1 and got[-1]["count"] >= 1
+    assert all(b["start"].endswith(":00:00Z") for b in got)
+    assert len((await gateway.client.get("/v1/leases/issuance")).json()["buckets"]) == 24
+    for bad in ("0", "169", "x", "-1"):
+        r = await gateway.client.get("/v1/leases/issuance", params={"hours": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"], (bad, r.text)
+    op = gateway.app.openapi()["paths"]["/v1/leases/issuance"]["get"]
+    assert op["description"] and all(p["description"] for p in op["parameters"])

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
+from gateway.policy.rules import ACTIONS
 from tests.gateway.test_cli import CREDGATE
 from tests.services.waiting import clean_env, free_port, wait_until_serving
 from tests.services.oidc_provider import OIDCProvider
@@ -405,7 +406,8 @@ def test_console_code_flow_with_pkce(gw: LoginGateway, idp: OIDCProvider) -> Non
 
     me = httpx.get(f"{gw.addr}/v1/auth/whoami", headers={"Authorization": f"Bearer {body['access_token']}"}, timeout=10)
     assert me.status_code == 200
-    assert me.json() == {"kind": "workload", "subject": "alice", "issuer": "idp", "roles": ["admin"], "run_id": None}
+    assert me.json() == {"kind": "workload", "subject": "alice", "issuer": "idp", "roles": ["admin"], "run_id": None,
+                         "may": sorted(ACTIONS)}
 
     replay = callback(url, cookie)
     assert replay.status_code == 400 and error_code(replay) == "login_state_used"

@@ -122,11 +122,21 @@ async def query(
     connector: Annotated[str | None, Query(max_length=64)] = None,
     lease_id: Annotated[str | None, Query(max_length=40)] = None,
     decision: Annotated[str | None, Query(pattern="^(allow|deny)$")] = None,
+    run: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9._:-]{1,128}$", description=(
+        "The events of one run id: those whose details.run_id names it (credentials issued for the run, "
+        "its token minted, the run revoked) and every request made with its run token (subject run:RUN). "
+        "Token and revocation events recorded before this release name the run only in their target "
+        "and are not matched."
+    ))] = None,
+    hmac: Annotated[str | None, Query(pattern=r"^hmac-sha256:[0-9a-f]{64}$", description=(
+        "The events whose details carry this keyed hash (from POST /v1/audit/hash) as details.wrap_token "
+        "(an unwrap) or details.client_secret (a token request with a client secret). Indexed: not a scan."
+    ))] = None,
     after: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     where = Filter(since=since, until=until, subject=subject, action=action, connector=connector,
-                   lease_id=lease_id, decision=decision, after=after)
+                   lease_id=lease_id, decision=decision, run=run, hmac=hmac, after=after)
     page = await runtime.audit.search(where, limit)
     return AuditPage(items=[AuditEvent.model_validate(row, from_attributes=True) for row in page.items],
                      next_after=page.next_after)

@@ -23,12 +23,20 @@ from backends.base import Health
 from gateway import paths
 from gateway.errors import CredgateError
 from gateway.identity.principal import Principal
-from gateway.plugins.backends import MountInfo
+from gateway.plugins.backends import MountInfo, all_backend_type_info
 from gateway.plugins.registry import backend_class
 from gateway.web.deps import RuntimeDep, requires
-from gateway.web.schemas import BackendHealth, BackendList, BackendOut, BackendPut, HealthOut, HealthReport
+from gateway.web.schemas import (
+    BackendHealth,
+    BackendList,
+    BackendOut,
+    BackendPut,
+    BackendTypeList,
+    HealthOut,
+    HealthReport,
+)
 
-router = APIRouter(prefix="/v1/backends", tags=["backends"])
+router = APIRouter(tags=["backends"])
 
 
 def _checks(request: Request) -> dict[str, tuple[Health, datetime]]:
@@ -60,14 +68,22 @@ def _out(info: MountInfo, runtime: Any, request: Request) -> BackendOut:
     return BackendOut(**info.__dict__, capabilities=_capabilities(info.type), health=health)
 
 
-@router.get("", summary="List backends, with their health as last known (no store is probed)")
+@router.get("/v1/backend-types", summary="Backend types: availability, configuration schema, capabilities")
+async def backend_types(principal: Annotated[Principal, requires("backends:read")]) -> BackendTypeList:
+    """Every type of the registry (gateway/plugins/registry.py), as ``GET /v1/connector-types``
+    describes connector types: ``available`` false, with a ``reason``, when its optional
+    package is not installed; else its configuration's JSON schema and its capabilities."""
+    return BackendTypeList.model_validate({"items": all_backend_type_info()})
+
+
+@router.get("/v1/backends", summary="List backends, with their health as last known (no store is probed)")
 async def list_backends(
     request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
 ) -> BackendList:
     return BackendList(items=[_out(i, runtime, request) for i in await runtime.mounts.list()])
 
 
-@router.get("/{name}", summary="Show a backend, with its health as last known (no store is probed)")
+@router.get("/v1/backends/{name}", summary="Show a backend, with its health as last known (no store is probed)")
 async def get_backend(
     name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
 ) -> BackendOut:
@@ -75,7 +91,7 @@ async def get_backend(
 
 
 @router.put(
-    "/{name}",
+    "/v1/backends/{name}",
     responses={201: {"model": BackendOut, "description": "Created"}}, summary="Create or replace a backend")
 async def put_backend(
     name: str,
@@ -96,7 +112,7 @@ async def put_backend(
     return _out(info, runtime, request)
 
 
-@router.delete("/{name}", status_code=204, summary="Remove a backend (refused while it holds secrets)")
+@router.delete("/v1/backends/{name}", status_code=204, summary="Remove a backend (refused while it holds secrets)")
 async def delete_backend(
     name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:manage")]
 ) -> Response:
@@ -105,7 +121,7 @@ async def delete_backend(
     return Response(status_code=204)
 
 
-@router.post("/{name}/check", summary="Check a backend now: reachable, credentials accepted, list/read/write allowed")
+@router.post("/v1/backends/{name}/check", summary="Check a backend now: reachable, credentials accepted, list/read/write allowed")
 async def check_backend(
     name: str, request: Request, runtime: RuntimeDep, principal: Annotated[Principal, requires("backends:read")]
 ) -> HealthOut:

@@ -6,7 +6,7 @@ import base64
 import binascii
 import hmac
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
@@ -25,6 +25,8 @@ from pydantic import (
 
 from gateway.audit import trail as audit
 from gateway.identity.principal import GATEWAY, TOKEN_PREFIX, Principal
+from gateway.identity.runs import decode_page_token, encode_page_token
+from gateway.policy.rules import ACTIONS
 from gateway.identity.clients import CLIENT_ID, Client, Clients, valid_client_id
 from gateway.web.deps import Authenticated, RuntimeDep, requires
 from gateway.errors import BadRequest, CredgateError, Forbidden, NotFound
@@ -573,12 +575,17 @@ class WhoAmI(BaseModel):
     issuer: str
     roles: list[str]
     run_id: str | None
+    may: list[str] = Field(description=(
+        "Every action the policy allows this caller on some connector and resource (the coarse decision, "
+        "sorted): what a client may offer. Each request is still decided on its own connector and resource."
+    ))
 
 
-@router.get("/v1/auth/whoami", summary="Who the presented token says you are")
+@router.get("/v1/auth/whoami", summary="Who the presented token says you are, and which actions it may take")
 async def whoami(principal: Authenticated) -> WhoAmI:
+    may = sorted(action for action in ACTIONS if principal.decide(action).allowed)
     return WhoAmI(kind=principal.kind, subject=principal.subject, issuer=principal.issuer,
-                  roles=sorted(principal.roles), run_id=principal.run_id)
+                  roles=sorted(principal.roles), run_id=principal.run_id, may=may)
 
 
 # --- runs --------------------------------------------------------------------
@@ -609,10 +616,54 @@ class RunRevokeOut(BaseModel):
     leases_still_revoking: list[str]
 
 
+class RunLeaseCounts(BaseModel):
+    pending: int
+    active: int
+    revoking: int
+    revoked: int
+    expired: int
+
+
+class RunOut(BaseModel):
+    run_id: str
+    created_by: str = Field(description="The delegator's owner key, ISSUER/SUBJECT.")
+    created_at: datetime
+    revoked_at: datetime | None
+    leases: RunLeaseCounts = Field(description="The run's leases by state.")
+
+
+class RunList(BaseModel):
+    items: list[RunOut]
+    next_page_token: str | None
+
+
+@router.get("/v1/runs", summary="List runs, newest first, with their lease counts by state")
+async def list_runs(
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, requires("runs:delegate|leases:read")],
+    state: Annotated[Literal["live", "revoked"] | None, Query(
+        description="live: not revoked; revoked: ended by POST /v1/runs/RUN/revoke.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many runs.")] = 100,
+    page_token: Annotated[str | None, Query(
+        max_length=256, description="The next_page_token of the previous page.")] = None,
+) -> RunList:
+    """A caller allowed ``leases:read`` sees every run; one allowed only ``runs:delegate`` sees
+    the runs it delegated (``created_by`` is its owner key). The lease counts of a page come
+    from one grouped query."""
+    after = decode_page_token(page_token) if page_token else None
+    mine = None if principal.can("leases:read") else principal.owner
+    rows, nxt = await runtime.runs.page(created_by=mine, state=state, after=after, limit=limit)
+    counts = await runtime.leases.counts_by_run([r.run_id for r in rows])
+    items = [RunOut(run_id=r.run_id, created_by=r.created_by, created_at=r.created_at, revoked_at=r.revoked_at,
+                    leases=RunLeaseCounts(**counts[r.run_id])) for r in rows]
+    return RunList(items=items, next_page_token=encode_page_token(nxt) if nxt else None)
+
+
 @router.post("/v1/runs/{run_id}/token", summary="A token for one pipeline run, scoped to a subset of the caller's rights")
 async def run_token(
     run_id: RunId, body: RunTokenIn, runtime: RuntimeDep, principal: Annotated[Principal, requires("runs:delegate")]
 ) -> RunTokenOut:
+    audit.note(details={"run_id": run_id})  # GET /v1/audit?run= finds the event by it
     token, scope, ttl = await runtime.runs.mint(
         principal, run_id, body.connectors, body.resources, timedelta(seconds=body.ttl_seconds)
     )
@@ -628,6 +679,7 @@ async def run_token(
 async def revoke_run(
     run_id: RunId, runtime: RuntimeDep, principal: Annotated[Principal, requires("runs:delegate|leases:revoke")]
 ) -> RunRevokeOut:
+    audit.note(details={"run_id": run_id})  # GET /v1/audit?run= finds the event by it
     run = await runtime.runs.get(run_id)
     if run is None:
         raise NotFound(f"Run {run_id} does not exist.", code="run_not_found")

@@ -14,6 +14,8 @@ from gateway.issuing.leases import EXPIRED, REVOKED, owner_filter
 from gateway.web.schemas import (
     BulkRevokeIn,
     BulkRevokeOut,
+    IssuanceBucket,
+    LeaseIssuance,
     LeaseList,
     LeaseOut,
     LeaseSummary,
@@ -39,6 +41,9 @@ async def list_leases(
     )] = None,
     state: State | None = None,
     expiring_before: AwareDatetime | None = None,
+    run: Annotated[str | None, Query(
+        pattern=r"^[A-Za-z0-9._:-]{1,128}$", description="Only the leases issued for this run id.",
+    )] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     page_token: Annotated[str | None, Query(max_length=64)] = None,
 ) -> LeaseList:
@@ -46,7 +51,7 @@ async def list_leases(
         raise BadRequest("The page_token is not one this gateway issued.", code="invalid_page_token")
     items, after = await runtime.leases.views(
         connector=connector, principal=owner_filter(principal_filter) if principal_filter else None, state=state, expiring_before=expiring_before,
-        after=page_token, limit=limit,
+        run_id=run, after=page_token, limit=limit,
     )
     # Only what the caller may read: a rule scoped to connector A does not show connector B's
     # leases (a page may come back shorter than ``limit``; the page token still goes on).
@@ -64,6 +69,17 @@ async def list_leases(
 async def summary(runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")]) -> LeaseSummary:
     counts = await runtime.leases.counts(stuck_after_attempts=runtime.settings.stuck_after_attempts)
     return LeaseSummary(**counts, reaper_leader=runtime.reaper.is_leader)
+
+
+@router.get("/issuance", summary="Leases issued per hour over the last hours (every hour, zeros too)")
+async def issuance(
+    runtime: RuntimeDep, principal: Annotated[Principal, requires("leases:read")],
+    hours: Annotated[int, Query(ge=1, le=168, description="How many hours back, the current (partial) hour last.")] = 24,
+) -> LeaseIssuance:
+    """Counted in the store with one GROUP BY over the issued_at index: each bucket is a UTC
+    hour, ``start`` its beginning; every lease issued counts, whatever its state now."""
+    buckets = await runtime.leases.issued_per_hour(hours)
+    return LeaseIssuance(buckets=[IssuanceBucket(start=start, count=n) for start, n in buckets])
 
 
 @router.post("/revoke", summary="Revoke every live lease of a connector and/or principal")
