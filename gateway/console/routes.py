@@ -75,7 +75,8 @@ async def _session(request: Request) -> Session:
 
 def _to_sign_in(request: Request, exc: SignInRequired) -> Response:
     resp = RedirectResponse("/console/login", status_code=303)
-    sess.clear_session(resp, request)
+    if sess.COOKIE in request.cookies:  # a session that ended; a request without one clears nothing
+        sess.clear_session(resp, request)
     if exc.text:
         sess.set_flash(resp, request, "error", exc.text, exc.code)
     return resp
@@ -128,6 +129,8 @@ def action(default_back: str) -> Callable[[Callable[..., Awaitable[Any]]], Calla
         async def run(request: Request) -> Response:
             kwargs = dict(request.path_params)
             try:
+                if not sess.same_origin(request):  # before anything else: a forged post learns nothing
+                    sess.check_csrf(request, None, None)
                 form = await read_form(request)
                 s = await _session(request)
             except SignInRequired as exc:

@@ -6,7 +6,6 @@ The browser drives the same console in tests/console/test_console_browser.py."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -150,7 +149,9 @@ async def test_a_reveal_is_post_only_no_store_audited_and_needs_a_recent_sign_in
         bad = await c.post("/console/reveal", data={"csrf": "x", "backend": "local", "path": "ml/db"})
         assert bad.status_code == 403 and CANARY not in bad.text
         # an old sign-in must sign in again before a value is shown
-        monkeypatch.setattr(sess.time, "time", lambda: time.time_ns() / 1e9 + 3600)
+        age = sess.token_age(c.cookies[sess.COOKIE])
+        assert age is not None and 0 <= age < 60
+        monkeypatch.setattr(sess, "token_age", lambda token, real=sess.token_age: real(token) + 3600)
         r = await c.post("/console/reveal", data={"csrf": token, "backend": "local", "path": "ml/db", "version": "1"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "reauth_required" and CANARY not in r.text
     reveals = [e for e in (await gateway.client.get("/v1/audit", params={"action": "secrets:read"})).json()["items"]
