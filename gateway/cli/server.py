@@ -69,9 +69,13 @@ def serve(
     check_schema(sync_url(settings.store_url))  # the same for a schema a newer, incompatible release wrote
     server_tls = ServerTLS(settings) if settings.tls_cert_file else None  # the same for certificate files
     tls = uvicorn_options(settings, server_tls)
+    scheme = "https" if tls else "http"
     if settings.dev:
-        scheme = "https" if tls else "http"
         typer.echo(f"credgate dev mode: data in {settings.data_dir}, listening on {scheme}://{settings.host}:{settings.port}")
+    if settings.console:
+        shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        typer.echo(f"console: {scheme}://{shown}:{settings.port}/console (sign in with an admin key"
+                   + (" or at your identity provider)" if settings.login_issuer else ")"))
     from gateway.cli.workers import supervise, worker_count
 
     n = worker_count(settings)

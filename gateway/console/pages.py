@@ -3,6 +3,7 @@ markup), the page helper and the small formatting filters the templates use."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlencode
@@ -82,7 +83,15 @@ def yaml_lines(text: str, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if node is not None:
             line = node.start_mark.line + 1
         out.append({"field": err.get("field", ""), "message": err.get("message", ""), "line": line})
-    return out
+    # A union's other branches (``literal['*']`` beside the action names) say nothing more.
+    seen: set[tuple[str, int | None]] = set()
+    kept = []
+    for e in out:
+        key = (re.sub(r"\.literal\[.*$", "", str(e["field"])), e["line"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(e)
+    return kept
 
 
 def yaml_problem(text: str) -> tuple[str, int | None] | None:

@@ -192,3 +192,27 @@ def test_no_template_loads_from_outside_or_runs_inline_script() -> None:
             assert not re.search(r"\son[a-z]+\s*=", text), path  # no inline handlers
             assert not re.search(r"\sstyle\s*=|<style", text), path  # no inline style (style-src 'self')
             assert "javascript:" not in text, path
+
+
+async def test_the_runs_page_lists_a_run_with_its_leases_and_revokes_both(gateway) -> None:
+    c0 = gateway.client
+    await c0.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
+    r = await c0.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
+                                                     "secret": "local/vendor/key", "resources": ["default"]})
+    assert r.status_code in (200, 201), r.text
+    run = (await c0.post("/v1/runs/train-42/token", json={"connectors": ["vendor"], "resources": ["default"]})).json()
+    issued = await gateway.as_token(run["token"]).post("/v1/runs/train-42/credentials",
+                                                       json={"connector": "vendor", "resource": "default", "wrap": True})
+    assert issued.status_code == 200, issued.text
+    async with browser(gateway) as c:
+        await sign_in(c)
+        page = await c.get("/console/runs")
+        assert "train-42" in page.text and "1 active" in page.text and "revoke-run-train-42" in page.text
+        leases = await c.get("/console/leases", params={"run": "train-42"})
+        assert issued.json()["lease_id"] in leases.text and CANARY not in leases.text
+        r = await c.post("/console/runs/train-42/revoke", data={"csrf": csrf_of(page.text)})
+        assert r.status_code == 303 and r.headers["location"] == "/console/runs"
+        shown = (await c.get("/console/runs")).text
+        assert "Run train-42 revoked" in shown and "1 leases revoked" in shown and "revoke-run-train-42" not in shown
+    assert (await gateway.as_token(run["token"]).get("/v1/auth/whoami")).status_code == 401
+    assert (await c0.get(f"/v1/leases/{issued.json()['lease_id']}")).json()["state"] == "revoked"
