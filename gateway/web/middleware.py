@@ -334,8 +334,12 @@ def _ended_leases(scope: Scope, ctx: dict) -> list[dict]:
     from gateway.audit.trail import request_event
 
     out = []
+    details = {"via": ctx.get("action")}
+    run_id = (ctx.get("details") or {}).get("run_id")
+    if run_id:  # a run's revocation: each lease's event names the run too (GET /v1/audit?run=)
+        details["run_id"] = run_id
     for lease_id in dict.fromkeys(ctx.get("ended_leases") or ()):
-        event = request_event(scope, {**ctx, "lease_id": lease_id, "details": {"via": ctx.get("action")}}, None)
+        event = request_event(scope, {**ctx, "lease_id": lease_id, "details": dict(details)}, None)
         event.update(action="leases:revoke", outcome="lease ended")
         out.append(event)
     return out

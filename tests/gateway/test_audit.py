@@ -590,3 +590,110 @@ async def test_the_connector_filter_pages_in_sql_through_its_index(gateway: Gate
                 "AND seq > 0 ORDER BY seq LIMIT 3"))).all())
         assert "ix_audit_events_connector_seq" in plan
         assert [e.seq for e in (await search(store, Filter(connector="vendor"), 2)).items] == want[:2]
+
+
+async def test_the_run_filter_finds_every_event_of_one_run(gateway: Gateway) -> None:
+    from tests.gateway.test_identity import setup_server_client, static
+
+    await static(gateway, "wandb")
+    server_token = await setup_server_client(gateway)
+    async with gateway.as_token(server_token) as server:
+        run_a = (await server.post("/v1/runs/run-A/token", json={"connectors": ["wandb"], "resources": ["default"]})).json()
+        run_b = (await server.post("/v1/runs/run-B/token", json={"connectors": ["wandb"], "resources": ["default"]})).json()
+        r = await server.post("/v1/runs/run-A/credentials", json={"connector": "wandb", "resource": "default", "wrap": True})
+        assert r.status_code == 200, r.text
+        delegated = r.json()["lease_id"]
+    async with gateway.as_token(run_a["token"]) as pipeline:
+        own = (await pipeline.post("/v1/credentials", json={"connector": "wandb", "resource": "default", "wrap": True})).json()
+        assert (await pipeline.get("/v1/backends")).status_code == 403  # refused, still the run's event
+    async with gateway.as_token(run_b["token"]) as other:
+        assert (await other.post("/v1/credentials", json={"connector": "wandb", "resource": "default", "wrap": True})).status_code == 200
+    async with gateway.as_token(server_token) as server:
+        assert (await server.post("/v1/runs/run-A/revoke")).json()["leases_revoked"] == 2
+
+    got = await events(gateway, run="run-A")
+    seqs = [e["seq"] for e in got]
+    assert seqs == sorted(seqs)
+    seen = [(e["target"], e["subject"], e["outcome"]) for e in got]
+    assert ("POST /v1/runs/run-A/token", "client:zenml-server", "200") in seen
+    assert ("POST /v1/runs/run-A/credentials", "client:zenml-server", "200") in seen
+    assert ("POST /v1/credentials", "run:run-A", "200") in seen
+    assert ("GET /v1/backends", "run:run-A", "403 permission_denied") in seen
+    assert ("POST /v1/runs/run-A/revoke", "client:zenml-server", "200") in seen
+    ended = {e["lease_id"] for e in got if e["outcome"] == "lease ended"}
+    assert ended == {delegated, own["lease_id"]}
+    # Nothing of run B, nor anything else.
+    assert not any("run-B" in (e["target"] or "") or e["subject"] == "run:run-B" for e in got)
+    everything = await events(gateway)
+    want = [e["seq"] for e in everything if (e["details"] or {}).get("run_id") == "run-A" or e["subject"] == "run:run-A"]
+    assert seqs == want
+    # Pages of 2, through the keyset.
+    paged, after = [], None
+    while True:
+        page = (await gateway.client.get("/v1/audit", params={"run": "run-A", "limit": 2,
+                                                              **({"after": after} if after is not None else {})})).json()
+        paged += [e["seq"] for e in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert paged == seqs
+    # Combined with another filter.
+    assert [e["seq"] for e in await events(gateway, run="run-A", subject="run:run-A")] == \
+        [e["seq"] for e in got if e["subject"] == "run:run-A"]
+    for bad in ("", "a b", "x" * 129):
+        r = await gateway.client.get("/v1/audit", params={"run": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"], (bad, r.text)
+    store = gateway.runtime.store
+    if store.dialect == "sqlite":
+        from sqlalchemy import text as sql
+
+        async with store.read() as s:
+            plan = " ".join(str(r) for r in (await s.execute(sql(
+                "EXPLAIN QUERY PLAN SELECT seq FROM audit_events WHERE json_extract(details, '$.run_id') = 'run-A' "
+                "AND seq > 0 ORDER BY seq LIMIT 3"))).all())
+        assert "ix_audit_events_run_id_seq" in plan, plan
+
+
+async def test_the_hmac_filter_finds_the_events_naming_a_wrap_token_or_client_secret(gateway: Gateway) -> None:
+    await static_for(gateway.client)
+    wraps = []
+    for _ in range(2):
+        r = await gateway.client.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})
+        assert r.status_code == 200, r.text
+        wraps.append(r.json()["wrap_token"])
+    async with gateway.as_token(None) as anon:
+        assert (await anon.post("/v1/unwrap", json={"wrap_token": wraps[0]})).status_code == 200
+        assert (await anon.post("/v1/unwrap", json={"wrap_token": wraps[0]})).status_code != 200  # replayed: recorded too
+        assert (await anon.post("/v1/unwrap", json={"wrap_token": wraps[1]})).status_code == 200
+    created = (await gateway.client.post("/v1/clients", json={"client_id": "svc"})).json()
+    async with gateway.as_token(None) as anon:
+        for secret in (created["client_secret"], "cgs_wrong"):
+            await anon.post("/v1/auth/token", content=f"grant_type=client_credentials&client_id=svc&client_secret={secret}",
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+    async def keyed(value: str) -> str:
+        return (await gateway.client.post("/v1/audit/hash", json={"value": value})).json()["hmac"]
+
+    first = await events(gateway, hmac=await keyed(wraps[0]))
+    assert [(e["target"], e["details"]["wrap_token"]) for e in first] == [("POST /v1/unwrap", await keyed(wraps[0]))] * 2
+    assert first[0]["outcome"] == "200" and first[1]["outcome"] != "200"
+    assert len(await events(gateway, hmac=await keyed(wraps[1]))) == 1
+    right = await events(gateway, hmac=await keyed(created["client_secret"]))
+    assert [(e["target"], e["outcome"]) for e in right] == [("POST /v1/auth/token", "200")]
+    wrong = await events(gateway, hmac=await keyed("cgs_wrong"))
+    assert len(wrong) == 1 and wrong[0]["outcome"].startswith("401")
+    assert await events(gateway, hmac=await keyed("never-seen")) == []
+    for bad in ("abc", "hmac-sha256:" + "0" * 63, "hmac-sha256:" + "G" * 64, wraps[0]):
+        r = await gateway.client.get("/v1/audit", params={"hmac": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"], (bad, r.text)
+    params = {p["name"]: p for p in gateway.app.openapi()["paths"]["/v1/audit"]["get"]["parameters"]}
+    assert params["run"]["description"] and "wrap_token" in params["hmac"]["description"]
+    store = gateway.runtime.store
+    if store.dialect == "sqlite":
+        from sqlalchemy import text as sql
+
+        async with store.read() as s:
+            plan = " ".join(str(r) for r in (await s.execute(sql(
+                "EXPLAIN QUERY PLAN SELECT seq FROM audit_events WHERE json_extract(details, '$.wrap_token') = 'x' "
+                "AND seq > 0 ORDER BY seq LIMIT 3"))).all())
+        assert "ix_audit_events_wrap_token_seq" in plan, plan

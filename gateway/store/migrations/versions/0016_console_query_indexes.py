@@ -8,8 +8,11 @@
   ``GET /v1/runs``, newest first, for every run and for one delegator's runs.
 - ``audit_events ((details.run_id), seq)``: ``GET /v1/audit?run=``, on the chained JSON as the
   connector index of 0013 is (nothing outside the chain to alter, nothing to backfill).
-- ``audit_events ((details.wrap_token), seq)`` and ``((details.client_secret), seq)``, partial
-  (only the events that carry the key): ``GET /v1/audit?hmac=``.
+- ``audit_events ((details.wrap_token), seq)`` and ``((details.client_secret), seq)``:
+  ``GET /v1/audit?hmac=``. Whole indexes, not partial ones (``WHERE ... IS NOT NULL``):
+  PostgreSQL keeps statistics on a whole expression index, and without them it planned the
+  rare match as a walk of the whole trail in seq order (measured: 0.5 s at 1,000,000 events,
+  against 0.05 ms through the index).
 
 Revision ID: 0016
 Revises: 0015
@@ -47,9 +50,8 @@ def upgrade() -> None:
     op.create_index('ix_audit_events_run_id_seq', 'audit_events', [sa.text(detail.format(key='run_id')), 'seq'],
                     unique=False)
     for key in _KEYED:
-        expr = detail.format(key=key)
-        op.create_index(f'ix_audit_events_{key}_seq', 'audit_events', [sa.text(expr), 'seq'], unique=False,
-                        **{f'{dialect}_where': sa.text(f'{expr} IS NOT NULL')})
+        op.create_index(f'ix_audit_events_{key}_seq', 'audit_events', [sa.text(detail.format(key=key)), 'seq'],
+                        unique=False)
 
 
 def downgrade() -> None:
