@@ -29,8 +29,12 @@ pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 PUBLIC = {
     "/healthz", "/metrics", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
     "/v1/unwrap", "/v1/auth/token", "/v1/auth/revoke", "/v1/jwks", "/.well-known/openid-configuration", "/v1/auth/login-config",
-    "/v1/auth/console/login", "/v1/auth/console/callback",
+    "/v1/auth/console/login", "/v1/auth/console/callback", "/v1/auth/console/key",
 }
+# The web console's pages and actions: signed in by its session cookie, never by a bearer
+# token (tests/console covers the signed-in side). For every caller here: a page sends it to
+# the sign-in form, an action is refused (a 4xx), nothing is done.
+CONSOLE_OPEN = {"/console/login", "/console/policy-new"}  # the form; a redirect to a page (which checks)
 
 # Every route of the API and the action it requires; "public" needs no token,
 # "authenticated" any valid one. A route missing here fails the test.
@@ -47,6 +51,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/v1/admin-keys"): "admin_keys:manage",
     ("GET", "/v1/auth/console/callback"): "public",
     ("GET", "/v1/auth/console/login"): "public",
+    ("POST", "/v1/auth/console/key"): "public",
     ("GET", "/v1/auth/login-config"): "public",
     ("GET", "/v1/auth/whoami"): "authenticated",
     ("GET", "/v1/audit"): "audit:read",
@@ -182,6 +187,23 @@ async def test_every_route_against_every_caller(gateway: Gateway) -> None:
     assert len(routes) > 40
     undeclared, failures, checked, seen = [], [], 0, set()
     for route in routes:
+        if route.path.startswith("/console"):
+            assert declared_action(route) is None, route.path
+            for method in sorted(route.methods - {"HEAD"}):
+                for caller, token in tokens.items():
+                    async with gateway.as_token(token) as client:
+                        r = await client.request(method, fill(route.path), follow_redirects=False,
+                                                 **({"data": {"csrf": "x"}} if method == "POST" else {}))
+                    checked += 1
+                    if route.path in CONSOLE_OPEN:
+                        ok = r.status_code in (200, 303)
+                    elif method == "GET":
+                        ok = r.status_code == 303 and r.headers["location"] == "/console/login"
+                    else:
+                        ok = r.status_code in (401, 403, 415) or (r.status_code == 303 and r.headers["location"] == "/console/login")
+                    if not ok:
+                        failures.append(f"{caller:<9} {method} {route.path}: a bearer token got {r.status_code} from the console")
+            continue
         declared = "public" if route.path in PUBLIC and declared_action(route) is None else declared_action(route)
         for method in sorted(route.methods - {"HEAD"}):
             seen.add((method, route.path))
