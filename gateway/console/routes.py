@@ -487,17 +487,13 @@ async def lease_revoke(s: Session, form: Form, lease_id: str) -> str:
 
 
 @router.post("/console/leases/bulk")
-async def lease_bulk(request: Request) -> Response:
+@action("/console/leases")
+async def lease_bulk(s: Session, form: Form) -> Any:
     """Step one of a bulk revocation: count what it would revoke (nothing is revoked yet) and
     ask for a confirmation that says how many."""
-
-    @action("/console/leases")
-    async def count(s: Session, form: Form) -> Any:
-        body = {"connector": form.text("connector") or None, "principal": form.text("principal") or None}
-        out = await s.api.post("/v1/leases/revoke", {**body, "dry_run": True})
-        return s.page("confirm_bulk.html", "leases", body=body, matched=out["matched"])
-
-    return await count(request)
+    body = {"connector": form.text("connector") or None, "principal": form.text("principal") or None}
+    out = await s.api.post("/v1/leases/revoke", {**body, "dry_run": True})
+    return s.page("confirm_bulk.html", "leases", body=body, matched=out["matched"])
 
 
 @router.post("/console/leases/bulk/confirm")
@@ -574,28 +570,24 @@ async def policy(s: Session, name: str) -> Response:
 
 
 @router.post("/console/policies/{name}")
-async def policy_save(request: Request, name: str) -> Response:
+@action("/console/policies/{name}")
+async def policy_save(s: Session, form: Form, name: str) -> Any:
     """Save the YAML as it was typed; on an error the editor comes back with the text kept and
     each error shown beside the line it is about."""
-
-    @action("/console/policies/{name}")
-    async def save(s: Session, form: Form, name: str) -> Any:
-        text = form.one("document") or ""
-        problem = pages.yaml_problem(text)
-        if problem is not None:
-            return s.page("policy.html", "policies", status=400, name=name, text=text, exists=False, errors=[],
-                          problem={"message": problem[0], "line": problem[1], "code": "invalid_yaml"})
-        try:
-            await s.api.call("PUT", f"/v1/policies/{_q(name)}", content=text.encode(), content_type="application/yaml")
-        except ApiError as exc:
-            if exc.status in (400, 422):
-                return s.page("policy.html", "policies", status=exc.status, name=name, text=text, exists=False,
-                              errors=pages.yaml_lines(text, exc.details or []),
-                              problem={"message": exc.message, "line": None, "code": exc.code})
-            raise
-        return f"Policy {name} saved; it applies to the next request."
-
-    return await save(request)
+    text = form.one("document") or ""
+    problem = pages.yaml_problem(text)
+    if problem is not None:
+        return s.page("policy.html", "policies", status=400, name=name, text=text, exists=False, errors=[],
+                      problem={"message": problem[0], "line": problem[1], "code": "invalid_yaml"})
+    try:
+        await s.api.call("PUT", f"/v1/policies/{_q(name)}", content=text.encode(), content_type="application/yaml")
+    except ApiError as exc:
+        if exc.status in (400, 422):
+            return s.page("policy.html", "policies", status=exc.status, name=name, text=text, exists=False,
+                          errors=pages.yaml_lines(text, exc.details or []),
+                          problem={"message": exc.message, "line": None, "code": exc.code})
+        raise
+    return f"Policy {name} saved; it applies to the next request."
 
 
 @router.post("/console/policies/{name}/delete")
@@ -606,21 +598,18 @@ async def policy_delete(s: Session, form: Form, name: str) -> str:
 
 
 @router.post("/console/explain")
-async def explain(request: Request) -> Response:
-    @action("/console/policies")
-    async def run(s: Session, form: Form) -> Any:
-        asked = {
-            "principal": {"issuer": form.text("issuer") or "credgate", "subject": form.text("subject"),
-                          "roles": [r.strip() for r in form.text("roles").split(",") if r.strip()]},
-            "action": form.text("action"),
-            "connector": form.text("connector") or None,
-            "resource": form.text("resource") or None,
-        }
-        explained = await s.api.post("/v1/policies/explain", asked)
-        items = (await s.api.get("/v1/policies"))["items"]
-        return s.page("policies.html", "policies", items=items, actions=_actions(), explained=explained, asked=asked)
-
-    return await run(request)
+@action("/console/policies")
+async def explain(s: Session, form: Form) -> Any:
+    asked = {
+        "principal": {"issuer": form.text("issuer") or "credgate", "subject": form.text("subject"),
+                      "roles": [r.strip() for r in form.text("roles").split(",") if r.strip()]},
+        "action": form.text("action"),
+        "connector": form.text("connector") or None,
+        "resource": form.text("resource") or None,
+    }
+    explained = await s.api.post("/v1/policies/explain", asked)
+    items = (await s.api.get("/v1/policies"))["items"]
+    return s.page("policies.html", "policies", items=items, actions=_actions(), explained=explained, asked=asked)
 
 
 # --- identity --------------------------------------------------------------------------
@@ -629,10 +618,16 @@ async def explain(request: Request) -> Response:
 @router.get("/console/identity")
 @page("identity")
 async def identity(s: Session) -> Response:
+    return await _identity(s)
+
+
+async def _identity(s: Session, created: dict[str, Any] | None = None) -> Response:
+    """The identity page; ``created``: a new client's or admin key's secret, shown on this
+    response only (no-store; never in a cookie or a URL)."""
     issuers = await _maybe(s.api.get("/v1/issuers")) if s.may("issuers:manage") else None
     clients = await _maybe(s.api.get("/v1/clients")) if s.may("clients:manage") else None
     keys = await _maybe(s.api.get("/v1/admin-keys")) if s.may("admin_keys:manage") else None
-    return s.page("identity.html", "identity", issuers=issuers, clients=clients, keys=keys, roles=ROLES, created=None)
+    return s.page("identity.html", "identity", issuers=issuers, clients=clients, keys=keys, roles=ROLES, created=created)
 
 
 @router.post("/console/identity/issuers/{name}/check")
@@ -646,24 +641,16 @@ async def issuer_check(s: Session, form: Form, name: str) -> str:
 
 
 async def _created(s: Session, what: str, name: str, secret: str | None) -> Response:
-    """A secret shown once, on this response only (no-store; never in a cookie or a URL)."""
-    issuers = await _maybe(s.api.get("/v1/issuers")) if s.may("issuers:manage") else None
-    clients = await _maybe(s.api.get("/v1/clients")) if s.may("clients:manage") else None
-    keys = await _maybe(s.api.get("/v1/admin-keys")) if s.may("admin_keys:manage") else None
-    return s.page("identity.html", "identity", issuers=issuers, clients=clients, keys=keys, roles=ROLES,
-                  created={"what": what, "name": name, "secret": secret})
+    return await _identity(s, {"what": what, "name": name, "secret": secret})
 
 
 @router.post("/console/identity/clients")
-async def client_add(request: Request) -> Response:
-    @action("/console/identity")
-    async def add(s: Session, form: Form) -> Any:
-        body = {"client_id": form.text("client_id"), "roles": [r for r in form.all("roles") if r in ROLES],
-                "token_ttl_seconds": _int_or_none(form, "token_ttl_seconds") or 900}
-        out = await s.api.post("/v1/clients", body)
-        return await _created(s, "client", out["client_id"], out.get("client_secret"))
-
-    return await add(request)
+@action("/console/identity")
+async def client_add(s: Session, form: Form) -> Any:
+    body = {"client_id": form.text("client_id"), "roles": [r for r in form.all("roles") if r in ROLES],
+            "token_ttl_seconds": _int_or_none(form, "token_ttl_seconds") or 900}
+    out = await s.api.post("/v1/clients", body)
+    return await _created(s, "client", out["client_id"], out.get("client_secret"))
 
 
 @router.post("/console/identity/clients/{client_id}/revoke")
@@ -674,13 +661,10 @@ async def client_revoke(s: Session, form: Form, client_id: str) -> str:
 
 
 @router.post("/console/identity/admin-keys")
-async def admin_key_add(request: Request) -> Response:
-    @action("/console/identity")
-    async def add(s: Session, form: Form) -> Any:
-        out = await s.api.post("/v1/admin-keys", {"name": form.text("name"), "role": form.text("role") or "admin"})
-        return await _created(s, "admin key", f"{out['name']} ({out['role']}, {out['id']})", out["token"])
-
-    return await add(request)
+@action("/console/identity")
+async def admin_key_add(s: Session, form: Form) -> Any:
+    out = await s.api.post("/v1/admin-keys", {"name": form.text("name"), "role": form.text("role") or "admin"})
+    return await _created(s, "admin key", f"{out['name']} ({out['role']}, {out['id']})", out["token"])
 
 
 @router.post("/console/identity/admin-keys/{key_id}/revoke")
@@ -709,16 +693,12 @@ async def audit(s: Session) -> Response:
 
 
 @router.post("/console/audit/hash")
-async def audit_hash(request: Request) -> Response:
+@action("/console/audit")
+async def audit_hash(s: Session, form: Form) -> Any:
     """Search by a value (a wrap token, a client secret): the value travels in this POST's body
     only; the page's URL carries its keyed hash."""
-
-    @action("/console/audit")
-    async def run(s: Session, form: Form) -> Any:
-        out = await s.api.post("/v1/audit/hash", {"value": form.one("value") or ""})
-        return RedirectResponse("/console/audit" + pages._query({}, hmac=out["hmac"]), status_code=303)
-
-    return await run(request)
+    out = await s.api.post("/v1/audit/hash", {"value": form.one("value") or ""})
+    return RedirectResponse("/console/audit" + pages._query({}, hmac=out["hmac"]), status_code=303)
 
 
 @router.get("/console/audit/export")
