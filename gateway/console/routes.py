@@ -48,13 +48,9 @@ class Session:
     def page(self, template: str, active: str, status: int = 200, **context: Any) -> Response:
         url = self.request.url
         context.setdefault("request_path", url.path + (f"?{url.query}" if url.query else ""))
-        resp = pages.render(template, status=status, me=self.me, may=self.may, csrf=self.csrf, active=active, **context)
-        flash = sess.take_flash(self.request, resp)
-        if flash is not None:  # rendered again with it (the cookie is dropped on the same response)
-            body = pages.render(template, status=status, me=self.me, may=self.may, csrf=self.csrf, active=active,
-                                flash=flash, **context)
-            body.raw_headers.extend(h for h in resp.raw_headers if h[0] == b"set-cookie")
-            return body
+        resp = pages.render(template, status=status, me=self.me, may=self.may, csrf=self.csrf, active=active,
+                            flash=sess.take_flash(self.request), **context)
+        sess.drop_flash(self.request, resp)
         return resp
 
 
@@ -93,7 +89,7 @@ def page(active: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable
             except SignInRequired as exc:
                 return _to_sign_in(request, exc)
             except ApiError as exc:
-                return pages.render("error.html", status=_status(exc), error=exc, me=None, nav_off=True)
+                return pages.render("error.html", status=_status(exc), error=exc, me=None)
             async with s.api:
                 try:
                     return await fn(s, **kwargs)
@@ -183,12 +179,8 @@ async def login(request: Request) -> Response:
             idp = await api.get("/v1/auth/login-config")
         except ApiError:
             idp = None
-    resp = pages.render("login.html", pre=pre, idp=idp, me=None, nav_off=True)
-    flash = sess.take_flash(request, resp)
-    if flash:
-        cookies = [h for h in resp.raw_headers if h[0] == b"set-cookie"]
-        resp = pages.render("login.html", pre=pre, idp=idp, me=None, nav_off=True, flash=flash)
-        resp.raw_headers.extend(cookies)
+    resp = pages.render("login.html", pre=pre, idp=idp, me=None, flash=sess.take_flash(request))
+    sess.drop_flash(request, resp)
     resp.set_cookie(sess.PRE_COOKIE, pre, max_age=600, path=sess.KEY_SIGN_IN, httponly=True, samesite="strict",
                     secure=sess.secure(request))
     return resp

@@ -110,11 +110,12 @@ def set_flash(response: Response, request: Request, kind: str, text: str, code: 
                         httponly=True, samesite="strict", secure=secure(request))
 
 
-def take_flash(request: Request, response: Response) -> dict[str, Any] | None:
+def take_flash(request: Request) -> dict[str, Any] | None:
+    """The result the previous action left for this page (its cookie is then dropped by
+    :func:`drop_flash` on the response showing it)."""
     raw = request.cookies.get(FLASH_COOKIE)
     if not raw:
         return None
-    response.delete_cookie(FLASH_COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
     try:
         flash = json.loads(base64.urlsafe_b64decode(raw.encode()))
     except ValueError:
@@ -123,6 +124,11 @@ def take_flash(request: Request, response: Response) -> dict[str, Any] | None:
         return None
     return {"kind": flash["kind"], "text": str(flash.get("text", ""))[:1000],
             "code": str(flash["code"])[:64] if flash.get("code") else None}
+
+
+def drop_flash(request: Request, response: Response) -> None:
+    if FLASH_COOKIE in request.cookies:
+        response.delete_cookie(FLASH_COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
 
 
 class ConsoleHeaders:
