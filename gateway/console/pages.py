@@ -37,16 +37,16 @@ def _query(base: dict[str, Any], **changes: Any) -> str:
 ENV.filters["when"] = _when
 ENV.globals["query"] = _query
 
-NAV = (
-    ("overview", "Overview", "/console"),
-    ("backends", "Backends", "/console/backends"),
-    ("secrets", "Secrets", "/console/secrets"),
-    ("connectors", "Connectors", "/console/connectors"),
-    ("leases", "Credentials & leases", "/console/leases"),
-    ("runs", "Runs", "/console/runs"),
-    ("policies", "Policies", "/console/policies"),
-    ("identity", "Identity", "/console/identity"),
-    ("audit", "Audit", "/console/audit"),
+NAV = (  # key, label, URL, and the actions of which one shows the entry (none: always)
+    ("overview", "Overview", "/console", ()),
+    ("backends", "Backends", "/console/backends", ("backends:read",)),
+    ("secrets", "Secrets", "/console/secrets", ("secrets:read",)),
+    ("connectors", "Connectors", "/console/connectors", ("connectors:read",)),
+    ("leases", "Credentials & leases", "/console/leases", ("leases:read",)),
+    ("runs", "Runs", "/console/runs", ("leases:read", "runs:delegate")),
+    ("policies", "Policies", "/console/policies", ("policies:read",)),
+    ("identity", "Identity", "/console/identity", ("issuers:manage", "clients:manage", "admin_keys:manage")),
+    ("audit", "Audit", "/console/audit", ("audit:read",)),
 )
 
 

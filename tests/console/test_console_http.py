@@ -216,3 +216,14 @@ async def test_the_runs_page_lists_a_run_with_its_leases_and_revokes_both(gatewa
         assert "Run train-42 revoked" in shown and "1 leases revoked" in shown and "revoke-run-train-42" not in shown
     assert (await gateway.as_token(run["token"]).get("/v1/auth/whoami")).status_code == 401
     assert (await c0.get(f"/v1/leases/{issued.json()['lease_id']}")).json()["state"] == "revoked"
+
+
+async def test_the_menu_offers_only_what_the_role_may_use(gateway) -> None:
+    created = (await gateway.client.post("/v1/admin-keys", json={"name": "op", "role": "operator"})).json()
+    async with browser(gateway) as c:
+        await sign_in(c, created["token"])
+        nav = re.search(r"<nav>(.*?)</nav>", (await c.get("/console")).text, re.S).group(1)
+        assert "/console/leases" in nav and "/console/secrets" in nav
+        assert "/console/policies" not in nav and "/console/audit" not in nav and "/console/identity" not in nav
+        r = await c.get("/console/audit")  # and the API refuses it anyway
+        assert r.status_code == 403 and "permission_denied" in r.text
