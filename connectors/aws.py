@@ -43,7 +43,6 @@ hangs holds only those.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
 import threading
@@ -56,6 +55,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
+    is_ipv4,
     PoolLimits,
     ConnectorBase,
     KeylessMaterial,
@@ -180,21 +180,13 @@ def parse_resource(resource: str) -> tuple[str, str | None]:
         return GENERIC, None
     if isinstance(resource, str) and resource.startswith(S3_PREFIX):
         bucket = resource[len(S3_PREFIX) :]
-        if _BUCKET.match(bucket) and ".." not in bucket and not _is_ip(bucket):
+        if _BUCKET.match(bucket) and ".." not in bucket and not is_ipv4(bucket):
             return "s3-bucket", bucket
         raise ResourceNotSupported(
             "An S3 bucket name is 3-63 characters of a-z 0-9 . -, starts and ends with a letter "
             "or digit, has no '..' and is not an IP address."
         )
     raise ResourceNotSupported("An aws resource is 's3-bucket:<bucket name>' or 'aws-generic'.")
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.IPv4Address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def session_policy(

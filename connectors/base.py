@@ -174,6 +174,7 @@ import asyncio
 import contextlib
 import contextvars
 import fnmatch
+import ipaddress
 import re
 import time
 from collections import deque
@@ -800,6 +801,15 @@ class ConnectorBase:
 
 
 RESOURCE = re.compile(r"^[A-Za-z0-9._:/@*+=-]{1,256}$")
+
+
+def is_ipv4(name: str) -> bool:
+    """True for a dotted IPv4 address (which a bucket name may not be, at AWS and at Google)."""
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def role_name(lease_id: str, prefix: str = "cg_") -> str:

@@ -56,7 +56,6 @@ client, closed by ``aclose``.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
 import threading
@@ -69,6 +68,7 @@ from urllib.parse import quote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
+    is_ipv4,
     ConnectorBase,
     ConnectorCapabilities,
     IssueRequest,
@@ -216,21 +216,13 @@ def parse_resource(resource: str) -> tuple[str, str]:
         raise ResourceNotSupported("A GCP project id is 6-30 characters of a-z 0-9 -, starting with a letter.")
     if isinstance(resource, str) and resource.startswith(BUCKET_PREFIX):
         bucket = resource[len(BUCKET_PREFIX):]
-        if _BUCKET.match(bucket) and ".." not in bucket and not bucket.startswith("goog") and not _is_ip(bucket):
+        if _BUCKET.match(bucket) and ".." not in bucket and not bucket.startswith("goog") and not is_ipv4(bucket):
             return "gcs-bucket", bucket
         raise ResourceNotSupported(
             "A Cloud Storage bucket name is 3-63 characters of a-z 0-9 . _ -, starts and ends with a letter "
             "or digit, does not start with 'goog' and is not an IP address."
         )
     raise ResourceNotSupported("A gcp resource is 'gcp-project:<project id>' or 'gcs-bucket:<bucket name>'.")
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.IPv4Address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def access_boundary(bucket: str, role: str = "roles/storage.objectViewer") -> dict[str, Any]:

@@ -250,6 +250,7 @@ async def console_callback(
     except Unauthenticated as exc:
         raise BadRequest(f"The identity provider's id_token was refused: {exc.message}",
                          code="login_id_token_invalid") from None
+    audit.note(issuer=verified.issuer, subject=verified.subject, action="auth:console")
     nonce = verified.claims.get("nonce")
     if not isinstance(nonce, str) or not hmac.compare_digest(nonce.encode(), claims["nonce"].encode()):
         raise BadRequest("The id_token's nonce does not match this sign-in.", code="login_nonce_invalid")
