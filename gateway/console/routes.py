@@ -319,7 +319,7 @@ async def secrets(s: Session) -> Response:
 @router.get("/console/secrets/{backend}/{path:path}")
 @page("secrets")
 async def secret(s: Session, backend: str, path: str) -> Response:
-    meta = await s.api.get(f"/v1/secrets/{_q(backend)}/{path}")
+    meta = await s.api.get(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}")
     return s.page("secret.html", "secrets", meta=meta, backend=backend, path=path,
                   reveal_seconds=None)
 
@@ -353,7 +353,7 @@ async def reveal(request: Request) -> Response:
                           "Revealing a value needs a recent sign-in: sign out and sign in again, then reveal.")
         backend, path, version = form.text("backend"), form.text("path"), form.text("version")
         try:
-            out = await s.api.get(f"/v1/secrets/{_q(backend)}/{path}", reveal="true",
+            out = await s.api.get(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}", reveal="true",
                                   version=version if version.isdigit() else None)
         except ApiError as exc:
             return refuse(_status(exc), exc.code, exc.message)

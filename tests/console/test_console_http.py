@@ -227,3 +227,14 @@ async def test_the_menu_offers_only_what_the_role_may_use(gateway) -> None:
         assert "/console/policies" not in nav and "/console/audit" not in nav and "/console/identity" not in nav
         r = await c.get("/console/audit")  # and the API refuses it anyway
         assert r.status_code == 403 and "permission_denied" in r.text
+
+
+async def test_a_crafted_secret_link_cannot_turn_into_a_reveal(gateway) -> None:
+    await gateway.client.put("/v1/secrets/local/ml/db", json={"data": {"password": CANARY}})
+    async with browser(gateway) as c:
+        await sign_in(c)
+        for crafted in ("/console/secrets/local/ml/db%3Freveal%3Dtrue", "/console/secrets/local/ml/db%23x%3Freveal=true"):
+            r = await c.get(crafted)
+            assert r.status_code in (400, 404) and CANARY not in r.text, (crafted, r.status_code)
+    events = (await gateway.client.get("/v1/audit", params={"limit": 1000})).json()["items"]
+    assert not [e for e in events if (e.get("details") or {}).get("reveal") is True]
