@@ -22,6 +22,7 @@ class ApiError(Exception):
     code: str
     message: str
     details: list[dict[str, Any]] | None = None
+    retry_after: str | None = None  # a fault's Retry-After (503: the store, a backend or a target is away)
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code})"
@@ -64,7 +65,8 @@ class Api:
             error = body.get("error") if isinstance(body, dict) else None
             if isinstance(error, dict):
                 raise ApiError(resp.status_code, str(error.get("code", "error")), str(error.get("message", "")),
-                               error.get("errors") if isinstance(error.get("errors"), list) else None)
+                               error.get("errors") if isinstance(error.get("errors"), list) else None,
+                               resp.headers.get("retry-after"))
             if isinstance(body, dict) and isinstance(body.get("error"), str):  # OAuth2's shape
                 raise ApiError(resp.status_code, body["error"], str(body.get("error_description", "")))
             raise ApiError(resp.status_code, f"http_{resp.status_code}", "The gateway answered with an error.")

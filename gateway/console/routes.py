@@ -89,7 +89,7 @@ def page(active: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable
             except SignInRequired as exc:
                 return _to_sign_in(request, exc)
             except ApiError as exc:
-                return pages.render("error.html", status=_status(exc), error=exc, me=None)
+                return _retry_after(pages.render("error.html", status=_status(exc), error=exc, me=None), exc)
             async with s.api:
                 try:
                     return await fn(s, **kwargs)
@@ -99,12 +99,18 @@ def page(active: str) -> Callable[[Callable[..., Awaitable[Response]]], Callable
                     err = exc if isinstance(exc, ApiError) else ApiError(exc.status, exc.code, exc.message)
                     if err.status == 401:
                         return _to_sign_in(request, SignInRequired(f"Your session has ended: {err.message}", err.code))
-                    return s.page("error.html", active, status=_status(err), error=err)
+                    return _retry_after(s.page("error.html", active, status=_status(err), error=err), err)
 
         run.__name__ = run.__qualname__ = fn.__name__  # FastAPI passes ``request`` only; path params are read from it
         return run
 
     return wrap
+
+
+def _retry_after(resp: Response, err: ApiError) -> Response:
+    if err.status == 503:  # a fault the gateway recovers from by itself: say when to come back
+        resp.headers["Retry-After"] = err.retry_after or "5"
+    return resp
 
 
 def _status(err: ApiError) -> int:

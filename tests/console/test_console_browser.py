@@ -415,3 +415,16 @@ def test_signing_out_ends_the_session(new_browser, gw: LoginGateway) -> None:
     assert api(gw, "GET", "/v1/auth/whoami", token=session).status_code == 401  # revoked, not only forgotten
     driver.get(f"{gw.addr}/console/leases")
     assert driver.current_url.endswith("/console/login")
+
+
+def test_a_refused_idp_sign_in_is_shown_in_words(new_browser, gw: LoginGateway) -> None:
+    driver = new_browser()
+    driver.get(f"{gw.addr}/console/login")
+    driver.find_element(By.CSS_SELECTOR, "[data-testid=idp-login]").click()
+    wait(driver, EC.presence_of_element_located((By.ID, "username"))).send_keys("mallory")  # unknown at the IdP
+    driver.find_element(By.ID, "sign-in").click()
+    error = wait(driver, EC.presence_of_element_located((By.CSS_SELECTOR, "[data-testid=error]")))
+    assert "login_denied" in error.text and "refused the sign-in" in error.text
+    assert not any(c["name"] == "credgate_console" for c in driver.get_cookies())
+    driver.find_element(By.LINK_TEXT, "Sign in again").click()
+    assert driver.current_url.endswith("/console/login")

@@ -238,3 +238,13 @@ async def test_a_crafted_secret_link_cannot_turn_into_a_reveal(gateway) -> None:
             assert r.status_code in (400, 404) and CANARY not in r.text, (crafted, r.status_code)
     events = (await gateway.client.get("/v1/audit", params={"limit": 1000})).json()["items"]
     assert not [e for e in events if (e.get("details") or {}).get("reveal") is True]
+
+
+async def test_a_backend_that_is_down_is_a_503_page_with_retry_after(gateway) -> None:
+    r = await gateway.client.put("/v1/backends/away", json={"type": "vault", "config": {
+        "url": "http://127.0.0.1:9", "timeout": 1, "auth": {"token": {"token": "x"}}}})
+    assert r.status_code in (200, 201), r.text
+    async with browser(gateway) as c:
+        await sign_in(c)
+        page = await c.get("/console/secrets", params={"backend": "away"})
+        assert page.status_code == 503 and page.headers["retry-after"] and "backend_unavailable" in page.text

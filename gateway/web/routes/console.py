@@ -231,6 +231,23 @@ async def console_callback(
 ) -> Response:
     row = await _login_issuer(runtime)
     claims = await _login_claims(runtime, request.cookies.get(COOKIE), row)
+    if claims.get("to") != "console":
+        return await _complete(request, runtime, row, claims, code, state, error, iss)
+    try:  # a console sign-in that fails goes back to the console's sign-in form, in words
+        return await _complete(request, runtime, row, claims, code, state, error, iss)
+    except CredgateError as exc:
+        if exc.status >= 500:
+            raise
+        audit.note(decision="deny", error=exc.code)
+        # A page, not a redirect: on the identity provider's redirect chain no strict cookie
+        # (a flash) would be sent along.
+        page = pages.render("error.html", status=exc.status, error=exc, me=None, retry="/console/login")
+        page.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="lax", secure=_secure(runtime))
+        return page
+
+
+async def _complete(request: Request, runtime: Runtime, row: Issuer, claims: dict[str, Any], code: str | None,
+                    state: str | None, error: str | None, iss: str | None) -> Response:
     if not state or not hmac.compare_digest(state.encode(), claims["state"].encode()):
         raise _state_invalid("The state does not match the sign-in started in this browser.")
     if iss is not None and iss != row.issuer_url:  # RFC 9207, when the IdP sends it
