@@ -72,6 +72,17 @@ class Api:
             raise ApiError(resp.status_code, f"http_{resp.status_code}", "The gateway answered with an error.")
         return body
 
+    async def readiness(self) -> dict[str, Any]:
+        """``GET /readyz`` as it answers, ready (200) or not (503, with the checks that failed)."""
+        try:
+            resp = await self._client.get("/readyz")
+            body = resp.json()
+        except (httpx.HTTPError, ValueError):
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("checks"), dict):
+            return {"status": "not_ready", "checks": {}, "error": {"message": "The gateway did not say."}}
+        return body
+
     async def get(self, path: str, **params: Any) -> Any:
         return await self.call("GET", path, params=params)
 

@@ -19,7 +19,7 @@ ENV = Environment(
 )
 
 
-def _when(value: Any) -> str:
+def when(value: Any) -> str:
     if not value:
         return ""
     try:
@@ -29,13 +29,13 @@ def _when(value: Any) -> str:
     return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _query(base: dict[str, Any], **changes: Any) -> str:
+def query(base: dict[str, Any], **changes: Any) -> str:
     merged = {k: v for k, v in {**base, **changes}.items() if v not in (None, "")}
     return "?" + urlencode(merged) if merged else "?"
 
 
-ENV.filters["when"] = _when
-ENV.globals["query"] = _query
+ENV.filters["when"] = when
+ENV.globals["query"] = query
 
 NAV = (  # key, label, URL, and the actions of which one shows the entry (none: always)
     ("overview", "Overview", "/console", ()),

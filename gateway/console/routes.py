@@ -197,6 +197,9 @@ async def logout(request: Request) -> Response:
     form = await read_form(request)
     token = request.cookies.get(sess.COOKIE)
     resp = RedirectResponse("/console/login", status_code=303)
+    if not sess.same_origin(request):  # no other site signs anyone out
+        return JSONResponse({"error": {"code": "csrf_failed", "message": "This request came from another site."}},
+                            status_code=403)
     if token:
         try:
             sess.check_csrf(request, form.one("csrf"), sess.csrf_token(token))
@@ -227,7 +230,7 @@ async def _maybe(call: Awaitable[Any]) -> Any:
 @page("overview")
 async def overview(s: Session) -> Response:
     api = s.api
-    ready = await _maybe(api.call("GET", "/readyz"))
+    ready = await api.readiness()
     backends = await _maybe(api.get("/v1/backends")) if s.may("backends:read") else None
     keys = await _maybe(api.get("/v1/keys/status")) if s.may("keys:read") else None
     jwks = await _maybe(api.get("/v1/jwks"))
@@ -247,7 +250,7 @@ def _chart(buckets: list[dict[str, Any]]) -> dict[str, Any]:
     for i, b in enumerate(buckets):
         h = round(b["count"] / top * (height - 20), 1)
         bars.append({"x": round(i * (bar + gap), 1), "y": round(height - h, 1), "w": round(bar, 1), "h": h,
-                     "label": f"{pages._when(b['start'])}: {b['count']}", "count": b["count"]})
+                     "label": f"{pages.when(b['start'])}: {b['count']}", "count": b["count"]})
     return {"width": width, "height": height, "bars": bars, "top": top, "total": sum(b["count"] for b in buckets),
             "first": buckets[0]["start"] if buckets else None, "last": buckets[-1]["start"] if buckets else None}
 
@@ -256,10 +259,14 @@ def _chart(buckets: list[dict[str, Any]]) -> dict[str, Any]:
 @action("/console/audit")
 async def audit_verify(s: Session, form: Form) -> str:
     out = await s.api.get("/v1/audit/verify", full="true" if form.one("full") else None)
-    problems = [k for k in ("bad", "missing", "uncovered") if out.get(k)]
+    walked = f"{out['walked']:,} events walked from #{out['from_seq']}" + (
+        " (after the last checkpoint verified clean)" if out.get("incremental") else "")
     if out.get("ok"):
-        return f"The audit chain verified: {out.get('events', out.get('checked', '?'))} events checked, no problem found."
-    return "The audit chain did NOT verify: " + json.dumps({k: out.get(k) for k in problems})[:600]
+        return (f"The audit chain verified: {out['events']:,} events, {out['checkpoints']:,} checkpoints; {walked}; "
+                "no problem found.")
+    raise ApiError(200, "audit_chain_broken",
+                   f"The audit chain did NOT verify: {out.get('problem') or 'a break'} at event #{out.get('first_bad_seq')}"
+                   f" ({len(out.get('problems') or [])} problems found); {walked}.")
 
 
 # --- backends --------------------------------------------------------------------------
@@ -471,7 +478,7 @@ async def leases(s: Session) -> Response:
 async def lease_renew(s: Session, form: Form, lease_id: str) -> str:
     ttl = _int_or_none(form, "ttl_seconds")
     out = await s.api.post(f"/v1/leases/{_q(lease_id)}/renew", {"ttl_seconds": ttl} if ttl else {})
-    return f"Lease {lease_id} renewed: it now expires at {pages._when(out.get('expires_at'))}."
+    return f"Lease {lease_id} renewed: it now expires at {pages.when(out.get('expires_at'))}."
 
 
 @router.post("/console/leases/{lease_id}/revoke")
@@ -696,7 +703,7 @@ async def audit_hash(s: Session, form: Form) -> Any:
     """Search by a value (a wrap token, a client secret): the value travels in this POST's body
     only; the page's URL carries its keyed hash."""
     out = await s.api.post("/v1/audit/hash", {"value": form.one("value") or ""})
-    return RedirectResponse("/console/audit" + pages._query({}, hmac=out["hmac"]), status_code=303)
+    return RedirectResponse("/console/audit" + pages.query({}, hmac=out["hmac"]), status_code=303)
 
 
 @router.get("/console/audit/export")

@@ -248,3 +248,29 @@ async def test_a_backend_that_is_down_is_a_503_page_with_retry_after(gateway) ->
         await sign_in(c)
         page = await c.get("/console/secrets", params={"backend": "away"})
         assert page.status_code == 503 and page.headers["retry-after"] and "backend_unavailable" in page.text
+
+
+async def test_the_verify_button_says_whether_the_chain_holds(gateway) -> None:
+    from sqlalchemy import update
+
+    from gateway.store.models import AuditEventRow
+
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = csrf_of((await c.get("/console")).text)
+        await c.post("/console/audit/verify", data={"csrf": token, "back": "/console"})
+        assert "The audit chain verified" in (await c.get("/console")).text
+        async with gateway.runtime.store.write() as s:  # someone edits the trail behind the gateway's back
+            await s.execute(update(AuditEventRow).where(AuditEventRow.seq == 2).values(outcome="403 tampered"))
+        await c.post("/console/audit/verify", data={"csrf": token, "full": "1"})
+        shown = (await c.get("/console/audit")).text
+        assert "did NOT verify" in shown and "audit_chain_broken" in shown and "#2" in shown
+
+
+async def test_no_other_site_can_sign_anyone_out(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = c.cookies[sess.COOKIE]
+        r = await c.post("/console/logout", data={"csrf": "x"}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+        assert (await gateway.as_token(token).get("/v1/auth/whoami")).status_code == 200
