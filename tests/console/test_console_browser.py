@@ -103,7 +103,10 @@ def flash(driver) -> str:
 def shot(driver, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1400, max(1000, min(height + 140, 2400)))  # the whole page
         driver.save_screenshot(str(Path(SHOTS) / f"{name}.png"))
+        driver.set_window_size(1400, 1000)
 
 
 def submit(driver, element, confirm: bool = False) -> None:

@@ -274,3 +274,22 @@ async def test_no_other_site_can_sign_anyone_out(gateway) -> None:
         r = await c.post("/console/logout", data={"csrf": "x"}, headers={"Origin": "http://evil.example"})
         assert r.status_code == 403 and "set-cookie" not in r.headers
         assert (await gateway.as_token(token).get("/v1/auth/whoami")).status_code == 200
+
+
+async def test_a_new_admin_key_or_client_secret_is_shown_once_and_works(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = csrf_of((await c.get("/console/identity")).text)
+        page = await c.post("/console/identity/admin-keys", data={"csrf": token, "name": "ops-2", "role": "auditor"})
+        assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+        key = re.search(r'data-testid="created-secret">(cgt_[^<]+)<', page.text).group(1)
+        assert key not in (await c.get("/console/identity")).text  # never again
+        assert (await gateway.as_token(key).get("/v1/auth/whoami")).json()["roles"] == ["auditor"]
+        page = await c.post("/console/identity/clients", data={"csrf": token, "client_id": "etl", "roles": "operator",
+                                                               "token_ttl_seconds": "600"})
+        secret = re.search(r'data-testid="created-secret">([^<]+)<', page.text).group(1)
+        r = await gateway.client.post("/v1/auth/token", data={"grant_type": "client_credentials", "client_id": "etl",
+                                                              "client_secret": secret}, headers={"Authorization": ""})
+        assert r.status_code == 200, r.text
+        events = (await gateway.client.get("/v1/audit", params={"limit": 1000})).json()["items"]
+        assert key not in str(events) and secret not in str(events)

@@ -316,7 +316,8 @@ async def console_key(request: Request, runtime: RuntimeDep) -> Response:
             raise Unauthenticated("That is not an admin key.", code="invalid_token")
     except CredgateError as exc:
         audit.note(decision="deny", details={"error": exc.code})
-        console_session.set_flash(back, request, "error", exc.message, exc.code)
+        text = "That admin key is not valid (or was revoked)." if exc.code == "invalid_token" else exc.message
+        console_session.set_flash(back, request, "error", text, exc.code)
         back.status_code = 303
         return back
     ttl = runtime.settings.console_session_seconds
