@@ -1,4 +1,5 @@
-"""Reading the trail back: the audit events matching a filter, oldest first, a page at a time."""
+"""Reading the trail back: the audit events matching a filter, a page at a time, oldest first
+(or newest first)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class Filter:
     run, minting its token, revoking it) and the requests made with its run token (issuer
     ``credgate``, subject ``run:RUN``). ``hmac``: the events whose ``details`` carry that keyed
     hash under one of :data:`~gateway.store.models.HMAC_DETAILS` (``wrap_token``,
-    ``client_secret``)."""
+    ``client_secret``). ``newest_first``: pages go back in time, ``before`` a sequence number
+    (exclusive) where the page starts."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -34,19 +36,21 @@ class Filter:
     run: str | None = None
     hmac: str | None = None
     after: int | None = None
+    before: int | None = None
+    newest_first: bool = False
 
 
 @dataclass(frozen=True)
 class Page:
-    """Up to ``limit`` events and where the next page starts (``after=next_after``);
-    ``next_after`` is None when nothing is left."""
+    """Up to ``limit`` events and where the next page starts (``after=next_after``, or
+    ``before=next_after`` newest first); ``next_after`` is None when nothing is left."""
 
     items: list[AuditEvent] = field(default_factory=list)
     next_after: int | None = None
 
 
 async def search(store: Store, where: Filter, limit: int) -> Page:
-    """The events matching ``where``, oldest first, at most ``limit`` of them.
+    """The events matching ``where``, oldest first (or newest first), at most ``limit`` of them.
 
     Every filter runs in SQL with ``LIMIT limit + 1`` and keyset pagination on ``seq``,
     so a page reads about ``limit`` rows through an index on (filter, seq) (migration
@@ -73,7 +77,10 @@ async def search(store: Store, where: Filter, limit: int) -> Page:
         q = q.where(AuditEventRow.time < where.until)
     if where.after is not None:
         q = q.where(AuditEventRow.seq > where.after)
-    q = q.order_by(AuditEventRow.seq).limit(limit + 1)
+    if where.before is not None:
+        q = q.where(AuditEventRow.seq < where.before)
+    # The same (filter, seq) indexes serve both orders (read backwards for the newest first).
+    q = q.order_by(AuditEventRow.seq.desc() if where.newest_first else AuditEventRow.seq).limit(limit + 1)
     async with store.read() as s:
         if store.dialect == "postgresql" and (where.since is not None or where.until is not None):
             # A time range is as selective as its values say: plan for them, not the generic plan a

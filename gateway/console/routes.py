@@ -693,8 +693,10 @@ def _audit_filters(q: Any) -> dict[str, str]:
 async def audit(s: Session) -> Response:
     q = s.request.query_params
     filters = _audit_filters(q)
-    listing = await s.api.get("/v1/audit", limit=PAGE, after=q.get("after"), **filters)
-    return s.page("audit.html", "audit", listing=listing, filters=filters)
+    order = "asc" if q.get("order") == "asc" else "desc"  # newest first unless asked
+    cursor = {"after": q.get("after")} if order == "asc" else {"before": q.get("before")}
+    listing = await s.api.get("/v1/audit", limit=PAGE, order=order, **cursor, **filters)
+    return s.page("audit.html", "audit", listing=listing, filters=filters, order=order)
 
 
 @router.post("/console/audit/hash")

@@ -293,3 +293,19 @@ async def test_a_new_admin_key_or_client_secret_is_shown_once_and_works(gateway)
         assert r.status_code == 200, r.text
         events = (await gateway.client.get("/v1/audit", params={"limit": 1000})).json()["items"]
         assert key not in str(events) and secret not in str(events)
+
+
+async def test_the_audit_page_shows_the_newest_first_and_pages_back(gateway) -> None:
+    for i in range(60):  # more than a page (50)
+        await gateway.client.put(f"/v1/secrets/local/many/{i}", json={"data": {"k": "v"}})
+    async with browser(gateway) as c:
+        await sign_in(c)
+        first = (await c.get("/console/audit", params={"action": "secrets:write"})).text
+        seqs = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", first)]
+        assert len(seqs) == 50 and seqs == sorted(seqs, reverse=True)
+        older = re.search(r'href="([^"]+)" data-testid="next-page">Older events', first).group(1).replace("&amp;", "&")
+        rest = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", (await c.get("/console/audit" + older)).text)]
+        assert rest and max(rest) < min(seqs) and len(set(rest + seqs)) == len(rest) + len(seqs) >= 60
+        oldest = (await c.get("/console/audit", params={"action": "secrets:write", "order": "asc"})).text
+        asc = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", oldest)]
+        assert asc == sorted(asc) and asc[0] == min(rest)  # the oldest one, first

@@ -697,3 +697,24 @@ async def test_the_hmac_filter_finds_the_events_naming_a_wrap_token_or_client_se
                 "EXPLAIN QUERY PLAN SELECT seq FROM audit_events WHERE json_extract(details, '$.wrap_token') = 'x' "
                 "AND seq > 0 ORDER BY seq LIMIT 3"))).all())
         assert "ix_audit_events_wrap_token_seq" in plan, plan
+
+
+async def test_newest_first_pages_back_in_time_without_a_gap_or_a_repeat(gateway: Gateway) -> None:
+    for i in range(5):
+        await gateway.client.put(f"/v1/secrets/local/n/{i}", json={"data": {"k": "v"}})
+    want = [e["seq"] for e in await events(gateway, action="secrets:write")][::-1]
+    assert len(want) >= 5
+    got, before = [], None
+    while True:
+        r = await gateway.client.get("/v1/audit", params={"action": "secrets:write", "order": "desc", "limit": 2,
+                                                           **({"before": before} if before is not None else {})})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        got += [e["seq"] for e in page["items"]]
+        before = page["next_after"]
+        if before is None:
+            break
+        assert before == page["items"][-1]["seq"]
+    assert got == want
+    bad = await gateway.client.get("/v1/audit", params={"order": "sideways"})
+    assert bad.status_code == 422

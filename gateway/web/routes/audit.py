@@ -133,10 +133,15 @@ async def query(
         "(an unwrap) or details.client_secret (a token request with a client secret). Indexed: not a scan."
     ))] = None,
     after: Annotated[int | None, Query(ge=0)] = None,
+    before: Annotated[int | None, Query(ge=1, description="Only events before this sequence number (exclusive).")] = None,
+    order: Annotated[Literal["asc", "desc"], Query(description=(
+        "asc (the default): oldest first, the next page with after=next_after; desc: newest first, the next "
+        "page with before=next_after."))] = "asc",
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     where = Filter(since=since, until=until, subject=subject, action=action, connector=connector,
-                   lease_id=lease_id, decision=decision, run=run, hmac=hmac, after=after)
+                   lease_id=lease_id, decision=decision, run=run, hmac=hmac, after=after, before=before,
+                   newest_first=order == "desc")
     page = await runtime.audit.search(where, limit)
     return AuditPage(items=[AuditEvent.model_validate(row, from_attributes=True) for row in page.items],
                      next_after=page.next_after)
