@@ -153,8 +153,9 @@ def main() -> int:
     ]
     for name, _ in PAGES + API:
         if name in full:
-            e, f = empty.get(name, (float("nan"),) * 2), full[name]
-            lines.append(f"| {name} | {e[0]:.1f} / {e[1]:.1f} | {f[0]:.1f} / {f[1]:.1f} |")
+            e, f = empty.get(name), full[name]
+            shown = f"{e[0]:.1f} / {e[1]:.1f}" if e else "- (one page only)"
+            lines.append(f"| {name} | {shown} | {f[0]:.1f} / {f[1]:.1f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
