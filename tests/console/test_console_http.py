@@ -309,3 +309,50 @@ async def test_the_audit_page_shows_the_newest_first_and_pages_back(gateway) -> 
         oldest = (await c.get("/console/audit", params={"action": "secrets:write", "order": "asc"})).text
         asc = [int(x) for x in re.findall(r"<tr><td>(\d+)</td>", oldest)]
         assert asc == sorted(asc) and asc[0] == min(rest)  # the oldest one, first
+
+
+@pytest.fixture
+async def impatient_gateway(settings_factory):
+    """A gateway that gives up on a target after a second (not the default 10-30 s)."""
+    from tests.conftest import Gateway
+
+    app = create_app(settings_factory(target_timeout_seconds=2, target_pool_wait_seconds=1))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+            yield Gateway(app, client)
+
+
+async def test_a_revocation_the_target_refuses_is_shown_as_stuck_with_its_error(impatient_gateway, redis_server: str) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.services.tcpproxy import TcpProxy
+
+    gateway = impatient_gateway
+
+    target = urlsplit(redis_server)
+    proxy = TcpProxy((target.hostname, target.port))
+    try:
+        c0 = gateway.client
+        await c0.put("/v1/secrets/local/targets/cache",
+                     json={"data": {"url": f"redis://127.0.0.1:{proxy.address[1]}{target.path or '/0'}"}})
+        r = await c0.put("/v1/connectors/cache", json={"type": "redis", "auth_method": "password",
+                                                        "secret": "local/targets/cache", "resources": ["features"],
+                                                        "config": {"categories": ["+@read"]}})
+        assert r.status_code in (200, 201), r.text
+        lease_id = (await c0.post("/v1/credentials", json={"connector": "cache", "resource": "features"})).json()["lease_id"]
+        proxy.mode = "refuse"  # the target goes away before the revocation
+        async with browser(gateway) as c:
+            await sign_in(c)
+            page = await c.get("/console/leases", params={"state": "active"})
+            r = await c.post(f"/console/leases/{lease_id}/revoke", data={"csrf": csrf_of(page.text)})
+            assert r.status_code == 303
+            shown = (await c.get("/console/leases", params={"state": "revoking"})).text
+            assert f"Lease {lease_id} is revoking" in shown and "keeps trying" in shown
+            row = re.search(rf'<tr data-lease="{lease_id}">(.*?)</tr>', shown, re.S).group(1)
+            assert "1 attempts" in row and 'class="bad"' in row
+        proxy.mode = "pass"
+        await gateway.runtime.credentials.revoke([lease_id])
+        assert (await c0.get(f"/v1/leases/{lease_id}")).json()["state"] == "revoked"
+    finally:
+        proxy.stop()
