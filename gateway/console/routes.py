@@ -337,6 +337,45 @@ async def secret(s: Session, backend: str, path: str) -> Response:
                   reveal_seconds=None)
 
 
+def _data(form: Form) -> dict[str, str]:
+    """``KEY=VALUE`` lines (a value may hold '='; a line without one is an error naming its key)."""
+    data: dict[str, str] = {}
+    for n, line in enumerate((form.one("data") or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ApiError(400, "invalid_form", f"Line {n} is not KEY=VALUE.")
+        data[key.strip()] = value
+    if not data:
+        raise ApiError(400, "invalid_form", "Give at least one KEY=VALUE line.")
+    return data
+
+
+@router.post("/console/secrets")
+@action("/console/secrets")
+async def secret_write(s: Session, form: Form) -> Any:
+    """A new version (or a new secret): its values travel in this POST's body only and are never
+    shown back; with ``cas`` (the version the page showed) a write that lost a race is refused."""
+    backend, path = form.text("backend"), form.text("path")
+    body: dict[str, Any] = {"data": _data(form)}
+    if form.text("cas").isdigit():
+        body["cas"] = int(form.text("cas"))
+    meta = await s.api.put(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}", body)
+    done = RedirectResponse(f"/console/secrets/{_q(backend)}/{quote(path, safe='/')}", status_code=303)
+    sess.set_flash(done, s.request, "ok", f"{backend}/{path}: version {meta['current_version']} written "
+                                          f"(keys {', '.join(meta['keys'])}).")
+    return done
+
+
+@router.post("/console/secrets/delete")
+@action("/console/secrets")
+async def secret_delete(s: Session, form: Form) -> str:
+    backend, path = form.text("backend"), form.text("path")
+    await s.api.delete(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}")
+    return f"{backend}/{path} deleted (soft: its versions are kept and it can be restored)."
+
+
 @router.post("/console/reveal")
 async def reveal(request: Request) -> Response:
     """A secret's values for the page's script to show for a while: POST only (never a URL

@@ -356,3 +356,27 @@ async def test_a_revocation_the_target_refuses_is_shown_as_stuck_with_its_error(
         assert (await c0.get(f"/v1/leases/{lease_id}")).json()["state"] == "revoked"
     finally:
         proxy.stop()
+
+
+async def test_secrets_are_written_and_deleted_from_the_console_and_their_values_never_shown(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = csrf_of((await c.get("/console/secrets", params={"backend": "local"})).text)
+        r = await c.post("/console/secrets", data={"csrf": token, "backend": "local", "path": "ml/new", "cas": "0",
+                                                   "data": f"user=etl\npassword={CANARY}=x"})
+        assert r.status_code == 303 and r.headers["location"] == "/console/secrets/local/ml/new"
+        page = (await c.get(r.headers["location"])).text
+        assert "version 1 written" in page and CANARY not in page
+        assert (await gateway.client.get("/v1/secrets/local/ml/new?reveal=true")).json()["data"] == {
+            "user": "etl", "password": f"{CANARY}=x"}
+        # the same page posted twice: the second write lost the race (cas) and says so
+        for expected in ("version 2 written", "cas_mismatch"):
+            r = await c.post("/console/secrets", data={"csrf": token, "backend": "local", "path": "ml/new", "cas": "1",
+                                                       "data": "user=etl2"})
+            shown = (await c.get(r.headers["location"])).text
+            assert expected in shown and CANARY not in shown
+        r = await c.post("/console/secrets", data={"csrf": token, "backend": "local", "path": "ml/new", "data": "novalue"})
+        assert "invalid_form" in (await c.get(r.headers["location"])).text
+        r = await c.post("/console/secrets/delete", data={"csrf": token, "backend": "local", "path": "ml/new"})
+        assert "deleted" in (await c.get(r.headers["location"])).text
+        assert (await gateway.client.get("/v1/secrets/local/ml/new")).status_code in (404, 410)
