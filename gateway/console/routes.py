@@ -313,6 +313,13 @@ async def backend_check(s: Session, form: Form, name: str) -> str:
     return text
 
 
+@router.post("/console/backends/{name}/delete")
+@action("/console/backends")
+async def backend_delete(s: Session, form: Form, name: str) -> str:
+    await s.api.delete(f"/v1/backends/{_q(name)}")
+    return f"Backend {name} removed (a vendor store's secrets stay in it)."
+
+
 # --- secrets ---------------------------------------------------------------------------
 
 
@@ -489,6 +496,13 @@ async def connector_verify(s: Session, form: Form, name: str) -> str:
     if not out["ok"]:
         raise ApiError(200, "connector_unverified", text)
     return text
+
+
+@router.post("/console/connectors/{name}/delete")
+@action("/console/connectors")
+async def connector_delete(s: Session, form: Form, name: str) -> str:
+    await s.api.delete(f"/v1/connectors/{_q(name)}", revoke_leases="true" if form.one("revoke_leases") else None)
+    return f"Connector {name} deleted."
 
 
 # --- credentials and leases ------------------------------------------------------------

@@ -380,3 +380,22 @@ async def test_secrets_are_written_and_deleted_from_the_console_and_their_values
         r = await c.post("/console/secrets/delete", data={"csrf": token, "backend": "local", "path": "ml/new"})
         assert "deleted" in (await c.get(r.headers["location"])).text
         assert (await gateway.client.get("/v1/secrets/local/ml/new")).status_code in (404, 410)
+
+
+async def test_a_connector_with_leases_is_deleted_only_with_them_and_the_builtin_backend_is_kept(gateway) -> None:
+    c0 = gateway.client
+    await c0.put("/v1/secrets/local/vendor/key", json={"data": {"api_key": CANARY}})
+    await c0.put("/v1/connectors/vendor", json={"type": "static", "auth_method": "static",
+                                               "secret": "local/vendor/key", "resources": ["default"]})
+    lease = (await c0.post("/v1/credentials", json={"connector": "vendor", "resource": "default", "wrap": True})).json()
+    async with browser(gateway) as c:
+        await sign_in(c)
+        page = await c.get("/console/connectors/vendor")
+        token = csrf_of(page.text)
+        r = await c.post("/console/connectors/vendor/delete", data={"csrf": token, "back": "/console/connectors/vendor"})
+        assert "connector_has_leases" in (await c.get(r.headers["location"])).text
+        r = await c.post("/console/connectors/vendor/delete", data={"csrf": token, "revoke_leases": "true"})
+        assert "Connector vendor deleted" in (await c.get(r.headers["location"])).text
+        assert (await c0.get(f"/v1/leases/{lease['lease_id']}")).json()["state"] == "revoked"
+        r = await c.post("/console/backends/local/delete", data={"csrf": token})
+        assert "backend_builtin" in (await c.get(r.headers["location"])).text  # the store itself stays
