@@ -192,6 +192,8 @@ def test_no_template_loads_from_outside_or_runs_inline_script() -> None:
             assert not re.search(r"\son[a-z]+\s*=", text), path  # no inline handlers
             assert not re.search(r"\sstyle\s*=|<style", text), path  # no inline style (style-src 'self')
             assert "javascript:" not in text, path
+            title = re.search(r"\{% block title %\}(.*?)\{% endblock %\}", text, re.S)
+            assert title is None or "<" not in title.group(1), path  # a title is text, one line
 
 
 async def test_the_runs_page_lists_a_run_with_its_leases_and_revokes_both(gateway) -> None:
