@@ -272,6 +272,21 @@ async def audit_verify(s: Session, form: Form) -> str:
 # --- backends --------------------------------------------------------------------------
 
 
+async def _new_name(s: Session, form: Form, collection: str, what: str) -> str:
+    """The form's ``name`` for something to add: given, and not the name of one that exists (the
+    API's PUT would replace it; the console adds, it does not overwrite by surprise)."""
+    name = form.text("name")
+    if not name:
+        raise ApiError(400, "invalid_form", f"Name the {what}.")
+    try:
+        await s.api.get(f"{collection}/{_q(name)}")
+    except ApiError as exc:
+        if exc.status == 404:
+            return name
+        raise
+    raise ApiError(409, f"{what}_exists", f"A {what} named {name} exists already; choose another name.")
+
+
 def _type_of(types: list[dict[str, Any]], name: str | None) -> dict[str, Any] | None:
     return next((t for t in types if t.get("type") == name and t.get("available")), None)
 
@@ -295,7 +310,7 @@ async def backend_add(s: Session, form: Form) -> str:
     chosen = _type_of(types, form.text("type"))
     if chosen is None:
         raise ApiError(400, "unknown_backend_type", "Choose an available backend type.")
-    name = form.text("name")
+    name = await _new_name(s, form, "/v1/backends", "backend")
     config = read_schema_form(form, schema_fields(chosen["config_schema"]), "config")
     await s.api.put(f"/v1/backends/{_q(name)}", {"type": chosen["type"], "config": config})
     return f"Backend {name} ({chosen['type']}) saved."
@@ -365,6 +380,8 @@ async def secret_write(s: Session, form: Form) -> Any:
     """A new version (or a new secret): its values travel in this POST's body only and are never
     shown back; with ``cas`` (the version the page showed) a write that lost a race is refused."""
     backend, path = form.text("backend"), form.text("path")
+    if not backend or not path:
+        raise ApiError(400, "invalid_form", "Give the secret's backend and path.")
     body: dict[str, Any] = {"data": _data(form)}
     if form.text("cas").isdigit():
         body["cas"] = int(form.text("cas"))
@@ -456,7 +473,7 @@ async def connector_add(s: Session, form: Form) -> str:
     chosen = _type_of(types, form.text("type"))
     if chosen is None:
         raise ApiError(400, "unknown_connector_type", "Choose an available connector type.")
-    name = form.text("name")
+    name = await _new_name(s, form, "/v1/connectors", "connector")
     body: dict[str, Any] = {
         "type": chosen["type"], "auth_method": form.text("auth_method"),
         "config": read_schema_form(form, schema_fields(chosen["config_schema"]), "config"),

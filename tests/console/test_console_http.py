@@ -401,3 +401,15 @@ async def test_a_connector_with_leases_is_deleted_only_with_them_and_the_builtin
         assert (await c0.get(f"/v1/leases/{lease['lease_id']}")).json()["state"] == "revoked"
         r = await c.post("/console/backends/local/delete", data={"csrf": token})
         assert "backend_builtin" in (await c.get(r.headers["location"])).text  # the store itself stays
+
+
+async def test_adding_never_overwrites_and_a_blank_name_is_refused_in_words(gateway) -> None:
+    async with browser(gateway) as c:
+        await sign_in(c)
+        token = csrf_of((await c.get("/console/backends")).text)
+        for data, code in (({"type": "local", "name": ""}, "invalid_form"), ({"type": "local", "name": "local"}, "backend_exists"),
+                           ({"type": "nope", "name": "x"}, "unknown_backend_type")):
+            r = await c.post("/console/backends", data={"csrf": token, **data})
+            assert code in (await c.get(r.headers["location"])).text, data
+        r = await c.post("/console/secrets", data={"csrf": token, "backend": "local", "path": "", "data": "k=v"})
+        assert "invalid_form" in (await c.get(r.headers["location"])).text
