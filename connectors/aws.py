@@ -50,11 +50,11 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from connectors.base import (
+    endpoint_url,
     is_ipv4,
     PoolLimits,
     ConnectorBase,
@@ -142,18 +142,7 @@ class AWSConfig(BaseModel):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("endpoint_url is not a valid URL") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("endpoint_url must be an http:// or https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("endpoint_url must not carry credentials, a query or a fragment")
-        return value.rstrip("/")
+        return None if value is None else endpoint_url(value, "endpoint_url")
 
     @model_validator(mode="after")
     def _consistent(self) -> AWSConfig:

@@ -184,6 +184,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -801,6 +802,22 @@ class ConnectorBase:
 
 
 RESOURCE = re.compile(r"^[A-Za-z0-9._:/@*+=-]{1,256}$")
+
+
+def endpoint_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    """A target's endpoint as configured (``what``: the field, for the message): a URL of one of
+    ``schemes`` with a host, no credentials, query or fragment; returned without a trailing '/'.
+    A ValueError otherwise (pydantic turns it into the 422 naming the field)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"{what} is not a valid URL") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{what} must be an {' or '.join(f'{s}://' for s in schemes)} URL with a host")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(f"{what} must not carry credentials, a query or a fragment")
+    return value.rstrip("/")
 
 
 def is_ipv4(name: str) -> bool:

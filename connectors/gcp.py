@@ -63,11 +63,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from connectors.base import (
+    endpoint_url,
     is_ipv4,
     ConnectorBase,
     ConnectorCapabilities,
@@ -155,21 +156,6 @@ class GCPWebIdentityMaterial(KeylessMaterial):
     Google STS trades it through the configured workload identity pool provider."""
 
 
-def _endpoint(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError("not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError("must not carry credentials, a query or a fragment")
-    return value.rstrip("/")
-
-
 class GCPConfig(BaseModel):
     """Which identity, which scopes, and where Google's endpoints are."""
 
@@ -192,8 +178,8 @@ class GCPConfig(BaseModel):
 
     @field_validator("token_uri", "iam_endpoint", "sts_endpoint", "storage_endpoint")
     @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        return _endpoint(value)
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else endpoint_url(value, info.field_name or "the URL")
 
     @field_validator("scopes")
     @classmethod

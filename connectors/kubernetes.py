@@ -53,11 +53,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.base import (
+    endpoint_url,
     ConnectorBase,
     ConnectorCapabilities,
     IssueRequest,
@@ -116,16 +117,7 @@ class KubernetesConfig(BaseModel):
     @field_validator("server")
     @classmethod
     def _server(cls, value: str) -> str:
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a bad port
-        except ValueError:
-            raise ValueError("server is not a valid URL") from None
-        if parts.scheme != "https" or not parts.hostname:
-            raise ValueError("server must be an https:// URL with a host")
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError("server must not carry credentials, a query or a fragment")
-        return value.rstrip("/")
+        return endpoint_url(value, "server", schemes=("https",))
 
     @field_validator("certificate_authority")
     @classmethod

@@ -73,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from connectors.aws import AWSKeysMaterial
 from connectors.base import (
+    endpoint_url,
     ConnectorBase,
     ConnectorCapabilities,
     IssueRequest,
@@ -132,21 +133,6 @@ class TokenSigningMaterial(BaseModel):
     certificate_chain: str = Field(min_length=1, max_length=65536, description="PEM certificates, leaf first")
 
 
-def _url(value: str | None, what: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError(f"{what} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ValueError(f"{what} must not carry credentials, a query or a fragment")
-    return value.rstrip("/")
-
-
 class RegistryConfig(BaseModel):
     """Non-secret settings. ``ecr`` reads ``region``, ``endpoint_url``, ``role_arn``,
     ``external_id``, ``registry_id``, ``session_name_prefix``; ``token`` reads ``registry_url``,
@@ -176,12 +162,12 @@ class RegistryConfig(BaseModel):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        return _url(value, "endpoint_url")
+        return None if value is None else endpoint_url(value, "endpoint_url")
 
     @field_validator("registry_url")
     @classmethod
     def _registry(cls, value: str | None) -> str | None:
-        return _url(value, "registry_url")
+        return None if value is None else endpoint_url(value, "registry_url")
 
     @property
     def partition(self) -> str:
