@@ -138,7 +138,7 @@ def action(default_back: str) -> Callable[[Callable[..., Awaitable[Any]]], Calla
             except SignInRequired as exc:
                 return _to_sign_in(request, exc)
             except (ApiError, CredgateError) as exc:
-                return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status)
+                return _refused(exc.status, exc.code, exc.message)
             back = _back(form, default_back.format(**kwargs))
             async with s.api:
                 try:
@@ -146,7 +146,7 @@ def action(default_back: str) -> Callable[[Callable[..., Awaitable[Any]]], Calla
                     result = await fn(s, form, **kwargs)
                 except CredgateError as exc:
                     if exc.code == "csrf_failed":
-                        return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=403)
+                        return _refused(403, exc.code, exc.message)
                     result = ApiError(exc.status, exc.code, exc.message)
                 except ApiError as exc:
                     result = exc
@@ -171,6 +171,17 @@ def action(default_back: str) -> Callable[[Callable[..., Awaitable[Any]]], Calla
 
 def _q(value: str) -> str:
     return quote(value, safe="")
+
+
+def _secret(backend: str, path: str) -> str:
+    """``BACKEND/PATH`` quoted for a URL: the path's '/' kept, nothing else of it read as URL syntax
+    (a crafted ``?reveal=true`` in a path stays part of the path)."""
+    return f"{_q(backend)}/{quote(path, safe='/')}"
+
+
+def _refused(status: int, code: str, message: str) -> JSONResponse:
+    """A refusal answered before any page (to a forged post, or to the reveal's script)."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 # --- sign-in ---------------------------------------------------------------------------
@@ -198,13 +209,12 @@ async def logout(request: Request) -> Response:
     token = request.cookies.get(sess.COOKIE)
     resp = RedirectResponse("/console/login", status_code=303)
     if not sess.same_origin(request):  # no other site signs anyone out
-        return JSONResponse({"error": {"code": "csrf_failed", "message": "This request came from another site."}},
-                            status_code=403)
+        return _refused(403, "csrf_failed", "This request came from another site.")
     if token:
         try:
             sess.check_csrf(request, form.one("csrf"), sess.csrf_token(token))
         except CredgateError as exc:
-            return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, status_code=403)
+            return _refused(403, exc.code, exc.message)
         async with Api(request, token) as api:
             try:  # RFC 7009 as the token's own bearer: the session can't be replayed after this
                 await api.call("POST", "/v1/auth/revoke", content=f"token={_q(token)}".encode(),
@@ -354,7 +364,7 @@ async def secrets(s: Session) -> Response:
 @router.get("/console/secrets/{backend}/{path:path}")
 @page("secrets")
 async def secret(s: Session, backend: str, path: str) -> Response:
-    meta = await s.api.get(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}")
+    meta = await s.api.get(f"/v1/secrets/{_secret(backend, path)}")
     return s.page("secret.html", "secrets", meta=meta, backend=backend, path=path,
                   reveal_seconds=None)
 
@@ -385,8 +395,8 @@ async def secret_write(s: Session, form: Form) -> Any:
     body: dict[str, Any] = {"data": _data(form)}
     if form.text("cas").isdigit():
         body["cas"] = int(form.text("cas"))
-    meta = await s.api.put(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}", body)
-    done = RedirectResponse(f"/console/secrets/{_q(backend)}/{quote(path, safe='/')}", status_code=303)
+    meta = await s.api.put(f"/v1/secrets/{_secret(backend, path)}", body)
+    done = RedirectResponse(f"/console/secrets/{_secret(backend, path)}", status_code=303)
     sess.set_flash(done, s.request, "ok", f"{backend}/{path}: version {meta['current_version']} written "
                                           f"(keys {', '.join(meta['keys'])}).")
     return done
@@ -396,7 +406,7 @@ async def secret_write(s: Session, form: Form) -> Any:
 @action("/console/secrets")
 async def secret_delete(s: Session, form: Form) -> str:
     backend, path = form.text("backend"), form.text("path")
-    await s.api.delete(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}")
+    await s.api.delete(f"/v1/secrets/{_secret(backend, path)}")
     return f"{backend}/{path} deleted (soft: its versions are kept and it can be restored)."
 
 
@@ -407,32 +417,29 @@ async def reveal(request: Request) -> Response:
     there fail-closed, ``Cache-Control: no-store``; refused when the sign-in is older than
     ``CREDGATE_CONSOLE_REAUTH_SECONDS`` (401 ``reauth_required``: sign in again)."""
 
-    def refuse(status: int, code: str, message: str) -> JSONResponse:
-        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
     try:
         form = await read_form(request)
         s = await _session(request)
     except SignInRequired as exc:
-        return refuse(401, exc.code or "signed_out", exc.text or "Sign in again.")
+        return _refused(401, exc.code or "signed_out", exc.text or "Sign in again.")
     except (ApiError, CredgateError) as exc:
-        return refuse(exc.status, exc.code, exc.message)
+        return _refused(exc.status, exc.code, exc.message)
     settings = request.app.state.runtime.settings
     async with s.api:
         try:
             sess.check_csrf(request, form.one("csrf"), s.csrf)
         except CredgateError as exc:
-            return refuse(403, exc.code, exc.message)
+            return _refused(403, exc.code, exc.message)
         age = sess.token_age(s.token)
         if age is None or age > settings.console_reauth_seconds:
-            return refuse(401, "reauth_required",
+            return _refused(401, "reauth_required",
                           "Revealing a value needs a recent sign-in: sign out and sign in again, then reveal.")
         backend, path, version = form.text("backend"), form.text("path"), form.text("version")
         try:
-            out = await s.api.get(f"/v1/secrets/{_q(backend)}/{quote(path, safe='/')}", reveal="true",
+            out = await s.api.get(f"/v1/secrets/{_secret(backend, path)}", reveal="true",
                                   version=version if version.isdigit() else None)
         except ApiError as exc:
-            return refuse(_status(exc), exc.code, exc.message)
+            return _refused(_status(exc), exc.code, exc.message)
     return JSONResponse({"data": out.get("data") or {}, "version": out.get("version"),
                          "seconds": settings.console_reveal_seconds})
 
@@ -715,17 +722,13 @@ async def issuer_check(s: Session, form: Form, name: str) -> str:
     return f"Issuer {name}: its JWK set at {out.get('source')} has usable keys ({kids})."
 
 
-async def _created(s: Session, what: str, name: str, secret: str | None) -> Response:
-    return await _identity(s, {"what": what, "name": name, "secret": secret})
-
-
 @router.post("/console/identity/clients")
 @action("/console/identity")
 async def client_add(s: Session, form: Form) -> Any:
     body = {"client_id": form.text("client_id"), "roles": [r for r in form.all("roles") if r in ROLES],
             "token_ttl_seconds": _int_or_none(form, "token_ttl_seconds") or 900}
     out = await s.api.post("/v1/clients", body)
-    return await _created(s, "client", out["client_id"], out.get("client_secret"))
+    return await _identity(s, {"what": "client", "name": out["client_id"], "secret": out.get("client_secret")})
 
 
 @router.post("/console/identity/clients/{client_id}/revoke")
@@ -739,7 +742,8 @@ async def client_revoke(s: Session, form: Form, client_id: str) -> str:
 @action("/console/identity")
 async def admin_key_add(s: Session, form: Form) -> Any:
     out = await s.api.post("/v1/admin-keys", {"name": form.text("name"), "role": form.text("role") or "admin"})
-    return await _created(s, "admin key", f"{out['name']} ({out['role']}, {out['id']})", out["token"])
+    return await _identity(s, {"what": "admin key", "name": f"{out['name']} ({out['role']}, {out['id']})",
+                                 "secret": out["token"]})
 
 
 @router.post("/console/identity/admin-keys/{key_id}/revoke")

@@ -150,6 +150,22 @@ def owner_filter(value: str) -> str:
     return value if "/" in value else f"{GATEWAY}/{value}"
 
 
+def _live(*, lease_ids: list[str] | None = None, connector: str | None = None, principal: str | None = None,
+          run_id: str | None = None) -> list[Any]:
+    """The leases a revocation matches: live (pending, active, or already revoking) and each
+    filter given."""
+    conds: list[Any] = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
+    if lease_ids is not None:
+        conds.append(LeaseRow.id.in_(lease_ids))
+    if connector:
+        conds.append(LeaseRow.connector == connector)
+    if principal:
+        conds.append(LeaseRow.principal == principal)
+    if run_id:
+        conds.append(LeaseRow.run_id == run_id)
+    return conds
+
+
 class Leases:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -334,15 +350,7 @@ class Leases:
     ) -> list[str]:
         """Move matching live leases to ``revoking`` (due now); return their ids. ``permit``
         (connector, resource) -> bool leaves out the leases it refuses."""
-        conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
-        if lease_ids is not None:
-            conds.append(LeaseRow.id.in_(lease_ids))
-        if connector:
-            conds.append(LeaseRow.connector == connector)
-        if principal:
-            conds.append(LeaseRow.principal == principal)
-        if run_id:
-            conds.append(LeaseRow.run_id == run_id)
+        conds = _live(lease_ids=lease_ids, connector=connector, principal=principal, run_id=run_id)
         now = utcnow()
         async with self._store.write() as s:
             rows = (await s.execute(
@@ -366,11 +374,7 @@ class Leases:
     ) -> int:
         """How many leases :meth:`mark_revoking` would match now (nothing changes): one grouped
         query, ``permit`` asked once per (connector, resource)."""
-        conds = [LeaseRow.state.in_((PENDING, ACTIVE, REVOKING))]
-        if connector:
-            conds.append(LeaseRow.connector == connector)
-        if principal:
-            conds.append(LeaseRow.principal == principal)
+        conds = _live(connector=connector, principal=principal)
         async with self._store.read() as s:
             rows = (await s.execute(
                 select(LeaseRow.connector, LeaseRow.resource, func.count()).where(and_(*conds))
